@@ -1,0 +1,25 @@
+"""Errors shared by every service. Each names what is wrong; services map them to status codes."""
+
+
+class ExpertmeshError(Exception):
+    """Base class for errors that carry a message fit for a user."""
+
+
+class ConfigError(ExpertmeshError):
+    """A config.json value that is missing, malformed or not supported. Names the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config.json: {key}: {message}")
+
+
+class CheckpointError(ExpertmeshError):
+    """A checkpoint tensor that is missing or has the wrong shape or dtype. Names the tensor."""
+
+    def __init__(self, tensor: str, message: str):
+        self.tensor = tensor
+        super().__init__(f"checkpoint tensor {tensor!r}: {message}")
+
+
+class InvalidRequestError(ExpertmeshError):
+    """A request that cannot be served as asked (bad token ids, empty prompt, too long)."""

@@ -1,0 +1,19 @@
+"""Small building blocks shared by the gateway and the expert pools."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, round to the input dtype, then scale by the weight (transformers' order)."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)); gate_up [2I, H] holds the gate rows, then the up rows. x [T, H] -> [T, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
+    return F.linear(F.silu(gate) * up, down)

@@ -1,0 +1,101 @@
+"""Writing checkpoints in the real Hugging Face DeepSeek-V3 layout: config.json, sharded safetensors with
+`model.safetensors.index.json`, tokenizer files, generation_config.json.
+
+`write_random_model` makes the test and benchmark models (`expertmesh init-model`); `write_checkpoint` writes
+any tensor stream (also used to write a dequantized copy for the Hugging Face oracle).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from services.common.checkpoint import INDEX_FILE
+from services.common.config import ModelConfig
+from services.common.tensor_names import Kind, TensorSpec, model_specs, stored_name
+from services.common.tokenizer import write_tokenizer
+from services.common.weights import LinearWeight
+
+DEFAULT_SHARD_BYTES = 32 * 1024 * 1024
+ProgressFn = Callable[[int, int], None]
+
+
+def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """Write named tensors into shards of at most ~`shard_bytes` each, plus the index. Returns the shard names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + size > shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = tensor.contiguous()
+        sizes[-1] += size
+    n = len(shards)
+    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    for file, shard in zip(files, shards):
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def random_tensors(cfg: ModelConfig, seed: int, fp8: bool,
+                   progress: ProgressFn | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights with O(1) activations (so logits are spread and routing is decisive), in checkpoint dtypes:
+    FP8 projections with fp32 block scales (or BF16 without FP8), BF16 norms/embeddings/router, FP32 bias."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = model_specs(cfg)
+    for i, spec in enumerate(specs):
+        yield from _random_tensor(spec, gen, fp8)
+        if progress:
+            progress(i + 1, len(specs))
+
+
+def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    name = stored_name(spec)
+    if spec.kind is Kind.LINEAR:
+        w = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
+        if fp8:
+            lw = LinearWeight.quantized(w)
+            yield name, lw.weight
+            yield f"{name}_scale_inv", lw.scale_inv
+        else:
+            yield name, w.to(torch.bfloat16)
+    elif spec.kind is Kind.NORM:
+        yield name, (1.0 + 0.1 * torch.randn(spec.shape, generator=gen)).to(torch.bfloat16)
+    elif spec.kind is Kind.EMBED and spec.name == "lm_head":
+        # logits with a standard deviation of about 3: peaked enough for decisive greedy choices, not one-hot
+        yield name, (torch.randn(spec.shape, generator=gen) * 3 * spec.shape[1] ** -0.5).to(torch.bfloat16)
+    elif spec.kind is Kind.EMBED:
+        yield name, torch.randn(spec.shape, generator=gen).to(torch.bfloat16)
+    elif spec.kind is Kind.ROUTER:
+        yield name, (torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5).to(torch.bfloat16)
+    elif spec.kind is Kind.BIAS:
+        # both signs, comparable to the spread of sigmoid scores: group masking and selection both matter
+        yield name, (torch.rand(spec.shape, generator=gen) - 0.5) * 0.4
+    else:  # pragma: no cover
+        raise AssertionError(spec.kind)
+
+
+def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0,
+                       shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFn | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg.write(directory)
+    write_checkpoint(directory, random_tensors(cfg, seed, cfg.quantization is not None, progress), shard_bytes)
+    write_tokenizer(directory, cfg.vocab_size, cfg.max_position_embeddings)
+    (directory / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+        else cfg.eos_token_ids[0], "do_sample": True, "temperature": 0.6, "top_p": 0.95,
+    }, indent=2) + "\n")
+    return directory

@@ -1,0 +1,83 @@
+"""The expert weight store: FP8 (e4m3, 128x128 block-scaled) weights per (layer, expert), read one expert at a time.
+
+Only the experts asked for are read from the checkpoint. Weights stay FP8 in memory; the compute form (the
+fused [2I, H] gate/up and the [H, I] down projection in the compute dtype) is made on use, or kept when
+`cache_dense` trades memory for speed (the CPU engine's default: dequantizing every step costs more than the
+matmul itself there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.common.checkpoint import CheckpointReader
+from services.common.errors import CheckpointError
+from services.common.tensor_names import expert_specs
+from services.common.weights import LinearWeight, read_linear
+
+
+@dataclass
+class ExpertWeights:
+    gate: LinearWeight  # [I, H]
+    up: LinearWeight  # [I, H]
+    down: LinearWeight  # [H, I]
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> gate_up [2I, H], down [H, I] in `dtype`."""
+        return torch.cat((self.gate.dense(dtype), self.up.dense(dtype))), self.down.dense(dtype)
+
+    def nbytes(self) -> int:
+        return self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
+
+
+class ExpertStore:
+    def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32, cache_dense: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.reader = reader
+        self.cfg = reader.config
+        self.dtype = dtype
+        self.cache_dense = cache_dense
+        self.device = torch.device(device)
+        self._fp8: dict[tuple[int, int], ExpertWeights] = {}
+        self._dense: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def check(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.cfg.num_hidden_layers and self.cfg.is_moe_layer(layer)):
+            raise KeyError(f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}..{self.cfg.moe_layers[-1]})")
+        if not 0 <= expert < self.cfg.n_routed_experts:
+            raise KeyError(f"expert {expert} out of range [0, {self.cfg.n_routed_experts})")
+
+    def load(self, layer: int, expert: int) -> ExpertWeights:
+        """Read one expert (FP8 kept; BF16/FP32 checkpoints are quantized to FP8 blocks at load)."""
+        self.check(layer, expert)
+        key = (layer, expert)
+        if key not in self._fp8:
+            gate, up, down = (read_linear(self.reader, spec, quantize_fp8=True) for spec in expert_specs(self.cfg, layer, expert))
+            for lw in (gate, up, down):
+                lw.weight, lw.scale_inv = lw.weight.to(self.device), lw.scale_inv.to(self.device)
+            self._fp8[key] = ExpertWeights(gate, up, down)
+        return self._fp8[key]
+
+    def unload(self, layer: int, expert: int) -> None:
+        self._fp8.pop((layer, expert), None)
+        self._dense.pop((layer, expert), None)
+
+    def loaded(self) -> list[tuple[int, int]]:
+        return sorted(self._fp8)
+
+    def compute_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layer, expert)
+        if key in self._dense:
+            return self._dense[key]
+        weights = self._fp8.get(key)
+        if weights is None:
+            raise CheckpointError(f"model.layers.{layer}.mlp.experts.{expert}", "expert is not loaded in this store")
+        dense = weights.dense(self.dtype)
+        if self.cache_dense:
+            self._dense[key] = dense
+        return dense
+
+    def nbytes(self) -> int:
+        return sum(w.nbytes() for w in self._fp8.values())

@@ -1,0 +1,137 @@
+"""The gateway's part of DeepSeek-V3: everything but the routed experts, which it reaches through the experts seam.
+
+embed -> for each layer: x += MLA(norm(x)); x += FFN(norm(x)) -> norm -> lm_head. FFN is dense SwiGLU for the
+first `first_k_dense_replace` layers and MoE after: router, shared experts (local), routed experts (backend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.attention.batch import StepBatch
+from services.attention.kv_cache import PagedLatentCache
+from services.attention.mla import MLA, MLAWeights
+from services.attention.rope import Rotary
+from services.common.checkpoint import CheckpointReader
+from services.common.config import ModelConfig
+from services.common.experts import ExpertsBackend
+from services.common.layers import rms_norm, swiglu
+from services.common.tensor_names import Kind, TensorSpec, layer_specs
+from services.common.weights import read_linear, read_plain
+from services.gateway.router import Router
+
+
+@dataclass
+class SwiGLUWeights:
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_up, self.down)
+
+
+@dataclass
+class DecoderLayer:
+    index: int
+    input_norm: torch.Tensor  # [H]
+    post_attention_norm: torch.Tensor  # [H]
+    attention: MLA
+    dense: SwiGLUWeights | None  # dense layers
+    router: Router | None  # MoE layers
+    shared: SwiGLUWeights | None  # MoE layers with shared experts
+
+
+class GatewayModel:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: torch.Tensor, experts: ExpertsBackend, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.embed = embed  # [V, H]
+        self.layers = layers
+        self.norm = norm  # [H]
+        self.lm_head = lm_head  # [V, H]
+        self.experts = experts
+        self.rotary = Rotary(cfg, device)
+        self.dtype = embed.dtype
+        self.device = torch.device(device)
+
+    # ---- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, reader: CheckpointReader, experts: ExpertsBackend, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu", absorb: bool = True, progress=None) -> "GatewayModel":
+        """Read every non-routed-expert tensor (FP8 projections dequantized into `dtype`)."""
+        cfg = reader.config
+
+        def tensor(spec: TensorSpec) -> torch.Tensor:
+            if spec.kind is Kind.LINEAR:
+                return read_linear(reader, spec).dense(dtype).to(device)
+            return read_plain(reader, spec, dtype).to(device)
+
+        embed = tensor(TensorSpec("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            w = {spec.name.removeprefix(f"model.layers.{i}."): tensor(spec) for spec in layer_specs(cfg, i, with_experts=False)}
+            layers.append(_build_layer(cfg, i, w, absorb))
+            if progress:
+                progress(i + 1, cfg.num_hidden_layers)
+        norm = tensor(TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM))
+        lm_head = tensor(TensorSpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
+        return cls(cfg, embed, layers, norm, lm_head, experts, device)
+
+    def set_absorb(self, absorb: bool) -> None:
+        for layer in self.layers:
+            layer.attention.absorb = absorb
+
+    # ---- forward -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
+                routing_trace: list | None = None) -> torch.Tensor:
+        """One step. -> logits [B, V] at each sequence's last new token (or [T, V] with `all_logits`), fp32.
+
+        `routing_trace`, when given, receives (layer, topk_idx [T, K]) for every MoE layer.
+        """
+        cfg = self.cfg
+        x = self.embed[batch.token_ids]  # [T, H]
+        cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
+        for layer in self.layers:
+            x = x + layer.attention.forward(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), batch, cache, layer.index, cos, sin)
+            h = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)
+            if layer.dense is not None:
+                x = x + layer.dense(h)
+                continue
+            topk_idx, topk_w = layer.router(h)  # [T, K], [T, K]
+            if routing_trace is not None:
+                routing_trace.append((layer.index, topk_idx))
+            routed = self.experts.forward(layer.index, h, topk_idx, topk_w)  # [T, H]
+            x = x + routed + (layer.shared(h) if layer.shared is not None else 0)
+        if not all_logits:
+            x = x[batch.last_index]  # [B, H]
+        return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+
+
+def _build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
+    attn = MLA(cfg, MLAWeights(
+        q_a=w.get("self_attn.q_a_proj"),
+        q_a_norm=w.get("self_attn.q_a_layernorm"),
+        q_b=w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"],
+        kv_a=w["self_attn.kv_a_proj_with_mqa"],
+        kv_a_norm=w["self_attn.kv_a_layernorm"],
+        kv_b=w["self_attn.kv_b_proj"],
+        o=w["self_attn.o_proj"],
+    ), absorb=absorb)
+
+    def mlp(prefix: str) -> SwiGLUWeights:
+        return SwiGLUWeights(torch.cat((w[f"{prefix}.gate_proj"], w[f"{prefix}.up_proj"])), w[f"{prefix}.down_proj"])
+
+    moe = cfg.is_moe_layer(index)
+    return DecoderLayer(
+        index=index,
+        input_norm=w["input_layernorm"],
+        post_attention_norm=w["post_attention_layernorm"],
+        attention=attn,
+        dense=None if moe else mlp("mlp"),
+        router=Router(cfg, w["mlp.gate"], w["mlp.gate.e_score_correction_bias"]) if moe else None,
+        shared=mlp("mlp.shared_experts") if moe and cfg.n_shared_experts else None,
+    )

@@ -1,0 +1,58 @@
+"""Per-request sampling: greedy at temperature 0, else temperature, top-k and top-p (nucleus) with a seeded generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        if not 1 <= self.max_tokens <= max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens must lie in [1, {max_tokens_limit}], got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+
+
+class Sampler:
+    """One per request: holds its generator so a seeded request is reproducible whatever else is in the batch."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits [V] fp32 -> token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.to(torch.float32).cpu() / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if p.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # always keeps the first
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
