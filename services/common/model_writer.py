@@ -88,10 +88,11 @@ def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool) -> Iterato
 
 
 def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0,
-                       shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFn | None = None) -> Path:
+                       shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFn | None = None,
+                       spelling: str = "deepseek") -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg.write(directory)
+    cfg.write(directory, spelling)
     write_checkpoint(directory, random_tensors(cfg, seed, cfg.quantization is not None, progress), shard_bytes)
     write_tokenizer(directory, cfg.vocab_size, cfg.max_position_embeddings)
     (directory / "generation_config.json").write_text(json.dumps({

@@ -1,0 +1,21 @@
+"""The `expertmesh` command line. Model verbs sit at the top level; admin nouns get sub-apps of their own."""
+
+from __future__ import annotations
+
+import typer
+
+from services.cli import model_commands
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="expertmesh: DeepSeek-V3-class MoE serving with experts as services.")
+app.command("init-model")(model_commands.init_model)
+app.command("score")(model_commands.score)
+app.command("generate")(model_commands.generate)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""CLI output helpers: one-line errors with an exit code, and progress bars only on a terminal."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"expertmesh: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def progress_reporter(enabled: bool) -> Iterator:
+    """Yields progress(label, done, total) that draws on stderr when it is a terminal and `enabled`, else no-op."""
+    if not (enabled and sys.stderr.isatty()):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        yield report

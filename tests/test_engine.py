@@ -1,0 +1,118 @@
+"""The in-process engine: attention forms, batched decode, the paged cache, sampling and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.attention.batch import SequenceChunk, StepBatch
+from services.attention.kv_cache import CacheFullError, PagedLatentCache, SequenceBlocks
+from services.common.errors import InvalidRequestError
+from services.gateway.sampling import SamplingParams
+
+
+def _ids(n, seed):
+    return torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _attention_outputs(engine, ids, absorb):
+    """Every layer's attention output and the logits for a prefill of `ids[:-4]` then 4 cached decode steps."""
+    engine.model.set_absorb(absorb)
+    outs, logits = [], []
+    originals = [layer.attention.forward for layer in engine.model.layers]
+    for layer, original in zip(engine.model.layers, originals):
+        layer.attention.forward = lambda *a, _f=original: outs.append(_f(*a)) or outs[-1]
+    seq = SequenceBlocks()
+    try:
+        for chunk in (ids[:-4], *[[t] for t in ids[-4:]]):
+            batch = StepBatch.build([SequenceChunk(seq, chunk)], engine.cache)
+            logits.append(engine.model.forward(batch, engine.cache, all_logits=True))
+    finally:
+        engine.cache.release(seq)
+        for layer, original in zip(engine.model.layers, originals):
+            layer.attention.forward = original
+        engine.model.set_absorb(True)
+    return torch.cat(outs), torch.cat(logits)
+
+
+def test_absorbed_and_naive_attention_agree(engine_tiny):
+    ids = _ids(36, 0)
+    attn_a, logits_a = _attention_outputs(engine_tiny, ids, absorb=True)
+    attn_n, logits_n = _attention_outputs(engine_tiny, ids, absorb=False)
+    assert (attn_a - attn_n).abs().max().item() <= 1e-5
+    assert (logits_a.log_softmax(-1) - logits_n.log_softmax(-1)).abs().max().item() <= 1e-4
+
+
+def test_batched_decode_equals_each_alone(engine_tiny):
+    prompts = [_ids(n, seed) for n, seed in ((5, 1), (17, 2), (33, 3), (9, 4))]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    together = engine_tiny.generate(prompts, params)
+    alone = [engine_tiny.generate([p], params)[0] for p in prompts]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert engine_tiny.cache.free_blocks == engine_tiny.cache.num_blocks  # everything released
+
+
+def test_batched_logits_equal_single(engine_tiny):
+    """Mixed step: one sequence prefills while others decode, all at different positions."""
+    cache = engine_tiny.cache
+    a, b, c = _ids(20, 5), _ids(7, 6), _ids(12, 7)
+    seqs = [SequenceBlocks() for _ in range(3)]
+    try:
+        engine_tiny.model.forward(StepBatch.build([SequenceChunk(seqs[0], a[:-1]), SequenceChunk(seqs[1], b[:-1])], cache), cache)
+        mixed = engine_tiny.model.forward(StepBatch.build(
+            [SequenceChunk(seqs[0], a[-1:]), SequenceChunk(seqs[1], b[-1:]), SequenceChunk(seqs[2], c)], cache), cache)
+    finally:
+        for s in seqs:
+            cache.release(s)
+    for row, ids in enumerate((a, b, c)):
+        single = engine_tiny.score(ids, top_k=1)[-1]
+        seq = SequenceBlocks()
+        try:
+            alone = engine_tiny.model.forward(StepBatch.build([SequenceChunk(seq, ids)], cache), cache)[0]
+        finally:
+            cache.release(seq)
+        assert (mixed[row] - alone).abs().max().item() < 1e-4
+        assert single.token_id == ids[-1]
+
+
+def test_score_is_consistent_with_generate(engine_tiny):
+    prompt = _ids(8, 9)
+    gen = engine_tiny.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    scored = engine_tiny.score(prompt + gen.token_ids, top_k=3)
+    assert scored[0].logprob is None and scored[0].top == []
+    for i, tok in enumerate(gen.token_ids):  # greedy picks the top-1 of the scored distribution
+        assert scored[len(prompt) + i].top[0][0] == tok
+
+
+def test_cache_refuses_when_full(tiny_fp8):
+    from services.common.config import ModelConfig
+    cache = PagedLatentCache(ModelConfig.from_file(tiny_fp8), num_blocks=2, block_size=4)
+    seq = SequenceBlocks()
+    cache.reserve(seq, 8)
+    assert cache.free_blocks == 0 and not cache.can_fit(SequenceBlocks(), 1)
+    with pytest.raises(CacheFullError):
+        cache.reserve(SequenceBlocks(), 1)
+    cache.release(seq)
+    assert cache.free_blocks == 2
+
+
+def test_seeded_sampling_reproducible_and_distinct(engine_tiny):
+    prompt = _ids(6, 10)
+    p = lambda seed: SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+    a = engine_tiny.generate([prompt], p(1))[0].token_ids
+    b = engine_tiny.generate([prompt, prompt], [p(1), p(2)])
+    assert b[0].token_ids == a
+    assert b[1].token_ids != a
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ([], SamplingParams(), "empty"),
+    ([5, 1024], SamplingParams(), "outside the vocabulary"),
+    ([5, -1], SamplingParams(), "outside the vocabulary"),
+    ([5], SamplingParams(max_tokens=0), "max_tokens"),
+    ([5], SamplingParams(top_p=0.0), "top_p"),
+    ([5] * 4000, SamplingParams(max_tokens=200), "exceeds the context"),
+])
+def test_bad_requests_rejected(engine_tiny, prompt, params, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        engine_tiny.generate([prompt], params)
