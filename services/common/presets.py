@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
         num_experts_per_tok=4, n_group=4, topk_group=2,
     ),
     "small": dict(
-        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128,
         num_hidden_layers=8, first_k_dense_replace=2, num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128,
         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, n_shared_experts=1,
         num_experts_per_tok=6, n_group=8, topk_group=4,

@@ -1,38 +1,93 @@
-"""Token-efficient expert compute: tokens grouped per expert, one matmul chain per active expert.
+"""Token-efficient expert compute: tokens grouped per expert, never a loop over all experts.
 
-The (token, slot) pairs are sorted by expert once; each active expert runs SwiGLU on its contiguous slice; the
-weighted outputs are summed back per token with one index_add. Experts that received no token cost nothing.
+The (token, slot) pairs are sorted by expert once. Two ways to run the groups, same math:
+  * per active expert: SwiGLU on its contiguous slice (few active experts, or very uneven groups);
+  * one batched matmul over a layer's stacked expert weights, groups zero-padded to the largest
+    (decode: most experts active with a few tokens each, where per-expert calls are all overhead).
+    Inactive experts in the stack are computed on zeros: a per-expert call costs about what reading four
+    experts' weights does, so this pays once a quarter of the held experts are active.
+The weighted outputs are summed back per token with one index_add (the pool's partial combine).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from services.common.layers import swiglu
 
-WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # expert id -> (gate_up [2I, H], down [H, I])
+# Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
+# one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.
+SMALL_GROUP_ROWS = 32
+
+
+@dataclass
+class StackedExperts:
+    """One layer's expert weights stacked: row r holds expert `experts[r]`."""
+
+    row_of_expert: torch.Tensor  # [E] int64, -1 where the expert is not held
+    gate_up: torch.Tensor  # [R, 2I, H]
+    down: torch.Tensor  # [R, H, I]
+
+
+class ExpertWeightsSource(Protocol):
+    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> gate_up [2I, H], down [H, I]."""
+        ...
+
+    def stacked(self) -> StackedExperts | None:
+        ...
 
 
 def grouped_expert_forward(hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                           weights_of: WeightsFn, num_experts: int) -> torch.Tensor:
+                           weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
     """hidden [T, H], topk_idx [T, K], topk_w [T, K] -> [T, H] = sum_k w[t,k] * expert_{idx[t,k]}(hidden[t])."""
-    t, k = topk_idx.shape
-    flat = topk_idx.reshape(-1)  # [T*K]
-    order = flat.argsort(stable=True)  # [T*K] pairs grouped by expert
-    token_of = order // k  # [T*K]
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    x_sorted = hidden[token_of]  # [T*K, H]
-    w_sorted = topk_w.reshape(-1)[order].to(hidden.dtype)  # [T*K]
+    k = topk_idx.shape[1]
+    flat = topk_idx.reshape(-1)  # [P = T*K]
+    order = flat.argsort(stable=True)  # pairs grouped by expert
+    experts_sorted = flat[order]  # [P]
+    token_of = order // k  # [P]
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    x_sorted = hidden[token_of]  # [P, H]
+    w_sorted = topk_w.reshape(-1)[order].to(hidden.dtype)  # [P]
+
+    stacked = weights.stacked()
+    cap = int(counts.max())
+    active = int((counts > 0).sum())
+    if stacked is not None and cap <= SMALL_GROUP_ROWS and 4 * active >= stacked.gate_up.shape[0]:
+        y = _batched(x_sorted, experts_sorted, counts, cap, stacked)
+    else:
+        y = _per_expert(x_sorted, counts, weights)
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, token_of, y * w_sorted[:, None])
+    return out
+
+
+def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWeightsSource) -> torch.Tensor:
     outputs = []
     start = 0
-    for expert in torch.nonzero(torch.tensor(counts)).flatten().tolist():
-        end = start + counts[expert]
-        gate_up, down = weights_of(expert)
-        outputs.append(swiglu(x_sorted[start:end], gate_up, down) * w_sorted[start:end, None])
+    counts_list = counts.tolist()
+    for expert in torch.nonzero(counts).flatten().tolist():
+        end = start + counts_list[expert]
+        outputs.append(swiglu(x_sorted[start:end], *weights.expert(expert)))
         start = end
-    out = torch.zeros_like(hidden)
-    if outputs:
-        out.index_add_(0, token_of, torch.cat(outputs))
-    return out
+    return torch.cat(outputs)
+
+
+def _batched(x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, cap: int,
+             stacked: StackedExperts) -> torch.Tensor:
+    rows = stacked.row_of_expert[experts_sorted]  # [P]
+    if bool((rows < 0).any()):
+        missing = int(experts_sorted[rows < 0][0])
+        raise KeyError(f"expert {missing} is not held here")
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    pos = torch.arange(x_sorted.shape[0]) - starts[experts_sorted]  # [P] position within its group
+    r, h = stacked.gate_up.shape[0], x_sorted.shape[1]
+    x_pad = x_sorted.new_zeros(r, cap, h)  # [R, cap, H]
+    x_pad[rows, pos] = x_sorted
+    gate, up = torch.bmm(x_pad, stacked.gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [R, cap, I] each
+    y_pad = torch.bmm(F.silu(gate) * up, stacked.down.transpose(1, 2))  # [R, cap, H]
+    return y_pad[rows, pos]  # [P, H]

@@ -20,13 +20,23 @@ class LocalExperts:
         for layer in cfg.moe_layers:
             for expert in range(cfg.n_routed_experts):
                 store.load(layer, expert)
-                if store.cache_dense:
-                    store.compute_weights(layer, expert)
                 done += 1
                 if progress:
                     progress(done, total)
+            store.stacked(layer)
         return cls(store)
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        return grouped_expert_forward(hidden, topk_idx, topk_w, lambda e: self.store.compute_weights(layer, e),
+        return grouped_expert_forward(hidden, topk_idx, topk_w, _LayerWeights(self.store, layer),
                                       self.store.cfg.n_routed_experts)
+
+
+class _LayerWeights:
+    def __init__(self, store: ExpertStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.compute_weights(self.layer, expert)
+
+    def stacked(self):
+        return self.store.stacked(self.layer)

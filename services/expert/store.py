@@ -16,6 +16,7 @@ from services.common.checkpoint import CheckpointReader
 from services.common.errors import CheckpointError
 from services.common.tensor_names import expert_specs
 from services.common.weights import LinearWeight, read_linear
+from services.expert.grouped import StackedExperts
 
 
 @dataclass
@@ -27,6 +28,23 @@ class ExpertWeights:
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> gate_up [2I, H], down [H, I] in `dtype`."""
         return torch.cat((self.gate.dense(dtype), self.up.dense(dtype))), self.down.dense(dtype)
+
+    def stacked(self, layer: int) -> StackedExperts | None:
+        """The layer's held experts stacked for batched compute (kept only with `cache_dense`)."""
+        if not self.cache_dense:
+            return None
+        if layer not in self._stacks:
+            held = [e for (l, e) in sorted(self._fp8) if l == layer]
+            if not held:
+                return None
+            row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
+            row_of_expert[held] = torch.arange(len(held))
+            dense = [self.compute_weights(layer, e) for e in held]
+            self._stacks[layer] = StackedExperts(row_of_expert, torch.stack([g for g, _ in dense]),
+                                                 torch.stack([d for _, d in dense]))
+            for e in held:  # the stack is the one dense copy
+                self._dense.pop((layer, e), None)
+        return self._stacks[layer]
 
     def nbytes(self) -> int:
         return self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
@@ -42,6 +60,7 @@ class ExpertStore:
         self.device = torch.device(device)
         self._fp8: dict[tuple[int, int], ExpertWeights] = {}
         self._dense: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[int, StackedExperts] = {}
 
     def check(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.cfg.num_hidden_layers and self.cfg.is_moe_layer(layer)):
@@ -58,17 +77,23 @@ class ExpertStore:
             for lw in (gate, up, down):
                 lw.weight, lw.scale_inv = lw.weight.to(self.device), lw.scale_inv.to(self.device)
             self._fp8[key] = ExpertWeights(gate, up, down)
+            self._stacks.pop(layer, None)
         return self._fp8[key]
 
     def unload(self, layer: int, expert: int) -> None:
         self._fp8.pop((layer, expert), None)
         self._dense.pop((layer, expert), None)
+        self._stacks.pop(layer, None)
 
     def loaded(self) -> list[tuple[int, int]]:
         return sorted(self._fp8)
 
     def compute_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, expert)
+        stack = self._stacks.get(layer)
+        if stack is not None and stack.row_of_expert[expert] >= 0:
+            row = int(stack.row_of_expert[expert])
+            return stack.gate_up[row], stack.down[row]
         if key in self._dense:
             return self._dense[key]
         weights = self._fp8.get(key)
@@ -78,6 +103,23 @@ class ExpertStore:
         if self.cache_dense:
             self._dense[key] = dense
         return dense
+
+    def stacked(self, layer: int) -> StackedExperts | None:
+        """The layer's held experts stacked for batched compute (kept only with `cache_dense`)."""
+        if not self.cache_dense:
+            return None
+        if layer not in self._stacks:
+            held = [e for (l, e) in sorted(self._fp8) if l == layer]
+            if not held:
+                return None
+            row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
+            row_of_expert[held] = torch.arange(len(held))
+            dense = [self.compute_weights(layer, e) for e in held]
+            self._stacks[layer] = StackedExperts(row_of_expert, torch.stack([g for g, _ in dense]),
+                                                 torch.stack([d for _, d in dense]))
+            for e in held:  # the stack is the one dense copy
+                self._dense.pop((layer, e), None)
+        return self._stacks[layer]
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self._fp8.values())

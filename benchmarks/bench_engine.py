@@ -1,0 +1,152 @@
+"""Engine throughput against transformers' `generate` on the same checkpoint, in one run.
+
+  .venv/bin/python benchmarks/bench_engine.py [--preset small] [--prompt-len 64] [--new-tokens 32]
+
+Makes the preset model (FP8, seed 0) if needed; transformers gets the dequantized float32 copy (its FP8 path
+needs a GPU, and its CPU dequantization gets partial blocks wrong), so both compute the same numbers in fp32.
+Prefill tokens/s = B * prompt_len / t(generate 1 token); decode tokens/s = B * (N - 1) / (t(N) - t(1)), the
+same method for both. Also measures this machine's float32 matmul throughput and the fraction of it that the
+engine's decode reaches (FLOPs per token counted from the config: the active parameters plus attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.config import ModelConfig  # noqa: E402
+from services.common.convert import dequantize_checkpoint  # noqa: E402
+from services.common.model_writer import write_random_model  # noqa: E402
+from services.common.presets import preset_config  # noqa: E402
+from services.gateway.engine import Engine  # noqa: E402
+from services.gateway.sampling import SamplingParams  # noqa: E402
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """2 x active weights touched per token, plus absorbed attention over `context` cached tokens."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    q = (cfg.q_lora_rank * h + nh * cfg.qk_head_dim * cfg.q_lora_rank) if cfg.q_lora_rank else nh * cfg.qk_head_dim * h
+    attn = q + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * h + nh * cfg.v_head_dim * h
+    absorb = nh * cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # W_UK into q, W_UV after
+    scores = nh * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # q.k over latent+rope, p.v over latent
+    dense = 3 * h * cfg.intermediate_size
+    moe = 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts) + cfg.n_routed_experts * h
+    per_layer = [attn + absorb + scores + (moe if cfg.is_moe_layer(i) else dense) for i in range(cfg.num_hidden_layers)]
+    return 2.0 * (sum(per_layer) + cfg.vocab_size * h)
+
+
+def timed(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def bench_engine(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    ids = prompts(batch, prompt_len, engine.cfg.vocab_size).tolist()
+
+    def run(n):
+        return engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True))
+
+    run(2)  # warm-up
+    t1 = timed(lambda: run(1), 2)
+    tn = timed(lambda: run(new_tokens), 1)
+    return batch * prompt_len / t1, batch * (new_tokens - 1) / (tn - t1)
+
+
+def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> tuple[float, float]:
+    ids = prompts(batch, prompt_len, vocab)
+
+    def run(n):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+
+    run(2)
+    t1 = timed(lambda: run(1), 2)
+    tn = timed(lambda: run(new_tokens), 1)
+    return batch * prompt_len / t1, batch * (new_tokens - 1) / (tn - t1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--cache-dir", default=".cache/bench")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="compute dtypes to run, both engines alike (float32: the parity dtype; bfloat16: the checkpoint's)")
+    ap.add_argument("--json", dest="json_out", help="also write the figures to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+
+    cache = Path(args.cache_dir)
+    src, dense = cache / f"{args.preset}-fp8", cache / f"{args.preset}-f32"
+    if not (src / "config.json").exists():
+        write_random_model(src, preset_config(args.preset), seed=0)
+    if not (dense / "config.json").exists():
+        dequantize_checkpoint(src, dense, torch.float32)
+    cfg = ModelConfig.from_file(src)
+
+    from transformers import DeepseekV3ForCausalLM
+
+    peak = matmul_gflops()
+    results = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        engine = Engine.from_dir(src, dtype=dtype, cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens)))
+        hf = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=dtype).eval()
+        n_params = sum(p.numel() for p in hf.parameters())
+        rows = []
+        for b in (int(x) for x in args.batches.split(",")):
+            e_pre, e_dec = bench_engine(engine, b, args.prompt_len, args.new_tokens)
+            h_pre, h_dec = bench_hf(hf, b, args.prompt_len, args.new_tokens, cfg.vocab_size)
+            context = args.prompt_len + args.new_tokens // 2
+            frac = e_dec * decode_flops_per_token(cfg, context) / 1e9 / peak
+            rows.append(dict(batch=b, engine_prefill_tok_s=e_pre, hf_prefill_tok_s=h_pre, engine_decode_tok_s=e_dec,
+                             hf_decode_tok_s=h_dec, decode_speedup=e_dec / h_dec, prefill_speedup=e_pre / h_pre,
+                             engine_decode_fraction_of_matmul_peak=frac))
+        del engine, hf
+        results.append({"dtype": dtype_name, "rows": rows})
+        print(f"\npreset {args.preset}, {dtype_name}: {n_params / 1e6:.1f}M parameters, prompt {args.prompt_len}, "
+              f"{args.new_tokens} new tokens, {threads} threads; float32 matmul peak {peak:.1f} GFLOP/s (1024^3)")
+        print("| batch | prefill tok/s engine | transformers | ratio | decode tok/s engine | transformers | ratio "
+              "| engine decode, % of fp32 matmul peak |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['batch']} | {r['engine_prefill_tok_s']:.0f} | {r['hf_prefill_tok_s']:.0f} | "
+                  f"{r['prefill_speedup']:.2f}x | {r['engine_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
+                  f"{r['decode_speedup']:.2f}x | {100 * r['engine_decode_fraction_of_matmul_peak']:.1f}% |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"matmul_gflops": peak, "threads": threads, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install expertmesh into .venv (from nothing: Python 3.11 + pip) and run the main job.
+# Usage: bash scripts/bootstrap.sh            install, then make a tiny model and generate from it
+#        SKIP_MAIN_JOB=1 bash scripts/bootstrap.sh   install only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first, pinned: the CPU wheel on this machine's disk (a plain `torch` would pull the CUDA build)
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[kernels,test]"
+
+if [ -z "${SKIP_MAIN_JOB:-}" ]; then
+  MODEL=.cache/models/tiny
+  [ -f "$MODEL/config.json" ] || .venv/bin/expertmesh init-model "$MODEL" --preset tiny --seed 0
+  .venv/bin/expertmesh generate --model "$MODEL" "The gateway runs attention" --max-tokens 16 --json
+fi
