@@ -9,10 +9,18 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip_install() {  # quiet pip; on failure print its log (less the index-location warnings) and stop
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2 || true
+    exit 1
+  fi
+  rm -f "$log"
+}
 # torch first, pinned: the CPU wheel on this machine's disk (a plain `torch` would pull the CUDA build)
-"${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[kernels,test]"
+pip_install "torch==2.13.0"
+pip_install -e ".[kernels,test]"
 
 if [ -z "${SKIP_MAIN_JOB:-}" ]; then
   MODEL=.cache/models/tiny

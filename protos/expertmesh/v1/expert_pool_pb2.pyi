@@ -1,0 +1,86 @@
+from expertmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("layer", "hidden", "hidden_scale", "pair_token", "pair_expert", "pair_weight", "response_dtype", "placement_version")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
+    PAIR_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAIR_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PAIR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    hidden: _tensor_pb2.Tensor
+    hidden_scale: _tensor_pb2.Tensor
+    pair_token: _containers.RepeatedScalarFieldContainer[int]
+    pair_expert: _containers.RepeatedScalarFieldContainer[int]
+    pair_weight: _containers.RepeatedScalarFieldContainer[float]
+    response_dtype: _tensor_pb2.ElementType
+    placement_version: int
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_token: _Optional[_Iterable[int]] = ..., pair_expert: _Optional[_Iterable[int]] = ..., pair_weight: _Optional[_Iterable[float]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("partial",)
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    partial: _tensor_pb2.Tensor
+    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ExpertRef(_message.Message):
+    __slots__ = ("layer", "expert")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("pool_id", "experts", "weight_bytes", "forward_calls", "routed_pairs", "placement_version")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    weight_bytes: int
+    forward_calls: int
+    routed_pairs: int
+    placement_version: int
+    def __init__(self, pool_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., forward_calls: _Optional[int] = ..., routed_pairs: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
+
+class LoadExpertsRequest(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+
+class LoadExpertsResponse(_message.Message):
+    __slots__ = ("loaded",)
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    loaded: int
+    def __init__(self, loaded: _Optional[int] = ...) -> None: ...
+
+class UnloadExpertsRequest(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+
+class UnloadExpertsResponse(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: int
+    def __init__(self, unloaded: _Optional[int] = ...) -> None: ...
