@@ -6,20 +6,19 @@ import pytest
 import torch
 
 from services.common.checkpoint import CheckpointReader
+from services.common.errors import ExpertNotHeldError, InvalidRequestError
 from services.common.layers import swiglu
 from services.expert.grouped import grouped_expert_forward
-from services.expert.store import ExpertStore
+from services.expert.store import ExpertStore, LayerWeights
 
 
-class _Source:
+class _Source(LayerWeights):
     def __init__(self, store, layer, stacked):
-        self.store, self.layer, self.use_stack = store, layer, stacked
-
-    def expert(self, e):
-        return self.store.compute_weights(self.layer, e)
+        super().__init__(store, layer)
+        self.use_stack = stacked
 
     def stacked(self):
-        return self.store.stacked(self.layer) if self.use_stack else None
+        return super().stacked() if self.use_stack else None
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +69,9 @@ def test_partial_store_refuses_experts_it_does_not_hold(tiny_fp8):
     hidden = torch.randn(3, s.cfg.hidden_size)
     ok = grouped_expert_forward(hidden, torch.tensor([[2, 5]] * 3), torch.ones(3, 2), _Source(s, 1, True), 16)
     assert ok.shape == hidden.shape
-    with pytest.raises(KeyError, match="expert 9"):
+    with pytest.raises(ExpertNotHeldError, match="expert 9"):
         grouped_expert_forward(hidden, torch.tensor([[2, 9]] * 3), torch.ones(3, 2), _Source(s, 1, True), 16)
-    with pytest.raises(KeyError, match="not an MoE layer"):
+    with pytest.raises(InvalidRequestError, match="not an MoE layer"):
         s.load(0, 1)
     s.unload(1, 5)
     assert s.loaded() == [(1, 2)] and s.stacked(1).gate_up.shape[0] == 1

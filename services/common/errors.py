@@ -23,3 +23,15 @@ class CheckpointError(ExpertmeshError):
 
 class InvalidRequestError(ExpertmeshError):
     """A request that cannot be served as asked (bad token ids, empty prompt, too long)."""
+
+
+class ExpertNotHeldError(ExpertmeshError):
+    """A request names an expert that this pool does not hold (placement moved, or the caller is stale)."""
+
+
+class PoolUnavailableError(ExpertmeshError):
+    """An expert pool did not answer a dispatch (dead, unreachable, or past the call's deadline)."""
+
+    def __init__(self, pool: str, detail: str):
+        self.pool = pool
+        super().__init__(f"expert pool {pool} unavailable: {detail}")

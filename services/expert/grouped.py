@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from services.common.errors import ExpertNotHeldError
 from services.common.layers import swiglu
 
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
@@ -45,14 +46,23 @@ class ExpertWeightsSource(Protocol):
 def grouped_expert_forward(hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
                            weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
     """hidden [T, H], topk_idx [T, K], topk_w [T, K] -> [T, H] = sum_k w[t,k] * expert_{idx[t,k]}(hidden[t])."""
-    k = topk_idx.shape[1]
-    flat = topk_idx.reshape(-1)  # [P = T*K]
-    order = flat.argsort(stable=True)  # pairs grouped by expert
-    experts_sorted = flat[order]  # [P]
-    token_of = order // k  # [P]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    t, k = topk_idx.shape
+    pair_token = torch.arange(t).repeat_interleave(k)  # [T*K]
+    return grouped_pairs_forward(hidden, pair_token, topk_idx.reshape(-1), topk_w.reshape(-1), weights, num_experts)
+
+
+def grouped_pairs_forward(hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
+                          pair_weight: torch.Tensor, weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
+    """The same over flat (token, expert, weight) pairs [P] (a pool's share of a batch): -> [T, H]."""
+    order = pair_expert.argsort(stable=True)  # pairs grouped by expert
+    experts_sorted = pair_expert[order]  # [P]
+    token_of = pair_token[order]  # [P]
+    counts = torch.bincount(pair_expert, minlength=num_experts)  # [E]
+    out = torch.zeros_like(hidden)
+    if pair_expert.numel() == 0:
+        return out
     x_sorted = hidden[token_of]  # [P, H]
-    w_sorted = topk_w.reshape(-1)[order].to(hidden.dtype)  # [P]
+    w_sorted = pair_weight[order].to(hidden.dtype)  # [P]
 
     stacked = weights.stacked()
     cap = int(counts.max())
@@ -61,7 +71,6 @@ def grouped_expert_forward(hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w:
         y = _batched(x_sorted, experts_sorted, counts, cap, stacked)
     else:
         y = _per_expert(x_sorted, counts, weights)
-    out = torch.zeros_like(hidden)
     out.index_add_(0, token_of, y * w_sorted[:, None])
     return out
 
@@ -81,8 +90,7 @@ def _batched(x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch
              stacked: StackedExperts) -> torch.Tensor:
     rows = stacked.row_of_expert[experts_sorted]  # [P]
     if bool((rows < 0).any()):
-        missing = int(experts_sorted[rows < 0][0])
-        raise KeyError(f"expert {missing} is not held here")
+        raise ExpertNotHeldError(f"expert {int(experts_sorted[rows < 0][0])} is not held here")
     starts = torch.cumsum(counts, 0) - counts  # [E]
     pos = torch.arange(x_sorted.shape[0]) - starts[experts_sorted]  # [P] position within its group
     r, h = stacked.gate_up.shape[0], x_sorted.shape[1]

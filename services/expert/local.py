@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.expert.grouped import grouped_expert_forward
-from services.expert.store import ExpertStore
+from services.expert.store import ExpertStore, LayerWeights
 
 
 class LocalExperts:
@@ -26,17 +26,7 @@ class LocalExperts:
             store.stacked(layer)
         return cls(store)
 
-    def forward(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        return grouped_expert_forward(hidden, topk_idx, topk_w, _LayerWeights(self.store, layer),
-                                      self.store.cfg.n_routed_experts)
-
-
-class _LayerWeights:
-    def __init__(self, store: ExpertStore, layer: int):
-        self.store, self.layer = store, layer
-
-    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.compute_weights(self.layer, expert)
-
-    def stacked(self):
-        return self.store.stacked(self.layer)
+    def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor):
+        out = grouped_expert_forward(hidden, topk_idx, topk_w, LayerWeights(self.store, layer),
+                                     self.store.cfg.n_routed_experts)
+        return lambda: out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.checkpoint import CheckpointReader
-from services.common.errors import CheckpointError
+from services.common.errors import ExpertNotHeldError, InvalidRequestError
 from services.common.tensor_names import expert_specs
 from services.common.weights import LinearWeight, read_linear
 from services.expert.grouped import StackedExperts
@@ -63,10 +63,12 @@ class ExpertStore:
         self._stacks: dict[int, StackedExperts] = {}
 
     def check(self, layer: int, expert: int) -> None:
+        """Raises InvalidRequestError for a (layer, expert) that the model does not have."""
         if not (0 <= layer < self.cfg.num_hidden_layers and self.cfg.is_moe_layer(layer)):
-            raise KeyError(f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}..{self.cfg.moe_layers[-1]})")
+            raise InvalidRequestError(f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}.."
+                                      f"{self.cfg.moe_layers[-1]})")
         if not 0 <= expert < self.cfg.n_routed_experts:
-            raise KeyError(f"expert {expert} out of range [0, {self.cfg.n_routed_experts})")
+            raise InvalidRequestError(f"expert {expert} out of range [0, {self.cfg.n_routed_experts})")
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
         """Read one expert (FP8 kept; BF16/FP32 checkpoints are quantized to FP8 blocks at load)."""
@@ -98,7 +100,7 @@ class ExpertStore:
             return self._dense[key]
         weights = self._fp8.get(key)
         if weights is None:
-            raise CheckpointError(f"model.layers.{layer}.mlp.experts.{expert}", "expert is not loaded in this store")
+            raise ExpertNotHeldError(f"expert {expert} of layer {layer} is not held here")
         dense = weights.dense(self.dtype)
         if self.cache_dense:
             self._dense[key] = dense
@@ -123,3 +125,16 @@ class ExpertStore:
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self._fp8.values())
+
+
+class LayerWeights:
+    """One layer's view of a store, as grouped compute asks for weights."""
+
+    def __init__(self, store: ExpertStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.compute_weights(self.layer, expert)
+
+    def stacked(self) -> StackedExperts | None:
+        return self.store.stacked(self.layer)

@@ -104,8 +104,9 @@ class GatewayModel:
             topk_idx, topk_w = layer.router(h)  # [T, K], [T, K]
             if routing_trace is not None:
                 routing_trace.append((layer.index, topk_idx))
-            routed = self.experts.forward(layer.index, h, topk_idx, topk_w)  # [T, H]
-            x = x + routed + (layer.shared(h) if layer.shared is not None else 0)
+            pending = self.experts.start(layer.index, h, topk_idx, topk_w)
+            shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
+            x = x + pending() + shared  # [T, H]
         if not all_logits:
             x = x[batch.last_index]  # [B, H]
         return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)

@@ -1,0 +1,58 @@
+"""What every expertmesh gRPC server shares: message limits, health, reflection, graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a 4096-token batch of V3 hidden states in fp32 is 117 MiB
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+GRACE_SECONDS = 10.0
+
+
+class ManagedServer:
+    """A grpc.aio server bound to host:port with health (NOT_SERVING until `set_serving`) and reflection."""
+
+    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0):
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = service_names
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    def stop_on_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def wait_for_stop(self) -> None:
+        """Until SIGTERM/SIGINT: then report NOT_SERVING, finish in-flight calls (up to the grace), stop."""
+        await self._stop.wait()
+        await self.set_serving(False)
+        await self.server.stop(GRACE_SECONDS)
+
+    def request_stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,63 @@
+"""OpenTelemetry set-up shared by every service.
+
+Off by default. Exporting turns on when the standard variables ask for it: OTEL_TRACES_EXPORTER=otlp, or
+OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set (OTLP over gRPC; OTEL_SERVICE_NAME and
+OTEL_RESOURCE_ATTRIBUTES as usual). gRPC calls are instrumented so that context travels in metadata and a
+request's spans on the gateway and the pools join one trace.
+"""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import trace
+
+TRACER_NAME = "expertmesh"
+_instrumented = False
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def exporting_requested() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp":
+        return True
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def setup_tracing(service_name: str, span_processor=None) -> bool:
+    """Install a tracer provider (OTLP from the environment, or the given processor, e.g. an in-memory one in
+    tests) and instrument gRPC. Returns whether tracing is on."""
+    if span_processor is None and not exporting_requested():
+        return False
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if span_processor is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        span_processor = BatchSpanProcessor(OTLPSpanExporter())
+    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)}))
+    provider.add_span_processor(span_processor)
+    trace.set_tracer_provider(provider)
+    instrument_grpc()
+    return True
+
+
+def instrument_grpc() -> None:
+    """Patch gRPC (aio servers, aio and sync clients) once per process; health probes make no spans."""
+    global _instrumented
+    if _instrumented:
+        return
+    from opentelemetry.instrumentation.grpc import (GrpcAioInstrumentorClient, GrpcAioInstrumentorServer,
+                                                    GrpcInstrumentorClient, filters)
+
+    quiet = filters.negate(filters.health_check())
+    GrpcAioInstrumentorServer().instrument(filter_=quiet)
+    GrpcAioInstrumentorClient().instrument(filter_=quiet)
+    GrpcInstrumentorClient().instrument(filter_=quiet)
+    _instrumented = True

@@ -1,0 +1,158 @@
+"""The expert-pool server: holds its assigned (layer, expert) weights in FP8 and runs routed experts for gateways.
+
+NOT_SERVING until its weights are loaded; every request is validated (unknown layer or expert, malformed
+tensors, too large) and answered with a status and a message; SIGTERM finishes in-flight calls first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, tensor_pb2
+from services.common import grpc_status, wire
+from services.common.checkpoint import CheckpointReader
+from services.common.errors import ExpertNotHeldError, InvalidRequestError
+from services.common.grpc_server import ManagedServer
+from services.common.telemetry import setup_tracing, tracer
+from services.expert.grouped import grouped_pairs_forward
+from services.expert.store import ExpertStore, LayerWeights
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
+MAX_TOKENS_PER_CALL = 65536
+
+
+class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
+    def __init__(self, store: ExpertStore, pool_id: str):
+        self.store = store
+        self.cfg = store.cfg
+        self.pool_id = pool_id
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+        self.forward_calls = 0
+        self.routed_pairs = 0
+        self.placement_version = 0
+
+    # ---- inference -----------------------------------------------------------------------------------
+    @grpc_status.unary
+    async def Forward(self, request, context):
+        hidden, pair_token, pair_expert, pair_weight = self._validate(request)
+        with tracer().start_as_current_span("expert.compute") as span:
+            span.set_attribute("expertmesh.layer", request.layer)
+            span.set_attribute("expertmesh.tokens", hidden.shape[0])
+            span.set_attribute("expertmesh.pairs", pair_token.numel())
+            out = await asyncio.get_running_loop().run_in_executor(
+                self.compute, grouped_pairs_forward, hidden, pair_token, pair_expert, pair_weight,
+                LayerWeights(self.store, request.layer), self.cfg.n_routed_experts)
+        self.forward_calls += 1
+        self.routed_pairs += pair_token.numel()
+        self.placement_version = max(self.placement_version, request.placement_version)
+        dtype = torch.float32 if request.response_dtype == tensor_pb2.ELEMENT_TYPE_FLOAT32 else torch.bfloat16
+        return expert_pool_pb2.ForwardResponse(partial=wire.encode(out.to(dtype)))
+
+    def _validate(self, request):
+        self.store.check(request.layer, 0)
+        if request.response_dtype not in (tensor_pb2.ELEMENT_TYPE_UNSPECIFIED, tensor_pb2.ELEMENT_TYPE_FLOAT32,
+                                          tensor_pb2.ELEMENT_TYPE_BFLOAT16):
+            raise InvalidRequestError(f"response_dtype must be FLOAT32 or BFLOAT16, got {request.response_dtype}")
+        hidden = wire.decode_hidden(request.hidden, request.hidden_scale if request.HasField("hidden_scale") else None,
+                                    self.cfg.hidden_size)
+        n = hidden.shape[0]
+        if n > MAX_TOKENS_PER_CALL:
+            raise InvalidRequestError(f"{n} tokens in one call exceed the limit of {MAX_TOKENS_PER_CALL}")
+        if not (len(request.pair_token) == len(request.pair_expert) == len(request.pair_weight)):
+            raise InvalidRequestError(f"pair_token, pair_expert and pair_weight differ in length "
+                                      f"({len(request.pair_token)}, {len(request.pair_expert)}, {len(request.pair_weight)})")
+        pair_token = torch.tensor(list(request.pair_token), dtype=torch.int64)
+        pair_expert = torch.tensor(list(request.pair_expert), dtype=torch.int64)
+        pair_weight = torch.tensor(list(request.pair_weight), dtype=torch.float32)
+        if pair_token.numel():
+            if int(pair_token.max()) >= n:
+                raise InvalidRequestError(f"pair_token {int(pair_token.max())} is out of range for {n} tokens")
+            bad = int(pair_expert.max())
+            if bad >= self.cfg.n_routed_experts:
+                raise InvalidRequestError(f"expert {bad} out of range [0, {self.cfg.n_routed_experts})")
+            held = {e for (layer, e) in self.store.loaded() if layer == request.layer}
+            missing = sorted(set(pair_expert.tolist()) - held)
+            if missing:
+                raise ExpertNotHeldError(f"pool {self.pool_id} does not hold expert {missing[0]} of layer {request.layer}")
+            if not bool(torch.isfinite(pair_weight).all()):
+                raise InvalidRequestError("pair_weight holds a non-finite value")
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidRequestError("hidden holds a non-finite value")
+        return hidden, pair_token, pair_expert, pair_weight
+
+    # ---- management ------------------------------------------------------------------------------------
+    @grpc_status.unary
+    async def GetStatus(self, request, context):
+        return expert_pool_pb2.GetStatusResponse(
+            pool_id=self.pool_id,
+            experts=[expert_pool_pb2.ExpertRef(layer=l, expert=e) for l, e in self.store.loaded()],
+            weight_bytes=self.store.nbytes(), forward_calls=self.forward_calls, routed_pairs=self.routed_pairs,
+            placement_version=self.placement_version)
+
+    @grpc_status.unary
+    async def LoadExperts(self, request, context):
+        refs = [(r.layer, r.expert) for r in request.experts]
+        for layer, expert in refs:
+            self.store.check(layer, expert)
+        await asyncio.get_running_loop().run_in_executor(self.compute, self.load, refs)
+        return expert_pool_pb2.LoadExpertsResponse(loaded=len(refs))
+
+    @grpc_status.unary
+    async def UnloadExperts(self, request, context):
+        refs = [(r.layer, r.expert) for r in request.experts]
+        await asyncio.get_running_loop().run_in_executor(
+            self.compute, lambda: [self.store.unload(l, e) for l, e in refs])
+        return expert_pool_pb2.UnloadExpertsResponse(unloaded=len(refs))
+
+    def load(self, refs: list[tuple[int, int]]) -> None:
+        for layer, expert in refs:
+            self.store.load(layer, expert)
+        for layer in sorted({l for l, _ in refs}):
+            self.store.stacked(layer)
+
+
+async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
+                port: int = 0, ready_line: bool = True) -> None:
+    setup_tracing(f"expertmesh-pool-{pool_id}")
+    store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True)
+    servicer = ExpertPoolServicer(store, pool_id)
+    managed = ManagedServer([SERVICE_NAME], host, port)
+    expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)
+    managed.stop_on_signals()
+    await managed.start()
+    await asyncio.get_running_loop().run_in_executor(servicer.compute, servicer.load, experts)
+    await managed.set_serving()
+    log.info("pool %s serving %d experts on %s", pool_id, len(experts), managed.address)
+    if ready_line:
+        print(f"READY {managed.address}", flush=True)
+    await managed.wait_for_stop()
+    servicer.compute.shutdown(wait=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from services.common.placement import Placement
+
+    ap = argparse.ArgumentParser(description="expertmesh expert pool")
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--pool-id", required=True)
+    ap.add_argument("--placement", required=True, type=Path, help="placement JSON: which experts this pool loads")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    experts = Placement.load(args.placement).experts_on(args.pool_id)
+    torch.set_num_threads(1)
+    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
