@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import model_commands
+from services.cli import model_commands, up
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="expertmesh: DeepSeek-V3-class MoE serving with experts as services.")
 app.command("init-model")(model_commands.init_model)
 app.command("score")(model_commands.score)
 app.command("generate")(model_commands.generate)
+app.command("up")(up.up)
 
 
 def main() -> None:

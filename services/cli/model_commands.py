@@ -56,7 +56,8 @@ def _load_engine(model: Path, quiet: bool):
 
 
 def score(
-    model: Path = typer.Option(..., "--model", help="Model directory."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (in process)."),
+    target: Optional[str] = typer.Option(None, "--target", help="A running gateway, HOST:PORT."),
     text: Optional[str] = typer.Option(None, "--text", help="Text to score (tokenized with the model's tokenizer)."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids, comma-separated."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Alternatives to list per position."),
@@ -65,19 +66,24 @@ def score(
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
     if (text is None) == (tokens is None):
         fail("give exactly one of --text and --tokens")
+    _one_backend(model, target)
     try:
-        engine = _load_engine(model, as_json)
-        ids = engine.encode(text) if text is not None else parse_token_ids(tokens)
-        positions = engine.score(ids, top_k=top_k)
+        ids = parse_token_ids(tokens) if tokens is not None else None
+        if target:
+            result = _remote(target, lambda c: c.score(text, ids, top_k))
+        else:
+            engine = _load_engine(model, as_json)
+            ids = engine.encode(text) if ids is None else ids
+            result = score_json(ids, engine.score(ids, top_k=top_k))
     except ExpertmeshError as exc:
         fail(str(exc))
     if as_json:
-        typer.echo(json.dumps(score_json(ids, positions)))
+        typer.echo(json.dumps(result))
         return
-    for i, p in enumerate(positions):
-        lp = "-" if p.logprob is None else f"{p.logprob:9.4f}"
-        alts = "  ".join(f"{t}:{v:.3f}" for t, v in p.top)
-        typer.echo(f"{i:5d} {p.token_id:7d} {lp}  {alts}")
+    for i, p in enumerate(result["positions"]):
+        lp = "-" if p["logprob"] is None else f"{p['logprob']:9.4f}"
+        alts = "  ".join(f"{a['token_id']}:{a['logprob']:.3f}" for a in p["top"])
+        typer.echo(f"{i:5d} {p['token_id']:7d} {lp}  {alts}")
 
 
 def score_json(ids: list[int], positions) -> dict:
@@ -86,9 +92,30 @@ def score_json(ids: list[int], positions) -> dict:
         for p in positions]}
 
 
+def _one_backend(model: Optional[Path], target: Optional[str]) -> None:
+    if (model is None) == (target is None):
+        fail("give exactly one of --model and --target")
+
+
+def _remote(target: str, call):
+    """Run `call(client)` against a gateway; gRPC errors become one-line CLI errors."""
+    import grpc
+
+    from services.cli.gateway_client import GatewayClient
+
+    client = GatewayClient(target)
+    try:
+        return call(client)
+    except grpc.RpcError as exc:
+        fail(f"{target}: {exc.code().name}: {exc.details()}")
+    finally:
+        client.close()
+
+
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Prompt text."),
-    model: Path = typer.Option(..., "--model", help="Model directory."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (in process)."),
+    target: Optional[str] = typer.Option(None, "--target", help="A running gateway, HOST:PORT."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Prompt as token ids, comma-separated."),
     max_tokens: int = typer.Option(16, "--max-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
@@ -102,16 +129,21 @@ def generate(
 
     if (prompt is None) == (tokens is None):
         fail("give exactly one of PROMPT and --tokens")
+    _one_backend(model, target)
     try:
-        engine = _load_engine(model, as_json)
-        ids = engine.encode(prompt) if prompt is not None else parse_token_ids(tokens)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        result = engine.generate([ids], params)[0]
+        ids = parse_token_ids(tokens) if tokens is not None else None
+        if target:
+            out = _remote(target, lambda c: c.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed))
+        else:
+            engine = _load_engine(model, as_json)
+            ids = engine.encode(prompt) if ids is None else ids
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+            result = engine.generate([ids], params)[0]
+            out = {"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
+                   "text": engine.decode(result.token_ids), "finish_reason": result.finish_reason}
     except ExpertmeshError as exc:
         fail(str(exc))
-    text = engine.decode(result.token_ids)
     if as_json:
-        typer.echo(json.dumps({"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
-                               "text": text, "finish_reason": result.finish_reason}))
+        typer.echo(json.dumps(out))
     else:
-        typer.echo(text if engine.tokenizer else " ".join(map(str, result.token_ids)))
+        typer.echo(out["text"] or " ".join(map(str, out["token_ids"])))

@@ -139,17 +139,21 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from services.common.placement import Placement
+    from services.common.placement_store import load_placement
 
     ap = argparse.ArgumentParser(description="expertmesh expert pool")
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--pool-id", required=True)
-    ap.add_argument("--placement", required=True, type=Path, help="placement JSON: which experts this pool loads")
+    ap.add_argument("--redis", help="redis URL holding the placement (which experts this pool loads)")
+    ap.add_argument("--placement", type=Path, help="placement JSON, when not read from Redis")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    experts = Placement.load(args.placement).experts_on(args.pool_id)
+    try:
+        experts = load_placement(args.redis, args.placement).experts_on(args.pool_id)
+    except InvalidRequestError as exc:
+        sys.exit(f"expertmesh pool: {exc}")
     torch.set_num_threads(1)
     asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port))
 

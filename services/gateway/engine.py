@@ -1,7 +1,8 @@
 """The in-process engine: a GatewayModel, its paged latent cache and the tokenizer, with score and generate.
 
-Generation is batched: all prompts prefill in one step (packed, different lengths), then every live sequence
-decodes one token per step together until it stops (EOS, a stop token, or max_tokens).
+Generation runs the gateway's continuous-batching scheduler in the caller's thread: prompts prefill in
+packed chunks of different lengths, then every live sequence decodes one token per step together until it
+stops (EOS, a stop token, or max_tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from services.common.tokenizer import load_tokenizer
 from services.expert.local import LocalExperts
 from services.expert.store import ExpertStore
 from services.gateway.model import GatewayModel
-from services.gateway.sampling import Sampler, SamplingParams
+from services.gateway.sampling import SamplingParams
+from services.gateway.scheduler import Request, Scheduler
 
 DEFAULT_CACHE_TOKENS = 32768
 DEFAULT_BLOCK_SIZE = 64
@@ -48,6 +50,7 @@ class Engine:
         self.cache = cache
         self.tokenizer = tokenizer
         self.max_context = max_context or min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
+        self.scheduler = Scheduler(model, cache, self.cfg.eos_token_ids)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -104,33 +107,22 @@ class Engine:
 
     # ---- generate ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
+        """Continuous batching over all prompts at once (the same scheduler the gateway server runs)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params_list):
-            p.validate(self.max_context)
-            self.check_tokens(prompt, p.max_tokens)
-        seqs = [SequenceBlocks() for _ in prompts]
-        samplers = [Sampler(p) for p in params_list]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finish: list[str | None] = [None] * len(prompts)
-        pending = [list(p) for p in prompts]  # tokens each sequence feeds next
-        try:
-            while True:
-                live = [i for i, f in enumerate(finish) if f is None]
-                if not live:
-                    break
-                batch = StepBatch.build([SequenceChunk(seqs[i], pending[i]) for i in live], self.cache)
-                logits = self.model.forward(batch.to(self.model.device), self.cache).cpu()  # [B, V]
-                for row, i in enumerate(live):
-                    token = samplers[i](logits[row])
-                    outputs[i].append(token)
-                    pending[i] = [token]
-                    finish[i] = self._finish_reason(token, len(outputs[i]), params_list[i])
-        finally:
-            for seq in seqs:
-                self.cache.release(seq)
-        return [Generation(list(p), o, f) for p, o, f in zip(prompts, outputs, finish)]
+            self.check_request(prompt, p)
+        requests = [Request(list(prompt), p) for prompt, p in zip(prompts, params_list)]
+        for req in requests:
+            self.scheduler.submit(req)
+        self.scheduler.run_until_idle()
+        for req in requests:
+            if req.error is not None:
+                raise req.error
+        return [Generation(r.prompt, r.output, r.finish_reason) for r in requests]
 
-    def _finish_reason(self, token: int, produced: int, p: SamplingParams) -> str | None:
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.cfg.eos_token_ids):
-            return "stop"
-        return "length" if produced >= p.max_tokens else None
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        params.validate(self.max_context)
+        self.check_tokens(prompt, params.max_tokens)
+        blocks = -(-(len(prompt) + params.max_tokens) // self.cache.block_size)
+        if blocks > self.cache.num_blocks:
+            raise InvalidRequestError(f"prompt plus max_tokens needs {blocks} cache blocks, the cache has {self.cache.num_blocks}")

@@ -1,0 +1,202 @@
+"""`expertmesh up`: the whole platform as local processes — Redis, N expert pools, one gateway.
+
+Stops everything (children first with SIGTERM, then SIGKILL after a grace) on Ctrl-C or SIGTERM, or when
+any child dies; children also get SIGTERM if this process is killed outright (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from services.cli.output import fail
+
+STOP_GRACE_S = 5.0
+
+
+def state_dir() -> Path:
+    base = os.environ.get("EXPERTMESH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "expertmesh")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Deployment:
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], log: Path) -> subprocess.Popen:
+        out = open(log, "ab")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+        self.processes.append((name, proc))
+        return proc
+
+    def dead(self) -> list[str]:
+        return [f"{name} (exit {p.returncode})" for name, p in self.processes if p.poll() is not None]
+
+    def stop(self) -> None:
+        for _, p in reversed(self.processes):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for _, p in self.processes:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _start_redis(dep: Deployment, logs: Path) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        fail("redis-server not found: install it (apt-get install redis-server) or pass --redis URL")
+    port = free_port()
+    dep.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+              logs / "redis.log")
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or dep.dead():
+                fail(f"redis-server did not start (see {logs / 'redis.log'})")
+            time.sleep(0.05)
+
+
+def _wait_serving(address: str, dep: Deployment, timeout_s: float, name: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if dep.dead():
+                raise RuntimeError(f"{', '.join(dep.dead())} exited while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} at {address} not SERVING after {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+
+def up(
+    model: Path = typer.Option(None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."),
+    pools: int = typer.Option(2, "--pools", min=1, help="Expert-pool processes."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="Gateway gRPC port (0: any free port)."),
+    redis_url: str = typer.Option(None, "--redis", help="Redis URL (default: start a private redis-server)."),
+    dispatch_dtype: str = typer.Option("fp8", "--dispatch-dtype", help="fp8, bf16 or fp32 activations to the pools."),
+    cache_tokens: int = typer.Option(32768, "--cache-tokens", help="Latent KV cache capacity of the gateway, in tokens."),
+    start_timeout: float = typer.Option(300.0, "--start-timeout", help="Seconds to wait for every service to serve."),
+) -> None:
+    """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
+    from services.common.config import ModelConfig
+    from services.common.errors import ExpertmeshError
+    from services.common.placement import Placement, Pool
+    from services.common.placement_store import RedisPlacementStore
+
+    if dispatch_dtype not in ("fp8", "bf16", "fp32"):
+        fail(f"--dispatch-dtype must be fp8, bf16 or fp32, got {dispatch_dtype!r}")
+    home = state_dir()
+    if model is None:
+        model = home / "models" / "tiny"
+        if not (model / "config.json").exists():
+            from services.common.model_writer import write_random_model
+            from services.common.presets import preset_config
+
+            write_random_model(model, preset_config("tiny"), seed=0)
+    try:
+        cfg = ModelConfig.from_file(model)
+    except ExpertmeshError as exc:
+        fail(str(exc))
+    if grpc_port:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
+                fail(f"port {grpc_port} is in use (pass --grpc-port 0 for any free port)")
+    else:
+        grpc_port = free_port()
+
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    dep = Deployment()
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        redis_url = redis_url or _start_redis(dep, logs)
+        pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}") for i in range(pools)]
+        placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list))
+        py = sys.executable
+        for pool in pool_list:
+            dep.spawn(pool.pool_id, [py, "-m", "services.expert.server", "--model", str(model), "--pool-id", pool.pool_id,
+                                     "--redis", redis_url, "--port", pool.address.rsplit(":", 1)[1]],
+                      logs / f"{pool.pool_id}.log")
+        gateway = f"127.0.0.1:{grpc_port}"
+        dep.spawn("gateway", [py, "-m", "services.gateway.server", "--model", str(model), "--redis", redis_url,
+                              "--dispatch-dtype", dispatch_dtype, "--port", str(grpc_port), "--cache-tokens", str(cache_tokens)],
+                  logs / "gateway.log")
+        for pool in pool_list:
+            _wait_serving(pool.address, dep, start_timeout, pool.pool_id)
+        _wait_serving(gateway, dep, start_timeout, "gateway")
+        state = {"pid": os.getpid(), "gateway": gateway, "redis": redis_url, "model": str(model),
+                 "dispatch_dtype": dispatch_dtype, "pools": {p.pool_id: p.address for p in pool_list},
+                 "placement_version": placement.version, "logs": str(logs)}
+        (home / "up.json").write_text(json.dumps(state, indent=2))
+        typer.echo(f"gateway  grpc://{gateway}")
+        for p in pool_list:
+            typer.echo(f"{p.pool_id:8} grpc://{p.address}")
+        typer.echo(f"redis    {redis_url}")
+        typer.echo(f"logs     {logs}")
+        typer.echo("ready (Ctrl-C stops everything)", err=False)
+        sys.stdout.flush()
+        while not stopping:
+            dead = dep.dead()
+            if dead:
+                typer.echo(f"expertmesh: {', '.join(dead)} exited; stopping", err=True)
+                break
+            time.sleep(0.2)
+    except RuntimeError as exc:
+        typer.echo(f"expertmesh: error: {exc}", err=True)
+        dep.stop()
+        raise typer.Exit(1)
+    finally:
+        dep.stop()
+    typer.echo("stopped")

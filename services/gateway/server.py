@@ -1,0 +1,232 @@
+"""The gateway server: GatewayService over gRPC, the continuous-batching scheduler on its own thread, and the
+routed experts on remote pools.
+
+Placement comes from Redis (polled by version; switched at a step boundary) or, without Redis, a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common import grpc_status
+from services.common.errors import InvalidRequestError
+from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
+from services.common.placement import Placement
+from services.common.placement_store import load_placement
+from services.common.telemetry import setup_tracing, tracer
+from services.gateway.engine import Engine
+from services.gateway.remote_experts import RemoteExperts
+from services.gateway.sampling import SamplingParams
+from services.gateway.scheduler import Request, Scheduler
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+class SchedulerThread:
+    """Runs scheduler steps until stopped; sleeps when there is nothing to do."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> "SchedulerThread":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.step():
+                self.scheduler.wait_for_work(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.wake()
+        self.thread.join(timeout=10)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, engine: Engine, model_dir: str, pools: list[str], dispatch_dtype: str):
+        self.engine = engine
+        self.model_dir = model_dir
+        self.pools = pools
+        self.dispatch_dtype = dispatch_dtype
+
+    def _prompt(self, text: str, token_ids) -> list[int]:
+        if text and token_ids:
+            raise InvalidRequestError("give text or token_ids, not both")
+        if text:
+            return self.engine.encode(text)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        return list(token_ids)
+
+    @grpc_status.stream
+    async def Generate(self, request, context):
+        prompt = self._prompt(request.text, request.token_ids)
+        s = request.sampling
+        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+                                seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+                                ignore_eos=s.ignore_eos)
+        self.engine.check_request(prompt, params)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        with tracer().start_as_current_span("gateway.request") as span:
+            span.set_attribute("expertmesh.prompt_tokens", len(prompt))
+            req = Request(prompt, params, on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            req.span_context = span.get_span_context()
+            self.engine.scheduler.submit(req)
+            try:
+                yield gateway_pb2.GenerateResponse(prompt_token_ids=prompt)
+                text_so_far = ""
+                while True:
+                    ev = await events.get()
+                    if ev.error is not None:
+                        raise ev.error
+                    text = self.engine.decode(req.output)
+                    delta, text_so_far = text[len(text_so_far):], text
+                    yield gateway_pb2.GenerateResponse(token_ids=[] if ev.token_id is None else [ev.token_id],
+                                                       text=delta, finish_reason=ev.finish_reason or "")
+                    if ev.finish_reason:
+                        return
+            finally:
+                if not req.done:  # the client went away (or the stream failed): free its cache
+                    self.engine.scheduler.cancel(req)
+
+    @grpc_status.unary
+    async def Score(self, request, context):
+        ids = self._prompt(request.text, request.token_ids)
+        self.engine.check_tokens(ids)
+        with tracer().start_as_current_span("gateway.score"):
+            positions = await asyncio.wrap_future(self.engine.scheduler.call(lambda: self.engine.score(ids, request.top_k)))
+        return gateway_pb2.ScoreResponse(token_ids=ids, positions=[
+            gateway_pb2.PositionScore(token_id=p.token_id, logprob=p.logprob,
+                                      top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in p.top])
+            for p in positions])
+
+    @grpc_status.unary
+    async def GetModelInfo(self, request, context):
+        cfg = self.engine.cfg
+        return gateway_pb2.GetModelInfoResponse(
+            model_dir=self.model_dir, vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
+            n_routed_experts=cfg.n_routed_experts, max_context=self.engine.max_context, pools=self.pools,
+            dispatch_dtype=self.dispatch_dtype)
+
+
+class PlacementFollower:
+    """Polls the placement store's version; a new placement is switched to at the next step boundary."""
+
+    def __init__(self, store, experts: RemoteExperts, interval_s: float = 0.5):
+        self.store, self.experts, self.interval_s = store, experts, interval_s
+        self._pending: Placement | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="placement", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.store.version() > self.experts.placement.version:
+                    self._pending = self.store.get()
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep the placement we have
+                log.warning("placement store unreachable: %s", exc)
+
+    def apply_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            log.info("switching to placement version %d", pending.version)
+            self.experts.set_placement(pending)
+
+    def start(self) -> "PlacementFollower":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def wait_for_pools(placement: Placement, timeout_s: float) -> None:
+    """Block until every pool of the placement reports SERVING."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for pool in placement.pools.values():
+        with grpc.insecure_channel(pool.address, options=CHANNEL_OPTIONS) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pool {pool.pool_id} at {pool.address} is not SERVING after {timeout_s}s")
+                time.sleep(0.1)
+
+
+async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
+                port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0,
+                ready_line: bool = True, pool_timeout_s: float = 120.0) -> None:
+    setup_tracing("expertmesh-gateway")
+    managed = ManagedServer([SERVICE_NAME], host, port)
+    managed.stop_on_signals()
+    await managed.start()  # NOT_SERVING while loading
+    experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s)
+    engine = await asyncio.to_thread(Engine.from_dir, model_dir, experts=experts, cache_tokens=cache_tokens)
+    experts.n_routed_experts = engine.cfg.n_routed_experts
+    follower = None
+    if redis_url:
+        from services.common.placement_store import RedisPlacementStore
+
+        follower = PlacementFollower(RedisPlacementStore(redis_url), experts).start()
+        engine.scheduler.on_step = follower.apply_pending
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+        GatewayServicer(engine, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype), managed.server)
+    await asyncio.to_thread(wait_for_pools, placement, pool_timeout_s)
+    loop_thread = SchedulerThread(engine.scheduler).start()
+    await managed.set_serving()
+    log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, dispatch_dtype, len(placement.pools))
+    if ready_line:
+        print(f"READY {managed.address}", flush=True)
+    await managed.wait_for_stop()
+    loop_thread.stop()
+    if follower:
+        follower.stop()
+    experts.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="expertmesh gateway")
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--placement", type=Path, help="placement JSON (when not read from Redis)")
+    ap.add_argument("--redis", help="redis URL holding the placement")
+    ap.add_argument("--dispatch-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--cache-tokens", type=int, default=32768)
+    ap.add_argument("--deadline", type=float, default=10.0, help="seconds per expert-pool call")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    try:
+        placement = load_placement(args.redis, args.placement)
+    except InvalidRequestError as exc:
+        sys.exit(f"expertmesh gateway: {exc}")
+    torch.set_num_threads(1)
+    asyncio.run(serve(args.model, placement, args.dispatch_dtype, args.host, args.port, args.redis,
+                      args.cache_tokens, args.deadline))
+
+
+if __name__ == "__main__":
+    main()
