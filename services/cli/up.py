@@ -1,7 +1,8 @@
 """`expertmesh up`: the whole platform as local processes — Redis, N expert pools, one gateway.
 
-Stops everything (children first with SIGTERM, then SIGKILL after a grace) on Ctrl-C or SIGTERM, or when
-any child dies; children also get SIGTERM if this process is killed outright (PR_SET_PDEATHSIG).
+Stops everything (children with SIGTERM, then SIGKILL after a grace) on Ctrl-C or SIGTERM, or when the
+gateway or Redis dies; a dead pool is reported and the rest keep serving. Children also get SIGTERM if this
+process is killed outright (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -187,11 +188,17 @@ def up(
         typer.echo(f"logs     {logs}")
         typer.echo("ready (Ctrl-C stops everything)", err=False)
         sys.stdout.flush()
+        reported: set[str] = set()
         while not stopping:
-            dead = dep.dead()
-            if dead:
-                typer.echo(f"expertmesh: {', '.join(dead)} exited; stopping", err=True)
-                break
+            for name, proc in dep.processes:
+                if proc.poll() is None or name in reported:
+                    continue
+                reported.add(name)
+                if name in ("gateway", "redis"):
+                    typer.echo(f"expertmesh: {name} exited ({proc.returncode}); stopping", err=True)
+                    stopping = True
+                else:  # a pool: the gateway fails its calls and goes on; re-placing is the autoscaler's work
+                    typer.echo(f"expertmesh: {name} exited ({proc.returncode}); the others keep serving", err=True)
             time.sleep(0.2)
     except RuntimeError as exc:
         typer.echo(f"expertmesh: error: {exc}", err=True)

@@ -55,16 +55,22 @@ def random_tensors(cfg: ModelConfig, seed: int, fp8: bool,
     FP8 projections with fp32 block scales (or BF16 without FP8), BF16 norms/embeddings/router, FP32 bias."""
     gen = torch.Generator().manual_seed(seed)
     specs = model_specs(cfg)
+    residual_scale = (2 * cfg.num_hidden_layers) ** -0.5
     for i, spec in enumerate(specs):
-        yield from _random_tensor(spec, gen, fp8)
+        yield from _random_tensor(spec, gen, fp8, residual_scale)
         if progress:
             progress(i + 1, len(specs))
 
 
-def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool,
+                   residual_scale: float) -> Iterator[tuple[str, torch.Tensor]]:
     name = stored_name(spec)
     if spec.kind is Kind.LINEAR:
         w = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
+        if spec.name.endswith(("down_proj", "o_proj")):
+            # projections back into the residual stream get GPT-2's 1/sqrt(2 * layers): each layer nudges the
+            # stream rather than replacing it, as in trained models
+            w = w * residual_scale
         if fp8:
             lw = LinearWeight.quantized(w)
             yield name, lw.weight

@@ -124,7 +124,7 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
     store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True)
     servicer = ExpertPoolServicer(store, pool_id)
     managed = ManagedServer([SERVICE_NAME], host, port)
-    expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)
+    expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
     managed.stop_on_signals()
     await managed.start()
     await asyncio.get_running_loop().run_in_executor(servicer.compute, servicer.load, experts)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import grpc_status
-from services.common.errors import InvalidRequestError
+from services.common.errors import InvalidRequestError, PoolUnavailableError
 from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
 from services.common.placement import Placement
 from services.common.placement_store import load_placement
@@ -56,11 +56,23 @@ class SchedulerThread:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Engine, model_dir: str, pools: list[str], dispatch_dtype: str):
-        self.engine = engine
+    """Serves once `engine` is set (the server reports NOT_SERVING until then)."""
+
+    def __init__(self, engine: Engine | None, model_dir: str, pools: list[str], dispatch_dtype: str):
+        self._engine = engine
         self.model_dir = model_dir
         self.pools = pools
         self.dispatch_dtype = dispatch_dtype
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise PoolUnavailableError("gateway", "still loading the model")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
 
     def _prompt(self, text: str, token_ids) -> list[int]:
         if text and token_ids:
@@ -179,6 +191,8 @@ async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp
                 ready_line: bool = True, pool_timeout_s: float = 120.0) -> None:
     setup_tracing("expertmesh-gateway")
     managed = ManagedServer([SERVICE_NAME], host, port)
+    servicer = GatewayServicer(None, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
     managed.stop_on_signals()
     await managed.start()  # NOT_SERVING while loading
     experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s)
@@ -190,10 +204,9 @@ async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp
 
         follower = PlacementFollower(RedisPlacementStore(redis_url), experts).start()
         engine.scheduler.on_step = follower.apply_pending
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-        GatewayServicer(engine, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype), managed.server)
     await asyncio.to_thread(wait_for_pools, placement, pool_timeout_s)
     loop_thread = SchedulerThread(engine.scheduler).start()
+    servicer.engine = engine
     await managed.set_serving()
     log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, dispatch_dtype, len(placement.pools))
     if ready_line:
