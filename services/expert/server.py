@@ -118,20 +118,26 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             self.store.stacked(layer)
 
 
-async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                port: int = 0, ready_line: bool = True) -> None:
-    setup_tracing(f"expertmesh-pool-{pool_id}")
+async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
+                     port: int = 0) -> tuple[ManagedServer, ExpertPoolServicer]:
+    """Bind, report NOT_SERVING, load the assigned experts, then report SERVING."""
     store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True)
     servicer = ExpertPoolServicer(store, pool_id)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
-    managed.stop_on_signals()
     await managed.start()
     await asyncio.get_running_loop().run_in_executor(servicer.compute, servicer.load, experts)
     await managed.set_serving()
     log.info("pool %s serving %d experts on %s", pool_id, len(experts), managed.address)
-    if ready_line:
-        print(f"READY {managed.address}", flush=True)
+    return managed, servicer
+
+
+async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
+                port: int = 0) -> None:
+    setup_tracing(f"expertmesh-pool-{pool_id}")
+    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port)
+    managed.stop_on_signals()
+    print(f"READY {managed.address}", flush=True)
     await managed.wait_for_stop()
     servicer.compute.shutdown(wait=True)
 

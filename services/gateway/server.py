@@ -186,15 +186,29 @@ def wait_for_pools(placement: Placement, timeout_s: float) -> None:
                 time.sleep(0.1)
 
 
-async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
-                port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0,
-                ready_line: bool = True, pool_timeout_s: float = 120.0) -> None:
-    setup_tracing("expertmesh-gateway")
+class GatewayRuntime:
+    """A started gateway: its server, engine, scheduler thread and placement follower."""
+
+    def __init__(self, managed: ManagedServer, engine: Engine, experts: RemoteExperts, loop_thread: SchedulerThread,
+                 follower: PlacementFollower | None):
+        self.managed, self.engine, self.experts = managed, engine, experts
+        self.loop_thread, self.follower = loop_thread, follower
+
+    def close(self) -> None:
+        self.loop_thread.stop()
+        if self.follower:
+            self.follower.stop()
+        self.experts.close()
+
+
+async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
+                        port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768,
+                        deadline_s: float = 10.0, pool_timeout_s: float = 120.0) -> GatewayRuntime:
+    """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
     managed = ManagedServer([SERVICE_NAME], host, port)
     servicer = GatewayServicer(None, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
-    managed.stop_on_signals()
-    await managed.start()  # NOT_SERVING while loading
+    await managed.start()
     experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s)
     engine = await asyncio.to_thread(Engine.from_dir, model_dir, experts=experts, cache_tokens=cache_tokens)
     experts.n_routed_experts = engine.cfg.n_routed_experts
@@ -209,13 +223,17 @@ async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp
     servicer.engine = engine
     await managed.set_serving()
     log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, dispatch_dtype, len(placement.pools))
-    if ready_line:
-        print(f"READY {managed.address}", flush=True)
-    await managed.wait_for_stop()
-    loop_thread.stop()
-    if follower:
-        follower.stop()
-    experts.close()
+    return GatewayRuntime(managed, engine, experts, loop_thread, follower)
+
+
+async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
+                port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0) -> None:
+    setup_tracing("expertmesh-gateway")
+    runtime = await start_gateway(model_dir, placement, dispatch_dtype, host, port, redis_url, cache_tokens, deadline_s)
+    runtime.managed.stop_on_signals()
+    print(f"READY {runtime.managed.address}", flush=True)
+    await runtime.managed.wait_for_stop()
+    runtime.close()
 
 
 def main(argv: list[str] | None = None) -> None:
