@@ -19,7 +19,7 @@ from services.cli.gateway_client import GatewayClient
 from services.common import wire
 from services.common.placement_store import RedisPlacementStore
 from services.gateway.sampling import SamplingParams
-from tests.deployment import UpProcess
+from services.cli.local_deployment import UpProcess
 
 pytestmark = pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
                                         for p in os.environ.get("PATH", "").split(os.pathsep)),

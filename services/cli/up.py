@@ -166,13 +166,19 @@ def up(
         pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}") for i in range(pools)]
         placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list))
         py = sys.executable
+        # on one machine the gateway and the pools share the cores: half for the gateway, half split over the
+        # pools (measured on 2 cores: 1 thread each beats 2 for the gateway, whose idle OpenMP threads spin)
+        cores = os.cpu_count() or 1
+        gateway_threads, pool_threads = str(max(1, cores // 2)), str(max(1, cores // (2 * pools)))
         for pool in pool_list:
             dep.spawn(pool.pool_id, [py, "-m", "services.expert.server", "--model", str(model), "--pool-id", pool.pool_id,
-                                     "--redis", redis_url, "--port", pool.address.rsplit(":", 1)[1]],
+                                     "--redis", redis_url, "--port", pool.address.rsplit(":", 1)[1],
+                                     "--threads", pool_threads],
                       logs / f"{pool.pool_id}.log")
         gateway = f"127.0.0.1:{grpc_port}"
         dep.spawn("gateway", [py, "-m", "services.gateway.server", "--model", str(model), "--redis", redis_url,
-                              "--dispatch-dtype", dispatch_dtype, "--port", str(grpc_port), "--cache-tokens", str(cache_tokens)],
+                              "--dispatch-dtype", dispatch_dtype, "--port", str(grpc_port), "--cache-tokens", str(cache_tokens),
+                              "--threads", gateway_threads],
                   logs / "gateway.log")
         for pool in pool_list:
             _wait_serving(pool.address, dep, start_timeout, pool.pool_id)

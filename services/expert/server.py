@@ -154,13 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--placement", type=Path, help="placement JSON, when not read from Redis")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
         experts = load_placement(args.redis, args.placement).experts_on(args.pool_id)
     except InvalidRequestError as exc:
         sys.exit(f"expertmesh pool: {exc}")
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, args.threads))
     asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port))
 
 

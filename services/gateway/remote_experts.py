@@ -74,7 +74,7 @@ class RemoteExperts:
                     layer=layer, hidden=h, hidden_scale=s, pair_token=local.tolist(),
                     pair_expert=pair_expert[mask].tolist(), pair_weight=pair_weight[mask].tolist(),
                     response_dtype=wire.response_dtype(self.dispatch_dtype), placement_version=self.placement.version)
-                self.bytes_sent += len(h.data) + (len(s.data) if s is not None else 0)
+                self.bytes_sent += request.ByteSize()  # the whole message: activations, scales, pairs
                 self.tokens_sent += tokens.numel()
                 pool_id = self.pool_ids[p]
                 calls.append((pool_id, tokens, self._stubs[pool_id].Forward.future(request, timeout=self.deadline_s)))

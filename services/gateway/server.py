@@ -248,13 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cache-tokens", type=int, default=32768)
     ap.add_argument("--deadline", type=float, default=10.0, help="seconds per expert-pool call")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
         placement = load_placement(args.redis, args.placement)
     except InvalidRequestError as exc:
         sys.exit(f"expertmesh gateway: {exc}")
-    torch.set_num_threads(1)
     asyncio.run(serve(args.model, placement, args.dispatch_dtype, args.host, args.port, args.redis,
                       args.cache_tokens, args.deadline))
 

@@ -1,4 +1,4 @@
-"""Starting `expertmesh up` as a real process for end-to-end tests, and reading its endpoints."""
+"""Starting `expertmesh up` as a child process and reading its endpoints (end-to-end tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 
 class UpProcess:
-    def __init__(self, model: Path, pools: int, dispatch: str, home: Path, extra: list[str] | None = None):
+    def __init__(self, model: Path, pools: int, dispatch: str, home: Path, extra: list[str] | None = None,
+                 cache_tokens: int = 8192):
         env = dict(os.environ, EXPERTMESH_HOME=str(home), PYTHONUNBUFFERED="1")
         self.home = home
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.app", "up", "--model", str(model), "--pools", str(pools),
-             "--grpc-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", "8192", *(extra or [])],
+             "--grpc-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens), *(extra or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.endpoints: dict[str, str] = {}

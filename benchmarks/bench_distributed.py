@@ -1,0 +1,152 @@
+"""Distributed serving (gateway + 2 expert pools as real processes, `expertmesh up`) against the in-process
+engine, in one run, on the `small` preset.
+
+  .venv/bin/python benchmarks/bench_distributed.py [--concurrency 1,8,32,64] [--new-tokens 32]
+
+For each concurrency C: C streaming requests at once (prompt 32 tokens, greedy, EOS ignored); decode tok/s is
+the tokens after each request's first over the span from the first first-token to the last token; inter-token
+latency is the gap between consecutive tokens of a request (p50, p99). The in-process engine runs the same
+scheduler with the same requests. Also: wire bytes sent to pools per token per MoE layer (whole ForwardRequest
+messages), fp8 against bf16 dispatch, on the same routed batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.attention.batch import SequenceChunk, StepBatch  # noqa: E402
+from services.attention.kv_cache import SequenceBlocks  # noqa: E402
+from services.cli.gateway_client import GatewayClient  # noqa: E402
+from services.cli.local_deployment import UpProcess  # noqa: E402
+from services.common.model_writer import write_random_model  # noqa: E402
+from services.common.placement_store import RedisPlacementStore  # noqa: E402
+from services.common.presets import preset_config  # noqa: E402
+from services.gateway.engine import Engine  # noqa: E402
+from services.gateway.remote_experts import RemoteExperts  # noqa: E402
+from services.gateway.sampling import SamplingParams  # noqa: E402
+from services.gateway.scheduler import Request  # noqa: E402
+
+PROMPT_LEN = 32
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(2, vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
+
+
+def summarize(stamps: list[list[float]]) -> dict:
+    """stamps: per request, the arrival time of each generated token."""
+    first = min(s[0] for s in stamps)
+    last = max(s[-1] for s in stamps)
+    decoded = sum(len(s) - 1 for s in stamps)
+    gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]))
+    pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3  # noqa: E731
+    return {"decode_tok_s": decoded / (last - first), "itl_p50_ms": pick(0.50), "itl_p99_ms": pick(0.99)}
+
+
+def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
+    stamps: list[list[float]] = [[] for _ in range(concurrency)]
+    requests = []
+    for i, p in enumerate(prompts(concurrency, engine.cfg.vocab_size)):
+        requests.append(Request(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                                on_event=lambda ev, i=i: stamps[i].append(time.perf_counter())))
+    for r in requests:
+        engine.scheduler.submit(r)
+    engine.scheduler.run_until_idle()
+    return summarize(stamps)
+
+
+def run_distributed(gateway: str, concurrency: int, new_tokens: int, vocab: int) -> dict:
+    from expertmesh.v1 import gateway_pb2
+
+    stamps: list[list[float]] = [[] for _ in range(concurrency)]
+    client = GatewayClient(gateway, timeout_s=600)
+
+    def one(i: int, prompt: list[int]) -> None:
+        request = gateway_pb2.GenerateRequest(token_ids=prompt, sampling=gateway_pb2.SamplingParams(
+            max_tokens=new_tokens, ignore_eos=True))
+        for msg in client.stub.Generate(request, timeout=600):
+            if msg.token_ids:
+                stamps[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts(concurrency, vocab))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    return summarize(stamps)
+
+
+def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
+    """Wire bytes per token per MoE layer, per dispatch dtype, for the routing of a real 32-sequence prefill."""
+    placement = RedisPlacementStore(redis_url).get()
+    seqs = [SequenceBlocks() for _ in range(32)]
+    trace: list = []
+    batch = StepBatch.build([SequenceChunk(s, p) for s, p in zip(seqs, prompts(32, engine.cfg.vocab_size))], engine.cache)
+    engine.model.forward(batch, engine.cache, routing_trace=trace)
+    for s in seqs:
+        engine.cache.release(s)
+    layer, idx = trace[0]  # [T, K] real routing of the first MoE layer
+    hidden = torch.randn(idx.shape[0], engine.cfg.hidden_size)
+    weights = torch.full(idx.shape, 1.0 / idx.shape[1])
+    out = {}
+    for dtype in ("fp8", "bf16"):
+        remote = RemoteExperts(placement, engine.cfg.n_routed_experts, dtype)
+        remote.start(layer, hidden, idx, weights)()
+        out[dtype] = remote.bytes_sent / hidden.shape[0]
+        remote.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--pools", type=int, default=2)
+    ap.add_argument("--cache-dir", default=".cache/bench")
+    args = ap.parse_args()
+    model = Path(args.cache_dir) / f"{args.preset}-fp8"
+    if not (model / "config.json").exists():
+        write_random_model(model, preset_config(args.preset), seed=0)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    cache_tokens = max(levels) * (PROMPT_LEN + args.new_tokens) * 2
+
+    engine = Engine.from_dir(model, cache_tokens=cache_tokens)
+    run_in_process(engine, 4, 4)  # warm-up
+    local = {c: run_in_process(engine, c, args.new_tokens) for c in levels}
+
+    with tempfile.TemporaryDirectory() as home:
+        up = UpProcess(model, args.pools, "fp8", Path(home), cache_tokens=cache_tokens)
+        try:
+            run_distributed(up.gateway, 4, 4, engine.cfg.vocab_size)  # warm-up
+            remote = {c: run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size) for c in levels}
+            wire = dispatch_bytes(engine, up.redis)
+        finally:
+            up.stop()
+
+    print(f"preset {args.preset}, {args.pools} pools, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads in process")
+    print("| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms | distributed / in-process |")
+    print("|---|---|---|---|---|---|")
+    for c in levels:
+        l, r = local[c], remote[c]
+        print(f"| {c} | {l['decode_tok_s']:.1f} | {l['itl_p50_ms']:.1f} / {l['itl_p99_ms']:.1f} | {r['decode_tok_s']:.1f} | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x |")
+    print(f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
+          f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
