@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--pools", type=int, default=2)
     ap.add_argument("--cache-dir", default=".cache/bench")
+    ap.add_argument("--micro-batches", type=int, default=1)
     args = ap.parse_args()
     model = Path(args.cache_dir) / f"{args.preset}-fp8"
     if not (model / "config.json").exists():
@@ -128,7 +129,8 @@ def main() -> None:
     local = {c: run_in_process(engine, c, args.new_tokens) for c in levels}
 
     with tempfile.TemporaryDirectory() as home:
-        up = UpProcess(model, args.pools, "fp8", Path(home), cache_tokens=cache_tokens)
+        up = UpProcess(model, args.pools, "fp8", Path(home), cache_tokens=cache_tokens,
+                       extra=["--micro-batches", str(args.micro_batches)])
         try:
             run_distributed(up.gateway, 4, 4, engine.cfg.vocab_size)  # warm-up
             remote = {c: run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size) for c in levels}
@@ -136,7 +138,7 @@ def main() -> None:
         finally:
             up.stop()
 
-    print(f"preset {args.preset}, {args.pools} pools, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
+    print(f"preset {args.preset}, {args.pools} pools, {args.micro_batches} micro-batches, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads in process")
     print("| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms | distributed / in-process |")
     print("|---|---|---|---|---|---|")

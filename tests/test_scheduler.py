@@ -81,3 +81,18 @@ def test_failed_step_fails_its_requests_and_the_scheduler_goes_on(engine_tiny):
     sched.submit(ok)
     sched.run_until_idle()
     assert len(ok.output) == 3 and ok.error is None
+
+
+def test_micro_batched_steps_equal_single_batch(engine_tiny):
+    """Two micro-batches interleaved layer by layer give the same tokens as one batch."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = [_ids(n, 20 + n) for n in (3, 9, 14, 6, 21)]
+    outs = []
+    for micro in (1, 2, 3):
+        sched, _ = _scheduler(engine_tiny, blocks=32, micro_batches=micro)
+        reqs = [Request(p, params) for p in prompts]
+        for r in reqs:
+            sched.submit(r)
+        sched.run_until_idle()
+        outs.append([r.output for r in reqs])
+    assert outs[0] == outs[1] == outs[2]

@@ -122,6 +122,8 @@ def up(
     dispatch_dtype: str = typer.Option("fp8", "--dispatch-dtype", help="fp8, bf16 or fp32 activations to the pools."),
     cache_tokens: int = typer.Option(32768, "--cache-tokens", help="Latent KV cache capacity of the gateway, in tokens."),
     start_timeout: float = typer.Option(300.0, "--start-timeout", help="Seconds to wait for every service to serve."),
+    micro_batches: int = typer.Option(1, "--micro-batches", min=1,
+                                      help="Gateway micro-batches per step (attention of one overlaps the pools' work)."),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     from services.common.config import ModelConfig
@@ -178,7 +180,7 @@ def up(
         gateway = f"127.0.0.1:{grpc_port}"
         dep.spawn("gateway", [py, "-m", "services.gateway.server", "--model", str(model), "--redis", redis_url,
                               "--dispatch-dtype", dispatch_dtype, "--port", str(grpc_port), "--cache-tokens", str(cache_tokens),
-                              "--threads", gateway_threads],
+                              "--threads", gateway_threads, "--micro-batches", str(micro_batches)],
                   logs / "gateway.log")
         for pool in pool_list:
             _wait_serving(pool.address, dep, start_timeout, pool.pool_id)

@@ -29,23 +29,6 @@ class ExpertWeights:
         """-> gate_up [2I, H], down [H, I] in `dtype`."""
         return torch.cat((self.gate.dense(dtype), self.up.dense(dtype))), self.down.dense(dtype)
 
-    def stacked(self, layer: int) -> StackedExperts | None:
-        """The layer's held experts stacked for batched compute (kept only with `cache_dense`)."""
-        if not self.cache_dense:
-            return None
-        if layer not in self._stacks:
-            held = [e for (l, e) in sorted(self._fp8) if l == layer]
-            if not held:
-                return None
-            row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
-            row_of_expert[held] = torch.arange(len(held))
-            dense = [self.compute_weights(layer, e) for e in held]
-            self._stacks[layer] = StackedExperts(row_of_expert, torch.stack([g for g, _ in dense]),
-                                                 torch.stack([d for _, d in dense]))
-            for e in held:  # the stack is the one dense copy
-                self._dense.pop((layer, e), None)
-        return self._stacks[layer]
-
     def nbytes(self) -> int:
         return self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
 

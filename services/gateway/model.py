@@ -6,6 +6,7 @@ first `first_k_dense_replace` layers and MoE after: router, shared experts (loca
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +86,19 @@ class GatewayModel:
             layer.attention.absorb = absorb
 
     # ---- forward -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
                 routing_trace: list | None = None) -> torch.Tensor:
         """One step. -> logits [B, V] at each sequence's last new token (or [T, V] with `all_logits`), fp32.
 
         `routing_trace`, when given, receives (layer, topk_idx [T, K]) for every MoE layer.
         """
+        return run_interleaved([self.forward_stages(batch, cache, all_logits, routing_trace)])[0]
+
+    @torch.inference_mode()
+    def forward_stages(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
+                       routing_trace: list | None = None) -> Generator[None, None, torch.Tensor]:
+        """The forward pass as a generator that pauses while each MoE layer's routed experts are computed
+        elsewhere: another micro-batch's attention can run meanwhile (see `run_interleaved`)."""
         cfg = self.cfg
         x = self.embed[batch.token_ids]  # [T, H]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
@@ -106,10 +113,26 @@ class GatewayModel:
                 routing_trace.append((layer.index, topk_idx))
             pending = self.experts.start(layer.index, h, topk_idx, topk_w)
             shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
+            yield
             x = x + pending() + shared  # [T, H]
         if not all_logits:
             x = x[batch.last_index]  # [B, H]
         return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+
+
+def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Drive several forward passes (micro-batches) round-robin, each to its next pause: while one waits for
+    its experts, the others compute. Returns each pass's result in order."""
+    results: list[torch.Tensor | None] = [None] * len(stages)
+    live = list(range(len(stages)))
+    while live:
+        for i in list(live):
+            try:
+                next(stages[i])
+            except StopIteration as done:
+                results[i] = done.value
+                live.remove(i)
+    return results
 
 
 def _build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:

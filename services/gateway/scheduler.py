@@ -15,12 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
 from services.attention.batch import SequenceChunk, StepBatch
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
-from services.gateway.model import GatewayModel
+from services.gateway.model import GatewayModel, run_interleaved
 from services.common.telemetry import tracer
 from services.gateway.sampling import Sampler, SamplingParams
 
@@ -65,13 +66,16 @@ class Request:
 class Scheduler:
     def __init__(self, model: GatewayModel, cache: PagedLatentCache, eos_token_ids: tuple[int, ...],
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 on_step: Callable[[], None] | None = None):
+                 on_step: Callable[[], None] | None = None, micro_batches: int = 1):
         self.model = model
         self.cache = cache
         self.eos_token_ids = eos_token_ids
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.on_step = on_step  # called before each step (e.g. to switch placement at a step boundary)
+        # >1 with remote experts: each step is split into micro-batches whose attention runs while the others'
+        # experts are computed on the pools
+        self.micro_batches = micro_batches
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._calls: deque[tuple[Callable, Future]] = deque()
@@ -127,8 +131,7 @@ class Scheduler:
             budget -= len(chunk)
         try:
             with self._step_span(in_step):
-                batch = StepBatch.build([SequenceChunk(req.seq, chunk) for req, chunk in in_step], self.cache)
-                logits = self.model.forward(batch.to(self.model.device), self.cache).cpu()  # [B, V]
+                logits = self._forward(in_step)  # [B, V] in in_step order
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the scheduler
             for req, _ in in_step:
                 self._finish(req, error=exc)
@@ -151,6 +154,18 @@ class Scheduler:
             elif req.on_event:
                 req.on_event(RequestEvent(token_id=token))
         return True
+
+    def _forward(self, in_step: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        groups = _split_by_tokens(list(range(len(in_step))), [len(c) for _, c in in_step], self.micro_batches)
+        stages = []
+        for rows in groups:
+            batch = StepBatch.build([SequenceChunk(in_step[r][0].seq, in_step[r][1]) for r in rows], self.cache)
+            stages.append(self.model.forward_stages(batch.to(self.model.device), self.cache))
+        outputs = run_interleaved(stages)
+        logits = torch.empty(len(in_step), outputs[0].shape[-1])
+        for rows, out in zip(groups, outputs):
+            logits[rows] = out.cpu()
+        return logits
 
     @staticmethod
     def _step_span(in_step: list[tuple[Request, list[int]]]):
@@ -205,3 +220,15 @@ class Scheduler:
         self.cache.release(req.seq)
         if req.on_event and not req.cancelled:
             req.on_event(RequestEvent(token_id=token, finish_reason=reason, error=error))
+
+
+def _split_by_tokens(rows: list[int], tokens: list[int], parts: int) -> list[list[int]]:
+    """Rows dealt into at most `parts` non-empty groups of similar token counts, each keeping row order."""
+    parts = max(1, min(parts, len(rows)))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for r in sorted(rows, key=lambda r: -tokens[r]):
+        g = load.index(min(load))
+        groups[g].append(r)
+        load[g] += tokens[r]
+    return [sorted(g) for g in groups if g]

@@ -203,7 +203,7 @@ class GatewayRuntime:
 
 async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
                         port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768,
-                        deadline_s: float = 10.0, pool_timeout_s: float = 120.0) -> GatewayRuntime:
+                        deadline_s: float = 10.0, pool_timeout_s: float = 120.0, micro_batches: int = 1) -> GatewayRuntime:
     """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
     managed = ManagedServer([SERVICE_NAME], host, port)
     servicer = GatewayServicer(None, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype)
@@ -212,6 +212,7 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
     experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s)
     engine = await asyncio.to_thread(Engine.from_dir, model_dir, experts=experts, cache_tokens=cache_tokens)
     experts.n_routed_experts = engine.cfg.n_routed_experts
+    engine.scheduler.micro_batches = micro_batches
     follower = None
     if redis_url:
         from services.common.placement_store import RedisPlacementStore
@@ -227,9 +228,11 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
 
 
 async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
-                port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0) -> None:
+                port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0,
+                micro_batches: int = 1) -> None:
     setup_tracing("expertmesh-gateway")
-    runtime = await start_gateway(model_dir, placement, dispatch_dtype, host, port, redis_url, cache_tokens, deadline_s)
+    runtime = await start_gateway(model_dir, placement, dispatch_dtype, host, port, redis_url, cache_tokens, deadline_s,
+                                  micro_batches=micro_batches)
     runtime.managed.stop_on_signals()
     print(f"READY {runtime.managed.address}", flush=True)
     await runtime.managed.wait_for_stop()
@@ -249,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-tokens", type=int, default=32768)
     ap.add_argument("--deadline", type=float, default=10.0, help="seconds per expert-pool call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="split each step so attention of one part overlaps the pools' work on another")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequestError as exc:
         sys.exit(f"expertmesh gateway: {exc}")
     asyncio.run(serve(args.model, placement, args.dispatch_dtype, args.host, args.port, args.redis,
-                      args.cache_tokens, args.deadline))
+                      args.cache_tokens, args.deadline, args.micro_batches))
 
 
 if __name__ == "__main__":
