@@ -1,0 +1,106 @@
+"""The placement planner: a pure function in the spirit of DeepSeek's EPLB.
+
+Per layer, from the per-expert load (tokens) of a window:
+1. replicas: every expert gets one; each redundant slot goes to the expert with the highest load per replica
+   (EPLB's `replicate_experts`), never more replicas than pools;
+2. packing: replicas, heaviest per-replica load first, onto pools so that pool loads are balanced, no pool holds
+   two replicas of one expert, and every pool keeps within its slots. Pinned replicas stay where they are;
+   a replica already on a pool stays there while that pool's load remains within `slack` of the mean, so a
+   plan moves few replicas when the load has not shifted much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import InvalidRequestError
+
+
+@dataclass
+class LayerPlan:
+    pools: list[list[int]]  # pool -> expert ids (one replica each)
+    pool_load: list[float]  # expected tokens per pool (each expert's load split evenly over its replicas)
+
+    @property
+    def balancedness(self) -> float:
+        loads = np.asarray(self.pool_load)
+        return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
+
+
+def replica_counts(load: np.ndarray, slots: int, max_per_expert: int) -> np.ndarray:
+    """[E] loads, total slots -> [E] replica counts (>= 1 each, <= max_per_expert, summing to min(slots, cap))."""
+    e = load.shape[0]
+    counts = np.ones(e, dtype=np.int64)
+    extra = min(slots, e * max_per_expert) - e
+    load = np.maximum(load.astype(np.float64), 0.0)
+    for _ in range(max(0, extra)):
+        per_replica = np.where(counts < max_per_expert, load / counts, -1.0)
+        counts[int(np.argmax(per_replica))] += 1
+    return counts
+
+
+def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None = None,
+               pinned: set[tuple[int, int]] | None = None, slack: float = 0.05) -> LayerPlan:
+    """load [E]; current: pool -> experts now; pinned: {(expert, pool)} that must stay."""
+    e = load.shape[0]
+    if num_pools * slots_per_pool < e:
+        raise InvalidRequestError(f"{num_pools} pools x {slots_per_pool} slots cannot hold {e} experts")
+    counts = replica_counts(load, num_pools * slots_per_pool, num_pools)
+    per_replica = np.maximum(load.astype(np.float64), 0.0) / counts
+    pool_load = np.zeros(num_pools)
+    free = np.full(num_pools, slots_per_pool, dtype=np.int64)
+    holds = np.zeros((num_pools, e), dtype=bool)
+    left = counts.copy()  # replicas still to place per expert
+
+    def put(expert: int, pool: int) -> None:
+        holds[pool, expert] = True
+        free[pool] -= 1
+        left[expert] -= 1
+        pool_load[pool] += per_replica[expert]
+
+    for expert, pool in sorted(pinned or ()):
+        if not (0 <= pool < num_pools and 0 <= expert < e):
+            raise InvalidRequestError(f"pinned replica of expert {expert} on pool {pool} is out of range")
+        if left[expert] > 0 and free[pool] > 0 and not holds[pool, expert]:
+            put(expert, pool)
+    order = np.argsort(-per_replica, kind="stable")
+    if current:
+        # no packing can beat the mean pool load, nor the heaviest single replica
+        target = max(per_replica @ counts / num_pools, per_replica.max()) * (1 + slack)
+        pools_of: dict[int, list[int]] = {}
+        for pool, experts in enumerate(current[:num_pools]):
+            for expert in experts:
+                pools_of.setdefault(int(expert), []).append(pool)
+        for expert in order:
+            for pool in pools_of.get(int(expert), ()):
+                if (left[expert] > 0 and free[pool] > 0 and not holds[pool, expert]
+                        and pool_load[pool] + per_replica[expert] <= target):
+                    put(int(expert), pool)
+    for expert in order:
+        while left[expert] > 0:
+            candidates = np.where((free > 0) & ~holds[:, expert], pool_load, np.inf)
+            pool = int(np.argmin(candidates))
+            if not np.isfinite(candidates[pool]):
+                raise InvalidRequestError(f"no pool has room for another replica of expert {expert}")
+            put(int(expert), pool)
+    return LayerPlan([np.flatnonzero(holds[p]).tolist() for p in range(num_pools)], pool_load.tolist())
+
+
+def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,
+         pinned: set[tuple[int, int, int]] | None = None) -> list[LayerPlan]:
+    """load [layers, E] -> one LayerPlan per layer. current[layer][pool] -> experts; pinned {(layer, expert, pool)}."""
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim != 2:
+        raise InvalidRequestError(f"load must be [layers][experts], got {load.ndim} dimensions")
+    if (load < 0).any() or not np.isfinite(load).all():
+        raise InvalidRequestError("load must be finite and non-negative")
+    pinned = pinned or set()
+    return [plan_layer(load[i], num_pools, slots_per_pool, current[i] if current else None,
+                       {(e, p) for (l, e, p) in pinned if l == i}) for i in range(load.shape[0])]
+
+
+def moves(before: list[list[int]], after: list[list[int]]) -> int:
+    """Replicas that a layer's new packing adds to pools (each is one load on some pool)."""
+    return sum(len(set(a) - set(b)) for b, a in zip(before, after))
