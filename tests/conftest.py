@@ -41,3 +41,47 @@ def load_hf(directory):
     from transformers import DeepseekV3ForCausalLM
 
     return DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+class RedisServer:
+    """A real redis-server on a free port of 127.0.0.1 (installed by scripts/bootstrap.sh)."""
+
+    def __init__(self, port: int | None = None):
+        import shutil
+        import socket
+        import subprocess
+        import time
+
+        import redis
+
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
+    server = RedisServer()
+    yield server
+    server.stop()

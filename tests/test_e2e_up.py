@@ -222,3 +222,20 @@ def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and
              open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
     assert alive == []
+
+
+def test_gateway_records_routed_tokens_in_redis(fp32_up):
+    from services.cli.load_commands import load_report
+
+    def total():
+        report = load_report(fp32_up.redis, 3600, layer=1, limit=1000)
+        return sum(e["tokens"] for e in report["experts"])
+
+    time.sleep(0.6)  # earlier tests' counts are flushed (every 0.25 s)
+    before = total()
+    client = GatewayClient(fp32_up.gateway)
+    client.generate(None, [5, 6, 7, 8, 9], 4, ignore_eos=True)
+    client.close()
+    time.sleep(0.6)
+    # 5 prompt tokens + 3 fed-back generated tokens, each routed to num_experts_per_tok=4 experts in layer 1
+    assert total() - before == (5 + 3) * 4

@@ -57,6 +57,7 @@ class GatewayModel:
         self.rotary = Rotary(cfg, device)
         self.dtype = embed.dtype
         self.device = torch.device(device)
+        self.routing_observer = None  # called with (layer, topk_idx [T, K]) every MoE layer (load recording)
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -111,6 +112,8 @@ class GatewayModel:
             topk_idx, topk_w = layer.router(h)  # [T, K], [T, K]
             if routing_trace is not None:
                 routing_trace.append((layer.index, topk_idx))
+            if self.routing_observer is not None:
+                self.routing_observer(layer.index, topk_idx)
             pending = self.experts.start(layer.index, h, topk_idx, topk_w)
             shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
             yield

@@ -20,6 +20,7 @@ from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import grpc_status
 from services.common.errors import InvalidRequestError, PoolUnavailableError
 from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
+from services.common.load_store import LoadRecorder, RedisLoadStore
 from services.common.placement import Placement
 from services.common.placement_store import load_placement
 from services.common.telemetry import setup_tracing, tracer
@@ -190,14 +191,16 @@ class GatewayRuntime:
     """A started gateway: its server, engine, scheduler thread and placement follower."""
 
     def __init__(self, managed: ManagedServer, engine: Engine, experts: RemoteExperts, loop_thread: SchedulerThread,
-                 follower: PlacementFollower | None):
+                 follower: PlacementFollower | None, recorder: LoadRecorder | None):
         self.managed, self.engine, self.experts = managed, engine, experts
-        self.loop_thread, self.follower = loop_thread, follower
+        self.loop_thread, self.follower, self.recorder = loop_thread, follower, recorder
 
     def close(self) -> None:
         self.loop_thread.stop()
         if self.follower:
             self.follower.stop()
+        if self.recorder:
+            self.recorder.stop()
         self.experts.close()
 
 
@@ -213,18 +216,20 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
     engine = await asyncio.to_thread(Engine.from_dir, model_dir, experts=experts, cache_tokens=cache_tokens)
     experts.n_routed_experts = engine.cfg.n_routed_experts
     engine.scheduler.micro_batches = micro_batches
-    follower = None
+    follower = recorder = None
     if redis_url:
         from services.common.placement_store import RedisPlacementStore
 
         follower = PlacementFollower(RedisPlacementStore(redis_url), experts).start()
         engine.scheduler.on_step = follower.apply_pending
+        recorder = LoadRecorder(RedisLoadStore.from_url(redis_url, engine.cfg.moe_layers, engine.cfg.n_routed_experts)).start()
+        engine.model.routing_observer = recorder.observe
     await asyncio.to_thread(wait_for_pools, placement, pool_timeout_s)
     loop_thread = SchedulerThread(engine.scheduler).start()
     servicer.engine = engine
     await managed.set_serving()
     log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, dispatch_dtype, len(placement.pools))
-    return GatewayRuntime(managed, engine, experts, loop_thread, follower)
+    return GatewayRuntime(managed, engine, experts, loop_thread, follower, recorder)
 
 
 async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
