@@ -239,3 +239,22 @@ def test_gateway_records_routed_tokens_in_redis(fp32_up):
     time.sleep(0.6)
     # 5 prompt tokens + 3 fed-back generated tokens, each routed to num_experts_per_tok=4 experts in layer 1
     assert total() - before == (5 + 3) * 4
+
+
+def test_failover_with_two_replicas_loses_nothing(tiny_fp8, tmp_path_factory, engine_tiny):
+    """Every expert on two of 3 pools; SIGKILL one pool under load: no request fails, outputs unchanged."""
+    up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("up-failover"),
+                   extra=["--replicas", "2"])
+    try:
+        prompts = _prompts()
+        expected = engine_tiny.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
+        client = GatewayClient(up.gateway, timeout_s=120)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(client.generate, None, p, 40, ignore_eos=True) for p in prompts]
+            time.sleep(0.8)
+            os.kill(up.child_pid("pool-id pool-2"), signal.SIGKILL)
+            results = [f.result(timeout=120) for f in futures]
+        client.close()
+        assert [r["token_ids"] for r in results] == [g.token_ids for g in expected]
+    finally:
+        up.stop()

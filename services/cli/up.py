@@ -117,6 +117,7 @@ def _wait_serving(address: str, dep: Deployment, timeout_s: float, name: str) ->
 def up(
     model: Path = typer.Option(None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."),
     pools: int = typer.Option(2, "--pools", min=1, help="Expert-pool processes."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of every expert, on distinct pools."),
     grpc_port: int = typer.Option(50051, "--grpc-port", help="Gateway gRPC port (0: any free port)."),
     redis_url: str = typer.Option(None, "--redis", help="Redis URL (default: start a private redis-server)."),
     dispatch_dtype: str = typer.Option("fp8", "--dispatch-dtype", help="fp8, bf16 or fp32 activations to the pools."),
@@ -166,7 +167,10 @@ def up(
     try:
         redis_url = redis_url or _start_redis(dep, logs)
         pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}") for i in range(pools)]
-        placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list))
+        try:
+            placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list, replicas=replicas))
+        except ExpertmeshError as exc:
+            fail(str(exc))
         py = sys.executable
         # on one machine the gateway and the pools share the cores: half for the gateway, half split over the
         # pools (measured on 2 cores: 1 thread each beats 2 for the gateway, whose idle OpenMP threads spin)

@@ -28,13 +28,16 @@ class Placement:
     replicas: dict[int, list[list[str]]] = field(default_factory=dict)
 
     @classmethod
-    def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1) -> "Placement":
-        """Every MoE layer's experts dealt round-robin over the pools, one replica each."""
+    def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> "Placement":
+        """Every MoE layer's experts dealt round-robin over the pools, `replicas` copies each on distinct pools."""
         if not pools:
             raise InvalidRequestError("a placement needs at least one pool")
+        if not 1 <= replicas <= len(pools):
+            raise InvalidRequestError(f"replicas must lie in [1, {len(pools)}] (one per pool at most), got {replicas}")
         ids = [p.pool_id for p in pools]
-        replicas = {layer: [[ids[(e + layer) % len(ids)]] for e in range(cfg.n_routed_experts)] for layer in cfg.moe_layers}
-        return cls(version, {p.pool_id: p for p in pools}, replicas)
+        table = {layer: [[ids[(e + layer + r) % len(ids)] for r in range(replicas)] for e in range(cfg.n_routed_experts)]
+                 for layer in cfg.moe_layers}
+        return cls(version, {p.pool_id: p for p in pools}, table)
 
     def pools_for(self, layer: int, expert: int) -> list[str]:
         return self.replicas[layer][expert]

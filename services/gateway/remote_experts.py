@@ -3,12 +3,19 @@
 Per MoE layer, each pool gets the tokens routed to any expert it hosts, each token once, with that token's
 (expert, weight) pairs for the pool; all pools are called at once (futures on one channel per pool), every call
 with a deadline; the BF16 (or fp32) partial sums that come back are added on the gateway.
+
+Replicas: an expert with several replicas has its tokens dealt over them in turn (by token count).
+Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
+`dead_for_s` passes) and the failed call's pairs are re-sent to other live replicas of the same experts; only
+when an expert has no live replica left does the step fail, with PoolUnavailableError.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -23,84 +30,160 @@ from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.placement import Placement
 from services.common.telemetry import tracer
 
+log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0
+DEAD_FOR_S = 30.0
+
+
+@dataclass
+class _Call:
+    pool: int  # index into pool_ids
+    tokens: torch.Tensor  # [N] rows of `hidden` sent, each once
+    pair_token: torch.Tensor  # [P] the pairs sent (global token index)
+    pair_expert: torch.Tensor  # [P]
+    pair_weight: torch.Tensor  # [P]
+    future: grpc.Future
 
 
 class RemoteExperts:
     def __init__(self, placement: Placement, n_routed_experts: int, dispatch_dtype: str = "fp8",
-                 deadline_s: float = DEFAULT_DEADLINE_S):
+                 deadline_s: float = DEFAULT_DEADLINE_S, dead_for_s: float = DEAD_FOR_S):
         if dispatch_dtype not in wire.DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {wire.DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         self.dispatch_dtype = dispatch_dtype
         self.deadline_s = deadline_s
+        self.dead_for_s = dead_for_s
         self.n_routed_experts = n_routed_experts
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, expert_pool_pb2_grpc.ExpertPoolServiceStub] = {}
+        self._dead_until: dict[str, float] = {}
         self.bytes_sent = 0
         self.tokens_sent = 0
+        self.failovers = 0
         self.set_placement(placement)
 
     def set_placement(self, placement: Placement) -> None:
-        """Switch to a placement (between steps). Pool ids index a per-layer table: expert -> pool."""
+        """Switch to a placement (between steps): per layer, a [E, R] table of replica pool indices."""
         with self._lock:
             self.placement = placement
             self.pool_ids = sorted(placement.pools)
             index = {p: i for i, p in enumerate(self.pool_ids)}
-            self.pool_of_expert = {layer: torch.tensor([index[placement.pools_for(layer, e)[0]] for e in range(len(experts))])
-                                   for layer, experts in placement.replicas.items()}  # layer -> [E] pool index
+            self.replicas: dict[int, torch.Tensor] = {}  # layer -> [E, R] pool index, -1 padded
+            for layer, experts in placement.replicas.items():
+                width = max(len(r) for r in experts)
+                table = torch.full((len(experts), width), -1, dtype=torch.int64)
+                for e, pools in enumerate(experts):
+                    table[e, : len(pools)] = torch.tensor([index[p] for p in pools])
+                self.replicas[layer] = table
+            self._dead_until = {p: t for p, t in self._dead_until.items() if p in placement.pools}
             for pool_id, pool in placement.pools.items():
                 if pool_id not in self._channels:
                     self._channels[pool_id] = grpc.insecure_channel(pool.address, options=CHANNEL_OPTIONS)
                     self._stubs[pool_id] = expert_pool_pb2_grpc.ExpertPoolServiceStub(self._channels[pool_id])
 
+    # ---- routing ----------------------------------------------------------------------------------------------
+    def _live_table(self, layer: int) -> torch.Tensor:
+        """[E, R] replica table with dead pools removed (-1), live replicas first."""
+        table = self.replicas[layer]
+        now = time.monotonic()
+        dead = [i for i, p in enumerate(self.pool_ids) if self._dead_until.get(p, 0) > now]
+        if not dead:
+            return table
+        alive = (table >= 0) & ~torch.isin(table, torch.tensor(dead))
+        order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
+        return torch.where(alive, table, -1).gather(1, order)
+
+    def _assign(self, layer: int, pair_expert: torch.Tensor) -> torch.Tensor:
+        """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas in turn."""
+        table = self._live_table(layer)  # [E, R]
+        count = (table >= 0).sum(1)[pair_expert]  # [P]
+        if bool((count == 0).any()):
+            expert = int(pair_expert[count == 0][0])
+            raise PoolUnavailableError(",".join(self.placement.pools_for(layer, expert)),
+                                       f"no live replica of layer {layer} expert {expert}")
+        order = torch.argsort(pair_expert, stable=True)
+        rank = torch.empty_like(order)
+        sorted_e = pair_expert[order]
+        starts = torch.searchsorted(sorted_e, sorted_e, side="left")
+        rank[order] = torch.arange(len(order)) - starts  # position of the pair among its expert's pairs
+        return table[pair_expert, rank % count]
+
+    def _send(self, layer: int, hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
+              pair_weight: torch.Tensor, pool_of_pair: torch.Tensor) -> list[_Call]:
+        calls = []
+        for p in torch.unique(pool_of_pair).tolist():
+            mask = pool_of_pair == p
+            tokens = torch.unique(pair_token[mask])  # [N_p] the pool's tokens, each once
+            local = torch.searchsorted(tokens, pair_token[mask])  # pair -> row in the pool's batch
+            h, s = wire.encode_hidden(hidden[tokens], self.dispatch_dtype)
+            request = expert_pool_pb2.ForwardRequest(
+                layer=layer, hidden=h, hidden_scale=s, pair_token=local.tolist(),
+                pair_expert=pair_expert[mask].tolist(), pair_weight=pair_weight[mask].tolist(),
+                response_dtype=wire.response_dtype(self.dispatch_dtype), placement_version=self.placement.version)
+            self.bytes_sent += request.ByteSize()  # the whole message: activations, scales, pairs
+            self.tokens_sent += tokens.numel()
+            future = self._stubs[self.pool_ids[p]].Forward.future(request, timeout=self.deadline_s)
+            calls.append(_Call(p, tokens, pair_token[mask], pair_expert[mask], pair_weight[mask], future))
+        return calls
+
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
         t, k = topk_idx.shape
         span = tracer().start_span("moe.dispatch", attributes={"expertmesh.layer": layer, "expertmesh.tokens": t})
-        pool_of_pair = self.pool_of_expert[layer][topk_idx.reshape(-1)]  # [T*K]
         pair_token = torch.arange(t).repeat_interleave(k)  # [T*K]
         pair_expert = topk_idx.reshape(-1)
         pair_weight = topk_w.reshape(-1).to(torch.float32)
-        calls = []
-        deadline = time.monotonic() + self.deadline_s
         token = otel_context.attach(trace.set_span_in_context(span))  # pool calls become children of the dispatch
         try:
-            for p in torch.unique(pool_of_pair).tolist():
-                mask = pool_of_pair == p
-                tokens = torch.unique(pair_token[mask])  # [N_p] the pool's tokens, each once
-                local = torch.searchsorted(tokens, pair_token[mask])  # pair -> row in the pool's batch
-                h, s = wire.encode_hidden(hidden[tokens], self.dispatch_dtype)
-                request = expert_pool_pb2.ForwardRequest(
-                    layer=layer, hidden=h, hidden_scale=s, pair_token=local.tolist(),
-                    pair_expert=pair_expert[mask].tolist(), pair_weight=pair_weight[mask].tolist(),
-                    response_dtype=wire.response_dtype(self.dispatch_dtype), placement_version=self.placement.version)
-                self.bytes_sent += request.ByteSize()  # the whole message: activations, scales, pairs
-                self.tokens_sent += tokens.numel()
-                pool_id = self.pool_ids[p]
-                calls.append((pool_id, tokens, self._stubs[pool_id].Forward.future(request, timeout=self.deadline_s)))
+            with self._lock:
+                calls = self._send(layer, hidden, pair_token, pair_expert, pair_weight, self._assign(layer, pair_expert))
+        except BaseException:
+            span.end()
+            raise
         finally:
             otel_context.detach(token)
 
         def wait() -> torch.Tensor:
             out = torch.zeros_like(hidden)
             try:
-                for pool_id, tokens, future in calls:
-                    try:
-                        response = future.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-                    except grpc.RpcError as exc:
-                        raise PoolUnavailableError(pool_id, f"{exc.code().name}: {exc.details()}") from None
-                    except grpc.FutureTimeoutError:
-                        raise PoolUnavailableError(pool_id, f"no answer within {self.deadline_s}s") from None
-                    out.index_add_(0, tokens, wire.decode(response.partial, "partial").to(hidden.dtype))
-            except BaseException:
-                for _, _, future in calls:
-                    future.cancel()
-                raise
+                self._collect(layer, hidden, calls, out, span)
             finally:
                 span.end()
             return out
 
         return wait
+
+    def _collect(self, layer: int, hidden: torch.Tensor, calls: list[_Call], out: torch.Tensor, span) -> None:
+        pending = calls
+        for _ in range(len(self.pool_ids) + 1):  # each retry round excludes at least one more pool
+            failed: list[_Call] = []
+            for call in pending:
+                try:
+                    response = call.future.result()
+                except grpc.RpcError as exc:
+                    self._mark_dead(self.pool_ids[call.pool], f"{exc.code().name}: {exc.details()}")
+                    failed.append(call)
+                    continue
+                out.index_add_(0, call.tokens, wire.decode(response.partial, "partial").to(hidden.dtype))
+            if not failed:
+                return
+            self.failovers += len(failed)
+            token = torch.cat([c.pair_token for c in failed])
+            expert = torch.cat([c.pair_expert for c in failed])
+            weight = torch.cat([c.pair_weight for c in failed])
+            ctx = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                with self._lock:
+                    pending = self._send(layer, hidden, token, expert, weight, self._assign(layer, expert))
+            finally:
+                otel_context.detach(ctx)
+        raise PoolUnavailableError("all", f"layer {layer}: retries exhausted")
+
+    def _mark_dead(self, pool_id: str, why: str) -> None:
+        with self._lock:
+            if self._dead_until.get(pool_id, 0) <= time.monotonic():
+                log.warning("expert pool %s failed (%s): routing around it", pool_id, why)
+            self._dead_until[pool_id] = time.monotonic() + self.dead_for_s
 
     def close(self) -> None:
         for channel in self._channels.values():
