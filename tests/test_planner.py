@@ -98,3 +98,13 @@ def test_placement_plan_cli_errors(tmp_path, content, args, message):
         path.write_text(content)
     result = CliRunner().invoke(app, ["placement", "plan", "--load", str(path), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_tight_budgets_with_many_replicas_still_pack():
+    """Every slot used and hot experts on every pool: greedy packing alone can corner itself."""
+    rng = np.random.default_rng(5)
+    for seed in range(20):
+        load = rng.permutation(np.array([1000.0, 900.0] + [1.0] * 14))
+        lp = plan_layer(load, 3, 8)  # 24 slots for 16 experts
+        check_valid(lp, 16, 8)
+        assert sum(len(p) for p in lp.pools) == 24

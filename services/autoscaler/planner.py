@@ -78,14 +78,34 @@ def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: l
                 if (left[expert] > 0 and free[pool] > 0 and not holds[pool, expert]
                         and pool_load[pool] + per_replica[expert] <= target):
                     put(int(expert), pool)
-    for expert in order:
+    locked = {(e, p) for e, p in (pinned or ())}
+    # most-replicated experts first (they need the most distinct pools), heaviest replicas first among equals
+    for expert in sorted(order.tolist(), key=lambda e: (-counts[e], -per_replica[e])):
         while left[expert] > 0:
             candidates = np.where((free > 0) & ~holds[:, expert], pool_load, np.inf)
             pool = int(np.argmin(candidates))
             if not np.isfinite(candidates[pool]):
-                raise InvalidRequestError(f"no pool has room for another replica of expert {expert}")
+                pool = _make_room(expert, holds, free, per_replica, pool_load, locked)
             put(int(expert), pool)
     return LayerPlan([np.flatnonzero(holds[p]).tolist() for p in range(num_pools)], pool_load.tolist())
+
+
+def _make_room(expert: int, holds: np.ndarray, free: np.ndarray, per_replica: np.ndarray, pool_load: np.ndarray,
+               locked: set[tuple[int, int]]) -> int:
+    """Every pool with a free slot already holds `expert`: move some other replica y from a full pool q (without
+    `expert`) to a pool with room (without y), freeing a slot on q. Returns q."""
+    for spare in np.flatnonzero(free > 0):
+        for q in np.flatnonzero(~holds[:, expert]):
+            for y in np.flatnonzero(holds[q] & ~holds[spare]):
+                if (int(y), int(q)) in locked:
+                    continue
+                holds[q, y], holds[spare, y] = False, True
+                free[q] += 1
+                free[spare] -= 1
+                pool_load[q] -= per_replica[y]
+                pool_load[spare] += per_replica[y]
+                return int(q)
+    raise InvalidRequestError(f"no pool has room for another replica of expert {expert}")
 
 
 def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import load_commands, model_commands, placement_commands, up
+from services.cli import load_commands, model_commands, placement_commands, pools_commands, up
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="expertmesh: DeepSeek-V3-class MoE serving with experts as services.")
@@ -14,6 +14,8 @@ app.command("generate")(model_commands.generate)
 app.command("up")(up.up)
 app.add_typer(placement_commands.app, name="placement")
 app.add_typer(load_commands.app, name="load")
+app.add_typer(pools_commands.app, name="pools")
+app.command("rebalance")(placement_commands.rebalance)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ app = typer.Typer(no_args_is_help=True, help="Routed-token load per expert and p
 
 
 def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, limit: int = 20) -> dict:
-    import numpy as np
     import redis
 
     from services.common.load_store import RedisLoadStore
@@ -32,28 +31,18 @@ def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, li
     num_experts = len(placement.replicas[layers[0]])
     counts = RedisLoadStore.from_url(redis_url, layers, num_experts).window(window_s)  # [layers, E]
     chosen = [layer] if layer is not None else layers
-    pool_ids = sorted(placement.pools)
-    per_pool_total = dict.fromkeys(pool_ids, 0.0)
-    balanced = []
+    rows = {l: counts[layers.index(l)] for l in chosen}
+    per_pool_total = dict.fromkeys(sorted(placement.pools), 0.0)
     experts = []
-    for l in chosen:
-        row = counts[layers.index(l)]
-        per_pool = dict.fromkeys(pool_ids, 0.0)
-        for e, tokens in enumerate(row):
-            replicas = placement.pools_for(l, e)
-            for p in replicas:
-                per_pool[p] += tokens / len(replicas)
-            if tokens:
-                experts.append({"layer": l, "expert": e, "tokens": int(tokens), "replicas": len(replicas)})
-        loads = np.array(list(per_pool.values()))
-        if loads.max() > 0:
-            balanced.append(loads.mean() / loads.max())
-        for p, v in per_pool.items():
+    for l, row in rows.items():
+        for p, v in placement.pool_loads(l, row).items():
             per_pool_total[p] += v
+        experts += [{"layer": l, "expert": e, "tokens": int(t), "replicas": len(placement.pools_for(l, e))}
+                    for e, t in enumerate(row) if t]
     experts.sort(key=lambda r: -r["tokens"])
     return {
         "window_s": float(window_s),
-        "balancedness": float(np.mean(balanced)) if balanced else 1.0,
+        "balancedness": placement.balancedness(rows),
         "placement_version": placement.version,
         "pools": [{"pool": p, "tokens": int(round(v))} for p, v in per_pool_total.items()],
         "experts": experts[:limit],

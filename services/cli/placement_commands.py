@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from services.cli.admin import resolve_redis
 from services.cli.output import fail
 
 app = typer.Typer(no_args_is_help=True, help="Show, plan and change expert placement.")
@@ -48,3 +50,200 @@ def plan_command(
         replicas = sum(len(p) for p in lp.pools)
         typer.echo(f"layer {i:3d}: balancedness {lp.balancedness:.3f}, {replicas} replicas, "
                    f"max pool load {max(lp.pool_load):.0f} tokens")
+
+
+def _store(redis_url: Optional[str]):
+    from services.common.placement_store import RedisPlacementStore
+
+    return RedisPlacementStore(resolve_redis(redis_url))
+
+
+def current_placement(redis_url: Optional[str]):
+    """(store, placement) of the deployment; a clear error when there is none."""
+    import redis
+
+    store = _store(redis_url)
+    try:
+        placement = store.get()
+    except redis.RedisError as exc:
+        fail(f"cannot read {store.url}: {exc}")
+    if placement is None:
+        fail(f"no placement in {store.url}: is a deployment running?")
+    return store, placement
+
+
+def apply_placement(store, new, expected_version: int, dry_run: bool, as_json: bool, what: str) -> None:
+    """Validate, then roll out in two phases (or only report with --dry-run)."""
+    from services.autoscaler.rollout import diff, rollout
+    from services.common.errors import ExpertmeshError
+
+    old = store.get()
+    try:
+        new.validate(old.layers, old.num_experts)
+    except ExpertmeshError as exc:
+        fail(str(exc))
+    gains, losses = diff(old, new)
+    summary = {"what": what, "from_version": old.version, "loads": sum(map(len, gains.values())),
+               "unloads": sum(map(len, losses.values())), "dry_run": dry_run}
+    if not dry_run:
+        try:
+            result = rollout(store, new, expected_version)
+        except ExpertmeshError as exc:
+            fail(str(exc), code=1)
+        summary.update(version=result.version, seconds=result.seconds)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        verb = "would load" if dry_run else "loaded"
+        tail = "" if dry_run else f"; placement version {summary['version']} in {summary['seconds']:.2f} s"
+        typer.echo(f"{what}: {verb} {summary['loads']} replicas, drop {summary['unloads']}{tail}")
+
+
+def _check_ref(placement, layer: int, expert: int, pool: Optional[str] = None) -> None:
+    if layer not in placement.replicas:
+        fail(f"layer {layer} is not an MoE layer (MoE layers: {placement.layers[0]}..{placement.layers[-1]})")
+    if not 0 <= expert < placement.num_experts:
+        fail(f"expert {expert} out of range [0, {placement.num_experts})")
+    if pool is not None and pool not in placement.pools:
+        fail(f"unknown pool {pool!r} (pools: {', '.join(sorted(placement.pools))})")
+
+
+RedisOption = typer.Option(None, "--redis", help="Redis URL (or EXPERTMESH_REDIS_URL; default: the last `expertmesh up`).")
+
+
+@app.command("show")
+def show(layer: Optional[int] = typer.Option(None, "--layer"), redis_url: Optional[str] = RedisOption,
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """The current placement: pools and, per layer, each expert's replicas."""
+    _, placement = current_placement(redis_url)
+    if layer is not None:
+        _check_ref(placement, layer, 0)
+    layers = [layer] if layer is not None else placement.layers
+    if as_json:
+        data = json.loads(placement.to_json())
+        data["layers"] = {str(l): placement.replicas[l] for l in layers}
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(f"placement version {placement.version}, {len(placement.pools)} pools")
+    for p in sorted(placement.pools):
+        used = max(sum(p in r for r in placement.replicas[l]) for l in placement.layers)
+        slots = placement.pools[p].slots or "-"
+        typer.echo(f"  {p:12} {placement.pools[p].address:22} slots {used}/{slots}")
+    for l in layers:
+        typer.echo(f"layer {l}:")
+        for e, pools in enumerate(placement.replicas[l]):
+            pins = [p for p in pools if (l, e, p) in placement.pinned]
+            typer.echo(f"  expert {e:4d}: {', '.join(pools)}" + (f"  (pinned: {', '.join(pins)})" if pins else ""))
+
+
+@app.command("export")
+def export(file: Path = typer.Argument(...), redis_url: Optional[str] = RedisOption) -> None:
+    """Write the current placement to a JSON file (edit it, then `placement apply`)."""
+    _, placement = current_placement(redis_url)
+    file.write_text(placement.to_json() + "\n")
+    typer.echo(f"wrote placement version {placement.version} to {file}")
+
+
+@app.command("apply")
+def apply(file: Path = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
+          redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Roll out a placement from a file (validated: every expert keeps a replica, budgets hold, pools exist)."""
+    from services.common.errors import ExpertmeshError
+    from services.common.placement import Placement
+
+    store, placement = current_placement(redis_url)
+    try:
+        new = Placement.from_json(file.read_text())
+    except FileNotFoundError:
+        fail(f"no placement file at {file}")
+    except ExpertmeshError as exc:
+        fail(f"{file}: {exc}")
+    unknown = [p for p in new.pools if p not in placement.pools]
+    if unknown:
+        fail(f"{file}: pool {unknown[0]!r} is not part of the deployment")
+    apply_placement(store, new, placement.version, dry_run, as_json, f"apply {file}")
+
+
+@app.command("replicate")
+def replicate(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
+              pool: str = typer.Option(..., "--pool"), dry_run: bool = typer.Option(False, "--dry-run"),
+              redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Add a replica of one expert on a pool."""
+    store, placement = current_placement(redis_url)
+    _check_ref(placement, layer, expert, pool)
+    if pool in placement.replicas[layer][expert]:
+        fail(f"{pool} already holds layer {layer} expert {expert}")
+    new = placement.copy()
+    new.replicas[layer][expert].append(pool)
+    apply_placement(store, new, placement.version, dry_run, as_json, f"replicate layer {layer} expert {expert} on {pool}")
+
+
+@app.command("move")
+def move(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
+         from_pool: str = typer.Option(..., "--from"), to_pool: str = typer.Option(..., "--to"),
+         dry_run: bool = typer.Option(False, "--dry-run"), redis_url: Optional[str] = RedisOption,
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Move one replica of an expert from one pool to another."""
+    store, placement = current_placement(redis_url)
+    _check_ref(placement, layer, expert, from_pool)
+    _check_ref(placement, layer, expert, to_pool)
+    replicas = placement.replicas[layer][expert]
+    if from_pool not in replicas:
+        fail(f"{from_pool} holds no replica of layer {layer} expert {expert}")
+    if to_pool in replicas:
+        fail(f"{to_pool} already holds layer {layer} expert {expert}")
+    if (layer, expert, from_pool) in placement.pinned:
+        fail(f"the replica on {from_pool} is pinned: unpin it first")
+    new = placement.copy()
+    new.replicas[layer][expert] = [to_pool if p == from_pool else p for p in replicas]
+    apply_placement(store, new, placement.version, dry_run, as_json, f"move layer {layer} expert {expert} {from_pool} -> {to_pool}")
+
+
+def _pin(layer: int, expert: int, pool: str, redis_url: Optional[str], pinned: bool) -> None:
+    store, placement = current_placement(redis_url)
+    _check_ref(placement, layer, expert, pool)
+    if pool not in placement.replicas[layer][expert]:
+        fail(f"{pool} holds no replica of layer {layer} expert {expert}")
+    new = placement.copy()
+    (new.pinned.add if pinned else new.pinned.discard)((layer, expert, pool))
+    published = store.publish(new, placement.version)
+    typer.echo(f"{'pinned' if pinned else 'unpinned'} layer {layer} expert {expert} on {pool} (version {published.version})")
+
+
+@app.command("pin")
+def pin(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
+        pool: str = typer.Option(..., "--pool"), redis_url: Optional[str] = RedisOption) -> None:
+    """Pin a replica: rebalancing keeps it where it is."""
+    _pin(layer, expert, pool, redis_url, True)
+
+
+@app.command("unpin")
+def unpin(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
+          pool: str = typer.Option(..., "--pool"), redis_url: Optional[str] = RedisOption) -> None:
+    """Let rebalancing move a pinned replica again."""
+    _pin(layer, expert, pool, redis_url, False)
+
+
+def rebalance(dry_run: bool = typer.Option(False, "--dry-run"),
+              window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan for."),
+              redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Plan a placement for the recent load and roll it out: the moves, and balancedness before and after."""
+    from services.autoscaler.rebalance import propose
+    from services.common.load_store import RedisLoadStore
+
+    store, placement = current_placement(redis_url)
+    load = RedisLoadStore.from_url(store.url, placement.layers, placement.num_experts).window(window)
+    proposal = propose(placement, load)
+    if not as_json:
+        typer.echo(f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}, "
+                   f"{proposal.moves} replicas to load")
+    if as_json and dry_run:
+        typer.echo(json.dumps({"balancedness_before": proposal.balancedness_before, "moves": proposal.moves,
+                               "balancedness_after": proposal.balancedness_after, "dry_run": True}))
+        return
+    if proposal.moves == 0:
+        if as_json:
+            typer.echo(json.dumps({"balancedness_before": proposal.balancedness_before, "moves": 0,
+                                   "balancedness_after": proposal.balancedness_after, "dry_run": dry_run}))
+        return
+    apply_placement(store, proposal.proposed, placement.version, dry_run, as_json, "rebalance")

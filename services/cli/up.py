@@ -118,6 +118,8 @@ def up(
     model: Path = typer.Option(None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."),
     pools: int = typer.Option(2, "--pools", min=1, help="Expert-pool processes."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Copies of every expert, on distinct pools."),
+    slots_per_pool: int = typer.Option(0, "--slots-per-pool", min=0,
+                                       help="Experts a pool may hold per layer (0: 25% more than the initial share)."),
     grpc_port: int = typer.Option(50051, "--grpc-port", help="Gateway gRPC port (0: any free port)."),
     redis_url: str = typer.Option(None, "--redis", help="Redis URL (default: start a private redis-server)."),
     dispatch_dtype: str = typer.Option("fp8", "--dispatch-dtype", help="fp8, bf16 or fp32 activations to the pools."),
@@ -166,7 +168,9 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     try:
         redis_url = redis_url or _start_redis(dep, logs)
-        pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}") for i in range(pools)]
+        share = -(-cfg.n_routed_experts * replicas // pools)
+        slots = slots_per_pool or min(cfg.n_routed_experts, -(-share * 5 // 4))
+        pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}", slots) for i in range(pools)]
         try:
             placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list, replicas=replicas))
         except ExpertmeshError as exc:

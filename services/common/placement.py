@@ -18,14 +18,16 @@ from services.common.errors import InvalidRequestError
 class Pool:
     pool_id: str
     address: str  # host:port of its gRPC server
+    slots: int = 0  # experts it may hold per layer (0: no limit)
 
 
 @dataclass
 class Placement:
     version: int
     pools: dict[str, Pool]
-    # layer -> expert -> pool ids holding a replica (first = preferred)
+    # layer -> expert -> pool ids holding a replica
     replicas: dict[int, list[list[str]]] = field(default_factory=dict)
+    pinned: set[tuple[int, int, str]] = field(default_factory=set)  # (layer, expert, pool): replicas that stay put
 
     @classmethod
     def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> "Placement":
@@ -39,41 +41,85 @@ class Placement:
                  for layer in cfg.moe_layers}
         return cls(version, {p.pool_id: p for p in pools}, table)
 
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.replicas)
+
+    @property
+    def num_experts(self) -> int:
+        return len(next(iter(self.replicas.values()))) if self.replicas else 0
+
     def pools_for(self, layer: int, expert: int) -> list[str]:
         return self.replicas[layer][expert]
+
+    def pool_loads(self, layer: int, tokens) -> dict[str, float]:
+        """Expected tokens per pool for one layer: each expert's tokens split evenly over its replicas."""
+        loads = dict.fromkeys(sorted(self.pools), 0.0)
+        for e, t in enumerate(tokens):
+            replicas = self.replicas[layer][e]
+            for p in replicas:
+                loads[p] += float(t) / len(replicas)
+        return loads
+
+    def balancedness(self, load_by_layer: dict[int, list[float]]) -> float:
+        """Mean over layers (with any load) of mean pool load / max pool load: 1.0 is perfect (vLLM's EPLB metric)."""
+        values = []
+        for layer, tokens in load_by_layer.items():
+            loads = list(self.pool_loads(layer, tokens).values())
+            if max(loads) > 0:
+                values.append(sum(loads) / len(loads) / max(loads))
+        return sum(values) / len(values) if values else 1.0
 
     def experts_on(self, pool_id: str) -> list[tuple[int, int]]:
         return [(layer, e) for layer, experts in sorted(self.replicas.items())
                 for e, pools in enumerate(experts) if pool_id in pools]
 
-    def validate(self, cfg: ModelConfig) -> None:
-        if sorted(self.replicas) != cfg.moe_layers:
-            raise InvalidRequestError(f"placement covers layers {sorted(self.replicas)}, the model's MoE layers are {cfg.moe_layers}")
+    def validate(self, layers: list[int], num_experts: int) -> None:
+        """Every logical expert keeps a replica, on known pools, at most one per pool; budgets hold."""
+        if sorted(self.replicas) != sorted(layers):
+            raise InvalidRequestError(f"placement covers layers {sorted(self.replicas)}, the MoE layers are {sorted(layers)}")
         for layer, experts in self.replicas.items():
-            if len(experts) != cfg.n_routed_experts:
-                raise InvalidRequestError(f"layer {layer}: placement lists {len(experts)} experts, the model has {cfg.n_routed_experts}")
+            if len(experts) != num_experts:
+                raise InvalidRequestError(f"layer {layer}: placement lists {len(experts)} experts, the model has {num_experts}")
+            used = dict.fromkeys(self.pools, 0)
             for e, pools in enumerate(experts):
                 if not pools:
                     raise InvalidRequestError(f"layer {layer} expert {e} has no replica")
                 unknown = [p for p in pools if p not in self.pools]
                 if unknown:
                     raise InvalidRequestError(f"layer {layer} expert {e} is placed on unknown pool {unknown[0]!r}")
+                if len(set(pools)) != len(pools):
+                    raise InvalidRequestError(f"layer {layer} expert {e} has two replicas on one pool")
+                for p in pools:
+                    used[p] += 1
+            for p, n in used.items():
+                if self.pools[p].slots and n > self.pools[p].slots:
+                    raise InvalidRequestError(f"pool {p} holds {n} experts of layer {layer}, over its {self.pools[p].slots} slots")
+        for layer, e, p in self.pinned:
+            experts = self.replicas.get(layer)
+            if experts is None or not 0 <= e < len(experts) or p not in experts[e]:
+                raise InvalidRequestError(f"pinned replica of layer {layer} expert {e} on {p} is not in the placement")
+
+    def copy(self) -> "Placement":
+        return Placement.from_json(self.to_json())
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps({
             "version": self.version,
-            "pools": [{"pool_id": p.pool_id, "address": p.address} for p in self.pools.values()],
+            "pools": [{"pool_id": p.pool_id, "address": p.address, "slots": p.slots} for p in self.pools.values()],
             "layers": {str(layer): experts for layer, experts in sorted(self.replicas.items())},
+            "pinned": sorted([layer, e, p] for layer, e, p in self.pinned),
         })
 
     @classmethod
     def from_json(cls, text: str) -> "Placement":
         try:
             raw = json.loads(text)
-            pools = {p["pool_id"]: Pool(p["pool_id"], p["address"]) for p in raw["pools"]}
+            pools = {p["pool_id"]: Pool(p["pool_id"], p["address"], int(p.get("slots", 0))) for p in raw["pools"]}
             replicas = {int(layer): [list(map(str, r)) for r in experts] for layer, experts in raw["layers"].items()}
-            return cls(int(raw["version"]), pools, replicas)
+            pinned = {(int(layer), int(e), str(p)) for layer, e, p in raw.get("pinned", [])}
+            return cls(int(raw["version"]), pools, replicas, pinned)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidRequestError(f"malformed placement: {exc}") from exc
 

@@ -1,0 +1,78 @@
+"""`expertmesh pools ...`: the expert pools of the deployment."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from services.cli.output import fail
+from services.cli.placement_commands import RedisOption, apply_placement, current_placement
+
+app = typer.Typer(no_args_is_help=True, help="List and drain expert pools.")
+
+
+def pool_status(address: str) -> dict:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            status = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).GetStatus(expert_pool_pb2.GetStatusRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            return {"health": exc.code().name}
+    return {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status), "experts_loaded": len(status.experts),
+            "seen_version": status.placement_version, "forward_calls": status.forward_calls}
+
+
+@app.command("list")
+def list_pools(redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Each pool: address, health, slots used, the placement version it last served."""
+    _, placement = current_placement(redis_url)
+    rows = []
+    for pool_id in sorted(placement.pools):
+        pool = placement.pools[pool_id]
+        used = max(sum(pool_id in r for r in placement.replicas[l]) for l in placement.layers)
+        rows.append({"pool": pool_id, "address": pool.address, "slots": pool.slots, "slots_used": used,
+                     **pool_status(pool.address)})
+    if as_json:
+        typer.echo(json.dumps({"placement_version": placement.version, "pools": rows}))
+        return
+    typer.echo(f"placement version {placement.version}")
+    for r in rows:
+        typer.echo(f"  {r['pool']:12} {r['address']:22} {r['health']:12} slots {r['slots_used']}/{r['slots'] or '-'}"
+                   f"  version seen {r.get('seen_version', '-')}")
+
+
+@app.command("drain")
+def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
+          window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan the re-packing for."),
+          redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Re-pack every replica onto the other pools (the planner, for the recent load) and take the pool out."""
+    store, placement = current_placement(redis_url)
+    if pool not in placement.pools:
+        fail(f"unknown pool {pool!r} (pools: {', '.join(sorted(placement.pools))})")
+    others = sorted(p for p in placement.pools if p != pool)
+    if not others:
+        fail("cannot drain the only pool")
+    from services.autoscaler.rebalance import propose
+    from services.common.errors import ExpertmeshError
+    from services.common.load_store import RedisLoadStore
+
+    remaining = placement.copy()
+    del remaining.pools[pool]
+    remaining.pinned = {(l, e, p) for l, e, p in remaining.pinned if p != pool}
+    for layer in remaining.layers:
+        remaining.replicas[layer] = [[p for p in r if p != pool] for r in remaining.replicas[layer]]
+    load = RedisLoadStore.from_url(store.url, placement.layers, placement.num_experts).window(window)
+    if load.sum() == 0:
+        load = load + 1  # no recent load: plan for an even one
+    try:
+        new = propose(remaining, load).proposed  # the planner re-packs onto the rest, moving as little as it can
+    except ExpertmeshError as exc:
+        fail(f"cannot drain {pool}: {exc}")
+    apply_placement(store, new, placement.version, dry_run, as_json, f"drain {pool}")
