@@ -212,9 +212,9 @@ def test_pool_sigkill_fails_requests_promptly_then_serves_after_replacement(tiny
 
 
 def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
-    up = UpProcess(tiny_fp8, pools=2, dispatch="fp8", home=tmp_path_factory.mktemp("up-stop"))
+    up = UpProcess(tiny_fp8, pools=2, dispatch="fp8", home=tmp_path_factory.mktemp("up-stop"), autoscale=True)
     children = up.child_pids()
-    assert len(children) == 4  # redis, 2 pools, gateway
+    assert len(children) == 5  # redis, 2 pools, gateway, autoscaler
     started = time.monotonic()
     assert up.stop() == 0
     assert time.monotonic() - started < 15

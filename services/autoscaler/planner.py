@@ -43,7 +43,20 @@ def replica_counts(load: np.ndarray, slots: int, max_per_expert: int) -> np.ndar
 
 def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None = None,
                pinned: set[tuple[int, int]] | None = None, slack: float = 0.05) -> LayerPlan:
-    """load [E]; current: pool -> experts now; pinned: {(expert, pool)} that must stay."""
+    """load [E]; current: pool -> experts now; pinned: {(expert, pool)} that must stay.
+
+    With a current placement, the plan that keeps replicas in place is taken unless a fresh packing balances
+    better by more than `slack` (staying put must not cost the balance it is meant to buy)."""
+    fresh = _pack(load, num_pools, slots_per_pool, None, pinned, slack)
+    if not current:
+        return fresh
+    goal = max(fresh.pool_load) * (1 + slack / 2)  # what the fresh packing reaches, near enough
+    sticky = _pack(load, num_pools, slots_per_pool, current, pinned, slack, goal)
+    return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
+
+
+def _pack(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None,
+          pinned: set[tuple[int, int]] | None, slack: float, goal: float = 0.0) -> LayerPlan:
     e = load.shape[0]
     if num_pools * slots_per_pool < e:
         raise InvalidRequestError(f"{num_pools} pools x {slots_per_pool} slots cannot hold {e} experts")
@@ -79,15 +92,57 @@ def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: l
                         and pool_load[pool] + per_replica[expert] <= target):
                     put(int(expert), pool)
     locked = {(e, p) for e, p in (pinned or ())}
-    # most-replicated experts first (they need the most distinct pools), heaviest replicas first among equals
-    for expert in sorted(order.tolist(), key=lambda e: (-counts[e], -per_replica[e])):
+    for expert in order.tolist():  # heaviest replicas first (LPT); _make_room handles the corners it paints into
         while left[expert] > 0:
             candidates = np.where((free > 0) & ~holds[:, expert], pool_load, np.inf)
             pool = int(np.argmin(candidates))
             if not np.isfinite(candidates[pool]):
                 pool = _make_room(expert, holds, free, per_replica, pool_load, locked)
             put(int(expert), pool)
+    if current:
+        _relieve_hottest(holds, free, per_replica, pool_load, locked, goal, max_steps=2 * int(counts.sum()))
     return LayerPlan([np.flatnonzero(holds[p]).tolist() for p in range(num_pools)], pool_load.tolist())
+
+
+def _relieve_hottest(holds: np.ndarray, free: np.ndarray, per_replica: np.ndarray, pool_load: np.ndarray,
+                     locked: set[tuple[int, int]], goal: float, max_steps: int) -> None:
+    """Local search after keeping replicas in place: move a replica off the most loaded pool (to a pool with a
+    free slot) or swap it with a lighter one elsewhere, while that lowers the maximum, until it is within `goal`."""
+    for _ in range(max_steps):
+        hot = int(np.argmax(pool_load))
+        if pool_load[hot] <= goal:
+            return
+        best = None  # (new max of the two pools, replica, target pool, swapped replica or -1)
+        for x in sorted(np.flatnonzero(holds[hot]), key=lambda x: -per_replica[x]):
+            if (int(x), hot) in locked or per_replica[x] <= 0:
+                continue
+            for q in np.flatnonzero(~holds[:, x]):
+                if free[q] > 0:
+                    peak = max(pool_load[hot] - per_replica[x], pool_load[q] + per_replica[x])
+                    if peak < pool_load[hot] and (best is None or peak < best[0]):
+                        best = (peak, int(x), int(q), -1)
+                for y in np.flatnonzero(holds[q] & ~holds[hot]):
+                    delta = per_replica[x] - per_replica[y]
+                    if delta <= 0 or (int(y), int(q)) in locked:
+                        continue
+                    peak = max(pool_load[hot] - delta, pool_load[q] + delta)
+                    if peak < pool_load[hot] and (best is None or peak < best[0]):
+                        best = (peak, int(x), int(q), int(y))
+            if best is not None:
+                break  # the heaviest movable replica of the hottest pool
+        if best is None:
+            return
+        _, x, q, y = best
+        holds[hot, x], holds[q, x] = False, True
+        pool_load[hot] -= per_replica[x]
+        pool_load[q] += per_replica[x]
+        if y < 0:
+            free[hot] += 1
+            free[q] -= 1
+        else:
+            holds[q, y], holds[hot, y] = False, True
+            pool_load[q] -= per_replica[y]
+            pool_load[hot] += per_replica[y]
 
 
 def _make_room(expert: int, holds: np.ndarray, free: np.ndarray, per_replica: np.ndarray, pool_load: np.ndarray,

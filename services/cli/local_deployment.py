@@ -13,12 +13,13 @@ from pathlib import Path
 
 class UpProcess:
     def __init__(self, model: Path, pools: int, dispatch: str, home: Path, extra: list[str] | None = None,
-                 cache_tokens: int = 8192):
+                 cache_tokens: int = 8192, autoscale: bool = False):
         env = dict(os.environ, EXPERTMESH_HOME=str(home), PYTHONUNBUFFERED="1")
         self.home = home
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.app", "up", "--model", str(model), "--pools", str(pools),
-             "--grpc-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens), *(extra or [])],
+             "--grpc-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens),
+             "--autoscale" if autoscale else "--no-autoscale", *(extra or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.endpoints: dict[str, str] = {}

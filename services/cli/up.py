@@ -125,6 +125,11 @@ def up(
     dispatch_dtype: str = typer.Option("fp8", "--dispatch-dtype", help="fp8, bf16 or fp32 activations to the pools."),
     cache_tokens: int = typer.Option(32768, "--cache-tokens", help="Latent KV cache capacity of the gateway, in tokens."),
     start_timeout: float = typer.Option(300.0, "--start-timeout", help="Seconds to wait for every service to serve."),
+    autoscale: bool = typer.Option(True, "--autoscale/--no-autoscale", help="Run the autoscaler (rebalancing, failover re-placement)."),
+    rebalance_threshold: float = typer.Option(0.85, "--rebalance-threshold", help="Rebalance below this pool balancedness."),
+    rebalance_min_interval: float = typer.Option(30.0, "--rebalance-min-interval", help="Seconds between rebalances at least."),
+    autoscale_interval: float = typer.Option(5.0, "--autoscale-interval", help="Seconds between autoscaler checks."),
+    load_window: float = typer.Option(30.0, "--load-window", help="Seconds of load the autoscaler plans for."),
     micro_batches: int = typer.Option(1, "--micro-batches", min=1,
                                       help="Gateway micro-batches per step (attention of one overlaps the pools' work)."),
 ) -> None:
@@ -193,6 +198,11 @@ def up(
         for pool in pool_list:
             _wait_serving(pool.address, dep, start_timeout, pool.pool_id)
         _wait_serving(gateway, dep, start_timeout, "gateway")
+        if autoscale:
+            dep.spawn("autoscaler", [py, "-m", "services.autoscaler.service", "--redis", redis_url,
+                                     "--interval-s", str(autoscale_interval), "--threshold", str(rebalance_threshold),
+                                     "--min-interval-s", str(rebalance_min_interval), "--window-s", str(load_window)],
+                      logs / "autoscaler.log")
         state = {"pid": os.getpid(), "gateway": gateway, "redis": redis_url, "model": str(model),
                  "dispatch_dtype": dispatch_dtype, "pools": {p.pool_id: p.address for p in pool_list},
                  "placement_version": placement.version, "logs": str(logs)}
@@ -213,7 +223,7 @@ def up(
                 if name in ("gateway", "redis"):
                     typer.echo(f"expertmesh: {name} exited ({proc.returncode}); stopping", err=True)
                     stopping = True
-                else:  # a pool: the gateway fails its calls and goes on; re-placing is the autoscaler's work
+                else:  # a pool or the autoscaler: the gateway routes around dead pools; the autoscaler re-places
                     typer.echo(f"expertmesh: {name} exited ({proc.returncode}); the others keep serving", err=True)
             time.sleep(0.2)
     except RuntimeError as exc:

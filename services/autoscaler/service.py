@@ -1,0 +1,132 @@
+"""The autoscaler: every interval it reads the load window, measures pool balancedness, and re-places.
+
+- Dead pools (health check fails) are taken out of the placement at once: their experts are re-packed onto
+  the live pools (failover re-placement).
+- Below `threshold` balancedness, and no sooner than `min_interval_s` after the last rebalance, it plans for
+  the window's load and rolls the plan out in two phases, if the plan improves balancedness by at least
+  `hysteresis` (so it does not flap on noise).
+
+Pool scaling (asking an actuator for more or fewer pools) is not here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.autoscaler.rebalance import propose
+from services.autoscaler.rollout import RolloutResult, rollout
+from services.common.errors import ExpertmeshError
+from services.common.load_store import RedisLoadStore
+from services.common.placement import Placement
+from services.common.placement_store import RedisPlacementStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoscalerConfig:
+    interval_s: float = 5.0
+    window_s: float = 30.0
+    threshold: float = 0.85
+    hysteresis: float = 0.05
+    min_interval_s: float = 30.0
+    min_tokens: int = 1000  # per window, summed over layers: less is noise
+    grace_s: float = 2.0
+
+
+def pool_alive(address: str, timeout_s: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+        except grpc.RpcError:
+            return False
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
+def without_pools(placement: Placement, dead: set[str]) -> Placement:
+    remaining = placement.copy()
+    for pool in dead:
+        del remaining.pools[pool]
+    remaining.pinned = {(l, e, p) for l, e, p in remaining.pinned if p not in dead}
+    for layer in remaining.layers:
+        remaining.replicas[layer] = [[p for p in r if p not in dead] for r in remaining.replicas[layer]]
+    return remaining
+
+
+class Autoscaler:
+    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None):
+        self.config = config or AutoscalerConfig()
+        self.store = RedisPlacementStore(redis_url)
+        self.redis_url = redis_url
+        self.last_rebalance = float("-inf")
+        self.rebalances = 0
+        self.last_balancedness: float | None = None
+
+    def tick(self) -> RolloutResult | None:
+        cfg = self.config
+        placement = self.store.get()
+        if placement is None:
+            return None
+        load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(cfg.window_s)
+        dead = {p for p, pool in placement.pools.items() if not pool_alive(pool.address)}
+        if dead and len(dead) < len(placement.pools):
+            log.warning("pools %s are down: re-placing their experts", sorted(dead))
+            plan_load = load + 1 if load.sum() == 0 else load
+            return self._roll(propose(without_pools(placement, dead), plan_load).proposed, placement, "failover")
+        by_layer = {l: load[i].tolist() for i, l in enumerate(placement.layers)}
+        self.last_balancedness = placement.balancedness(by_layer)
+        if load.sum() < cfg.min_tokens or self.last_balancedness >= cfg.threshold:
+            return None
+        if time.monotonic() - self.last_rebalance < cfg.min_interval_s:
+            return None
+        proposal = propose(placement, np.asarray(load, dtype=np.float64))
+        if proposal.balancedness_after < self.last_balancedness + cfg.hysteresis:
+            return None
+        log.info("balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)", self.last_balancedness,
+                 cfg.threshold, proposal.balancedness_after, proposal.moves)
+        return self._roll(proposal.proposed, placement, "rebalance")
+
+    def _roll(self, new: Placement, old: Placement, why: str) -> RolloutResult | None:
+        try:
+            result = rollout(self.store, new, old.version, grace_s=self.config.grace_s)
+        except ExpertmeshError as exc:  # a concurrent change (admin CLI) or a pool failing mid-rollout: next tick
+            log.warning("%s rollout abandoned: %s", why, exc)
+            return None
+        self.last_rebalance = time.monotonic()
+        self.rebalances += 1
+        log.info("%s: placement version %d in %.2f s (%d loads, %d unloads)", why, result.version, result.seconds,
+                 result.loaded, result.unloaded)
+        return result
+
+    def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - Redis or a pool away: try again next interval
+                log.exception("autoscaler tick failed")
+            time.sleep(max(0.0, self.config.interval_s - (time.monotonic() - started)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="expertmesh autoscaler")
+    ap.add_argument("--redis", required=True)
+    defaults = AutoscalerConfig()
+    for name, value in vars(defaults).items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    config = AutoscalerConfig(**{name: getattr(args, name) for name in vars(defaults)})
+    Autoscaler(args.redis, config).run()
+
+
+if __name__ == "__main__":
+    main()

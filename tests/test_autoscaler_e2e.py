@@ -1,0 +1,129 @@
+"""The autoscaler in a running deployment (`expertmesh up`, real processes): automatic rebalancing of a skewed
+model, and failover re-placement after a pool dies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from services.cli.gateway_client import GatewayClient
+from services.cli.local_deployment import UpProcess
+from services.common.checkpoint import CheckpointReader
+from services.common.load_store import RedisLoadStore
+from services.common.model_writer import write_checkpoint
+from services.common.placement_store import RedisPlacementStore
+from services.gateway.engine import Engine
+from services.gateway.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+HOT = (0, 5)  # experts of groups 0 and 1 that every token will pick
+
+
+@pytest.fixture(scope="module")
+def skewed_model(tiny_fp8, tmp_path_factory):
+    """The tiny model with a large correction bias on two experts per layer: they take every token."""
+    dst = tmp_path_factory.mktemp("skewed")
+    with CheckpointReader(tiny_fp8) as reader:
+        def tensors():
+            for name in reader.names():
+                t = reader.get(name)
+                if name.endswith("e_score_correction_bias"):
+                    t = t.clone()
+                    t[list(HOT)] += 1.0
+                yield name, t
+        write_checkpoint(dst, tensors())
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_fp8 / f, dst / f)
+    return dst
+
+
+def _load(up, prompts, tokens=12):
+    client = GatewayClient(up.gateway, timeout_s=120)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        out = list(pool.map(lambda p: client.generate(None, p, tokens, ignore_eos=True), prompts))
+    client.close()
+    return out
+
+
+def _counts(up, placement):
+    return RedisLoadStore.from_url(up.redis, placement.layers, placement.num_experts).window(3600)
+
+
+def _prompts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 1024, (16,), generator=g).tolist() for _ in range(n)]
+
+
+def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory):
+    """4 pools x 5 slots for 16 experts: 25% redundant slots. Balancedness under load, before and after."""
+    up = UpProcess(skewed_model, pools=4, dispatch="fp32", home=tmp_path_factory.mktemp("skew"), autoscale=True,
+                   extra=["--slots-per-pool", "5", "--autoscale-interval", "0.5", "--rebalance-min-interval", "1",
+                          "--load-window", "600", "--rebalance-threshold", "0.9"])
+    try:
+        store = RedisPlacementStore(up.redis)
+        first = store.get()
+        engine = Engine.from_dir(skewed_model, cache_tokens=4096)
+        prompts = _prompts(8, 1)
+        before_out = _load(up, prompts)
+        time.sleep(0.6)
+        counts_before = _counts(up, first)
+        before = first.balancedness({l: counts_before[i].tolist() for i, l in enumerate(first.layers)})
+        deadline = time.monotonic() + 60
+        while store.version() == first.version and time.monotonic() < deadline:
+            time.sleep(0.25)
+        rebalanced = store.get()
+        assert rebalanced.version > first.version, "the autoscaler did not rebalance"
+        time.sleep(2.5)  # rollout's grace: old replicas dropped
+        after_out = _load(up, prompts)
+        time.sleep(0.6)
+        delta = _counts(up, rebalanced) - counts_before
+        after = rebalanced.balancedness({l: delta[i].tolist() for i, l in enumerate(rebalanced.layers)})
+        print(f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
+              f"(placement v{first.version} -> v{rebalanced.version})")
+        assert before < 0.8
+        assert after >= 0.9
+        hot_replicas = [len(rebalanced.replicas[l][e]) for l in rebalanced.layers for e in HOT]
+        assert min(hot_replicas) >= 2
+        expected = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+        assert [o["token_ids"] for o in after_out] == [o["token_ids"] for o in before_out] == [g.token_ids for g in expected]
+    finally:
+        up.stop()
+
+
+def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory, engine_tiny):
+    up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("replace"), autoscale=True,
+                   extra=["--replicas", "2", "--slots-per-pool", "16", "--autoscale-interval", "0.5"])
+    try:
+        store = RedisPlacementStore(up.redis)
+        prompts = _prompts(4, 2)
+        client = GatewayClient(up.gateway, timeout_s=120)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
+            time.sleep(0.5)
+            killed = time.monotonic()
+            os.kill(up.child_pid("pool-id pool-0"), signal.SIGKILL)
+            results = [f.result(timeout=120) for f in futures]  # no request fails
+        restored = None
+        while time.monotonic() - killed < 60:
+            p = store.get()
+            if "pool-0" not in p.pools and all(len(r) >= 2 for l in p.layers for r in p.replicas[l]):
+                restored = time.monotonic() - killed
+                break
+            time.sleep(0.1)
+        assert restored is not None, "experts were not re-placed on the live pools"
+        print(f"\nfailover: every expert had two replicas again {restored:.2f} s after SIGKILL")
+        time.sleep(2.5)
+        again = client.generate(None, prompts[0], 8, ignore_eos=True)
+        client.close()
+        expected = engine_tiny.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+        assert [r["token_ids"] for r in results] == [g.token_ids for g in expected]
+        assert again["token_ids"] == expected[0].token_ids[:8]
+    finally:
+        up.stop()
