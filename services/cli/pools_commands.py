@@ -76,3 +76,23 @@ def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "
     except ExpertmeshError as exc:
         fail(f"cannot drain {pool}: {exc}")
     apply_placement(store, new, placement.version, dry_run, as_json, f"drain {pool}")
+
+
+@app.command("add")
+def add(address: str = typer.Argument(..., help="HOST:PORT of a running expert pool."),
+        pool_id: str = typer.Option(..., "--id", help="Its pool id."),
+        slots: int = typer.Option(0, "--slots", min=0, help="Experts it may hold per layer (0: as the others)."),
+        redis_url: Optional[str] = RedisOption) -> None:
+    """Register a running pool (it holds nothing yet); `expertmesh rebalance` then gives it experts."""
+    from services.common.placement import Pool
+    from services.autoscaler.service import pool_alive
+
+    store, placement = current_placement(redis_url)
+    if pool_id in placement.pools:
+        fail(f"pool {pool_id!r} is already in the placement")
+    if not pool_alive(address, timeout_s=3.0):
+        fail(f"no SERVING expert pool at {address}")
+    new = placement.copy()
+    new.pools[pool_id] = Pool(pool_id, address, slots or min(p.slots for p in placement.pools.values()))
+    published = store.publish(new, placement.version)
+    typer.echo(f"added {pool_id} at {address} (placement version {published.version})")
