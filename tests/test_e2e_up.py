@@ -258,3 +258,24 @@ def test_failover_with_two_replicas_loses_nothing(tiny_fp8, tmp_path_factory, en
         assert [r["token_ids"] for r in results] == [g.token_ids for g in expected]
     finally:
         up.stop()
+
+
+def test_metrics_endpoints(fp32_up):
+    import json as _json
+    import urllib.request
+
+    state = _json.loads((fp32_up.home / "up.json").read_text())
+    client = GatewayClient(fp32_up.gateway)
+    client.generate(None, [5, 6, 7], 3, ignore_eos=True)
+    client.close()
+    gateway = urllib.request.urlopen(state["metrics"]["gateway"], timeout=5).read().decode()
+    assert "moe_gateway_time_to_first_token_seconds_count" in gateway
+    ttft = [l for l in gateway.splitlines() if l.startswith("moe_gateway_time_to_first_token_seconds_count")]
+    assert float(ttft[0].split()[-1]) >= 1
+    for name in ("moe_gateway_inter_token_latency_seconds_bucket", "moe_gateway_requests_running",
+                 "moe_gateway_kv_cache_usage_ratio", 'moe_routed_tokens_total{pool="pool-0"}',
+                 'moe_expert_rpc_duration_seconds_count{pool="pool-1"}', "moe_placement_version 1.0"):
+        assert name in gateway, name
+    pool = urllib.request.urlopen(state["metrics"]["pool-0"], timeout=5).read().decode()
+    pairs = [l for l in pool.splitlines() if l.startswith("moe_pool_routed_pairs_total")]
+    assert float(pairs[0].split()[-1]) > 0 and "moe_pool_experts_loaded" in pool

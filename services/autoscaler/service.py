@@ -25,6 +25,7 @@ from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.common.errors import ExpertmeshError
 from services.common.load_store import RedisLoadStore
+from services.common.metrics import AutoscalerMetrics, serve_metrics
 from services.common.placement import Placement
 from services.common.placement_store import RedisPlacementStore
 
@@ -62,8 +63,9 @@ def without_pools(placement: Placement, dead: set[str]) -> Placement:
 
 
 class Autoscaler:
-    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None):
+    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None, metrics: AutoscalerMetrics | None = None):
         self.config = config or AutoscalerConfig()
+        self.metrics = metrics
         self.store = RedisPlacementStore(redis_url)
         self.redis_url = redis_url
         self.last_rebalance = float("-inf")
@@ -83,6 +85,9 @@ class Autoscaler:
             return self._roll(propose(without_pools(placement, dead), plan_load).proposed, placement, "failover")
         by_layer = {l: load[i].tolist() for i, l in enumerate(placement.layers)}
         self.last_balancedness = placement.balancedness(by_layer)
+        if self.metrics:
+            self.metrics.balancedness.set(self.last_balancedness)
+            self.metrics.placement_version.set(placement.version)
         if load.sum() < cfg.min_tokens or self.last_balancedness >= cfg.threshold:
             return None
         if time.monotonic() - self.last_rebalance < cfg.min_interval_s:
@@ -102,6 +107,10 @@ class Autoscaler:
             return None
         self.last_rebalance = time.monotonic()
         self.rebalances += 1
+        if self.metrics:
+            self.metrics.rebalances.labels(why).inc()
+            self.metrics.rebalance_duration.observe(result.seconds)
+            self.metrics.placement_version.set(result.version)
         log.info("%s: placement version %d in %.2f s (%d loads, %d unloads)", why, result.version, result.seconds,
                  result.loaded, result.unloaded)
         return result
@@ -119,13 +128,15 @@ class Autoscaler:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="expertmesh autoscaler")
     ap.add_argument("--redis", required=True)
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     defaults = AutoscalerConfig()
     for name, value in vars(defaults).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     config = AutoscalerConfig(**{name: getattr(args, name) for name in vars(defaults)})
-    Autoscaler(args.redis, config).run()
+    serve_metrics(args.metrics_port)
+    Autoscaler(args.redis, config, AutoscalerMetrics()).run()
 
 
 if __name__ == "__main__":

@@ -185,15 +185,17 @@ def up(
         # pools (measured on 2 cores: 1 thread each beats 2 for the gateway, whose idle OpenMP threads spin)
         cores = os.cpu_count() or 1
         gateway_threads, pool_threads = str(max(1, cores // 2)), str(max(1, cores // (2 * pools)))
+        metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
         for pool in pool_list:
             dep.spawn(pool.pool_id, [py, "-m", "services.expert.server", "--model", str(model), "--pool-id", pool.pool_id,
                                      "--redis", redis_url, "--port", pool.address.rsplit(":", 1)[1],
-                                     "--threads", pool_threads],
+                                     "--threads", pool_threads, "--metrics-port", str(metrics[pool.pool_id])],
                       logs / f"{pool.pool_id}.log")
         gateway = f"127.0.0.1:{grpc_port}"
         dep.spawn("gateway", [py, "-m", "services.gateway.server", "--model", str(model), "--redis", redis_url,
                               "--dispatch-dtype", dispatch_dtype, "--port", str(grpc_port), "--cache-tokens", str(cache_tokens),
-                              "--threads", gateway_threads, "--micro-batches", str(micro_batches)],
+                              "--threads", gateway_threads, "--micro-batches", str(micro_batches),
+                              "--metrics-port", str(metrics["gateway"])],
                   logs / "gateway.log")
         for pool in pool_list:
             _wait_serving(pool.address, dep, start_timeout, pool.pool_id)
@@ -201,16 +203,21 @@ def up(
         if autoscale:
             dep.spawn("autoscaler", [py, "-m", "services.autoscaler.service", "--redis", redis_url,
                                      "--interval-s", str(autoscale_interval), "--threshold", str(rebalance_threshold),
-                                     "--min-interval-s", str(rebalance_min_interval), "--window-s", str(load_window)],
+                                     "--min-interval-s", str(rebalance_min_interval), "--window-s", str(load_window),
+                                     "--metrics-port", str(metrics["autoscaler"])],
                       logs / "autoscaler.log")
         state = {"pid": os.getpid(), "gateway": gateway, "redis": redis_url, "model": str(model),
                  "dispatch_dtype": dispatch_dtype, "pools": {p.pool_id: p.address for p in pool_list},
-                 "placement_version": placement.version, "logs": str(logs)}
+                 "placement_version": placement.version, "logs": str(logs),
+                 "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics.items()
+                             if autoscale or name != "autoscaler"}}
         (home / "up.json").write_text(json.dumps(state, indent=2))
         typer.echo(f"gateway  grpc://{gateway}")
         for p in pool_list:
             typer.echo(f"{p.pool_id:8} grpc://{p.address}")
         typer.echo(f"redis    {redis_url}")
+        for name, url in state["metrics"].items():
+            typer.echo(f"metrics  {name} {url}")
         typer.echo(f"logs     {logs}")
         typer.echo("ready (Ctrl-C stops everything)", err=False)
         sys.stdout.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from services.common import grpc_status, wire
 from services.common.checkpoint import CheckpointReader
 from services.common.errors import ExpertNotHeldError, InvalidRequestError
 from services.common.grpc_server import ManagedServer
+from services.common.metrics import PoolMetrics, serve_metrics
 from services.common.telemetry import setup_tracing, tracer
 from services.expert.grouped import grouped_pairs_forward
 from services.expert.store import ExpertStore, LayerWeights
@@ -29,8 +31,9 @@ MAX_TOKENS_PER_CALL = 65536
 
 
 class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
-    def __init__(self, store: ExpertStore, pool_id: str):
+    def __init__(self, store: ExpertStore, pool_id: str, metrics: PoolMetrics | None = None):
         self.store = store
+        self.metrics = metrics
         self.cfg = store.cfg
         self.pool_id = pool_id
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
@@ -41,6 +44,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     # ---- inference -----------------------------------------------------------------------------------
     @grpc_status.unary
     async def Forward(self, request, context):
+        started = time.monotonic()
         hidden, pair_token, pair_expert, pair_weight = self._validate(request)
         with tracer().start_as_current_span("expert.compute") as span:
             span.set_attribute("expertmesh.layer", request.layer)
@@ -52,6 +56,9 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         self.forward_calls += 1
         self.routed_pairs += pair_token.numel()
         self.placement_version = max(self.placement_version, request.placement_version)
+        if self.metrics:
+            self.metrics.forward.observe(time.monotonic() - started)
+            self.metrics.routed_pairs.inc(pair_token.numel())
         dtype = torch.float32 if request.response_dtype == tensor_pb2.ELEMENT_TYPE_FLOAT32 else torch.bfloat16
         return expert_pool_pb2.ForwardResponse(partial=wire.encode(out.to(dtype)))
 
@@ -109,20 +116,27 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         refs = [(r.layer, r.expert) for r in request.experts]
         await asyncio.get_running_loop().run_in_executor(
             self.compute, lambda: [self.store.unload(l, e) for l, e in refs])
+        self._held_metrics()
         return expert_pool_pb2.UnloadExpertsResponse(unloaded=len(refs))
+
+    def _held_metrics(self) -> None:
+        if self.metrics:
+            self.metrics.experts_loaded.set(len(self.store.loaded()))
+            self.metrics.weight_bytes.set(self.store.nbytes())
 
     def load(self, refs: list[tuple[int, int]]) -> None:
         for layer, expert in refs:
             self.store.load(layer, expert)
         for layer in sorted({l for l, _ in refs}):
             self.store.stacked(layer)
+        self._held_metrics()
 
 
 async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                     port: int = 0) -> tuple[ManagedServer, ExpertPoolServicer]:
+                     port: int = 0, metrics: PoolMetrics | None = None) -> tuple[ManagedServer, ExpertPoolServicer]:
     """Bind, report NOT_SERVING, load the assigned experts, then report SERVING."""
     store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True)
-    servicer = ExpertPoolServicer(store, pool_id)
+    servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
     await managed.start()
@@ -133,9 +147,11 @@ async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int
 
 
 async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                port: int = 0) -> None:
+                port: int = 0, metrics_port: int = 0) -> None:
     setup_tracing(f"expertmesh-pool-{pool_id}")
-    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port)
+    metrics = PoolMetrics()
+    serve_metrics(metrics_port, host)
+    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port, metrics)
     managed.stop_on_signals()
     print(f"READY {managed.address}", flush=True)
     await managed.wait_for_stop()
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -162,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequestError as exc:
         sys.exit(f"expertmesh pool: {exc}")
     torch.set_num_threads(max(1, args.threads))
-    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port))
+    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port, args.metrics_port))
 
 
 if __name__ == "__main__":

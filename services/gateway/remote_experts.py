@@ -43,11 +43,12 @@ class _Call:
     pair_expert: torch.Tensor  # [P]
     pair_weight: torch.Tensor  # [P]
     future: grpc.Future
+    sent_at: float
 
 
 class RemoteExperts:
     def __init__(self, placement: Placement, n_routed_experts: int, dispatch_dtype: str = "fp8",
-                 deadline_s: float = DEFAULT_DEADLINE_S, dead_for_s: float = DEAD_FOR_S):
+                 deadline_s: float = DEFAULT_DEADLINE_S, dead_for_s: float = DEAD_FOR_S, metrics=None):
         if dispatch_dtype not in wire.DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {wire.DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         self.dispatch_dtype = dispatch_dtype
@@ -61,12 +62,15 @@ class RemoteExperts:
         self.bytes_sent = 0
         self.tokens_sent = 0
         self.failovers = 0
+        self.metrics = metrics  # GatewayMetrics or None
         self.set_placement(placement)
 
     def set_placement(self, placement: Placement) -> None:
         """Switch to a placement (between steps): per layer, a [E, R] table of replica pool indices."""
         with self._lock:
             self.placement = placement
+            if self.metrics:
+                self.metrics.placement_version.set(placement.version)
             self.pool_ids = sorted(placement.pools)
             index = {p: i for i, p in enumerate(self.pool_ids)}
             self.replicas: dict[int, torch.Tensor] = {}  # layer -> [E, R] pool index, -1 padded
@@ -124,7 +128,9 @@ class RemoteExperts:
             self.bytes_sent += request.ByteSize()  # the whole message: activations, scales, pairs
             self.tokens_sent += tokens.numel()
             future = self._stubs[self.pool_ids[p]].Forward.future(request, timeout=self.deadline_s)
-            calls.append(_Call(p, tokens, pair_token[mask], pair_expert[mask], pair_weight[mask], future))
+            calls.append(_Call(p, tokens, pair_token[mask], pair_expert[mask], pair_weight[mask], future, time.monotonic()))
+            if self.metrics:
+                self.metrics.routed_tokens.labels(self.pool_ids[p]).inc(tokens.numel())
         return calls
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
@@ -158,12 +164,17 @@ class RemoteExperts:
         for _ in range(len(self.pool_ids) + 1):  # each retry round excludes at least one more pool
             failed: list[_Call] = []
             for call in pending:
+                pool_id = self.pool_ids[call.pool]
                 try:
                     response = call.future.result()
                 except grpc.RpcError as exc:
-                    self._mark_dead(self.pool_ids[call.pool], f"{exc.code().name}: {exc.details()}")
+                    self._mark_dead(pool_id, f"{exc.code().name}: {exc.details()}")
+                    if self.metrics:
+                        self.metrics.pool_failures.labels(pool_id).inc()
                     failed.append(call)
                     continue
+                if self.metrics:
+                    self.metrics.pool_call.labels(pool_id).observe(time.monotonic() - call.sent_at)
                 out.index_add_(0, call.tokens, wire.decode(response.partial, "partial").to(hidden.dtype))
             if not failed:
                 return

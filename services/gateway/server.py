@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from services.common import grpc_status
 from services.common.errors import InvalidRequestError, PoolUnavailableError
 from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
 from services.common.load_store import LoadRecorder, RedisLoadStore
+from services.common.metrics import GatewayMetrics, serve_metrics
 from services.common.placement import Placement
 from services.common.placement_store import load_placement
 from services.common.telemetry import setup_tracing, tracer
@@ -36,8 +38,10 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 class SchedulerThread:
     """Runs scheduler steps until stopped; sleeps when there is nothing to do."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, metrics: GatewayMetrics | None = None, recorder=None):
         self.scheduler = scheduler
+        self.metrics = metrics
+        self.recorder = recorder
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
@@ -49,6 +53,14 @@ class SchedulerThread:
         while not self._stop.is_set():
             if not self.scheduler.step():
                 self.scheduler.wait_for_work(0.05)
+            if self.metrics:
+                m, sched = self.metrics, self.scheduler
+                m.running.set(len(sched.running))
+                m.waiting.set(sched.num_waiting)
+                m.kv_cache_usage.set(sched.cache.usage())
+                if self.recorder:
+                    m.load_store_outage.set(self.recorder.outage_seconds)
+                    m.load_buckets_dropped.set(self.recorder.dropped_buckets)
 
     def stop(self) -> None:
         self._stop.set()
@@ -59,8 +71,10 @@ class SchedulerThread:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves once `engine` is set (the server reports NOT_SERVING until then)."""
 
-    def __init__(self, engine: Engine | None, model_dir: str, pools: list[str], dispatch_dtype: str):
+    def __init__(self, engine: Engine | None, model_dir: str, pools: list[str], dispatch_dtype: str,
+                 metrics: GatewayMetrics | None = None):
         self._engine = engine
+        self.metrics = metrics
         self.model_dir = model_dir
         self.pools = pools
         self.dispatch_dtype = dispatch_dtype
@@ -102,10 +116,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             try:
                 yield gateway_pb2.GenerateResponse(prompt_token_ids=prompt)
                 text_so_far = ""
+                last = arrived = time.monotonic()
                 while True:
                     ev = await events.get()
                     if ev.error is not None:
                         raise ev.error
+                    now = time.monotonic()
+                    if self.metrics and ev.token_id is not None:
+                        (self.metrics.ttft if last == arrived else self.metrics.itl).observe(now - last)
+                    last = now
                     text = self.engine.decode(req.output)
                     delta, text_so_far = text[len(text_so_far):], text
                     yield gateway_pb2.GenerateResponse(token_ids=[] if ev.token_id is None else [ev.token_id],
@@ -206,13 +225,15 @@ class GatewayRuntime:
 
 async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
                         port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768,
-                        deadline_s: float = 10.0, pool_timeout_s: float = 120.0, micro_batches: int = 1) -> GatewayRuntime:
+                        deadline_s: float = 10.0, pool_timeout_s: float = 120.0, micro_batches: int = 1,
+                        metrics: GatewayMetrics | None = None) -> GatewayRuntime:
     """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
     managed = ManagedServer([SERVICE_NAME], host, port)
-    servicer = GatewayServicer(None, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype)
+    servicer = GatewayServicer(None, str(model_dir), [p.address for p in placement.pools.values()], dispatch_dtype,
+                               metrics)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
     await managed.start()
-    experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s)
+    experts = RemoteExperts(placement, 0, dispatch_dtype, deadline_s, metrics=metrics)
     engine = await asyncio.to_thread(Engine.from_dir, model_dir, experts=experts, cache_tokens=cache_tokens)
     experts.n_routed_experts = engine.cfg.n_routed_experts
     engine.scheduler.micro_batches = micro_batches
@@ -225,7 +246,7 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
         recorder = LoadRecorder(RedisLoadStore.from_url(redis_url, engine.cfg.moe_layers, engine.cfg.n_routed_experts)).start()
         engine.model.routing_observer = recorder.observe
     await asyncio.to_thread(wait_for_pools, placement, pool_timeout_s)
-    loop_thread = SchedulerThread(engine.scheduler).start()
+    loop_thread = SchedulerThread(engine.scheduler, metrics, recorder).start()
     servicer.engine = engine
     await managed.set_serving()
     log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, dispatch_dtype, len(placement.pools))
@@ -234,10 +255,12 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
 
 async def serve(model_dir: Path, placement: Placement, dispatch_dtype: str = "fp8", host: str = "127.0.0.1",
                 port: int = 0, redis_url: str | None = None, cache_tokens: int = 32768, deadline_s: float = 10.0,
-                micro_batches: int = 1) -> None:
+                micro_batches: int = 1, metrics_port: int = 0) -> None:
     setup_tracing("expertmesh-gateway")
+    metrics = GatewayMetrics()
+    serve_metrics(metrics_port, host)
     runtime = await start_gateway(model_dir, placement, dispatch_dtype, host, port, redis_url, cache_tokens, deadline_s,
-                                  micro_batches=micro_batches)
+                                  micro_batches=micro_batches, metrics=metrics)
     runtime.managed.stop_on_signals()
     print(f"READY {runtime.managed.address}", flush=True)
     await runtime.managed.wait_for_stop()
@@ -257,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-tokens", type=int, default=32768)
     ap.add_argument("--deadline", type=float, default=10.0, help="seconds per expert-pool call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="split each step so attention of one part overlaps the pools' work on another")
     args = ap.parse_args(argv)
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequestError as exc:
         sys.exit(f"expertmesh gateway: {exc}")
     asyncio.run(serve(args.model, placement, args.dispatch_dtype, args.host, args.port, args.redis,
-                      args.cache_tokens, args.deadline, args.micro_batches))
+                      args.cache_tokens, args.deadline, args.micro_batches, args.metrics_port))
 
 
 if __name__ == "__main__":
