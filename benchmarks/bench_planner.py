@@ -1,10 +1,12 @@
 """The placement planner at DeepSeek-V3 scale: 58 MoE layers x 256 experts, 64 to 320 pools, 32+ redundant
 slots, under Zipf-skewed load; planner time and pool balancedness (mean / max pool load) before and after.
 
-  .venv/bin/python benchmarks/bench_planner.py
+  .venv/bin/python benchmarks/bench_planner.py [--skip-rebalance]
 
 "Before" is the static spread (one replica per expert, dealt round-robin); "after" is the planner's placement.
 A re-plan after 5% load drift from the planned placement shows how many replicas move.
+Then the wall time of one live rebalance (plan + two-phase rollout) on the `small` preset: `expertmesh up`
+with 2 pools of 40 slots (64 experts: 25% redundant), after a burst of generation.
 """
 
 from __future__ import annotations
@@ -37,6 +39,50 @@ def spread_balancedness(load: np.ndarray, pools: int) -> float:
     return float(np.mean(out))
 
 
+def rebalance_wall_time() -> None:
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from services.autoscaler.rebalance import propose
+    from services.autoscaler.rollout import rollout
+    from services.cli.gateway_client import GatewayClient
+    from services.cli.local_deployment import UpProcess
+    from services.common.load_store import RedisLoadStore
+    from services.common.model_writer import write_random_model
+    from services.common.placement_store import RedisPlacementStore
+    from services.common.presets import preset_config
+
+    model = Path(".cache/bench/small-fp8")
+    if not (model / "config.json").exists():
+        write_random_model(model, preset_config("small"), seed=0)
+    with tempfile.TemporaryDirectory() as home:
+        up = UpProcess(model, 2, "fp8", Path(home), extra=["--slots-per-pool", "40"])
+        try:
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(2, 16000, (32,), generator=g).tolist() for _ in range(16)]
+            client = GatewayClient(up.gateway, timeout_s=600)
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda p: client.generate(None, p, 16, ignore_eos=True), prompts))
+            client.close()
+            time.sleep(0.6)
+            store = RedisPlacementStore(up.redis)
+            started = time.perf_counter()
+            placement = store.get()
+            load = RedisLoadStore.from_url(up.redis, placement.layers, placement.num_experts).window(600)
+            proposal = propose(placement, load)
+            planned = time.perf_counter() - started
+            result = rollout(store, proposal.proposed, placement.version, grace_s=2.0)
+            total = time.perf_counter() - started
+        finally:
+            up.stop()
+    print(f"\nlive rebalance on the small preset (2 pools x 40 slots, 6 MoE layers x 64 experts): "
+          f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}; "
+          f"{result.loaded} replicas loaded, {result.unloaded} dropped; plan {planned:.2f} s, "
+          f"total {total:.2f} s including the 2.0 s grace before old replicas are dropped")
+
+
 def main() -> None:
     print(f"{LAYERS} layers x {EXPERTS} experts")
     print("| zipf s | pools x slots | redundant | plan s | balancedness before | after (mean / min layer) | re-plan s | re-plan balancedness | replicas moved after 5% drift |")
@@ -60,3 +106,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "--skip-rebalance" not in sys.argv:
+        rebalance_wall_time()
