@@ -52,6 +52,12 @@ def _call(address: str, method: str, refs: set, timeout: float) -> None:
             raise PoolUnavailableError(address, f"{method}: {exc.code().name}: {exc.details()}") from None
 
 
+def load_on_pool(address: str, refs: set, timeout_s: float = 120.0) -> None:
+    """Have one pool load replicas (returns once they serve)."""
+    if refs:
+        _call(address, "LoadExperts", refs, timeout_s)
+
+
 def rollout(store: RedisPlacementStore, new: Placement, expected_version: int, grace_s: float = DEFAULT_GRACE_S,
             timeout_s: float = 120.0) -> RolloutResult:
     started = time.monotonic()
@@ -61,8 +67,7 @@ def rollout(store: RedisPlacementStore, new: Placement, expected_version: int, g
     new.validate(old.layers, old.num_experts)
     gains, losses = diff(old, new)
     for pool, refs in gains.items():  # phase 1
-        if refs:
-            _call(new.pools[pool].address, "LoadExperts", refs, timeout_s)
+        load_on_pool(new.pools[pool].address, refs, timeout_s)
     published = store.publish(new, expected_version)  # phase 2
     time.sleep(grace_s)  # phase 3
     for pool, refs in losses.items():

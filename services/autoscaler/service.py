@@ -125,9 +125,41 @@ class Autoscaler:
             time.sleep(max(0.0, self.config.interval_s - (time.monotonic() - started)))
 
 
+def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str, str]], slots_per_pool: int = 0,
+              replicas: int = 1, timeout_s: float = 600.0) -> Placement | None:
+    """With no placement in Redis yet (a fresh cluster): spread the experts over the (pool id, address) pools,
+    have each pool load its share once it serves, then publish version 1. Does nothing if one exists."""
+    from services.autoscaler.rollout import load_on_pool
+    from services.common.config import ModelConfig
+    from services.common.placement import Pool
+
+    if store.get() is not None:
+        return None
+    cfg = ModelConfig.from_file(model_dir)
+    share = -(-cfg.n_routed_experts * replicas // len(pools))
+    slots = slots_per_pool or min(cfg.n_routed_experts, -(-share * 5 // 4))
+    pool_list = [Pool(pool_id, address, slots) for pool_id, address in pools]
+    placement = Placement.spread(cfg, pool_list, replicas=replicas)
+    deadline = time.monotonic() + timeout_s
+    for pool in pool_list:
+        while not pool_alive(pool.address):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pool {pool.pool_id} at {pool.address} did not come up")
+            time.sleep(1.0)
+        load_on_pool(pool.address, set(placement.experts_on(pool.pool_id)), timeout_s)
+    return store.publish(placement, expected_version=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="expertmesh autoscaler")
     ap.add_argument("--redis", required=True)
+    ap.add_argument("--model", help="checkpoint directory (for --bootstrap-pools)")
+    ap.add_argument("--bootstrap-pools", type=int, default=0,
+                    help="with no placement yet, spread the experts over this many pools and publish it")
+    ap.add_argument("--pool-id-template", default="pool-{i}")
+    ap.add_argument("--pool-address-template", default="127.0.0.1:{i}")
+    ap.add_argument("--slots-per-pool", type=int, default=0)
+    ap.add_argument("--replicas-per-expert", type=int, default=1)
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     defaults = AutoscalerConfig()
     for name, value in vars(defaults).items():
@@ -136,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     config = AutoscalerConfig(**{name: getattr(args, name) for name in vars(defaults)})
     serve_metrics(args.metrics_port)
+    if args.bootstrap_pools:
+        if not args.model:
+            sys.exit("expertmesh autoscaler: --bootstrap-pools needs --model")
+        pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
+                 for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
+        bootstrap(RedisPlacementStore(args.redis), args.model, pools, args.slots_per_pool, args.replicas_per_expert)
     Autoscaler(args.redis, config, AutoscalerMetrics()).run()
 
 

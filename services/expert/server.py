@@ -161,7 +161,7 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from services.common.placement_store import load_placement
+    from services.common.placement_store import RedisPlacementStore, load_placement
 
     ap = argparse.ArgumentParser(description="expertmesh expert pool")
     ap.add_argument("--model", required=True, type=Path)
@@ -174,10 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    try:
-        experts = load_placement(args.redis, args.placement).experts_on(args.pool_id)
-    except InvalidRequestError as exc:
-        sys.exit(f"expertmesh pool: {exc}")
+    if args.redis and RedisPlacementStore(args.redis).get() is None:
+        experts = []  # a fresh cluster: the autoscaler's bootstrap (or a rollout) loads this pool's share
+    else:
+        try:
+            experts = load_placement(args.redis, args.placement).experts_on(args.pool_id)
+        except InvalidRequestError as exc:
+            sys.exit(f"expertmesh pool: {exc}")
     torch.set_num_threads(max(1, args.threads))
     asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port, args.metrics_port))
 

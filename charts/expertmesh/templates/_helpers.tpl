@@ -1,0 +1,93 @@
+{{/* The chart's name. */}}
+{{- define "expertmesh.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: release name, with the chart name unless it already contains it. */}}
+{{- define "expertmesh.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every resource. */}}
+{{- define "expertmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "expertmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: expertmesh
+{{- end }}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "expertmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "expertmesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "expertmesh.componentLabels" -}}
+{{ include "expertmesh.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "expertmesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "expertmesh.redisUrl" -}}
+{{- if .Values.redis.external.url }}
+{{- .Values.redis.external.url }}
+{{- else }}
+{{- printf "redis://%s-redis:6379/0" (include "expertmesh.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.poolsService" -}}
+{{ include "expertmesh.fullname" . }}-pools
+{{- end }}
+
+{{/* The model volume, from a PVC or a hostPath. */}}
+{{- define "expertmesh.modelVolume" -}}
+- name: models
+{{- if eq .Values.model.volume.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.volume.claimName }}
+    readOnly: true
+{{- else }}
+  hostPath:
+    path: {{ .Values.model.volume.hostPath }}
+    type: Directory
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "expertmesh.modelMounts" -}}
+- name: models
+  mountPath: {{ .Values.model.volume.mountPath }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Environment every service shares. */}}
+{{- define "expertmesh.commonEnv" -}}
+- name: EXPERTMESH_REDIS_URL
+  value: {{ include "expertmesh.redisUrl" . | quote }}
+- name: HOME
+  value: /tmp
+{{- if .Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .Values.tracing.otlpEndpoint | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "expertmesh.gpu" -}}
+{{- if gt (int .gpu) 0 }}
+nvidia.com/gpu: {{ .gpu }}
+{{- end }}
+{{- end }}
