@@ -28,6 +28,7 @@ pip_install() {  # quiet pip; on failure print its log (less the index-location 
 # torch first, pinned: the CPU wheel on this machine's disk (a plain `torch` would pull the CUDA build)
 pip_install "torch==2.13.0"
 pip_install -e ".[kernels,test]"
+bash scripts/install_helm.sh >/dev/null  # the real helm binary, for the chart tests
 
 if [ -z "${SKIP_MAIN_JOB:-}" ]; then
   MODEL=.cache/models/tiny
