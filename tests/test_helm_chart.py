@@ -125,6 +125,8 @@ def test_autoscaler_rbac_is_scoped(rendered):
     assert lease["resourceNames"] == ["demo-expertmesh-autoscaler"]
     for r in role["rules"]:
         assert "*" not in r["verbs"] and "delete" not in r["verbs"] and "secrets" not in r["resources"]
+    args = one(docs, "Deployment", "-autoscaler")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--lease=demo-expertmesh-autoscaler" in args and "--statefulset=demo-expertmesh-pools" in args
     binding = one(docs, "RoleBinding", "-autoscaler")
     deploy = one(docs, "Deployment", "-autoscaler")
     assert binding["subjects"][0]["name"] == deploy["spec"]["template"]["spec"]["serviceAccountName"]

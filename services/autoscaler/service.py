@@ -6,13 +6,17 @@
   the window's load and rolls the plan out in two phases, if the plan improves balancedness by at least
   `hysteresis` (so it does not flap on noise).
 
-Pool scaling (asking an actuator for more or fewer pools) is not here yet.
+- With an actuator (Kubernetes: `kubernetes_actuator.py`) and a pool capacity, utilisation (routed tokens/s per
+  pool over the capacity) above or below thresholds for `scale_patience` ticks asks for one pool more or
+  fewer, within [min_pools, max_pools]. With an elector, only the Lease holder acts.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +45,13 @@ class AutoscalerConfig:
     min_interval_s: float = 30.0
     min_tokens: int = 1000  # per window, summed over layers: less is noise
     grace_s: float = 2.0
+    # pool scaling (with an actuator): utilisation = routed tokens/s per pool / pool_capacity_tokens_s
+    pool_capacity_tokens_s: float = 0.0  # 0: no pool scaling
+    scale_up_above: float = 0.8
+    scale_down_below: float = 0.3
+    scale_patience: int = 3  # consecutive ticks beyond a threshold before acting
+    min_pools: int = 1
+    max_pools: int = 16
 
 
 def pool_alive(address: str, timeout_s: float = 1.0) -> bool:
@@ -63,9 +74,13 @@ def without_pools(placement: Placement, dead: set[str]) -> Placement:
 
 
 class Autoscaler:
-    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None, metrics: AutoscalerMetrics | None = None):
+    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None, metrics: AutoscalerMetrics | None = None,
+                 actuator=None, elector=None):
         self.config = config or AutoscalerConfig()
         self.metrics = metrics
+        self.actuator = actuator
+        self.elector = elector
+        self._pressure = 0  # consecutive ticks above (+) or below (-) the utilisation thresholds
         self.store = RedisPlacementStore(redis_url)
         self.redis_url = redis_url
         self.last_rebalance = float("-inf")
@@ -83,6 +98,8 @@ class Autoscaler:
             log.warning("pools %s are down: re-placing their experts", sorted(dead))
             plan_load = load + 1 if load.sum() == 0 else load
             return self._roll(propose(without_pools(placement, dead), plan_load).proposed, placement, "failover")
+        if self._scale(placement, load):
+            return None
         by_layer = {l: load[i].tolist() for i, l in enumerate(placement.layers)}
         self.last_balancedness = placement.balancedness(by_layer)
         if self.metrics:
@@ -98,6 +115,31 @@ class Autoscaler:
         log.info("balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)", self.last_balancedness,
                  cfg.threshold, proposal.balancedness_after, proposal.moves)
         return self._roll(proposal.proposed, placement, "rebalance")
+
+    def _scale(self, placement: Placement, load: np.ndarray) -> bool:
+        """Ask the actuator for one pool more or fewer when utilisation stays beyond a threshold."""
+        cfg = self.config
+        if self.actuator is None or cfg.pool_capacity_tokens_s <= 0:
+            return False
+        pools = len(placement.pools)
+        per_layer = load.sum() / max(1, len(placement.layers))  # tokens routed per layer in the window
+        utilisation = per_layer / cfg.window_s / pools / cfg.pool_capacity_tokens_s
+        if utilisation > cfg.scale_up_above and pools < cfg.max_pools:
+            self._pressure = max(self._pressure, 0) + 1
+        elif utilisation < cfg.scale_down_below and pools > cfg.min_pools:
+            self._pressure = min(self._pressure, 0) - 1
+        else:
+            self._pressure = 0
+        if abs(self._pressure) < cfg.scale_patience:
+            return False
+        target = pools + (1 if self._pressure > 0 else -1)
+        log.info("pool utilisation %.2f: scaling %d -> %d pools", utilisation, pools, target)
+        self._pressure = 0
+        try:
+            (self.actuator.scale_up if target > pools else self.actuator.scale_down)(target)
+        except Exception as exc:  # noqa: BLE001 - next tick tries again
+            log.warning("scaling to %d pools failed: %s", target, exc)
+        return True
 
     def _roll(self, new: Placement, old: Placement, why: str) -> RolloutResult | None:
         try:
@@ -119,7 +161,8 @@ class Autoscaler:
         while True:
             started = time.monotonic()
             try:
-                self.tick()
+                if self.elector is None or self.elector.try_acquire():
+                    self.tick()
             except Exception:  # noqa: BLE001 - Redis or a pool away: try again next interval
                 log.exception("autoscaler tick failed")
             time.sleep(max(0.0, self.config.interval_s - (time.monotonic() - started)))
@@ -160,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool-address-template", default="127.0.0.1:{i}")
     ap.add_argument("--slots-per-pool", type=int, default=0)
     ap.add_argument("--replicas-per-expert", type=int, default=1)
+    ap.add_argument("--kubernetes", action="store_true", help="in a cluster: scale the pool StatefulSet, elect a leader")
+    ap.add_argument("--statefulset", help="the pool StatefulSet (with --kubernetes)")
+    ap.add_argument("--lease", help="the Lease for leader election (with --kubernetes)")
+    ap.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    ap.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     defaults = AutoscalerConfig()
     for name, value in vars(defaults).items():
@@ -168,13 +216,25 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     config = AutoscalerConfig(**{name: getattr(args, name) for name in vars(defaults)})
     serve_metrics(args.metrics_port)
+    actuator = elector = None
+    if args.kubernetes:
+        from kubernetes import client, config as kube_config
+
+        from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseElector
+
+        kube_config.load_incluster_config()
+        elector = LeaseElector(client.CoordinationV1Api(), args.namespace, args.lease or "expertmesh-autoscaler",
+                               args.identity)
+        actuator = KubernetesActuator(client.AppsV1Api(), args.namespace, args.statefulset,
+                                      RedisPlacementStore(args.redis), lambda i: args.pool_id_template.format(i=i),
+                                      lambda i: args.pool_address_template.format(i=i), config.window_s, config.grace_s)
     if args.bootstrap_pools:
         if not args.model:
             sys.exit("expertmesh autoscaler: --bootstrap-pools needs --model")
         pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
                  for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
         bootstrap(RedisPlacementStore(args.redis), args.model, pools, args.slots_per_pool, args.replicas_per_expert)
-    Autoscaler(args.redis, config, AutoscalerMetrics()).run()
+    Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
 
 
 if __name__ == "__main__":

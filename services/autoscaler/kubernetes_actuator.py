@@ -1,0 +1,130 @@
+"""The autoscaler's Kubernetes side: scaling the expert-pool StatefulSet, and leader election on a Lease.
+
+Scale-up patches the StatefulSet's scale subresource, waits for the new pods (ordinals n..m-1, stable names)
+to serve, registers them in the placement and rebalances onto them. Scale-down first drains the pools with the
+highest ordinals (re-packing their replicas onto the others, two-phase), then lowers the scale, so no pod is
+removed while it still holds the only replica of an expert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from services.autoscaler.rebalance import propose
+from services.autoscaler.rollout import rollout
+from services.autoscaler.service import pool_alive, without_pools
+from services.common.load_store import RedisLoadStore
+from services.common.placement import Pool
+from services.common.placement_store import RedisPlacementStore
+
+log = logging.getLogger(__name__)
+
+
+class KubernetesActuator:
+    def __init__(self, apps: client.AppsV1Api, namespace: str, statefulset: str, store: RedisPlacementStore,
+                 pool_id_of: Callable[[int], str], address_of: Callable[[int], str], window_s: float = 30.0,
+                 grace_s: float = 2.0):
+        self.apps, self.namespace, self.statefulset = apps, namespace, statefulset
+        self.store = store
+        self.pool_id_of, self.address_of = pool_id_of, address_of
+        self.window_s, self.grace_s = window_s, grace_s
+
+    def replicas(self) -> int:
+        return int(self.apps.read_namespaced_stateful_set_scale(self.statefulset, self.namespace).spec.replicas)
+
+    def _patch_scale(self, replicas: int) -> None:
+        self.apps.patch_namespaced_stateful_set_scale(self.statefulset, self.namespace, {"spec": {"replicas": replicas}})
+
+    def _load(self, placement):
+        load = RedisLoadStore.from_url(self.store.url, placement.layers, placement.num_experts).window(self.window_s)
+        return load + 1 if load.sum() == 0 else load  # no recent load: plan for an even one
+
+    def scale_up(self, replicas: int, timeout_s: float = 600.0) -> None:
+        current = self.replicas()
+        if replicas <= current:
+            return
+        self._patch_scale(replicas)
+        placement = self.store.get()
+        slots = min(p.slots for p in placement.pools.values())
+        new = placement.copy()
+        deadline = time.monotonic() + timeout_s
+        for i in range(current, replicas):
+            address = self.address_of(i)
+            while not pool_alive(address):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pool {self.pool_id_of(i)} did not become ready in {timeout_s:.0f}s")
+                time.sleep(0.5)
+            new.pools[self.pool_id_of(i)] = Pool(self.pool_id_of(i), address, slots)
+        registered = self.store.publish(new, placement.version)
+        rollout(self.store, propose(registered, self._load(registered)).proposed, registered.version, self.grace_s)
+        log.info("scaled pools %d -> %d", current, replicas)
+
+    def scale_down(self, replicas: int) -> None:
+        current = self.replicas()
+        if replicas >= current or replicas < 1:
+            return
+        placement = self.store.get()
+        leaving = {self.pool_id_of(i) for i in range(replicas, current)} & set(placement.pools)
+        if leaving:
+            remaining = without_pools(placement, leaving)
+            rollout(self.store, propose(remaining, self._load(placement)).proposed, placement.version, self.grace_s)
+        self._patch_scale(replicas)  # only now: the drained pods hold nothing anyone routes to
+        log.info("scaled pools %d -> %d", current, replicas)
+
+
+class LeaseElector:
+    """Leader election on a coordination.k8s.io Lease: the holder renews it; others take it once it expires."""
+
+    def __init__(self, coordination: client.CoordinationV1Api, namespace: str, name: str, identity: str,
+                 lease_duration_s: int = 15):
+        self.api, self.namespace, self.name = coordination, namespace, name
+        self.identity, self.duration = identity, lease_duration_s
+
+    @staticmethod
+    def _now() -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def try_acquire(self) -> bool:
+        """Take or renew the Lease. True while this identity leads."""
+        now = self._now()
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = client.V1Lease(metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                                  spec=client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.duration,
+                                                          acquire_time=now, renew_time=now, lease_transitions=0))
+            try:
+                self.api.create_namespaced_lease(self.namespace, body)
+            except ApiException as exc2:
+                if exc2.status == 409:  # someone else created it first
+                    return False
+                raise
+            return True
+        spec = lease.spec
+        renewed = spec.renew_time or spec.acquire_time
+        if isinstance(renewed, str):
+            renewed = dt.datetime.fromisoformat(renewed.replace("Z", "+00:00"))
+        expired = renewed is None or (now - renewed).total_seconds() > (spec.lease_duration_seconds or self.duration)
+        if spec.holder_identity != self.identity and not expired:
+            return False
+        patch = {"spec": {"holderIdentity": self.identity, "renewTime": now.isoformat(),
+                          "leaseDurationSeconds": self.duration}}
+        if spec.holder_identity != self.identity:
+            patch["spec"].update(acquireTime=now.isoformat(), leaseTransitions=(spec.lease_transitions or 0) + 1)
+        if lease.metadata.resource_version:  # a real API server: only if nobody wrote it since we read it
+            patch["metadata"] = {"resourceVersion": lease.metadata.resource_version}
+        try:
+            self.api.patch_namespaced_lease(self.name, self.namespace, patch)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True

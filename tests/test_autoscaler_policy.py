@@ -1,0 +1,67 @@
+"""The autoscaler's pool-scaling decision (utilisation over a window, patience, bounds), on a real Redis.
+
+The actuator here only records what it is asked: the real ones are tested in test_kubernetes_actuator.py
+(Kubernetes, via kmock) and this test is about when the autoscaler asks."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from services.autoscaler.service import Autoscaler, AutoscalerConfig
+from services.common.config import ModelConfig
+from services.common.load_store import RedisLoadStore
+from services.common.placement import Placement, Pool
+from services.common.placement_store import RedisPlacementStore
+
+
+class RecordingActuator:
+    def __init__(self):
+        self.calls = []
+
+    def scale_up(self, n):
+        self.calls.append(("up", n))
+
+    def scale_down(self, n):
+        self.calls.append(("down", n))
+
+
+def test_sustained_utilisation_scales_up_and_idle_scales_down(redis_server, tiny_fp8):
+    cfg = ModelConfig.from_file(tiny_fp8)
+    RedisPlacementStore(redis_server.url).publish(Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"),
+                                                                         Pool("pool-1", "127.0.0.1:2")]))
+    actuator = RecordingActuator()
+    config = AutoscalerConfig(window_s=10, pool_capacity_tokens_s=100, scale_patience=2, min_pools=1, max_pools=3)
+    scaler = Autoscaler(redis_server.url, config, actuator=actuator)
+    placement = RedisPlacementStore(redis_server.url).get()
+    busy = np.full((len(cfg.moe_layers), cfg.n_routed_experts), 200)  # 3200 tokens/layer in 10 s: 160/s per pool
+    assert scaler._scale(placement, busy) is False  # one tick is not enough
+    assert scaler._scale(placement, busy) is True
+    assert actuator.calls == [("up", 3)]
+    idle = np.zeros_like(busy)
+    assert scaler._scale(placement, idle) is False
+    assert scaler._scale(placement, idle) is True
+    assert actuator.calls[-1] == ("down", 1)
+    normal = np.full_like(busy, 60)  # 960 / 10 s / 2 pools / 100 = 0.48: in band
+    for _ in range(5):
+        assert scaler._scale(placement, normal) is False
+    single = Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1")])
+    for _ in range(3):
+        scaler._scale(single, idle)
+    assert actuator.calls[-1] == ("down", 1)  # never below min_pools: no ("down", 0)
+
+
+def test_rebalance_needs_enough_tokens(redis_server, tiny_fp8, monkeypatch):
+    cfg = ModelConfig.from_file(tiny_fp8)
+    store = RedisPlacementStore(redis_server.url)
+    store.publish(Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"), Pool("pool-1", "127.0.0.1:2")]))
+    counts = np.zeros((len(cfg.moe_layers), cfg.n_routed_experts), np.int64)
+    counts[:, 0] = 10  # skewed, but only 20 tokens
+    RedisLoadStore.from_url(redis_server.url, cfg.moe_layers, cfg.n_routed_experts).write({int(time.time() // 5): counts})
+    import services.autoscaler.service as service
+
+    monkeypatch.setattr(service, "pool_alive", lambda address, timeout_s=1.0: True)  # these pools are addresses only
+    scaler = Autoscaler(redis_server.url, AutoscalerConfig(window_s=60, min_tokens=1000))
+    assert scaler.tick() is None and store.version() == 1  # skewed, but too few tokens to act on
+    assert scaler.last_balancedness is not None and scaler.last_balancedness < 0.85
