@@ -127,3 +127,39 @@ def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory,
         assert again["token_ids"] == expected[0].token_ids[:8]
     finally:
         up.stop()
+
+
+def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
+    """Local actuator: sustained load above the per-pool capacity starts a pool process; idleness drains and
+    stops it again."""
+    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path_factory.mktemp("scale"), autoscale=True,
+                   extra=["--pool-capacity", "20", "--max-pools", "3", "--autoscale-interval", "0.5",
+                          "--load-window", "3", "--rebalance-threshold", "0", "--slots-per-pool", "16"])
+    try:
+        store = RedisPlacementStore(up.redis)
+        prompts = _prompts(4, 3)
+        stop = time.monotonic() + 60
+        grew = None
+        client = GatewayClient(up.gateway, timeout_s=120)
+        while time.monotonic() < stop and grew is None:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda p: client.generate(None, p, 8, ignore_eos=True), prompts))
+            if len(store.get().pools) == 3:
+                grew = store.get()
+        assert grew is not None, "no pool was added under load"
+        newcomer = next(p for p in grew.pools if p not in ("pool-0", "pool-1"))
+        deadline = time.monotonic() + 30  # registered first, then a rebalance gives it experts
+        while not store.get().experts_on(newcomer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.get().experts_on(newcomer), "the new pool got no experts"
+        expected = engine_tiny.generate([prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+        assert client.generate(None, prompts[0], 8, ignore_eos=True)["token_ids"] == expected
+        deadline = time.monotonic() + 60
+        while len(store.get().pools) > 2 and time.monotonic() < deadline:
+            time.sleep(0.5)  # idle: utilisation 0 once the window has passed
+        assert len(store.get().pools) <= 2, "idle pools were not drained"
+        time.sleep(2.5)
+        assert client.generate(None, prompts[0], 8, ignore_eos=True)["token_ids"] == expected
+        client.close()
+    finally:
+        up.stop()

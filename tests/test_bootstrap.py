@@ -8,7 +8,7 @@ import sys
 
 from services.autoscaler.service import bootstrap
 from services.cli.pools_commands import pool_status
-from services.cli.up import free_port
+from services.common.processes import free_port
 from services.common.placement_store import RedisPlacementStore
 
 

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from services.autoscaler.rebalance import propose
-from services.autoscaler.rollout import rollout
-from services.autoscaler.service import pool_alive, without_pools
-from services.common.load_store import RedisLoadStore
+from services.autoscaler.actuation import add_pools, drain_pools
+from services.autoscaler.service import pool_alive
 from services.common.placement import Pool
 from services.common.placement_store import RedisPlacementStore
 
@@ -41,39 +39,29 @@ class KubernetesActuator:
     def _patch_scale(self, replicas: int) -> None:
         self.apps.patch_namespaced_stateful_set_scale(self.statefulset, self.namespace, {"spec": {"replicas": replicas}})
 
-    def _load(self, placement):
-        load = RedisLoadStore.from_url(self.store.url, placement.layers, placement.num_experts).window(self.window_s)
-        return load + 1 if load.sum() == 0 else load  # no recent load: plan for an even one
-
     def scale_up(self, replicas: int, timeout_s: float = 600.0) -> None:
         current = self.replicas()
         if replicas <= current:
             return
         self._patch_scale(replicas)
-        placement = self.store.get()
-        slots = min(p.slots for p in placement.pools.values())
-        new = placement.copy()
+        slots = min(p.slots for p in self.store.get().pools.values())
         deadline = time.monotonic() + timeout_s
+        new = []
         for i in range(current, replicas):
             address = self.address_of(i)
             while not pool_alive(address):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"pool {self.pool_id_of(i)} did not become ready in {timeout_s:.0f}s")
                 time.sleep(0.5)
-            new.pools[self.pool_id_of(i)] = Pool(self.pool_id_of(i), address, slots)
-        registered = self.store.publish(new, placement.version)
-        rollout(self.store, propose(registered, self._load(registered)).proposed, registered.version, self.grace_s)
+            new.append(Pool(self.pool_id_of(i), address, slots))
+        add_pools(self.store, new, self.window_s, self.grace_s)
         log.info("scaled pools %d -> %d", current, replicas)
 
     def scale_down(self, replicas: int) -> None:
         current = self.replicas()
         if replicas >= current or replicas < 1:
             return
-        placement = self.store.get()
-        leaving = {self.pool_id_of(i) for i in range(replicas, current)} & set(placement.pools)
-        if leaving:
-            remaining = without_pools(placement, leaving)
-            rollout(self.store, propose(remaining, self._load(placement)).proposed, placement.version, self.grace_s)
+        drain_pools(self.store, {self.pool_id_of(i) for i in range(replicas, current)}, self.window_s, self.grace_s)
         self._patch_scale(replicas)  # only now: the drained pods hold nothing anyone routes to
         log.info("scaled pools %d -> %d", current, replicas)
 

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.autoscaler.actuation import without_pools
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.common.errors import ExpertmeshError
@@ -61,16 +62,6 @@ def pool_alive(address: str, timeout_s: float = 1.0) -> bool:
         except grpc.RpcError:
             return False
     return status == health_pb2.HealthCheckResponse.SERVING
-
-
-def without_pools(placement: Placement, dead: set[str]) -> Placement:
-    remaining = placement.copy()
-    for pool in dead:
-        del remaining.pools[pool]
-    remaining.pinned = {(l, e, p) for l, e, p in remaining.pinned if p not in dead}
-    for layer in remaining.layers:
-        remaining.replicas[layer] = [[p for p in r if p not in dead] for r in remaining.replicas[layer]]
-    return remaining
 
 
 class Autoscaler:
@@ -204,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slots-per-pool", type=int, default=0)
     ap.add_argument("--replicas-per-expert", type=int, default=1)
     ap.add_argument("--kubernetes", action="store_true", help="in a cluster: scale the pool StatefulSet, elect a leader")
+    ap.add_argument("--local-pools", action="store_true", help="scale pools as local processes (expertmesh up)")
+    ap.add_argument("--pool-threads", type=int, default=1)
+    ap.add_argument("--log-dir", help="where local pool processes log")
     ap.add_argument("--statefulset", help="the pool StatefulSet (with --kubernetes)")
     ap.add_argument("--lease", help="the Lease for leader election (with --kubernetes)")
     ap.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
@@ -234,6 +228,15 @@ def main(argv: list[str] | None = None) -> None:
         pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
                  for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
         bootstrap(RedisPlacementStore(args.redis), args.model, pools, args.slots_per_pool, args.replicas_per_expert)
+    if args.local_pools:
+        if not args.model:
+            sys.exit("expertmesh autoscaler: --local-pools needs --model")
+        from pathlib import Path
+
+        from services.autoscaler.local_actuator import LocalActuator
+
+        actuator = LocalActuator(RedisPlacementStore(args.redis), args.model, args.pool_threads, config.window_s,
+                                 config.grace_s, Path(args.log_dir) if args.log_dir else None)
     Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
 
 

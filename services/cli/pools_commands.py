@@ -59,20 +59,12 @@ def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "
     others = sorted(p for p in placement.pools if p != pool)
     if not others:
         fail("cannot drain the only pool")
+    from services.autoscaler.actuation import planning_load, without_pools
     from services.autoscaler.rebalance import propose
     from services.common.errors import ExpertmeshError
-    from services.common.load_store import RedisLoadStore
 
-    remaining = placement.copy()
-    del remaining.pools[pool]
-    remaining.pinned = {(l, e, p) for l, e, p in remaining.pinned if p != pool}
-    for layer in remaining.layers:
-        remaining.replicas[layer] = [[p for p in r if p != pool] for r in remaining.replicas[layer]]
-    load = RedisLoadStore.from_url(store.url, placement.layers, placement.num_experts).window(window)
-    if load.sum() == 0:
-        load = load + 1  # no recent load: plan for an even one
-    try:
-        new = propose(remaining, load).proposed  # the planner re-packs onto the rest, moving as little as it can
+    try:  # the planner re-packs onto the rest, moving as little as it can
+        new = propose(without_pools(placement, {pool}), planning_load(store, placement, window)).proposed
     except ExpertmeshError as exc:
         fail(f"cannot drain {pool}: {exc}")
     apply_placement(store, new, placement.version, dry_run, as_json, f"drain {pool}")

@@ -7,7 +7,6 @@ process is killed outright (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 import typer
 
 from services.cli.output import fail
+from services.common.processes import die_with_parent, free_port
 
 STOP_GRACE_S = 5.0
 
@@ -33,19 +33,6 @@ def state_dir() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class Deployment:
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
@@ -53,7 +40,7 @@ class Deployment:
     def spawn(self, name: str, argv: list[str], log: Path) -> subprocess.Popen:
         out = open(log, "ab")
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         self.processes.append((name, proc))
         return proc
 
@@ -130,6 +117,10 @@ def up(
     rebalance_min_interval: float = typer.Option(30.0, "--rebalance-min-interval", help="Seconds between rebalances at least."),
     autoscale_interval: float = typer.Option(5.0, "--autoscale-interval", help="Seconds between autoscaler checks."),
     load_window: float = typer.Option(30.0, "--load-window", help="Seconds of load the autoscaler plans for."),
+    pool_capacity: float = typer.Option(0.0, "--pool-capacity", min=0.0,
+                                        help="Routed tokens/s one pool serves at full load; >0 lets the autoscaler "
+                                             "start and stop pool processes on utilisation."),
+    max_pools: int = typer.Option(8, "--max-pools", min=1, help="Most pools the autoscaler may run."),
     micro_batches: int = typer.Option(1, "--micro-batches", min=1,
                                       help="Gateway micro-batches per step (attention of one overlaps the pools' work)."),
 ) -> None:
@@ -204,7 +195,10 @@ def up(
             dep.spawn("autoscaler", [py, "-m", "services.autoscaler.service", "--redis", redis_url,
                                      "--interval-s", str(autoscale_interval), "--threshold", str(rebalance_threshold),
                                      "--min-interval-s", str(rebalance_min_interval), "--window-s", str(load_window),
-                                     "--metrics-port", str(metrics["autoscaler"])],
+                                     "--metrics-port", str(metrics["autoscaler"]), "--model", str(model),
+                                     "--local-pools", "--pool-threads", pool_threads, "--log-dir", str(logs),
+                                     "--pool-capacity-tokens-s", str(pool_capacity), "--min-pools", "1",
+                                     "--max-pools", str(max_pools)],
                       logs / "autoscaler.log")
         state = {"pid": os.getpid(), "gateway": gateway, "redis": redis_url, "model": str(model),
                  "dispatch_dtype": dispatch_dtype, "pools": {p.pool_id: p.address for p in pool_list},

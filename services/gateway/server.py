@@ -281,16 +281,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deadline", type=float, default=10.0, help="seconds per expert-pool call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    ap.add_argument("--placement-timeout", type=float, default=600.0, help="seconds to wait for a placement in Redis")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="split each step so attention of one part overlaps the pools' work on another")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    try:
-        placement = load_placement(args.redis, args.placement)
-    except InvalidRequestError as exc:
-        sys.exit(f"expertmesh gateway: {exc}")
+    deadline = time.monotonic() + args.placement_timeout
+    while True:  # on a fresh cluster the autoscaler publishes the first placement once the pools serve
+        try:
+            placement = load_placement(args.redis, args.placement)
+            break
+        except InvalidRequestError as exc:
+            if not args.redis or time.monotonic() > deadline:
+                sys.exit(f"expertmesh gateway: {exc}")
+            time.sleep(1.0)
     asyncio.run(serve(args.model, placement, args.dispatch_dtype, args.host, args.port, args.redis,
                       args.cache_tokens, args.deadline, args.micro_batches, args.metrics_port))
 
