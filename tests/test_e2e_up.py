@@ -279,3 +279,64 @@ def test_metrics_endpoints(fp32_up):
     pool = urllib.request.urlopen(state["metrics"]["pool-0"], timeout=5).read().decode()
     pairs = [l for l in pool.splitlines() if l.startswith("moe_pool_routed_pairs_total")]
     assert float(pairs[0].split()[-1]) > 0 and "moe_pool_experts_loaded" in pool
+
+
+def _metric(url, name):
+    import urllib.request
+
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_client_going_away_cancels_its_request(fp32_up):
+    import json as _json
+
+    metrics = _json.loads((fp32_up.home / "up.json").read_text())["metrics"]["gateway"]
+    with grpc.insecure_channel(fp32_up.gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        call = stub.Generate(gateway_pb2.GenerateRequest(token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(
+            max_tokens=5000, ignore_eos=True)), timeout=60)
+        for _, _ in zip(range(4), call):  # a few tokens arrive...
+            pass
+        assert _metric(metrics, "moe_gateway_requests_running") >= 1
+        call.cancel()  # ...and the client goes away
+    deadline = time.monotonic() + 5
+    while _metric(metrics, "moe_gateway_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(metrics, "moe_gateway_requests_running") == 0
+    assert _metric(metrics, "moe_gateway_kv_cache_usage_ratio") == 0.0  # its cache blocks were freed
+
+
+def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
+    """A pool told to stop answers the calls it already has, then refuses new ones and exits cleanly."""
+    import subprocess
+    import sys as _sys
+
+    from services.common.config import ModelConfig
+    from services.common.placement import Placement, Pool
+    from services.common.processes import free_port
+
+    cfg = ModelConfig.from_file(tiny_fp8)
+    port = free_port()
+    placement = Placement.spread(cfg, [Pool("pool-0", f"127.0.0.1:{port}")])
+    placement.save(tmp_path / "placement.json")
+    proc = subprocess.Popen([_sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8), "--pool-id",
+                             "pool-0", "--placement", str(tmp_path / "placement.json"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().startswith("READY")
+    n = 20000
+    request = expert_pool_pb2.ForwardRequest(
+        layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)), pair_token=list(range(n)) * 2,
+        pair_expert=[0] * n + [1] * n, pair_weight=[0.5] * (2 * n), response_dtype=1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 28),
+                                                             ("grpc.max_receive_message_length", 1 << 28)]) as channel:
+        stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
+        future = stub.Forward.future(request, timeout=60)
+        time.sleep(0.3)
+        assert not future.done()  # the call is in flight
+        proc.send_signal(signal.SIGTERM)
+        partial = wire.decode(future.result().partial, "partial")
+        assert partial.shape == (n, cfg.hidden_size) and bool(torch.isfinite(partial).all())
+        assert proc.wait(30) == 0

@@ -41,3 +41,10 @@ def test_dead_pools_are_routed_around_until_none_is_left(remote):
     remote.dead_for_s = 0.0
     remote._dead_until = {p: time.monotonic() - 1 for p in remote._dead_until}
     assert set(remote._assign(1, experts).tolist()) == {0, 1, 2}  # back after the dead period
+
+
+def test_excluded_pools_are_skipped_for_one_call_only(remote):
+    experts = torch.arange(16)
+    holder = remote.pool_ids.index("pool-1")
+    assert holder not in remote._assign(1, experts, exclude={holder}).tolist()
+    assert holder in remote._assign(1, experts).tolist()  # not marked dead

@@ -7,7 +7,8 @@ with a deadline; the BF16 (or fp32) partial sums that come back are added on the
 Replicas: an expert with several replicas has its tokens dealt over them in turn (by token count).
 Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
 `dead_for_s` passes) and the failed call's pairs are re-sent to other live replicas of the same experts; only
-when an expert has no live replica left does the step fail, with PoolUnavailableError.
+when an expert has no live replica left does the step fail, with PoolUnavailableError. A pool that answers
+FAILED_PRECONDITION (it no longer holds the expert: a rollout dropped it) is skipped for that call only.
 """
 
 from __future__ import annotations
@@ -87,20 +88,20 @@ class RemoteExperts:
                     self._stubs[pool_id] = expert_pool_pb2_grpc.ExpertPoolServiceStub(self._channels[pool_id])
 
     # ---- routing ----------------------------------------------------------------------------------------------
-    def _live_table(self, layer: int) -> torch.Tensor:
-        """[E, R] replica table with dead pools removed (-1), live replicas first."""
+    def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> torch.Tensor:
+        """[E, R] replica table with dead (and excluded) pools removed (-1), live replicas first."""
         table = self.replicas[layer]
         now = time.monotonic()
-        dead = [i for i, p in enumerate(self.pool_ids) if self._dead_until.get(p, 0) > now]
+        dead = [i for i, p in enumerate(self.pool_ids) if self._dead_until.get(p, 0) > now or i in exclude]
         if not dead:
             return table
         alive = (table >= 0) & ~torch.isin(table, torch.tensor(dead))
         order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
         return torch.where(alive, table, -1).gather(1, order)
 
-    def _assign(self, layer: int, pair_expert: torch.Tensor) -> torch.Tensor:
+    def _assign(self, layer: int, pair_expert: torch.Tensor, exclude: set[int] = frozenset()) -> torch.Tensor:
         """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas in turn."""
-        table = self._live_table(layer)  # [E, R]
+        table = self._live_table(layer, exclude)  # [E, R]
         count = (table >= 0).sum(1)[pair_expert]  # [P]
         if bool((count == 0).any()):
             expert = int(pair_expert[count == 0][0])
@@ -161,6 +162,7 @@ class RemoteExperts:
 
     def _collect(self, layer: int, hidden: torch.Tensor, calls: list[_Call], out: torch.Tensor, span) -> None:
         pending = calls
+        exclude: set[int] = set()  # pools that failed this call: not again for it
         for _ in range(len(self.pool_ids) + 1):  # each retry round excludes at least one more pool
             failed: list[_Call] = []
             for call in pending:
@@ -168,7 +170,11 @@ class RemoteExperts:
                 try:
                     response = call.future.result()
                 except grpc.RpcError as exc:
-                    self._mark_dead(pool_id, f"{exc.code().name}: {exc.details()}")
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # our request is wrong: no retry helps
+                        raise PoolUnavailableError(pool_id, f"rejected the batch: {exc.details()}") from None
+                    if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # not merely "expert not held here"
+                        self._mark_dead(pool_id, f"{exc.code().name}: {exc.details()}")
+                    exclude.add(call.pool)
                     if self.metrics:
                         self.metrics.pool_failures.labels(pool_id).inc()
                     failed.append(call)
@@ -185,7 +191,7 @@ class RemoteExperts:
             ctx = otel_context.attach(trace.set_span_in_context(span))
             try:
                 with self._lock:
-                    pending = self._send(layer, hidden, token, expert, weight, self._assign(layer, expert))
+                    pending = self._send(layer, hidden, token, expert, weight, self._assign(layer, expert, exclude))
             finally:
                 otel_context.detach(ctx)
         raise PoolUnavailableError("all", f"layer {layer}: retries exhausted")
