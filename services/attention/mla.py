@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.attention.batch import StepBatch
 from services.attention.kv_cache import PagedLatentCache
 from services.attention.rope import Rotary
 from services.common.config import ModelConfig
-from services.common.layers import rms_norm
+from services.common.layers import linear, rms_norm
 
 
 @dataclass
@@ -52,11 +51,11 @@ class MLA:
         """x [T, H] (normed) -> [T, H]. Writes the new tokens' latents to the cache, then attends."""
         t = x.shape[0]
         w, eps = self.w, self.cfg.rms_norm_eps
-        q_in = rms_norm(F.linear(x, w.q_a), w.q_a_norm, eps) if w.q_a is not None else x
-        q = F.linear(q_in, w.q_b).view(t, self.nh, self.dn + self.dr)  # [T, nh, nope + rope]
+        q_in = rms_norm(linear(x, w.q_a), w.q_a_norm, eps) if w.q_a is not None else x
+        q = linear(q_in, w.q_b).reshape(t, self.nh, self.dn + self.dr)  # [T, nh, nope + rope]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_pe = Rotary.apply(q_pe, cos, sin)  # [T, nh, R]
-        latent, k_pe = F.linear(x, w.kv_a).split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
+        latent, k_pe = linear(x, w.kv_a).split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
         cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, cos, sin))
 
         keys, pe_keys = cache.gather(layer, batch.key_slots)  # [B, L, C], [B, L, R]
@@ -81,4 +80,4 @@ class MLA:
             v = torch.einsum("blc,hdc->blhd", keys, self.w_uv)  # [B, L, nh, v]
             out = torch.einsum("bshl,blhd->bshd", probs, v)
         out = out[batch.query_valid]  # [T, nh, v]: (b, s) order is the flat token order
-        return F.linear(out.reshape(t, self.nh * self.dv), w.o)
+        return linear(out.reshape(t, self.nh * self.dv), w.o)

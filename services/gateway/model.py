@@ -10,7 +10,6 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.attention.batch import StepBatch
 from services.attention.kv_cache import PagedLatentCache
@@ -19,7 +18,7 @@ from services.attention.rope import Rotary
 from services.common.checkpoint import CheckpointReader
 from services.common.config import ModelConfig
 from services.common.experts import ExpertsBackend
-from services.common.layers import rms_norm, swiglu
+from services.common.layers import linear, rms_norm, swiglu
 from services.common.tensor_names import Kind, TensorSpec, layer_specs
 from services.common.weights import read_linear, read_plain
 from services.gateway.router import Router
@@ -120,7 +119,7 @@ class GatewayModel:
             x = x + pending() + shared  # [T, H]
         if not all_logits:
             x = x[batch.last_index]  # [B, H]
-        return F.linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+        return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
 
 
 def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.common.config import ModelConfig
+from services.common.layers import linear
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Router:
         """x [T, H] -> topk_idx [T, K] int64, topk_w [T, K] fp32."""
         cfg = self.cfg
         t = x.shape[0]
-        scores = F.linear(x.to(torch.float32), self.weight).sigmoid()  # [T, E]
+        scores = linear(x.to(torch.float32), self.weight).sigmoid()  # [T, E]
         choice = scores + self.bias  # [T, E]
         if cfg.n_group > 1:
             grouped = choice.view(t, cfg.n_group, cfg.experts_per_group)  # [T, G, E/G]
