@@ -13,7 +13,6 @@ messages), fp8 against bf16 dispatch, on the same routed batches.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import threading

@@ -5,7 +5,6 @@ against the in-process engine after every change."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 

@@ -311,7 +311,6 @@ def test_client_going_away_cancels_its_request(fp32_up):
 
 def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
     """A pool told to stop answers the calls it already has, then refuses new ones and exits cleanly."""
-    import subprocess
     import sys as _sys
 
     from services.common.config import ModelConfig
