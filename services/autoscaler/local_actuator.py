@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from services.autoscaler.service import pool_alive
 from services.common.placement import Pool
 from services.common.placement_store import RedisPlacementStore
 from services.common.processes import die_with_parent, free_port
+from services.expert.server import pool_argv
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ class LocalActuator:
             pool_id, port = f"pool-{next_ordinal + k}", free_port()
             out = open(self.log_dir / f"{pool_id}.log", "ab") if self.log_dir else subprocess.DEVNULL
             self.started[pool_id] = subprocess.Popen(
-                [sys.executable, "-m", "services.expert.server", "--model", self.model_dir, "--pool-id", pool_id,
-                 "--redis", self.store.url, "--port", str(port), "--threads", str(self.threads)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                pool_argv(self.model_dir, pool_id, self.store.url, port, self.threads), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
             new.append(Pool(pool_id, f"127.0.0.1:{port}", slots))
         deadline = time.monotonic() + timeout_s
         for pool in new:

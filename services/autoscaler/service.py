@@ -21,14 +21,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.autoscaler.actuation import without_pools
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.common.errors import ExpertmeshError
+from services.common.health import is_serving as pool_alive
 from services.common.load_store import RedisLoadStore
 from services.common.metrics import AutoscalerMetrics, serve_metrics
 from services.common.placement import Placement
@@ -53,15 +52,6 @@ class AutoscalerConfig:
     scale_patience: int = 3  # consecutive ticks beyond a threshold before acting
     min_pools: int = 1
     max_pools: int = 16
-
-
-def pool_alive(address: str, timeout_s: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
-        except grpc.RpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 class Autoscaler:
@@ -165,13 +155,12 @@ def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str,
     have each pool load its share once it serves, then publish version 1. Does nothing if one exists."""
     from services.autoscaler.rollout import load_on_pool
     from services.common.config import ModelConfig
-    from services.common.placement import Pool
+    from services.common.placement import Pool, default_slots
 
     if store.get() is not None:
         return None
     cfg = ModelConfig.from_file(model_dir)
-    share = -(-cfg.n_routed_experts * replicas // len(pools))
-    slots = slots_per_pool or min(cfg.n_routed_experts, -(-share * 5 // 4))
+    slots = slots_per_pool or default_slots(cfg.n_routed_experts, replicas, len(pools))
     pool_list = [Pool(pool_id, address, slots) for pool_id, address in pools]
     placement = Placement.spread(cfg, pool_list, replicas=replicas)
     deadline = time.monotonic() + timeout_s

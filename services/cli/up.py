@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from services.cli.output import fail
+from services.common.health import wait_serving
 from services.common.processes import die_with_parent, free_port
 
 STOP_GRACE_S = 5.0
@@ -81,26 +82,6 @@ def _start_redis(dep: Deployment, logs: Path) -> str:
             time.sleep(0.05)
 
 
-def _wait_serving(address: str, dep: Deployment, timeout_s: float, name: str) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if dep.dead():
-                raise RuntimeError(f"{', '.join(dep.dead())} exited while starting")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} at {address} not SERVING after {timeout_s:.0f}s")
-            time.sleep(0.1)
-
-
 def up(
     model: Path = typer.Option(None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."),
     pools: int = typer.Option(2, "--pools", min=1, help="Expert-pool processes."),
@@ -127,8 +108,9 @@ def up(
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     from services.common.config import ModelConfig
     from services.common.errors import ExpertmeshError
-    from services.common.placement import Placement, Pool
+    from services.common.placement import Placement, Pool, default_slots
     from services.common.placement_store import RedisPlacementStore
+    from services.expert.server import pool_argv  # imports torch: only when starting pools
 
     if dispatch_dtype not in ("fp8", "bf16", "fp32"):
         fail(f"--dispatch-dtype must be fp8, bf16 or fp32, got {dispatch_dtype!r}")
@@ -164,8 +146,7 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     try:
         redis_url = redis_url or _start_redis(dep, logs)
-        share = -(-cfg.n_routed_experts * replicas // pools)
-        slots = slots_per_pool or min(cfg.n_routed_experts, -(-share * 5 // 4))
+        slots = slots_per_pool or default_slots(cfg.n_routed_experts, replicas, pools)
         pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}", slots) for i in range(pools)]
         try:
             placement = RedisPlacementStore(redis_url).publish(Placement.spread(cfg, pool_list, replicas=replicas))
@@ -178,9 +159,8 @@ def up(
         gateway_threads, pool_threads = str(max(1, cores // 2)), str(max(1, cores // (2 * pools)))
         metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
         for pool in pool_list:
-            dep.spawn(pool.pool_id, [py, "-m", "services.expert.server", "--model", str(model), "--pool-id", pool.pool_id,
-                                     "--redis", redis_url, "--port", pool.address.rsplit(":", 1)[1],
-                                     "--threads", pool_threads, "--metrics-port", str(metrics[pool.pool_id])],
+            dep.spawn(pool.pool_id, pool_argv(model, pool.pool_id, redis_url, int(pool.address.rsplit(":", 1)[1]),
+                                              int(pool_threads), metrics[pool.pool_id]),
                       logs / f"{pool.pool_id}.log")
         gateway = f"127.0.0.1:{grpc_port}"
         dep.spawn("gateway", [py, "-m", "services.gateway.server", "--model", str(model), "--redis", redis_url,
@@ -188,9 +168,12 @@ def up(
                               "--threads", gateway_threads, "--micro-batches", str(micro_batches),
                               "--metrics-port", str(metrics["gateway"])],
                   logs / "gateway.log")
+        def gone() -> str | None:
+            return f"{', '.join(dep.dead())} exited while starting" if dep.dead() else None
+
         for pool in pool_list:
-            _wait_serving(pool.address, dep, start_timeout, pool.pool_id)
-        _wait_serving(gateway, dep, start_timeout, "gateway")
+            wait_serving(pool.address, start_timeout, pool.pool_id, gone)
+        wait_serving(gateway, start_timeout, "gateway", gone)
         if autoscale:
             dep.spawn("autoscaler", [py, "-m", "services.autoscaler.service", "--redis", redis_url,
                                      "--interval-s", str(autoscale_interval), "--threshold", str(rebalance_threshold),
@@ -227,7 +210,7 @@ def up(
                 else:  # a pool or the autoscaler: the gateway routes around dead pools; the autoscaler re-places
                     typer.echo(f"expertmesh: {name} exited ({proc.returncode}); the others keep serving", err=True)
             time.sleep(0.2)
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"expertmesh: error: {exc}", err=True)
         dep.stop()
         raise typer.Exit(1)

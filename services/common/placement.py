@@ -14,6 +14,12 @@ from services.common.config import ModelConfig
 from services.common.errors import InvalidRequestError
 
 
+def default_slots(num_experts: int, replicas: int, pools: int) -> int:
+    """Experts per layer a pool may hold when not told: its initial share plus 25% room for redundant replicas."""
+    share = -(-num_experts * replicas // pools)
+    return min(num_experts, -(-share * 5 // 4))
+
+
 @dataclass(frozen=True)
 class Pool:
     pool_id: str

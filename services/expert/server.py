@@ -84,10 +84,10 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             bad = int(pair_expert.max())
             if bad >= self.cfg.n_routed_experts:
                 raise InvalidRequestError(f"expert {bad} out of range [0, {self.cfg.n_routed_experts})")
-            held = {e for (layer, e) in self.store.loaded() if layer == request.layer}
-            missing = sorted(set(pair_expert.tolist()) - held)
-            if missing:
-                raise ExpertNotHeldError(f"pool {self.pool_id} does not hold expert {missing[0]} of layer {request.layer}")
+            missing = pair_expert[~self.store.held_mask(request.layer)[pair_expert]]
+            if missing.numel():
+                raise ExpertNotHeldError(f"pool {self.pool_id} does not hold expert {int(missing.min())} "
+                                         f"of layer {request.layer}")
             if not bool(torch.isfinite(pair_weight).all()):
                 raise InvalidRequestError("pair_weight holds a non-finite value")
         if not bool(torch.isfinite(hidden).all()):
@@ -156,6 +156,13 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
     print(f"READY {managed.address}", flush=True)
     await managed.wait_for_stop()
     servicer.compute.shutdown(wait=True)
+
+
+def pool_argv(model_dir: str | Path, pool_id: str, redis_url: str, port: int, threads: int = 1,
+              metrics_port: int = 0) -> list[str]:
+    """The command line of a local pool process (for `expertmesh up` and the local actuator)."""
+    return [sys.executable, "-m", "services.expert.server", "--model", str(model_dir), "--pool-id", pool_id,
+            "--redis", redis_url, "--port", str(port), "--threads", str(threads), "--metrics-port", str(metrics_port)]
 
 
 def main(argv: list[str] | None = None) -> None:

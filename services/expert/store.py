@@ -73,6 +73,15 @@ class ExpertStore:
     def loaded(self) -> list[tuple[int, int]]:
         return sorted(self._fp8)
 
+    def held_mask(self, layer: int) -> torch.Tensor:
+        """[E] bool: which experts of `layer` this store holds (from the layer's stack when one is built)."""
+        stack = self._stacks.get(layer)
+        if stack is not None:
+            return stack.row_of_expert >= 0
+        mask = torch.zeros(self.cfg.n_routed_experts, dtype=torch.bool)
+        mask[[e for (l, e) in self._fp8 if l == layer]] = True
+        return mask
+
     def compute_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, expert)
         stack = self._stacks.get(layer)

@@ -13,14 +13,13 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import grpc_status
 from services.common.errors import InvalidRequestError, PoolUnavailableError
-from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
+from services.common.grpc_server import ManagedServer
+from services.common.health import wait_serving
 from services.common.load_store import LoadRecorder, RedisLoadStore
 from services.common.metrics import GatewayMetrics, serve_metrics
 from services.common.placement import Placement
@@ -188,22 +187,9 @@ class PlacementFollower:
 
 def wait_for_pools(placement: Placement, timeout_s: float) -> None:
     """Block until every pool of the placement reports SERVING."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     for pool in placement.pools.values():
-        with grpc.insecure_channel(pool.address, options=CHANNEL_OPTIONS) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"pool {pool.pool_id} at {pool.address} is not SERVING after {timeout_s}s")
-                time.sleep(0.1)
+        wait_serving(pool.address, max(0.0, deadline - time.monotonic()), f"pool {pool.pool_id}")
 
 
 class GatewayRuntime:
