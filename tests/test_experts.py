@@ -8,6 +8,7 @@ import torch
 from services.common.checkpoint import CheckpointReader
 from services.common.errors import ExpertNotHeldError, InvalidRequestError
 from services.common.layers import swiglu
+from services.common.packed_linear import packing_available
 from services.expert.grouped import grouped_expert_forward
 from services.expert.store import ExpertStore, LayerWeights
 
@@ -38,18 +39,42 @@ def _reference(store, hidden, idx, w):
     return out
 
 
+PATHS = {"_per_expert": "per active expert", "_batched": "padded bmm", "_all_experts": "all experts, packed"}
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-@pytest.mark.parametrize("stacked", [False, True])
-def test_grouped_equals_per_token_loop(store, tokens, stacked):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_grouped_path_equals_per_token_loop(store, tokens, path, monkeypatch):
+    import services.expert.grouped as grouped
+
+    if path == "_all_experts" and not packing_available():
+        pytest.skip("torch without oneDNN: no packed path")
+    if path != "_all_experts":
+        monkeypatch.setattr(grouped, "DENSE_MAX_TOKENS", 0)
+    if path == "_per_expert":
+        monkeypatch.setattr(grouped, "SMALL_GROUP_ROWS", 0)
+    taken = []
+    for name in PATHS:
+        real = getattr(grouped, name)
+        monkeypatch.setattr(grouped, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
     g = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(tokens, store.cfg.hidden_size, generator=g)
     idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(tokens)])
     w = torch.rand(tokens, 4, generator=g)
-    ours = grouped_expert_forward(hidden, idx, w, _Source(store, 1, stacked), 16)
+    ours = grouped_expert_forward(hidden, idx, w, _Source(store, 1, True), 16)
+    assert taken == [path]
     torch.testing.assert_close(ours, _reference(store, hidden, idx, w), rtol=1e-5, atol=1e-5)
 
 
-def test_batched_path_is_taken_for_decode_shapes(store, monkeypatch):
+def test_without_a_stack_experts_run_one_by_one(store):
+    hidden = torch.randn(40, store.cfg.hidden_size)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(40)])
+    w = torch.rand(40, 4)
+    ours = grouped_expert_forward(hidden, idx, w, _Source(store, 1, False), 16)
+    torch.testing.assert_close(ours, _reference(store, hidden, idx, w), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_shapes_never_loop_over_experts(store, monkeypatch):
     import services.expert.grouped as grouped
 
     calls = []
@@ -58,7 +83,7 @@ def test_batched_path_is_taken_for_decode_shapes(store, monkeypatch):
     hidden = torch.randn(8, store.cfg.hidden_size)
     idx = torch.stack([torch.randperm(16)[:4] for _ in range(8)])
     grouped.grouped_expert_forward(hidden, idx, torch.rand(8, 4), _Source(store, 1, True), 16)
-    assert calls == []  # 8 tokens x 4 experts over 16 held: one batched matmul chain, no per-expert loop
+    assert calls == []  # 8 tokens x 4 experts over 16 held: one batched/packed chain, no per-expert loop
 
 
 def test_partial_store_refuses_experts_it_does_not_hold(tiny_fp8):

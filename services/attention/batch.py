@@ -31,6 +31,7 @@ class StepBatch:
     attn_mask: torch.Tensor  # [B, S, L] bool: key visible to query (causal, within the sequence)
     last_index: torch.Tensor  # [B] flat index of each sequence's last new token
     seq_starts: list[int]  # flat offset of each sequence's chunk
+    uniform: bool = False  # every chunk has the same length: flat [T] is exactly [B, S] (all decode steps)
 
     @property
     def num_tokens(self) -> int:
@@ -42,43 +43,47 @@ class StepBatch:
         if not chunks:
             raise ValueError("empty step")
         b = len(chunks)
-        s_max = max(len(c.token_ids) for c in chunks)
-        ends = [c.seq.length + len(c.token_ids) for c in chunks]
-        l_max = max(ends)
-        token_ids, positions, slots, seq_starts = [], [], [], []
-        query_index = torch.zeros(b, s_max, dtype=torch.int64)
-        query_valid = torch.zeros(b, s_max, dtype=torch.bool)
-        key_slots = torch.zeros(b, l_max, dtype=torch.int64)
-        query_pos = torch.full((b, s_max), -1, dtype=torch.int64)
-        offset = 0
-        for i, chunk in enumerate(chunks):
-            n, start = len(chunk.token_ids), chunk.seq.length
-            if n == 0:
-                raise ValueError("a sequence in the step has no new tokens")
+        lengths = [len(c.token_ids) for c in chunks]
+        if 0 in lengths:
+            raise ValueError("a sequence in the step has no new tokens")
+        starts_list = [c.seq.length for c in chunks]
+        for chunk, n in zip(chunks, lengths):
             cache.reserve(chunk.seq, n)
-            seq_starts.append(offset)
-            token_ids.extend(chunk.token_ids)
-            positions.append(torch.arange(start, start + n))
-            slots.append(cache.slots(chunk.seq, start, n))
-            query_index[i, :n] = torch.arange(offset, offset + n)
-            query_valid[i, :n] = True
-            query_pos[i, :n] = torch.arange(start, start + n)
-            key_slots[i, : ends[i]] = cache.slots(chunk.seq, 0, ends[i])
-            chunk.seq.length = ends[i]
-            offset += n
+            chunk.seq.length += n
+        n = torch.tensor(lengths)  # [B]
+        start = torch.tensor(starts_list)  # [B]
+        end = start + n  # [B]
+        offset = torch.cumsum(n, 0) - n  # [B] flat offset of each chunk
+        s_max, l_max = max(lengths), int(end.max())
+        # [B, max blocks] block tables, padded with block 0 (padding keys are masked out)
+        width = max(len(c.seq.blocks) for c in chunks)
+        table = torch.tensor([c.seq.blocks + [0] * (width - len(c.seq.blocks)) for c in chunks])
+
+        def slot(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return table[seq, pos // cache.block_size] * cache.block_size + pos % cache.block_size
+
+        seq_of = torch.repeat_interleave(torch.arange(b), n)  # [T]
+        positions = start[seq_of] + torch.arange(int(n.sum())) - offset[seq_of]  # [T]
+        s_range = torch.arange(s_max)
+        query_valid = s_range[None, :] < n[:, None]  # [B, S]
+        query_index = torch.where(query_valid, offset[:, None] + s_range, 0)  # [B, S]
+        query_pos = torch.where(query_valid, start[:, None] + s_range, -1)  # [B, S]
         key_pos = torch.arange(l_max)
+        key_slots = torch.where(key_pos[None, :] < end[:, None],
+                                slot(torch.arange(b)[:, None], key_pos[None, :].clamp(max=width * cache.block_size - 1)), 0)
         attn_mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, S, L]
         attn_mask[:, :, 0] |= ~query_valid  # padded queries see one key: no all-masked rows
         return cls(
-            token_ids=torch.tensor(token_ids, dtype=torch.int64),
-            positions=torch.cat(positions),
-            slots=torch.cat(slots),
+            token_ids=torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64),
+            positions=positions,
+            slots=slot(seq_of, positions),
             query_index=query_index,
             query_valid=query_valid,
             key_slots=key_slots,
             attn_mask=attn_mask,
-            last_index=torch.tensor([s + len(c.token_ids) - 1 for s, c in zip(seq_starts, chunks)]),
-            seq_starts=seq_starts,
+            last_index=offset + n - 1,
+            seq_starts=offset.tolist(),
+            uniform=min(lengths) == s_max,
         )
 
     def to(self, device: torch.device | str) -> "StepBatch":

@@ -62,18 +62,11 @@ class PagedLatentCache:
     def usage(self) -> float:
         return 1.0 - self.free_blocks / self.num_blocks
 
-    # ---- slots -------------------------------------------------------------------------------
-    def slots(self, seq: SequenceBlocks, start: int, count: int) -> torch.Tensor:
-        """Flat slot indices of positions [start, start+count) of `seq` -> [count] int64."""
-        pos = torch.arange(start, start + count)
-        blocks = torch.tensor(seq.blocks, dtype=torch.int64)[pos // self.block_size]
-        return blocks * self.block_size + pos % self.block_size
-
+    # ---- slots: slot = block * block_size + offset (StepBatch.build maps positions to slots) ----------
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
         """latent [T, kv_lora] (already normed), k_pe [T, rope] (already roped) into `slots` [T]."""
         self.data[layer, slots] = torch.cat((latent, k_pe), dim=-1).to(self.data.dtype)
 
-    def gather(self, layer: int, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_slots [B, L] -> latent [B, L, kv_lora], k_pe [B, L, rope]."""
-        rows = self.data[layer][key_slots]  # [B, L, width]
-        return rows[..., : self.kv_lora_rank], rows[..., self.kv_lora_rank :]
+    def gather(self, layer: int, key_slots: torch.Tensor) -> torch.Tensor:
+        """key_slots [B, L] -> rows [B, L, kv_lora + rope]: the latent, then the roped k_pe."""
+        return self.data[layer].index_select(0, key_slots.reshape(-1)).view(*key_slots.shape, self.width)

@@ -19,19 +19,20 @@ from services.attention.kv_cache import PagedLatentCache
 from services.attention.rope import Rotary
 from services.common.config import ModelConfig
 from services.common.layers import linear, rms_norm
+from services.common.packed_linear import Linear
 
 
 @dataclass
 class MLAWeights:
     """Dense weights in the compute dtype (the gateway dequantizes FP8 attention weights at load)."""
 
-    q_a: torch.Tensor | None  # [q_lora, H]
+    q_a: Linear | None  # [q_lora, H]
     q_a_norm: torch.Tensor | None  # [q_lora]
-    q_b: torch.Tensor  # [nh * (nope + rope), q_lora or H] (q_proj when q_lora_rank is None)
-    kv_a: torch.Tensor  # [C + R, H]
+    q_b: Linear  # [nh * (nope + rope), q_lora or H] (q_proj when q_lora_rank is None)
+    kv_a: Linear  # [C + R, H]
     kv_a_norm: torch.Tensor  # [C]
-    kv_b: torch.Tensor  # [nh * (nope + v), C]
-    o: torch.Tensor  # [H, nh * v]
+    kv_b: torch.Tensor  # [nh * (nope + v), C] (folded into w_uk / w_uv, never applied as a linear)
+    o: Linear  # [H, nh * v]
 
 
 class MLA:
@@ -45,33 +46,39 @@ class MLA:
         self.w_uk = kv_b[:, : self.dn].contiguous()  # [nh, nope, C]
         self.w_uv = kv_b[:, self.dn :].contiguous()  # [nh, v, C]
         self.scale = cfg.softmax_scale
+        # q_a and kv_a read the same input: one GEMM for both (one weight pass, one call)
+        a = [w.q_a.weight] if w.q_a is not None else []
+        self.in_proj = Linear(torch.cat(a + [w.kv_a.weight])) if a else w.kv_a  # [(q_lora) + C + R, H]
+        self.q_lora = w.q_a.shape[0] if w.q_a is not None else 0
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. Writes the new tokens' latents to the cache, then attends."""
         t = x.shape[0]
         w, eps = self.w, self.cfg.rms_norm_eps
-        q_in = rms_norm(linear(x, w.q_a), w.q_a_norm, eps) if w.q_a is not None else x
+        a = linear(x, self.in_proj)  # [T, q_lora + C + R]
+        q_in = rms_norm(a[:, : self.q_lora], w.q_a_norm, eps) if self.q_lora else x
+        latent, k_pe = a[:, self.q_lora :].split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
         q = linear(q_in, w.q_b).reshape(t, self.nh, self.dn + self.dr)  # [T, nh, nope + rope]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_pe = Rotary.apply(q_pe, cos, sin)  # [T, nh, R]
-        latent, k_pe = linear(x, w.kv_a).split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
         cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, cos, sin))
 
-        keys, pe_keys = cache.gather(layer, batch.key_slots)  # [B, L, C], [B, L, R]
-        keys, pe_keys = keys.to(x.dtype), pe_keys.to(x.dtype)
-        qn = q_nope[batch.query_index]  # [B, S, nh, nope]
-        qp = q_pe[batch.query_index]  # [B, S, nh, R]
+        rows = cache.gather(layer, batch.key_slots).to(x.dtype)  # [B, L, C + R]: latent | roped k_pe
+        keys = rows[..., : self.c]  # [B, L, C]
         b, s = batch.query_index.shape
-        rope_scores = torch.einsum("bshr,blr->bshl", qp, pe_keys)  # [B, S, nh, L]
+        if batch.uniform:  # every chunk the same length: the flat tokens are exactly [B, S]
+            qn, qp = q_nope.view(b, s, self.nh, self.dn), q_pe.view(b, s, self.nh, self.dr)
+        else:
+            qn, qp = q_nope[batch.query_index], q_pe[batch.query_index]  # [B, S, nh, nope], [B, S, nh, R]
         if self.absorb:
             q_lat = torch.einsum("bshd,hdc->bshc", qn, self.w_uk)  # [B, S, nh, C]
-            scores = torch.bmm(q_lat.reshape(b, s * self.nh, self.c), keys.transpose(1, 2)).view(b, s, self.nh, -1)
+            q_cat = torch.cat((q_lat, qp), dim=-1).reshape(b, s * self.nh, self.c + self.dr)  # latent | rope parts
+            scores = torch.bmm(q_cat, rows.transpose(1, 2)).view(b, s, self.nh, -1)  # [B, S, nh, L]
         else:
             k_nope = torch.einsum("blc,hdc->blhd", keys, self.w_uk)  # [B, L, nh, nope]
-            scores = torch.einsum("bshd,blhd->bshl", qn, k_nope)
-        scores = (scores + rope_scores) * self.scale
-        scores = scores.masked_fill(~batch.attn_mask[:, :, None, :], float("-inf"))
+            scores = torch.einsum("bshd,blhd->bshl", qn, k_nope) + torch.einsum("bshr,blr->bshl", qp, rows[..., self.c :])
+        scores = (scores * self.scale).masked_fill_(~batch.attn_mask[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)  # [B, S, nh, L]
         if self.absorb:
             o_lat = torch.bmm(probs.reshape(b, s * self.nh, -1), keys).view(b, s, self.nh, self.c)
@@ -79,5 +86,5 @@ class MLA:
         else:
             v = torch.einsum("blc,hdc->blhd", keys, self.w_uv)  # [B, L, nh, v]
             out = torch.einsum("bshl,blhd->bshd", probs, v)
-        out = out[batch.query_valid]  # [T, nh, v]: (b, s) order is the flat token order
+        out = out.reshape(t, self.nh, self.dv) if batch.uniform else out[batch.query_valid]  # [T, nh, v]
         return linear(out.reshape(t, self.nh * self.dv), w.o)

@@ -109,8 +109,8 @@ class ExpertStore:
             row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
             row_of_expert[held] = torch.arange(len(held))
             dense = [self.compute_weights(layer, e) for e in held]
-            self._stacks[layer] = StackedExperts(row_of_expert, torch.stack([g for g, _ in dense]),
-                                                 torch.stack([d for _, d in dense]))
+            self._stacks[layer] = StackedExperts.build(row_of_expert, torch.stack([g for g, _ in dense]),
+                                                       torch.stack([d for _, d in dense]))
             for e in held:  # the stack is the one dense copy
                 self._dense.pop((layer, e), None)
         return self._stacks[layer]

@@ -19,6 +19,7 @@ from services.common.checkpoint import CheckpointReader
 from services.common.config import ModelConfig
 from services.common.experts import ExpertsBackend
 from services.common.layers import linear, rms_norm, swiglu
+from services.common.packed_linear import Linear
 from services.common.tensor_names import Kind, TensorSpec, layer_specs
 from services.common.weights import read_linear, read_plain
 from services.gateway.router import Router
@@ -26,8 +27,8 @@ from services.gateway.router import Router
 
 @dataclass
 class SwiGLUWeights:
-    gate_up: torch.Tensor  # [2I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Linear  # [2I, H]
+    down: Linear  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.gate_up, self.down)
@@ -46,7 +47,7 @@ class DecoderLayer:
 
 class GatewayModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: torch.Tensor, experts: ExpertsBackend, device: torch.device | str = "cpu"):
+                 lm_head: Linear, experts: ExpertsBackend, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.embed = embed  # [V, H]
         self.layers = layers
@@ -79,7 +80,7 @@ class GatewayModel:
                 progress(i + 1, cfg.num_hidden_layers)
         norm = tensor(TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM))
         lm_head = tensor(TensorSpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
-        return cls(cfg, embed, layers, norm, lm_head, experts, device)
+        return cls(cfg, embed, layers, norm, Linear(lm_head), experts, device)
 
     def set_absorb(self, absorb: bool) -> None:
         for layer in self.layers:
@@ -139,17 +140,18 @@ def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[t
 
 def _build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
     attn = MLA(cfg, MLAWeights(
-        q_a=w.get("self_attn.q_a_proj"),
+        q_a=Linear(w["self_attn.q_a_proj"]) if cfg.q_lora_rank else None,
         q_a_norm=w.get("self_attn.q_a_layernorm"),
-        q_b=w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"],
-        kv_a=w["self_attn.kv_a_proj_with_mqa"],
+        q_b=Linear(w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"]),
+        kv_a=Linear(w["self_attn.kv_a_proj_with_mqa"]),
         kv_a_norm=w["self_attn.kv_a_layernorm"],
         kv_b=w["self_attn.kv_b_proj"],
-        o=w["self_attn.o_proj"],
+        o=Linear(w["self_attn.o_proj"]),
     ), absorb=absorb)
 
     def mlp(prefix: str) -> SwiGLUWeights:
-        return SwiGLUWeights(torch.cat((w[f"{prefix}.gate_proj"], w[f"{prefix}.up_proj"])), w[f"{prefix}.down_proj"])
+        gate_up = torch.cat((w[f"{prefix}.gate_proj"], w[f"{prefix}.up_proj"]))
+        return SwiGLUWeights(Linear(gate_up), Linear(w[f"{prefix}.down_proj"]))
 
     moe = cfg.is_moe_layer(index)
     return DecoderLayer(

@@ -136,12 +136,13 @@ class Scheduler:
             for req, _ in in_step:
                 self._finish(req, error=exc)
             return True
+        greedy = logits.argmax(-1).tolist()  # [B]: one call for every greedy request of the step
         for row, (req, chunk) in enumerate(in_step):
             if req.fed < len(req.prompt):
                 req.fed += len(chunk)
                 if req.fed < len(req.prompt):
                     continue  # mid-prompt chunk: nothing to sample yet
-            token = req.sampler(logits[row])
+            token = greedy[row] if req.params.temperature == 0 else req.sampler(logits[row])
             req.output.append(token)
             p = req.params
             reason = None
@@ -162,6 +163,8 @@ class Scheduler:
             batch = StepBatch.build([SequenceChunk(in_step[r][0].seq, in_step[r][1]) for r in rows], self.cache)
             stages.append(self.model.forward_stages(batch.to(self.model.device), self.cache))
         outputs = run_interleaved(stages)
+        if len(groups) == 1:
+            return outputs[0].cpu()
         logits = torch.empty(len(in_step), outputs[0].shape[-1])
         for rows, out in zip(groups, outputs):
             logits[rows] = out.cpu()
