@@ -5,7 +5,7 @@
 Makes the preset model (FP8, seed 0) if needed; transformers gets the dequantized float32 copy (its FP8 path
 needs a GPU, and its CPU dequantization gets partial blocks wrong), so both compute the same numbers in fp32.
 Prefill tokens/s = B * prompt_len / t(generate 1 token); decode tokens/s = B * (N - 1) / (t(N) - t(1)), the
-same method for both. Also measures this machine's float32 matmul throughput and the fraction of it that the
+same method for both, each time the best of `--repeats` runs with the two engines interleaved. Also measures this machine's float32 matmul throughput and the fraction of it that the
 engine's decode reaches (FLOPs per token counted from the config: the active parameters plus attention).
 """
 
@@ -66,19 +66,12 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def bench_engine(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+def engine_runner(engine: Engine, batch: int, prompt_len: int):
     ids = prompts(batch, prompt_len, engine.cfg.vocab_size).tolist()
-
-    def run(n):
-        return engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True))
-
-    run(2)  # warm-up
-    t1 = timed(lambda: run(1), 2)
-    tn = timed(lambda: run(new_tokens), 1)
-    return batch * prompt_len / t1, batch * (new_tokens - 1) / (tn - t1)
+    return lambda n: engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True))
 
 
-def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> tuple[float, float]:
+def hf_runner(model, batch: int, prompt_len: int, vocab: int):
     ids = prompts(batch, prompt_len, vocab)
 
     def run(n):
@@ -86,10 +79,21 @@ def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) ->
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=0)
 
-    run(2)
-    t1 = timed(lambda: run(1), 2)
-    tn = timed(lambda: run(new_tokens), 1)
-    return batch * prompt_len / t1, batch * (new_tokens - 1) / (tn - t1)
+    return run
+
+
+def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Best of `repeats` for each runner, the runners interleaved within each repeat so that both see the same
+    machine (this shared 2-core VM drifts by +-15% over minutes). -> {name: (prefill tok/s, decode tok/s)}."""
+    for run in runners.values():
+        run(2)  # warm-up
+    t1 = {name: float("inf") for name in runners}
+    tn = dict(t1)
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t1[name] = min(t1[name], timed(lambda: run(1)))
+            tn[name] = min(tn[name], timed(lambda: run(new_tokens)))
+    return {name: (batch * prompt_len / t1[name], batch * (new_tokens - 1) / (tn[name] - t1[name])) for name in runners}
 
 
 def main() -> None:
@@ -101,6 +105,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/bench")
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="compute dtypes to run, both engines alike (float32: the parity dtype; bfloat16: the checkpoint's)")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
     ap.add_argument("--json", dest="json_out", help="also write the figures to this file")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -125,8 +130,10 @@ def main() -> None:
         n_params = sum(p.numel() for p in hf.parameters())
         rows = []
         for b in (int(x) for x in args.batches.split(",")):
-            e_pre, e_dec = bench_engine(engine, b, args.prompt_len, args.new_tokens)
-            h_pre, h_dec = bench_hf(hf, b, args.prompt_len, args.new_tokens, cfg.vocab_size)
+            got = measure({"engine": engine_runner(engine, b, args.prompt_len),
+                           "transformers": hf_runner(hf, b, args.prompt_len, cfg.vocab_size)},
+                          b, args.prompt_len, args.new_tokens, args.repeats)
+            (e_pre, e_dec), (h_pre, h_dec) = got["engine"], got["transformers"]
             context = args.prompt_len + args.new_tokens // 2
             frac = e_dec * decode_flops_per_token(cfg, context) / 1e9 / peak
             rows.append(dict(batch=b, engine_prefill_tok_s=e_pre, hf_prefill_tok_s=h_pre, engine_decode_tok_s=e_dec,

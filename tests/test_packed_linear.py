@@ -37,3 +37,10 @@ def test_small_weights_and_other_dtypes_stay_plain():
     assert small.packed is None and PACK_MIN_ELEMENTS > 64 * 64
     x = torch.randn(4, 64)
     torch.testing.assert_close(small(x), F.linear(x, small.weight))
+
+
+def test_packed_only_linear_names_a_wrong_input_dtype():
+    lin = Linear(torch.randn(1024, 512), pack=True, keep_plain=False)
+    assert lin.weight is None and lin.shape == (1024, 512)
+    with pytest.raises(TypeError, match=r"packed torch.float32 linear \[1024, 512\] called with a torch.bfloat16"):
+        lin(torch.randn(2, 512).bfloat16())
