@@ -2,15 +2,14 @@
 
 The (token, slot) pairs are sorted by expert once. Three ways to run the groups, same math:
   * per active expert: SwiGLU on its contiguous slice (few active experts, or very uneven groups);
-  * one batched matmul over a layer's stacked expert weights, groups zero-padded to the largest
-    (decode: most experts active with a few tokens each, where per-expert calls are all overhead).
-    Inactive experts in the stack are computed on zeros: a per-expert call costs about what reading four
-    experts' weights does, so this pays once a quarter of the held experts are active;
-  * on CPU with oneDNN, for decode-sized batches, every token through all held experts as two packed GEMMs
-    (gate/up of all experts at once, then one down projection over the routing-weighted activations, zero
-    for experts a token does not use). It reads each weight once, with no per-call weight packing: at
-    batch 32 on the `small` preset 4.8 ms per layer instead of 6.2 ms for the padded bmm, at batch 8
-    2.3 ms instead of ~4 ms (see BENCHMARKS.md).
+  * where torch has no packed CPU GEMM (CUDA): one batched matmul over a layer's stacked expert weights,
+    groups zero-padded to the largest (decode: most experts active with a few tokens each, where per-expert
+    calls are all overhead). Inactive experts in the stack are computed on zeros, which pays once a quarter
+    of the held experts are active;
+  * on CPU with oneDNN, when a cost model says so (decode-sized batches over many active experts), every token
+    through all held experts as two packed GEMMs (gate/up of all experts at once, then one down projection
+    over the routing-weighted activations, zero for experts a token does not use). Each weight is read once
+    with no per-call packing (MKL re-packs the weight on every call, which dominates at a few rows).
 The weighted outputs are summed back per token with one index_add (the pool's partial combine).
 """
 
@@ -29,10 +28,16 @@ from services.common.packed_linear import Linear, packing_available
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
 # one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.
 SMALL_GROUP_ROWS = 32
-# Up to this many tokens, all-experts packed GEMMs beat grouping. They are compute bound: their cost grows with
-# the tokens (~0.15 ms per token a layer at 64 experts of the `small` preset on 2 cores) while the padded bmm
-# stays near 6 ms, so they stop paying at about 40 tokens.
-DENSE_MAX_TOKENS = 40
+# CPU cost model choosing between the packed all-experts GEMMs and one SwiGLU per active expert, fitted on the
+# CI machine (2 cores, AVX-512) at the `small` preset's sizes (H 512, I 128), float32, per MoE layer:
+#   all experts (T tokens, R held): 5.7-6.1 ms at T=32, R=64, 2 threads; 5.6-6.3 ms at T=32, R=32, 1 thread;
+#     3.3-3.7 ms at T=8, R=64, 2 threads (the weight-streaming floor)
+#   per active expert: 6.7-9.3 ms for 44 active, 2 threads; 4.4-5.2 ms for 23 active, 1 thread
+# so the packed GEMMs win in the engine's decode (2 threads, 64 experts) and lose in a 1-thread pool holding 32.
+PACKED_FLOPS_PER_THREAD = 70e9  # float32 FLOP/s of one thread in the packed GEMMs
+MEMORY_BYTES_PER_S = 20e9  # weight streaming, all threads
+EXPERT_CALL_S = 100e-6  # fixed cost of one expert's SwiGLU (three calls, slicing)
+ONE_CALL_BYTES_PER_S = 10e9  # weight streaming of one small GEMM
 
 
 @dataclass
@@ -80,9 +85,10 @@ def grouped_pairs_forward(hidden: torch.Tensor, pair_token: torch.Tensor, pair_e
     counts = torch.bincount(pair_expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
-    mostly_active = stacked is not None and 4 * active >= stacked.gate_up.shape[0]
-    if mostly_active and stacked.gate_up_all is not None and hidden.shape[0] <= DENSE_MAX_TOKENS:
+    packed = stacked is not None and stacked.gate_up_all is not None
+    if packed and _all_experts_pays(hidden, stacked, active):
         return _all_experts(hidden, pair_token, pair_expert, pair_weight, stacked)
+    mostly_active = not packed and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
 
     order = pair_expert.argsort(stable=True)  # pairs grouped by expert
     experts_sorted = pair_expert[order]  # [P]
@@ -106,6 +112,17 @@ def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWei
         outputs.append(swiglu(x_sorted[start:end], *weights.expert(expert)))
         start = end
     return torch.cat(outputs)
+
+
+def _all_experts_pays(hidden: torch.Tensor, stacked: StackedExperts, active: int) -> bool:
+    """Whether every token through every held expert (packed) costs less than a SwiGLU per active expert."""
+    t = hidden.shape[0]
+    r, h, i = stacked.down.shape
+    expert_bytes = 3 * h * i * hidden.element_size()
+    all_experts = max(t * r * 6.0 * h * i / (PACKED_FLOPS_PER_THREAD * torch.get_num_threads()),
+                      r * expert_bytes / MEMORY_BYTES_PER_S)
+    per_expert = active * (EXPERT_CALL_S + expert_bytes / ONE_CALL_BYTES_PER_S)
+    return all_experts < per_expert
 
 
 def _rows(stacked: StackedExperts, experts: torch.Tensor) -> torch.Tensor:
