@@ -53,13 +53,10 @@ def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
     return 2.0 * (sum(per_layer) + cfg.vocab_size * h)
 
 
-def timed(fn, repeats: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -30,7 +30,6 @@ class StepBatch:
     key_slots: torch.Tensor  # [B, L] cache slots of each sequence's keys (padding points at slot 0)
     attn_mask: torch.Tensor  # [B, S, L] bool: key visible to query (causal, within the sequence)
     last_index: torch.Tensor  # [B] flat index of each sequence's last new token
-    seq_starts: list[int]  # flat offset of each sequence's chunk
     uniform: bool = False  # every chunk has the same length: flat [T] is exactly [B, S] (all decode steps)
 
     @property
@@ -82,7 +81,6 @@ class StepBatch:
             key_slots=key_slots,
             attn_mask=attn_mask,
             last_index=offset + n - 1,
-            seq_starts=offset.tolist(),
             uniform=min(lengths) == s_max,
         )
 

@@ -26,10 +26,10 @@ from services.common.packed_linear import Linear
 class MLAWeights:
     """Dense weights in the compute dtype (the gateway dequantizes FP8 attention weights at load)."""
 
-    q_a: Linear | None  # [q_lora, H]
+    q_a: torch.Tensor | None  # [q_lora, H] (applied fused with kv_a)
     q_a_norm: torch.Tensor | None  # [q_lora]
     q_b: Linear  # [nh * (nope + rope), q_lora or H] (q_proj when q_lora_rank is None)
-    kv_a: Linear  # [C + R, H]
+    kv_a: torch.Tensor  # [C + R, H]
     kv_a_norm: torch.Tensor  # [C]
     kv_b: torch.Tensor  # [nh * (nope + v), C] (folded into w_uk / w_uv, never applied as a linear)
     o: Linear  # [H, nh * v]
@@ -47,8 +47,8 @@ class MLA:
         self.w_uv = kv_b[:, self.dn :].contiguous()  # [nh, v, C]
         self.scale = cfg.softmax_scale
         # q_a and kv_a read the same input: one GEMM for both (one weight pass, one call)
-        a = [w.q_a.weight] if w.q_a is not None else []
-        self.in_proj = Linear(torch.cat(a + [w.kv_a.weight])) if a else w.kv_a  # [(q_lora) + C + R, H]
+        a = [w.q_a] if w.q_a is not None else []
+        self.in_proj = Linear(torch.cat(a + [w.kv_a]))  # [(q_lora) + C + R, H]
         self.q_lora = w.q_a.shape[0] if w.q_a is not None else 0
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int,

@@ -140,10 +140,10 @@ def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[t
 
 def _build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
     attn = MLA(cfg, MLAWeights(
-        q_a=Linear(w["self_attn.q_a_proj"]) if cfg.q_lora_rank else None,
+        q_a=w.get("self_attn.q_a_proj"),
         q_a_norm=w.get("self_attn.q_a_layernorm"),
         q_b=Linear(w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"]),
-        kv_a=Linear(w["self_attn.kv_a_proj_with_mqa"]),
+        kv_a=w["self_attn.kv_a_proj_with_mqa"],
         kv_a_norm=w["self_attn.kv_a_layernorm"],
         kv_b=w["self_attn.kv_b_proj"],
         o=Linear(w["self_attn.o_proj"]),
