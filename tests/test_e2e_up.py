@@ -18,8 +18,10 @@ from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, gateway_pb2, ga
 from services.cli.gateway_client import GatewayClient
 from services.common import wire
 from services.common.placement_store import RedisPlacementStore
+from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
 from services.cli.local_deployment import UpProcess
+from tests.trained_model import held_out_windows
 
 pytestmark = pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
                                         for p in os.environ.get("PATH", "").split(os.pathsep)),
@@ -41,8 +43,8 @@ def fp32_up(tiny_fp8, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp8_up(tiny_fp8, tmp_path_factory):
-    up = UpProcess(tiny_fp8, pools=3, dispatch="fp8", home=tmp_path_factory.mktemp("up-fp8"))
+def fp8_up(tiny_trained_fp8, tmp_path_factory):
+    up = UpProcess(tiny_trained_fp8, pools=3, dispatch="fp8", home=tmp_path_factory.mktemp("up-fp8"))
     yield up
     up.stop()
 
@@ -78,31 +80,30 @@ def test_fp32_dispatch_score_matches_in_process(fp32_up, engine_tiny):
         assert [t["token_id"] for t in r["top"]] == [t for t, _ in l.top]
 
 
-def test_fp8_dispatch_top1_agreement(fp8_up, engine_tiny):
-    """FP8 dispatch (e4m3, one scale per 128 channels; BF16 back) against the exact in-process engine.
+def test_fp8_dispatch_top1_agreement(fp8_up, tiny_trained_fp8):
+    """FP8 dispatch (e4m3, one scale per 128 channels; BF16 back) against the exact in-process engine, on the
+    tiny model trained on Python source, scoring modules held out of its training (2016 positions).
 
-    e4m3 puts ~2.6% relative error on every expert input (the format's floor; measured 2.55% here). The random
-    tiny model has near-ties (10.6% of positions have a top-1/top-2 gap under 0.1 nat) and so does its router
-    (0.9% of token routings change), so its top-1 agreement sits near 97% (304/312); an in-process replay of the
-    pools' arithmetic finds 6 of its 9 flips at gaps under 0.04 nat and the rest behind a changed routing
-    (BENCHMARKS.md, "FP8 dispatch accuracy"). The issue's 99% needs a model with trained-like margins.
+    e4m3 puts ~2.6% relative error on every expert input (the format's floor). On random weights that flips
+    near-ties (97.4% agreement, max |dlogprob| 0.85: BENCHMARKS.md, "FP8 dispatch accuracy"); a trained model
+    has learned margins, and agreement is measured where it means something.
     """
+    engine = Engine.from_dir(tiny_trained_fp8, cache_tokens=4096, block_size=16)
     client = GatewayClient(fp8_up.gateway)
     agree = total = 0
     worst = 0.0
-    g = torch.Generator().manual_seed(3)
-    for _ in range(8):
-        ids = torch.randint(2, 1024, (40,), generator=g).tolist()
+    for ids in held_out_windows(tiny_trained_fp8):
         remote = client.score(None, ids, top_k=1)["positions"][1:]
-        local = engine_tiny.score(ids, top_k=1)[1:]
+        local = engine.score(ids, top_k=1)[1:]
         for r, l in zip(remote, local):
             total += 1
             agree += r["top"][0]["token_id"] == l.top[0][0]
             worst = max(worst, abs(r["logprob"] - l.logprob))
     client.close()
     print(f"\nfp8 dispatch: top-1 agreement {agree}/{total} = {agree / total:.4f}, max |dlogprob| {worst:.4f}")
-    assert agree / total >= 0.95
-    assert worst < 2.0  # fp8 activations perturb, they do not make a different model
+    assert total >= 2000
+    assert agree / total >= 0.99
+    assert worst < 0.5
 
 
 @pytest.mark.parametrize("request_kwargs,message", [

@@ -15,7 +15,7 @@ from services.common.checkpoint import CheckpointReader
 from services.common.model_writer import write_checkpoint
 
 SCALE_SUFFIX = "_scale_inv"
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def dequantized_tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -37,7 +37,7 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype =
         dst.mkdir(parents=True, exist_ok=True)
         cfg.write(dst, spelling)
         write_checkpoint(dst, dequantized_tensors(reader, dtype))
-    for name in _SIDE_FILES:
+    for name in SIDE_FILES:
         if (Path(src) / name).exists():
             shutil.copy(Path(src) / name, dst / name)
     return dst

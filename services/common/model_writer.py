@@ -62,35 +62,45 @@ def random_tensors(cfg: ModelConfig, seed: int, fp8: bool,
             progress(i + 1, len(specs))
 
 
+def checkpoint_tensors(spec: TensorSpec, value: torch.Tensor, fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One tensor's stored form: projections as FP8 blocks plus `_scale_inv` (BF16 without FP8), norms,
+    embeddings and the router in BF16, the routing bias in FP32, as DeepSeek's checkpoints store them."""
+    name = stored_name(spec)
+    if tuple(value.shape) != spec.shape:
+        raise ValueError(f"{name}: expected shape {list(spec.shape)}, got {list(value.shape)}")
+    if spec.kind is Kind.LINEAR and fp8:
+        lw = LinearWeight.quantized(value.float())
+        yield name, lw.weight
+        yield f"{name}_scale_inv", lw.scale_inv
+    elif spec.kind is Kind.BIAS:
+        yield name, value.float()
+    else:
+        yield name, value.to(torch.bfloat16)
+
+
 def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool,
                    residual_scale: float) -> Iterator[tuple[str, torch.Tensor]]:
-    name = stored_name(spec)
     if spec.kind is Kind.LINEAR:
-        w = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
+        value = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
         if spec.name.endswith(("down_proj", "o_proj")):
             # projections back into the residual stream get GPT-2's 1/sqrt(2 * layers): each layer nudges the
             # stream rather than replacing it, as in trained models
-            w = w * residual_scale
-        if fp8:
-            lw = LinearWeight.quantized(w)
-            yield name, lw.weight
-            yield f"{name}_scale_inv", lw.scale_inv
-        else:
-            yield name, w.to(torch.bfloat16)
+            value = value * residual_scale
     elif spec.kind is Kind.NORM:
-        yield name, (1.0 + 0.1 * torch.randn(spec.shape, generator=gen)).to(torch.bfloat16)
+        value = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
     elif spec.kind is Kind.EMBED and spec.name == "lm_head":
         # logits with a standard deviation of about 3: peaked enough for decisive greedy choices, not one-hot
-        yield name, (torch.randn(spec.shape, generator=gen) * 3 * spec.shape[1] ** -0.5).to(torch.bfloat16)
+        value = torch.randn(spec.shape, generator=gen) * 3 * spec.shape[1] ** -0.5
     elif spec.kind is Kind.EMBED:
-        yield name, torch.randn(spec.shape, generator=gen).to(torch.bfloat16)
+        value = torch.randn(spec.shape, generator=gen)
     elif spec.kind is Kind.ROUTER:
-        yield name, (torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5).to(torch.bfloat16)
+        value = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
     elif spec.kind is Kind.BIAS:
         # both signs, comparable to the spread of sigmoid scores: group masking and selection both matter
-        yield name, (torch.rand(spec.shape, generator=gen) - 0.5) * 0.4
+        value = (torch.rand(spec.shape, generator=gen) - 0.5) * 0.4
     else:  # pragma: no cover
         raise AssertionError(spec.kind)
+    yield from checkpoint_tensors(spec, value, fp8)
 
 
 def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0,
