@@ -52,7 +52,7 @@ def test_every_grouped_path_equals_per_token_loop(store, tokens, path, monkeypat
     monkeypatch.setattr(grouped, "_all_experts_pays", lambda *a: path == "_all_experts")
     if path == "_batched":  # the path of devices without packed GEMMs
         monkeypatch.setattr(grouped.StackedExperts, "build", lambda r, g, d: grouped.StackedExperts(r, g, d))
-        store._stacks.pop(1, None)
+        store._stacks.clear()
     if path == "_per_expert":
         monkeypatch.setattr(grouped, "SMALL_GROUP_ROWS", 0)
     taken = []
@@ -64,7 +64,7 @@ def test_every_grouped_path_equals_per_token_loop(store, tokens, path, monkeypat
     idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(tokens)])
     w = torch.rand(tokens, 4, generator=g)
     ours = grouped_expert_forward(hidden, idx, w, _Source(store, 1, True), 16)
-    store._stacks.pop(1, None)  # the next test builds its own
+    store._stacks.clear()  # the next test builds its own
     assert taken == [path]
     torch.testing.assert_close(ours, _reference(store, hidden, idx, w), rtol=1e-5, atol=1e-5)
 
@@ -103,3 +103,33 @@ def test_partial_store_refuses_experts_it_does_not_hold(tiny_fp8):
         s.load(0, 1)
     s.unload(1, 5)
     assert s.loaded() == [(1, 2)] and s.stacked(1).gate_up.shape[0] == 1
+
+
+@pytest.mark.parametrize("path", ["_per_expert", "_all_experts"])
+def test_reduced_precision_compute_stays_within_bfloat16_rounding(store, path, monkeypatch):
+    """fp8/bf16 dispatch is computed in bfloat16 (on hardware with native bf16) from the FP8 weights rounded to
+    bfloat16: within bfloat16's rounding of the exact float32 result, with a stack of its own per dtype."""
+    import services.expert.grouped as grouped
+
+    if path == "_all_experts" and not packing_available():
+        pytest.skip("torch without oneDNN: no packed path")
+    monkeypatch.setattr(grouped, "_all_experts_pays", lambda *a: path == "_all_experts")
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(24, store.cfg.hidden_size, generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(24)])
+    w = torch.rand(24, 4, generator=g)
+    ours = grouped_expert_forward(hidden, idx, w, LayerWeights(store, 1, torch.bfloat16), 16)
+    assert ours.dtype == torch.bfloat16
+    assert store.stacked(1, torch.bfloat16).gate_up.dtype == torch.bfloat16
+    assert store.stacked(1).gate_up.dtype == torch.float32  # the exact path keeps its own
+    ref = _reference(store, hidden.float(), idx, w)
+    rel = float((ours.float() - ref).norm() / ref.norm())
+    assert 0 < rel < 0.01, rel
+
+
+def test_compute_dtype_per_dispatch_format():
+    from services.expert.precision import compute_dtype, reduced_compute_dtype
+
+    assert compute_dtype(torch.float32) == torch.float32  # fp32 dispatch is exact
+    assert compute_dtype(torch.float8_e4m3fn) == compute_dtype(torch.bfloat16) == reduced_compute_dtype()
+    assert reduced_compute_dtype("cuda") == torch.bfloat16

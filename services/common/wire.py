@@ -46,16 +46,20 @@ def decode(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def encode_hidden(x: torch.Tensor, dispatch: str) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
-    """[N, H] activations in the dispatch format -> (hidden, scale or None)."""
-    if dispatch == "fp8":
-        q, s = kernels.act_quant(x)
-        return encode(q), encode(s)
-    if dispatch == "bf16":
-        return encode(x.to(torch.bfloat16)), None
-    if dispatch == "fp32":
-        return encode(x.to(torch.float32)), None
-    raise ValueError(f"unknown dispatch dtype {dispatch!r} (choose from {', '.join(DISPATCH_DTYPES)})")
+class DispatchRows:
+    """[T, H] activations put in the dispatch format once; any subset of rows is then encoded by indexing."""
+
+    def __init__(self, x: torch.Tensor, dispatch: str):
+        if dispatch == "fp8":
+            self.values, self.scales = kernels.act_quant(x)  # [T, H] e4m3, [T, ceil(H/128)] fp32
+        elif dispatch in ("bf16", "fp32"):
+            self.values, self.scales = x.to(torch.bfloat16 if dispatch == "bf16" else torch.float32), None
+        else:
+            raise ValueError(f"unknown dispatch dtype {dispatch!r} (choose from {', '.join(DISPATCH_DTYPES)})")
+
+    def encode(self, rows: torch.Tensor) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
+        """-> (hidden, scale or None) of `rows` [N]."""
+        return encode(self.values[rows]), None if self.scales is None else encode(self.scales[rows])
 
 
 def decode_hidden(hidden: tensor_pb2.Tensor, scale: tensor_pb2.Tensor | None, hidden_size: int) -> torch.Tensor:

@@ -33,8 +33,10 @@ SMALL_GROUP_ROWS = 32
 #   all experts (T tokens, R held): 5.7-6.1 ms at T=32, R=64, 2 threads; 5.6-6.3 ms at T=32, R=32, 1 thread;
 #     3.3-3.7 ms at T=8, R=64, 2 threads (the weight-streaming floor)
 #   per active expert: 6.7-9.3 ms for 44 active, 2 threads; 4.4-5.2 ms for 23 active, 1 thread
-# so the packed GEMMs win in the engine's decode (2 threads, 64 experts) and lose in a 1-thread pool holding 32.
-PACKED_FLOPS_PER_THREAD = 70e9  # float32 FLOP/s of one thread in the packed GEMMs
+# so in float32 the packed GEMMs win in the engine's decode (2 threads, 64 experts) and lose in a 1-thread pool
+# holding 32. bfloat16 (AVX512-BF16), 1 thread, R=32: all experts 0.72 / 0.96 / 1.42 / 2.34 / 4.45 ms at
+# T = 4 / 8 / 16 / 32 / 64; per active expert 0.55 ms for 4 active, 3.8 ms for 31.
+PACKED_FLOPS_PER_THREAD = {torch.float32: 70e9, torch.bfloat16: 200e9}  # FLOP/s of one thread, packed GEMMs
 MEMORY_BYTES_PER_S = 20e9  # weight streaming, all threads
 EXPERT_CALL_S = 100e-6  # fixed cost of one expert's SwiGLU (three calls, slicing)
 ONE_CALL_BYTES_PER_S = 10e9  # weight streaming of one small GEMM
@@ -119,7 +121,8 @@ def _all_experts_pays(hidden: torch.Tensor, stacked: StackedExperts, active: int
     t = hidden.shape[0]
     r, h, i = stacked.down.shape
     expert_bytes = 3 * h * i * hidden.element_size()
-    all_experts = max(t * r * 6.0 * h * i / (PACKED_FLOPS_PER_THREAD * torch.get_num_threads()),
+    flops = PACKED_FLOPS_PER_THREAD.get(hidden.dtype, PACKED_FLOPS_PER_THREAD[torch.float32])
+    all_experts = max(t * r * 6.0 * h * i / (flops * torch.get_num_threads()),
                       r * expert_bytes / MEMORY_BYTES_PER_S)
     per_expert = active * (EXPERT_CALL_S + expert_bytes / ONE_CALL_BYTES_PER_S)
     return all_experts < per_expert

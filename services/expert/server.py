@@ -23,6 +23,7 @@ from services.common.grpc_server import ManagedServer
 from services.common.metrics import PoolMetrics, serve_metrics
 from services.common.telemetry import setup_tracing, tracer
 from services.expert.grouped import grouped_pairs_forward
+from services.expert.precision import compute_dtype, reduced_compute_dtype
 from services.expert.store import ExpertStore, LayerWeights
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,14 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     async def Forward(self, request, context):
         started = time.monotonic()
         hidden, pair_token, pair_expert, pair_weight = self._validate(request)
+        dtype = compute_dtype(wire.TORCH_DTYPES[request.hidden.dtype], self.store.device.type)
         with tracer().start_as_current_span("expert.compute") as span:
             span.set_attribute("expertmesh.layer", request.layer)
             span.set_attribute("expertmesh.tokens", hidden.shape[0])
             span.set_attribute("expertmesh.pairs", pair_token.numel())
             out = await asyncio.get_running_loop().run_in_executor(
-                self.compute, grouped_pairs_forward, hidden, pair_token, pair_expert, pair_weight,
-                LayerWeights(self.store, request.layer), self.cfg.n_routed_experts)
+                self.compute, grouped_pairs_forward, hidden.to(dtype), pair_token, pair_expert, pair_weight,
+                LayerWeights(self.store, request.layer, dtype), self.cfg.n_routed_experts)
         self.forward_calls += 1
         self.routed_pairs += pair_token.numel()
         self.placement_version = max(self.placement_version, request.placement_version)
@@ -127,8 +129,8 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     def load(self, refs: list[tuple[int, int]]) -> None:
         for layer, expert in refs:
             self.store.load(layer, expert)
-        for layer in sorted({l for l, _ in refs}):
-            self.store.stacked(layer)
+        for layer in sorted({l for l, _ in refs}):  # for fp8 dispatch (the default); float32 ones on first use
+            self.store.stacked(layer, reduced_compute_dtype(self.store.device.type))
         self._held_metrics()
 
 

@@ -4,6 +4,9 @@ Only the experts asked for are read from the checkpoint. Weights stay FP8 in mem
 fused [2I, H] gate/up and the [H, I] down projection in the compute dtype) is made on use, or kept when
 `cache_dense` trades memory for speed (the CPU engine's default: dequantizing every step costs more than the
 matmul itself there).
+
+Compute forms are kept per compute dtype, each built on first use: the store's `dtype` (float32: exact) and, in
+a pool serving reduced-precision dispatch, `services.expert.precision.reduced_compute_dtype()`.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ class ExpertStore:
         self.cache_dense = cache_dense
         self.device = torch.device(device)
         self._fp8: dict[tuple[int, int], ExpertWeights] = {}
-        self._dense: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: dict[int, StackedExperts] = {}
+        self._dense: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[tuple[int, torch.dtype], StackedExperts] = {}  # (layer, compute dtype) -> stack
 
     def check(self, layer: int, expert: int) -> None:
         """Raises InvalidRequestError for a (layer, expert) that the model does not have."""
@@ -62,71 +65,80 @@ class ExpertStore:
             for lw in (gate, up, down):
                 lw.weight, lw.scale_inv = lw.weight.to(self.device), lw.scale_inv.to(self.device)
             self._fp8[key] = ExpertWeights(gate, up, down)
-            self._stacks.pop(layer, None)
+            self._drop_compute_forms(layer, expert)
         return self._fp8[key]
 
     def unload(self, layer: int, expert: int) -> None:
         self._fp8.pop((layer, expert), None)
-        self._dense.pop((layer, expert), None)
-        self._stacks.pop(layer, None)
+        self._drop_compute_forms(layer, expert)
+
+    def _drop_compute_forms(self, layer: int, expert: int) -> None:
+        for key in [k for k in self._dense if k[:2] == (layer, expert)]:
+            del self._dense[key]
+        for key in [k for k in self._stacks if k[0] == layer]:
+            del self._stacks[key]
 
     def loaded(self) -> list[tuple[int, int]]:
         return sorted(self._fp8)
 
     def held_mask(self, layer: int) -> torch.Tensor:
         """[E] bool: which experts of `layer` this store holds (from the layer's stack when one is built)."""
-        stack = self._stacks.get(layer)
+        stack = next((v for k, v in self._stacks.items() if k[0] == layer), None)
         if stack is not None:
             return stack.row_of_expert >= 0
         mask = torch.zeros(self.cfg.n_routed_experts, dtype=torch.bool)
         mask[[e for (l, e) in self._fp8 if l == layer]] = True
         return mask
 
-    def compute_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (layer, expert)
-        stack = self._stacks.get(layer)
+    def compute_weights(self, layer: int, expert: int,
+                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> gate_up [2I, H], down [H, I] in `dtype` (default: the store's)."""
+        dtype = dtype or self.dtype
+        stack = self._stacks.get((layer, dtype))
         if stack is not None and stack.row_of_expert[expert] >= 0:
             row = int(stack.row_of_expert[expert])
             return stack.gate_up[row], stack.down[row]
+        key = (layer, expert, dtype)
         if key in self._dense:
             return self._dense[key]
-        weights = self._fp8.get(key)
+        weights = self._fp8.get((layer, expert))
         if weights is None:
             raise ExpertNotHeldError(f"expert {expert} of layer {layer} is not held here")
-        dense = weights.dense(self.dtype)
+        dense = weights.dense(dtype)
         if self.cache_dense:
             self._dense[key] = dense
         return dense
 
-    def stacked(self, layer: int) -> StackedExperts | None:
-        """The layer's held experts stacked for batched compute (kept only with `cache_dense`)."""
+    def stacked(self, layer: int, dtype: torch.dtype | None = None) -> StackedExperts | None:
+        """The layer's held experts stacked in `dtype` for batched compute (kept only with `cache_dense`)."""
         if not self.cache_dense:
             return None
-        if layer not in self._stacks:
+        dtype = dtype or self.dtype
+        if (layer, dtype) not in self._stacks:
             held = [e for (l, e) in sorted(self._fp8) if l == layer]
             if not held:
                 return None
             row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
             row_of_expert[held] = torch.arange(len(held))
-            dense = [self.compute_weights(layer, e) for e in held]
-            self._stacks[layer] = StackedExperts.build(row_of_expert, torch.stack([g for g, _ in dense]),
-                                                       torch.stack([d for _, d in dense]))
+            dense = [self.compute_weights(layer, e, dtype) for e in held]
+            self._stacks[(layer, dtype)] = StackedExperts.build(row_of_expert, torch.stack([g for g, _ in dense]),
+                                                                torch.stack([d for _, d in dense]))
             for e in held:  # the stack is the one dense copy
-                self._dense.pop((layer, e), None)
-        return self._stacks[layer]
+                self._dense.pop((layer, e, dtype), None)
+        return self._stacks[(layer, dtype)]
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self._fp8.values())
 
 
 class LayerWeights:
-    """One layer's view of a store, as grouped compute asks for weights."""
+    """One layer's view of a store in one compute dtype, as grouped compute asks for weights."""
 
-    def __init__(self, store: ExpertStore, layer: int):
-        self.store, self.layer = store, layer
+    def __init__(self, store: ExpertStore, layer: int, dtype: torch.dtype | None = None):
+        self.store, self.layer, self.dtype = store, layer, dtype or store.dtype
 
     def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.compute_weights(self.layer, expert)
+        return self.store.compute_weights(self.layer, expert, self.dtype)
 
     def stacked(self) -> StackedExperts | None:
-        return self.store.stacked(self.layer)
+        return self.store.stacked(self.layer, self.dtype)

@@ -25,7 +25,7 @@ import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
+from expertmesh.v1 import expert_pool_pb2
 from services.common import wire
 from services.common.errors import PoolUnavailableError
 from services.common.experts import Pending
@@ -36,6 +36,7 @@ from services.common.telemetry import tracer
 log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0
 DEAD_FOR_S = 30.0
+FORWARD_METHOD = f"/{expert_pool_pb2.DESCRIPTOR.services_by_name['ExpertPoolService'].full_name}/Forward"
 MAX_CONCURRENT_CALLS = 64  # pool calls in flight at once (threads are made as needed, then reused)
 
 
@@ -46,7 +47,7 @@ class _Call:
     pair_token: torch.Tensor  # [P] the pairs sent (global token index)
     pair_expert: torch.Tensor  # [P]
     pair_weight: torch.Tensor  # [P]
-    future: Future  # -> ForwardResponse, or raises grpc.RpcError
+    future: Future | None  # -> ForwardResponse, or raises grpc.RpcError
     sent_at: float
 
 
@@ -61,7 +62,7 @@ class RemoteExperts:
         self.n_routed_experts = n_routed_experts
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, expert_pool_pb2_grpc.ExpertPoolServiceStub] = {}
+        self._forward: dict[str, grpc.UnaryUnaryMultiCallable] = {}  # pool -> Forward taking serialized bytes
         self._dead_until: dict[str, float] = {}
         self.bytes_sent = 0
         self.tokens_sent = 0
@@ -91,7 +92,11 @@ class RemoteExperts:
             for pool_id, pool in placement.pools.items():
                 if pool_id not in self._channels:
                     self._channels[pool_id] = grpc.insecure_channel(pool.address, options=CHANNEL_OPTIONS)
-                    self._stubs[pool_id] = expert_pool_pb2_grpc.ExpertPoolServiceStub(self._channels[pool_id])
+                    # requests are serialized on the calling thread, before any call starts: the caller threads
+                    # then hold the GIL only to hand bytes to grpc's core, not to build messages
+                    self._forward[pool_id] = self._channels[pool_id].unary_unary(
+                        FORWARD_METHOD, request_serializer=None,
+                        response_deserializer=expert_pool_pb2.ForwardResponse.FromString)
 
     # ---- routing ----------------------------------------------------------------------------------------------
     def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> torch.Tensor:
@@ -122,23 +127,29 @@ class RemoteExperts:
 
     def _send(self, layer: int, hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
               pair_weight: torch.Tensor, pool_of_pair: torch.Tensor) -> list[_Call]:
-        calls = []
+        rows = wire.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
+        prepared = []
         for p in torch.unique(pool_of_pair).tolist():
             mask = pool_of_pair == p
-            tokens = torch.unique(pair_token[mask])  # [N_p] the pool's tokens, each once
-            local = torch.searchsorted(tokens, pair_token[mask])  # pair -> row in the pool's batch
-            h, s = wire.encode_hidden(hidden[tokens], self.dispatch_dtype)
+            token, expert, weight = pair_token[mask], pair_expert[mask], pair_weight[mask]  # [P_p]
+            tokens = torch.unique(token)  # [N_p] the pool's tokens, each once
+            h, s = rows.encode(tokens)
             request = expert_pool_pb2.ForwardRequest(
-                layer=layer, hidden=h, hidden_scale=s, pair_token=local.tolist(),
-                pair_expert=pair_expert[mask].tolist(), pair_weight=pair_weight[mask].tolist(),
+                layer=layer, hidden=h, hidden_scale=s, pair_token=torch.searchsorted(tokens, token).tolist(),
+                pair_expert=expert.tolist(), pair_weight=weight.tolist(),
                 response_dtype=wire.response_dtype(self.dispatch_dtype), placement_version=self.placement.version)
-            self.bytes_sent += request.ByteSize()  # the whole message: activations, scales, pairs
-            self.tokens_sent += tokens.numel()
-            future = self._callers.submit(contextvars.copy_context().run, self._stubs[self.pool_ids[p]].Forward,
-                                          request, timeout=self.deadline_s)  # the caller's trace context goes along
-            calls.append(_Call(p, tokens, pair_token[mask], pair_expert[mask], pair_weight[mask], future, time.monotonic()))
+            prepared.append((_Call(p, tokens, token, expert, weight, None, 0.0), request.SerializeToString()))
+        calls = []
+        for call, data in prepared:
+            pool_id = self.pool_ids[call.pool]
+            self.bytes_sent += len(data)  # the whole message: activations, scales, pairs
+            self.tokens_sent += call.tokens.numel()
+            call.sent_at = time.monotonic()
+            call.future = self._callers.submit(contextvars.copy_context().run, self._forward[pool_id], data,
+                                               timeout=self.deadline_s)  # the caller's trace context goes along
+            calls.append(call)
             if self.metrics:
-                self.metrics.routed_tokens.labels(self.pool_ids[p]).inc(tokens.numel())
+                self.metrics.routed_tokens.labels(pool_id).inc(call.tokens.numel())
         return calls
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
