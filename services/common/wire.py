@@ -62,20 +62,21 @@ class DispatchRows:
         return encode(self.values[rows]), None if self.scales is None else encode(self.scales[rows])
 
 
-def decode_hidden(hidden: tensor_pb2.Tensor, scale: tensor_pb2.Tensor | None, hidden_size: int) -> torch.Tensor:
-    """The pool's side: -> [N, H] float32, checking shapes against the model."""
+def decode_hidden(hidden: tensor_pb2.Tensor, scale: tensor_pb2.Tensor | None, hidden_size: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The pool's side: -> [N, H] in the compute `dtype`, checking shapes against the model."""
     x = decode(hidden, "hidden")
     if x.dim() != 2 or x.shape[1] != hidden_size:
         raise InvalidRequestError(f"hidden: expected shape [N, {hidden_size}], got {list(x.shape)}")
     if x.dtype != torch.float8_e4m3fn:
-        return x.to(torch.float32)
+        return x.to(dtype)
     if scale is None or not scale.data:
         raise InvalidRequestError("hidden_scale: required with float8 hidden states")
     s = decode(scale, "hidden_scale")
     expect = (x.shape[0], -(-hidden_size // 128))
     if tuple(s.shape) != expect or s.dtype != torch.float32:
         raise InvalidRequestError(f"hidden_scale: expected float32 shape {list(expect)}, got {s.dtype} {list(s.shape)}")
-    return kernels.act_dequant(x, s, torch.float32)
+    return kernels.act_dequant(x, s, dtype)
 
 
 def response_dtype(dispatch: str) -> int:

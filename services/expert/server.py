@@ -46,14 +46,15 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     @grpc_status.unary
     async def Forward(self, request, context):
         started = time.monotonic()
-        hidden, pair_token, pair_expert, pair_weight = self._validate(request)
-        dtype = compute_dtype(wire.TORCH_DTYPES[request.hidden.dtype], self.store.device.type)
+        # unknown element types fall through to decode's INVALID_ARGUMENT
+        dtype = compute_dtype(wire.TORCH_DTYPES.get(request.hidden.dtype, torch.float32), self.store.device.type)
+        hidden, pair_token, pair_expert, pair_weight = self._validate(request, dtype)
         with tracer().start_as_current_span("expert.compute") as span:
             span.set_attribute("expertmesh.layer", request.layer)
             span.set_attribute("expertmesh.tokens", hidden.shape[0])
             span.set_attribute("expertmesh.pairs", pair_token.numel())
             out = await asyncio.get_running_loop().run_in_executor(
-                self.compute, grouped_pairs_forward, hidden.to(dtype), pair_token, pair_expert, pair_weight,
+                self.compute, grouped_pairs_forward, hidden, pair_token, pair_expert, pair_weight,
                 LayerWeights(self.store, request.layer, dtype), self.cfg.n_routed_experts)
         self.forward_calls += 1
         self.routed_pairs += pair_token.numel()
@@ -64,13 +65,13 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         dtype = torch.float32 if request.response_dtype == tensor_pb2.ELEMENT_TYPE_FLOAT32 else torch.bfloat16
         return expert_pool_pb2.ForwardResponse(partial=wire.encode(out.to(dtype)))
 
-    def _validate(self, request):
+    def _validate(self, request, dtype: torch.dtype):
         self.store.check(request.layer, 0)
         if request.response_dtype not in (tensor_pb2.ELEMENT_TYPE_UNSPECIFIED, tensor_pb2.ELEMENT_TYPE_FLOAT32,
                                           tensor_pb2.ELEMENT_TYPE_BFLOAT16):
             raise InvalidRequestError(f"response_dtype must be FLOAT32 or BFLOAT16, got {request.response_dtype}")
         hidden = wire.decode_hidden(request.hidden, request.hidden_scale if request.HasField("hidden_scale") else None,
-                                    self.cfg.hidden_size)
+                                    self.cfg.hidden_size, dtype)
         n = hidden.shape[0]
         if n > MAX_TOKENS_PER_CALL:
             raise InvalidRequestError(f"{n} tokens in one call exceed the limit of {MAX_TOKENS_PER_CALL}")
