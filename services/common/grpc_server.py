@@ -1,13 +1,16 @@
-"""What every expertmesh gRPC server shares: message limits, health, reflection, graceful stop on SIGTERM."""
+"""What every expertmesh gRPC server shares: message limits, health, reflection, draining stop on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.draining import DrainingInterceptor
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a 4096-token batch of V3 hidden states in fp32 is 117 MiB
 CHANNEL_OPTIONS = [
@@ -24,7 +27,8 @@ class ManagedServer:
     """A grpc.aio server bound to host:port with health (NOT_SERVING until `set_serving`) and reflection."""
 
     def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0):
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.draining = DrainingInterceptor(service_names)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.draining])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
@@ -49,10 +53,13 @@ class ManagedServer:
             loop.add_signal_handler(sig, self._stop.set)
 
     async def wait_for_stop(self) -> None:
-        """Until SIGTERM/SIGINT: then report NOT_SERVING, finish in-flight calls (up to the grace), stop."""
+        """Until SIGTERM/SIGINT: then report NOT_SERVING, refuse new calls, answer the running ones on open
+        connections (up to the grace: the rest are cancelled), and stop."""
         await self._stop.wait()
         await self.set_serving(False)
-        await self.server.stop(GRACE_SECONDS)
+        started = time.monotonic()
+        await self.draining.drain(GRACE_SECONDS)
+        await self.server.stop(max(0.0, GRACE_SECONDS - (time.monotonic() - started)))
 
     def request_stop(self) -> None:
         self._stop.set()
