@@ -328,7 +328,7 @@ def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
                              "pool-0", "--placement", str(tmp_path / "placement.json"), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().startswith("READY")
-    n = 20000
+    n = 40000  # ~1.5 s on 2 cores: still running when the signal comes at 0.3 s
     request = expert_pool_pb2.ForwardRequest(
         layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)), pair_token=list(range(n)) * 2,
         pair_expert=[0] * n + [1] * n, pair_weight=[0.5] * (2 * n), response_dtype=1)
