@@ -215,10 +215,20 @@ def test_pool_sigkill_fails_requests_promptly_then_serves_after_replacement(tiny
 
 
 def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
+    """Front to back: a generation running when `up` gets SIGTERM still gets all its tokens (the gateway stops
+    first and finishes it on live pools), then every process exits."""
     up = UpProcess(tiny_fp8, pools=2, dispatch="fp8", home=tmp_path_factory.mktemp("up-stop"), autoscale=True)
     children = up.child_pids()
     assert len(children) == 5  # redis, 2 pools, gateway, autoscaler
-    started = time.monotonic()
+    with grpc.insecure_channel(up.gateway) as channel:
+        stream = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
+            token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(max_tokens=150, ignore_eos=True)), timeout=60)
+        first = [next(stream) for _ in range(2)]  # it is running...
+        started = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)  # ...when the whole deployment is told to stop
+        rest = list(stream)
+    tokens = [t for r in first + rest for t in r.token_ids]
+    assert len(tokens) == 150 and rest[-1].finish_reason == "length"
     assert up.stop() == 0
     assert time.monotonic() - started < 15
     time.sleep(0.2)

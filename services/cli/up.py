@@ -1,8 +1,9 @@
 """`expertmesh up`: the whole platform as local processes — Redis, N expert pools, one gateway.
 
-Stops everything (children with SIGTERM, then SIGKILL after a grace) on Ctrl-C or SIGTERM, or when the
-gateway or Redis dies; a dead pool is reported and the rest keep serving. Children also get SIGTERM if this
-process is killed outright (PR_SET_PDEATHSIG).
+Stops everything on Ctrl-C or SIGTERM, or when the gateway or Redis dies, front to back: the gateway first (it
+refuses new requests and finishes the running ones while the pools still serve), then the autoscaler and the
+pools, Redis last; each stage gets SIGTERM, then SIGKILL after its grace. A dead pool is reported and the rest
+keep serving. Children also get SIGTERM if this process is killed outright (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from pathlib import Path
 import typer
 
 from services.cli.output import fail
+from services.common.grpc_server import GRACE_SECONDS
 from services.common.health import wait_serving
 from services.common.processes import die_with_parent, free_port
 
 STOP_GRACE_S = 5.0
+GATEWAY_STOP_GRACE_S = GRACE_SECONDS + 2.0  # its running requests get the servers' whole grace
+
+
+def stop_stage(name: str) -> int:
+    """0: the gateway; 1: the autoscaler and the pools; 2: Redis."""
+    return 0 if name == "gateway" else 2 if name == "redis" else 1
 
 
 def state_dir() -> Path:
@@ -49,16 +57,18 @@ class Deployment:
         return [f"{name} (exit {p.returncode})" for name, p in self.processes if p.poll() is not None]
 
     def stop(self) -> None:
-        for _, p in reversed(self.processes):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for _, p in self.processes:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for stage in sorted({stop_stage(name) for name, _ in self.processes}):
+            procs = [p for name, p in self.processes if stop_stage(name) == stage]
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + (GATEWAY_STOP_GRACE_S if stage == 0 else STOP_GRACE_S)
+            for p in procs:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
 
 def _start_redis(dep: Deployment, logs: Path) -> str:
