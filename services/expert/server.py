@@ -29,6 +29,7 @@ from services.expert.store import ExpertStore, LayerWeights
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
 MAX_TOKENS_PER_CALL = 65536
+INLINE_MAX_PAIRS = 256
 
 
 class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
@@ -41,6 +42,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         self.forward_calls = 0
         self.routed_pairs = 0
         self.placement_version = 0
+        self._managing = 0  # load/unload calls running on the compute thread (the store changes under them)
 
     # ---- inference -----------------------------------------------------------------------------------
     @grpc_status.unary
@@ -53,9 +55,12 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             span.set_attribute("expertmesh.layer", request.layer)
             span.set_attribute("expertmesh.tokens", hidden.shape[0])
             span.set_attribute("expertmesh.pairs", pair_token.numel())
-            out = await asyncio.get_running_loop().run_in_executor(
-                self.compute, grouped_pairs_forward, hidden, pair_token, pair_expert, pair_weight,
-                LayerWeights(self.store, request.layer, dtype), self.cfg.n_routed_experts)
+            args = (hidden, pair_token, pair_expert, pair_weight, LayerWeights(self.store, request.layer, dtype),
+                    self.cfg.n_routed_experts)
+            if pair_token.numel() <= INLINE_MAX_PAIRS and not self._managing:
+                out = grouped_pairs_forward(*args)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(self.compute, grouped_pairs_forward, *args)
         self.forward_calls += 1
         self.routed_pairs += pair_token.numel()
         self.placement_version = max(self.placement_version, request.placement_version)
@@ -111,16 +116,24 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         refs = [(r.layer, r.expert) for r in request.experts]
         for layer, expert in refs:
             self.store.check(layer, expert)
-        await asyncio.get_running_loop().run_in_executor(self.compute, self.load, refs)
+        await self.change_store(self.load, refs)
         return expert_pool_pb2.LoadExpertsResponse(loaded=len(refs))
 
     @grpc_status.unary
     async def UnloadExperts(self, request, context):
         refs = [(r.layer, r.expert) for r in request.experts]
-        await asyncio.get_running_loop().run_in_executor(
-            self.compute, lambda: [self.store.unload(l, e) for l, e in refs])
+        await self.change_store(lambda: [self.store.unload(l, e) for l, e in refs])
         self._held_metrics()
         return expert_pool_pb2.UnloadExpertsResponse(unloaded=len(refs))
+
+    async def change_store(self, fn, *args) -> None:
+        """Store changes run on the compute thread, after the compute queued before them; meanwhile no batch is
+        computed inline on the event loop."""
+        self._managing += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+        finally:
+            self._managing -= 1
 
     def _held_metrics(self) -> None:
         if self.metrics:
@@ -143,7 +156,7 @@ async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
     await managed.start()
-    await asyncio.get_running_loop().run_in_executor(servicer.compute, servicer.load, experts)
+    await servicer.change_store(servicer.load, experts)
     await managed.set_serving()
     log.info("pool %s serving %d experts on %s", pool_id, len(experts), managed.address)
     return managed, servicer
