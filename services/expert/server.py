@@ -29,6 +29,9 @@ from services.expert.store import ExpertStore, LayerWeights
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
 MAX_TOKENS_PER_CALL = 65536
+# Batches of up to this many (token, expert) pairs (decode) are computed on the event loop: handing them to the
+# compute thread costs ~1 ms a call in GIL contention with the loop. Larger ones (prefill) go to the thread, so
+# that health checks are answered while they run.
 INLINE_MAX_PAIRS = 256
 
 
