@@ -26,10 +26,10 @@ from services.common.packed_linear import Linear
 class MLAWeights:
     """Dense weights in the compute dtype (the gateway dequantizes FP8 attention weights at load)."""
 
-    q_a: torch.Tensor | None  # [q_lora, H] (applied fused with kv_a)
+    q_a: torch.Tensor | None  # [q_lora, H] (fused with kv_a into MLA.in_proj, then dropped here)
     q_a_norm: torch.Tensor | None  # [q_lora]
     q_b: Linear  # [nh * (nope + rope), q_lora or H] (q_proj when q_lora_rank is None)
-    kv_a: torch.Tensor  # [C + R, H]
+    kv_a: torch.Tensor | None  # [C + R, H] (fused into MLA.in_proj, then dropped here)
     kv_a_norm: torch.Tensor  # [C]
     kv_b: torch.Tensor  # [nh * (nope + v), C] (folded into w_uk / w_uv, never applied as a linear)
     o: Linear  # [H, nh * v]
@@ -50,6 +50,7 @@ class MLA:
         a = [w.q_a] if w.q_a is not None else []
         self.in_proj = Linear(torch.cat(a + [w.kv_a]))  # [(q_lora) + C + R, H]
         self.q_lora = w.q_a.shape[0] if w.q_a is not None else 0
+        w.q_a = w.kv_a = None  # in_proj is their one copy
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Per MoE layer, each pool gets the tokens routed to any expert it hosts, each token once, with that token's
 (expert, weight) pairs for the pool; all pools are called at once (blocking calls on a pool of long-lived
-threads, one channel per pool), every call with a deadline; the BF16 (or fp32) partial sums that come back are added on the gateway.
+threads, one channel per pool), every call with a deadline; the BF16 (or fp32) partial sums that come back are
+added on the gateway.
 
 Replicas: an expert with several replicas has its tokens dealt over them in turn (by token count).
 Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
