@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.attention.batch import SequenceChunk, StepBatch  # noqa: E402
 from services.attention.kv_cache import SequenceBlocks  # noqa: E402
 from services.cli.gateway_client import GatewayClient  # noqa: E402
-from services.cli.local_deployment import UpProcess  # noqa: E402
-from services.common.model_writer import write_random_model  # noqa: E402
-from services.common.placement_store import RedisPlacementStore  # noqa: E402
-from services.common.presets import preset_config  # noqa: E402
+from tests.local_deployment import UpProcess  # noqa: E402
+from services.format.model_writer import write_random_model  # noqa: E402
+from services.state.placement_store import RedisPlacementStore  # noqa: E402
+from services.format.presets import preset_config  # noqa: E402
 from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.remote_experts import RemoteExperts  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import ModelConfig  # noqa: E402
-from services.common.convert import dequantize_checkpoint  # noqa: E402
-from services.common.model_writer import write_random_model  # noqa: E402
-from services.common.presets import preset_config  # noqa: E402
+from services.format.config import ModelConfig  # noqa: E402
+from services.format.convert import dequantize_checkpoint  # noqa: E402
+from services.format.model_writer import write_random_model  # noqa: E402
+from services.format.presets import preset_config  # noqa: E402
 from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
 

@@ -48,11 +48,11 @@ def rebalance_wall_time() -> None:
     from services.autoscaler.rebalance import propose
     from services.autoscaler.rollout import rollout
     from services.cli.gateway_client import GatewayClient
-    from services.cli.local_deployment import UpProcess
-    from services.common.load_store import RedisLoadStore
-    from services.common.model_writer import write_random_model
-    from services.common.placement_store import RedisPlacementStore
-    from services.common.presets import preset_config
+    from tests.local_deployment import UpProcess
+    from services.state.load_store import RedisLoadStore
+    from services.format.model_writer import write_random_model
+    from services.state.placement_store import RedisPlacementStore
+    from services.format.presets import preset_config
 
     model = Path(".cache/bench/small-fp8")
     if not (model / "config.json").exists():

@@ -11,9 +11,9 @@ if not torch.cuda.is_available():  # Triton kernels run under the interpreter on
 
 import pytest  # noqa: E402
 
-from services.common.convert import dequantize_checkpoint  # noqa: E402
-from services.common.model_writer import write_random_model  # noqa: E402
-from services.common.presets import preset_config  # noqa: E402
+from services.format.convert import dequantize_checkpoint  # noqa: E402
+from services.format.model_writer import write_random_model  # noqa: E402
+from services.format.presets import preset_config  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from services.cli.app import app
 from services.cli.gateway_client import GatewayClient
-from services.cli.local_deployment import UpProcess
+from tests.local_deployment import UpProcess
 from services.gateway.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from services.cli.gateway_client import GatewayClient
-from services.cli.local_deployment import UpProcess
-from services.common.checkpoint import CheckpointReader
-from services.common.load_store import RedisLoadStore
-from services.common.model_writer import write_checkpoint
-from services.common.placement_store import RedisPlacementStore
+from tests.local_deployment import UpProcess
+from services.format.checkpoint import CheckpointReader
+from services.state.load_store import RedisLoadStore
+from services.format.model_writer import write_checkpoint
+from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
 

@@ -10,10 +10,10 @@ import time
 import numpy as np
 
 from services.autoscaler.service import Autoscaler, AutoscalerConfig
-from services.common.config import ModelConfig
-from services.common.load_store import RedisLoadStore
-from services.common.placement import Placement, Pool
-from services.common.placement_store import RedisPlacementStore
+from services.format.config import ModelConfig
+from services.state.load_store import RedisLoadStore
+from services.state.placement import Placement, Pool
+from services.state.placement_store import RedisPlacementStore
 
 
 class RecordingActuator:
@@ -61,7 +61,7 @@ def test_rebalance_needs_enough_tokens(redis_server, tiny_fp8, monkeypatch):
     RedisLoadStore.from_url(redis_server.url, cfg.moe_layers, cfg.n_routed_experts).write({int(time.time() // 5): counts})
     import services.autoscaler.service as service
 
-    monkeypatch.setattr(service, "pool_alive", lambda address, timeout_s=1.0: True)  # these pools are addresses only
+    monkeypatch.setattr(service, "is_serving", lambda address, timeout_s=1.0: True)  # these pools are addresses only
     scaler = Autoscaler(redis_server.url, AutoscalerConfig(window_s=60, min_tokens=1000))
     assert scaler.tick() is None and store.version() == 1  # skewed, but too few tokens to act on
     assert scaler.last_balancedness is not None and scaler.last_balancedness < 0.85

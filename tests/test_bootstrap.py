@@ -8,8 +8,8 @@ import sys
 
 from services.autoscaler.service import bootstrap
 from services.cli.pools_commands import pool_status
-from services.common.processes import free_port
-from services.common.placement_store import RedisPlacementStore
+from services.rpc.processes import free_port
+from services.state.placement_store import RedisPlacementStore
 
 
 def test_bootstrap_spreads_experts_over_fresh_pools(redis_server, tiny_fp8):

@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from kernels.reference import weight_quant
-from services.common.checkpoint import CheckpointReader
-from services.common.errors import CheckpointError
-from services.common.model_writer import write_random_model
-from services.common.presets import preset_config
-from services.common.tensor_names import expert_specs, model_specs, stored_name
-from services.common.weights import read_linear
+from services.format.checkpoint import CheckpointReader
+from services.errors import CheckpointError
+from services.format.model_writer import write_random_model
+from services.format.presets import preset_config
+from services.format.tensor_names import expert_specs, model_specs, stored_name
+from services.format.weights import read_linear
 from services.expert.store import ExpertStore
 
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from services.common.config import ModelConfig
-from services.common.errors import ConfigError
-from services.common.presets import preset_config
+from services.format.config import ModelConfig
+from services.errors import ConfigError
+from services.format.presets import preset_config
 
 
 def _write(tmp_path, d):

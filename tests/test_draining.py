@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.grpc_server import CHANNEL_OPTIONS, ManagedServer
+from services.rpc.grpc_server import CHANNEL_OPTIONS, ManagedServer
 
 SERVICE = "expertmesh.test.Slow"
 ANSWER_BYTES = 8 << 20

@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.cli.gateway_client import GatewayClient
-from services.common import wire
-from services.common.placement_store import RedisPlacementStore
+from services.dispatch import wire
+from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
-from services.cli.local_deployment import UpProcess
+from tests.local_deployment import UpProcess
 from tests.trained_model import held_out_windows
 
 pytestmark = pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
@@ -161,7 +161,7 @@ def test_malformed_batches_sent_to_a_pool(fp32_up, engine_tiny):
     # still serving, and a valid batch equals the in-process expert
     out = wire.decode(_pool_call(address, expert_pool_pb2.ForwardRequest(**good, response_dtype=1)).partial, "partial")
     hidden = wire.decode(h, "hidden")
-    from services.common.layers import swiglu
+    from services.math.layers import swiglu
     ref = 0.5 * swiglu(hidden, *engine_tiny.model.experts.store.compute_weights(layer, expert))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with grpc.insecure_channel(address) as channel:
@@ -326,9 +326,9 @@ def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
     """A pool told to stop answers the calls it already has, then refuses new ones and exits cleanly."""
     import sys as _sys
 
-    from services.common.config import ModelConfig
-    from services.common.placement import Placement, Pool
-    from services.common.processes import free_port
+    from services.format.config import ModelConfig
+    from services.state.placement import Placement, Pool
+    from services.rpc.processes import free_port
 
     cfg = ModelConfig.from_file(tiny_fp8)
     port = free_port()

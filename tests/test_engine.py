@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from services.attention.batch import SequenceChunk, StepBatch
-from services.attention.kv_cache import CacheFullError, PagedLatentCache, SequenceBlocks
-from services.common.errors import InvalidRequestError
+from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
+from services.errors import CacheFullError
+from services.errors import InvalidRequestError
 from services.gateway.sampling import SamplingParams
 
 
@@ -85,7 +86,7 @@ def test_score_is_consistent_with_generate(engine_tiny):
 
 
 def test_cache_refuses_when_full(tiny_fp8):
-    from services.common.config import ModelConfig
+    from services.format.config import ModelConfig
     cache = PagedLatentCache(ModelConfig.from_file(tiny_fp8), num_blocks=2, block_size=4)
     seq = SequenceBlocks()
     cache.reserve(seq, 8)

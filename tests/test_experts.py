@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.checkpoint import CheckpointReader
-from services.common.errors import ExpertNotHeldError, InvalidRequestError
-from services.common.layers import swiglu
-from services.common.packed_linear import packing_available
+from services.format.checkpoint import CheckpointReader
+from services.errors import ExpertNotHeldError, InvalidRequestError
+from services.math.layers import swiglu
+from services.math.packed_linear import packing_available
 from services.expert.grouped import grouped_expert_forward
 from services.expert.store import ExpertStore, LayerWeights
 

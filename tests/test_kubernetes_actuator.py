@@ -21,8 +21,8 @@ from kubernetes import client
 
 from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseElector
 from services.autoscaler.service import bootstrap
-from services.common.processes import free_port
-from services.common.placement_store import RedisPlacementStore
+from services.rpc.processes import free_port
+from services.state.placement_store import RedisPlacementStore
 
 NS, STS = "serving", "demo-expertmesh-pools"
 

@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from services.cli.app import app
-from services.common.config import ModelConfig
-from services.common.load_store import LoadRecorder, RedisLoadStore
-from services.common.placement import Placement, Pool
-from services.common.placement_store import RedisPlacementStore
+from services.format.config import ModelConfig
+from services.state.load_store import LoadRecorder, RedisLoadStore
+from services.state.placement import Placement, Pool
+from services.state.placement_store import RedisPlacementStore
 from tests.conftest import RedisServer
 
 LAYERS, E = [1, 2], 16
@@ -68,7 +68,7 @@ def test_recorder_buffers_through_an_outage_and_flushes_on_reconnect(redis_serve
 
 
 def test_recorder_buffer_is_bounded(monkeypatch):
-    import services.common.load_store as load_store
+    import services.state.load_store as load_store
 
     store = RedisLoadStore.from_url("redis://127.0.0.1:1/0", LAYERS, E)  # nothing listens there
     recorder = LoadRecorder(store, max_buckets=3)

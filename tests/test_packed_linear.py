@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.common.packed_linear import PACK_MIN_ELEMENTS, Linear, packing_available
+from services.math.packed_linear import PACK_MIN_ELEMENTS, Linear, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN")
 

@@ -14,9 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.common.presets import preset_config
-from services.common.model_writer import write_random_model
-from services.common.convert import dequantize_checkpoint
+from services.format.presets import preset_config
+from services.format.model_writer import write_random_model
+from services.format.convert import dequantize_checkpoint
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
 from services.attention.batch import SequenceChunk, StepBatch
@@ -47,10 +47,10 @@ def pair(request, tiny_fp8, tiny_fp8_dense, tmp_path_factory):
 
 
 def _experts_quantized_copy(src, dst):
-    from services.common.checkpoint import CheckpointReader
-    from services.common.model_writer import write_checkpoint
-    from services.common.tensor_names import model_specs, stored_name
-    from services.common.weights import read_linear
+    from services.format.checkpoint import CheckpointReader
+    from services.format.model_writer import write_checkpoint
+    from services.format.tensor_names import model_specs, stored_name
+    from services.format.weights import read_linear
 
     with CheckpointReader(src) as reader:
         def tensors():

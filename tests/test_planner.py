@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from services.autoscaler.planner import moves, plan, plan_layer, replica_counts
 from services.cli.app import app
-from services.common.errors import InvalidRequestError
+from services.errors import InvalidRequestError
 
 
 def zipf_load(layers, experts, seed=0, s=1.0):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from expertmesh.v1 import expert_pool_pb2
-from services.common import wire
-from services.common.checkpoint import CheckpointReader
+from services.dispatch import wire
+from services.format.checkpoint import CheckpointReader
 from services.expert import server as pool_server
 from services.expert.store import ExpertStore
 
@@ -56,7 +56,7 @@ def servicer(tiny_fp8, monkeypatch):
 
 
 def _expected(servicer, request) -> torch.Tensor:
-    from services.common.layers import swiglu
+    from services.math.layers import swiglu
 
     hidden = wire.decode(request.hidden, "hidden")
     out = torch.zeros_like(hidden)

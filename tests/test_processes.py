@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from services.common.processes import _ephemeral_low, free_port
+from services.rpc.processes import _ephemeral_low, free_port
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from services.common.config import ModelConfig
-from services.common.errors import PoolUnavailableError
-from services.common.placement import Placement, Pool
+from services.format.config import ModelConfig
+from services.errors import PoolUnavailableError
+from services.state.placement import Placement, Pool
 from services.gateway.remote_experts import RemoteExperts
 
 

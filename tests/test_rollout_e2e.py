@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from services.cli.app import app
 from services.cli.gateway_client import GatewayClient
-from services.cli.local_deployment import UpProcess
-from services.common.processes import free_port
+from tests.local_deployment import UpProcess
+from services.rpc.processes import free_port
 from services.gateway.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

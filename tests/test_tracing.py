@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from services.cli.gateway_client import GatewayClient
-from services.common.config import ModelConfig
-from services.common.placement import Placement, Pool
-from services.common.telemetry import setup_tracing
+from services.format.config import ModelConfig
+from services.state.placement import Placement, Pool
+from services.rpc.telemetry import setup_tracing
 from services.expert.server import start_pool
 from services.gateway.server import start_gateway
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kernels
-from services.common import wire
-from services.common.errors import InvalidRequestError
+from services.dispatch import wire
+from services.errors import InvalidRequestError
 
 H = 320  # the tiny preset's hidden size: a partial last 128-channel group
 

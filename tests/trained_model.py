@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from services.common.config import ModelConfig
-from services.common.convert import SIDE_FILES, dequantize_checkpoint
-from services.common.model_writer import checkpoint_tensors, write_checkpoint, write_random_model
-from services.common.presets import preset_config
-from services.common.tensor_names import TensorSpec, model_specs, stored_name
-from services.common.tokenizer import load_tokenizer
+from services.format.config import ModelConfig
+from services.format.convert import SIDE_FILES, dequantize_checkpoint
+from services.format.model_writer import checkpoint_tensors, write_checkpoint, write_random_model
+from services.format.presets import preset_config
+from services.format.tensor_names import TensorSpec, model_specs, stored_name
+from services.format.tokenizer import load_tokenizer
 
 TRAIN_MODULES = ("argparse", "textwrap", "dataclasses", "functools", "inspect", "typing", "enum", "pathlib")
 HELD_OUT_MODULES = ("json.decoder", "csv", "shlex", "string", "heapq", "bisect", "fnmatch", "glob")

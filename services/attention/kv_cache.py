@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.config import ModelConfig
-
-
-class CacheFullError(RuntimeError):
-    """No free block is left for a sequence: the caller must wait (admission control) or shed load."""
+from services.errors import CacheFullError
+from services.format.config import ModelConfig
 
 
 @dataclass

@@ -17,9 +17,9 @@ import torch
 from services.attention.batch import StepBatch
 from services.attention.kv_cache import PagedLatentCache
 from services.attention.rope import Rotary
-from services.common.config import ModelConfig
-from services.common.layers import linear, rms_norm
-from services.common.packed_linear import Linear
+from services.format.config import ModelConfig
+from services.math.layers import linear, rms_norm
+from services.math.packed_linear import Linear
 
 
 @dataclass

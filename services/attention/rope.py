@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from services.common.config import ModelConfig, yarn_mscale
+from services.format.config import ModelConfig, yarn_mscale
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

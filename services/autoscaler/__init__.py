@@ -1,0 +1,1 @@
+"""The autoscaler: the planner, two-phase rollout, the control loop and its actuators."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import rollout
-from services.common.load_store import RedisLoadStore
-from services.common.placement import Placement, Pool
-from services.common.placement_store import RedisPlacementStore
+from services.state.load_store import RedisLoadStore
+from services.state.placement import Placement, Pool
+from services.state.placement_store import RedisPlacementStore
 
 
 def planning_load(store: RedisPlacementStore, placement: Placement, window_s: float):

@@ -17,9 +17,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from services.autoscaler.actuation import add_pools, drain_pools
-from services.autoscaler.service import pool_alive
-from services.common.placement import Pool
-from services.common.placement_store import RedisPlacementStore
+from services.rpc.health import is_serving
+from services.state.placement import Pool
+from services.state.placement_store import RedisPlacementStore
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class KubernetesActuator:
         new = []
         for i in range(current, replicas):
             address = self.address_of(i)
-            while not pool_alive(address):
+            while not is_serving(address):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"pool {self.pool_id_of(i)} did not become ready in {timeout_s:.0f}s")
                 time.sleep(0.5)

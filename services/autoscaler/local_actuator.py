@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from services.autoscaler.actuation import add_pools, drain_pools
-from services.autoscaler.service import pool_alive
-from services.common.placement import Pool
-from services.common.placement_store import RedisPlacementStore
-from services.common.processes import die_with_parent, free_port
+from services.rpc.health import is_serving
+from services.state.placement import Pool
+from services.state.placement_store import RedisPlacementStore
+from services.rpc.processes import die_with_parent, free_port
 from services.expert.server import pool_argv
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class LocalActuator:
             new.append(Pool(pool_id, f"127.0.0.1:{port}", slots))
         deadline = time.monotonic() + timeout_s
         for pool in new:
-            while not pool_alive(pool.address):
+            while not is_serving(pool.address):
                 if self.started[pool.pool_id].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"pool {pool.pool_id} did not start")
                 time.sleep(0.2)

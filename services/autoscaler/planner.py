@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import InvalidRequestError
+from services.errors import InvalidRequestError
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.autoscaler.planner import moves, plan
-from services.common.placement import Placement
+from services.state.placement import Placement
 
 
 @dataclass

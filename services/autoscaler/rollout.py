@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import grpc
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
-from services.common.errors import PoolUnavailableError
-from services.common.grpc_server import CHANNEL_OPTIONS
-from services.common.placement import Placement
-from services.common.placement_store import RedisPlacementStore
+from services.errors import PoolUnavailableError
+from services.rpc.grpc_server import CHANNEL_OPTIONS
+from services.state.placement import Placement
+from services.state.placement_store import RedisPlacementStore
 
 DEFAULT_GRACE_S = 2.0
 

@@ -26,12 +26,12 @@ import numpy as np
 from services.autoscaler.actuation import without_pools
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
-from services.common.errors import ExpertmeshError
-from services.common.health import is_serving as pool_alive
-from services.common.load_store import RedisLoadStore
-from services.common.metrics import AutoscalerMetrics, serve_metrics
-from services.common.placement import Placement
-from services.common.placement_store import RedisPlacementStore
+from services.errors import ExpertmeshError
+from services.rpc.health import is_serving
+from services.state.load_store import RedisLoadStore
+from services.rpc.metrics import AutoscalerMetrics, serve_metrics
+from services.state.placement import Placement
+from services.state.placement_store import RedisPlacementStore
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Autoscaler:
         if placement is None:
             return None
         load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(cfg.window_s)
-        dead = {p for p, pool in placement.pools.items() if not pool_alive(pool.address)}
+        dead = {p for p, pool in placement.pools.items() if not is_serving(pool.address)}
         if dead and len(dead) < len(placement.pools):
             log.warning("pools %s are down: re-placing their experts", sorted(dead))
             plan_load = load + 1 if load.sum() == 0 else load
@@ -154,8 +154,8 @@ def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str,
     """With no placement in Redis yet (a fresh cluster): spread the experts over the (pool id, address) pools,
     have each pool load its share once it serves, then publish version 1. Does nothing if one exists."""
     from services.autoscaler.rollout import load_on_pool
-    from services.common.config import ModelConfig
-    from services.common.placement import Pool, default_slots
+    from services.format.config import ModelConfig
+    from services.state.placement import Pool, default_slots
 
     if store.get() is not None:
         return None
@@ -165,7 +165,7 @@ def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str,
     placement = Placement.spread(cfg, pool_list, replicas=replicas)
     deadline = time.monotonic() + timeout_s
     for pool in pool_list:
-        while not pool_alive(pool.address):
+        while not is_serving(pool.address):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool {pool.pool_id} at {pool.address} did not come up")
             time.sleep(1.0)

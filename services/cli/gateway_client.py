@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.rpc.grpc_server import CHANNEL_OPTIONS
 
 
 class GatewayClient:

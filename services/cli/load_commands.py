@@ -16,8 +16,8 @@ app = typer.Typer(no_args_is_help=True, help="Routed-token load per expert and p
 def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, limit: int = 20) -> dict:
     import redis
 
-    from services.common.load_store import RedisLoadStore
-    from services.common.placement_store import RedisPlacementStore
+    from services.state.load_store import RedisLoadStore
+    from services.state.placement_store import RedisPlacementStore
 
     try:
         placement = RedisPlacementStore(redis_url).get()

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from services.common.errors import ExpertmeshError, InvalidRequestError
+from services.errors import ExpertmeshError, InvalidRequestError
 from services.cli.output import fail, progress_reporter
 
 
@@ -31,8 +31,8 @@ def init_model(
     force: bool = typer.Option(False, help="Replace an existing directory."),
 ) -> None:
     """Write a random DeepSeek-V3-architecture model in the real Hugging Face checkpoint layout."""
-    from services.common.model_writer import write_random_model
-    from services.common.presets import PRESETS, preset_config
+    from services.format.model_writer import write_random_model
+    from services.format.presets import PRESETS, preset_config
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")

@@ -26,7 +26,7 @@ def plan_command(
     import numpy as np
 
     from services.autoscaler.planner import plan
-    from services.common.errors import ExpertmeshError
+    from services.errors import ExpertmeshError
 
     try:
         raw = json.loads(load.read_text())
@@ -53,7 +53,7 @@ def plan_command(
 
 
 def _store(redis_url: Optional[str]):
-    from services.common.placement_store import RedisPlacementStore
+    from services.state.placement_store import RedisPlacementStore
 
     return RedisPlacementStore(resolve_redis(redis_url))
 
@@ -75,7 +75,7 @@ def current_placement(redis_url: Optional[str]):
 def apply_placement(store, new, expected_version: int, dry_run: bool, as_json: bool, what: str) -> None:
     """Validate, then roll out in two phases (or only report with --dry-run)."""
     from services.autoscaler.rollout import diff, rollout
-    from services.common.errors import ExpertmeshError
+    from services.errors import ExpertmeshError
 
     old = store.get()
     try:
@@ -148,8 +148,8 @@ def export(file: Path = typer.Argument(...), redis_url: Optional[str] = RedisOpt
 def apply(file: Path = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
           redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Roll out a placement from a file (validated: every expert keeps a replica, budgets hold, pools exist)."""
-    from services.common.errors import ExpertmeshError
-    from services.common.placement import Placement
+    from services.errors import ExpertmeshError
+    from services.state.placement import Placement
 
     store, placement = current_placement(redis_url)
     try:
@@ -229,7 +229,7 @@ def rebalance(dry_run: bool = typer.Option(False, "--dry-run"),
               redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Plan a placement for the recent load and roll it out: the moves, and balancedness before and after."""
     from services.autoscaler.rebalance import propose
-    from services.common.load_store import RedisLoadStore
+    from services.state.load_store import RedisLoadStore
 
     store, placement = current_placement(redis_url)
     load = RedisLoadStore.from_url(store.url, placement.layers, placement.num_experts).window(window)

@@ -61,7 +61,7 @@ def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "
         fail("cannot drain the only pool")
     from services.autoscaler.actuation import planning_load, without_pools
     from services.autoscaler.rebalance import propose
-    from services.common.errors import ExpertmeshError
+    from services.errors import ExpertmeshError
 
     try:  # the planner re-packs onto the rest, moving as little as it can
         new = propose(without_pools(placement, {pool}), planning_load(store, placement, window)).proposed
@@ -76,13 +76,13 @@ def add(address: str = typer.Argument(..., help="HOST:PORT of a running expert p
         slots: int = typer.Option(0, "--slots", min=0, help="Experts it may hold per layer (0: as the others)."),
         redis_url: Optional[str] = RedisOption) -> None:
     """Register a running pool (it holds nothing yet); `expertmesh rebalance` then gives it experts."""
-    from services.common.placement import Pool
-    from services.autoscaler.service import pool_alive
+    from services.state.placement import Pool
+    from services.rpc.health import is_serving
 
     store, placement = current_placement(redis_url)
     if pool_id in placement.pools:
         fail(f"pool {pool_id!r} is already in the placement")
-    if not pool_alive(address, timeout_s=3.0):
+    if not is_serving(address, timeout_s=3.0):
         fail(f"no SERVING expert pool at {address}")
     new = placement.copy()
     new.pools[pool_id] = Pool(pool_id, address, slots or min(p.slots for p in placement.pools.values()))

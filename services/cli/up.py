@@ -22,9 +22,9 @@ from pathlib import Path
 import typer
 
 from services.cli.output import fail
-from services.common.grpc_server import GRACE_SECONDS
-from services.common.health import wait_serving
-from services.common.processes import die_with_parent, free_port
+from services.rpc.grpc_server import GRACE_SECONDS
+from services.rpc.health import wait_serving
+from services.rpc.processes import die_with_parent, free_port
 
 STOP_GRACE_S = 5.0
 GATEWAY_STOP_GRACE_S = GRACE_SECONDS + 2.0  # its running requests get the servers' whole grace
@@ -116,10 +116,10 @@ def up(
                                       help="Gateway micro-batches per step (attention of one overlaps the pools' work)."),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
-    from services.common.config import ModelConfig
-    from services.common.errors import ExpertmeshError
-    from services.common.placement import Placement, Pool, default_slots
-    from services.common.placement_store import RedisPlacementStore
+    from services.format.config import ModelConfig
+    from services.errors import ExpertmeshError
+    from services.state.placement import Placement, Pool, default_slots
+    from services.state.placement_store import RedisPlacementStore
     from services.expert.server import pool_argv  # imports torch: only when starting pools
 
     if dispatch_dtype not in ("fp8", "bf16", "fp32"):
@@ -128,8 +128,8 @@ def up(
     if model is None:
         model = home / "models" / "tiny"
         if not (model / "config.json").exists():
-            from services.common.model_writer import write_random_model
-            from services.common.presets import preset_config
+            from services.format.model_writer import write_random_model
+            from services.format.presets import preset_config
 
             write_random_model(model, preset_config("tiny"), seed=0)
     try:

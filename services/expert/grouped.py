@@ -21,9 +21,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from services.common.errors import ExpertNotHeldError
-from services.common.layers import swiglu
-from services.common.packed_linear import Linear, packing_available
+from services.errors import ExpertNotHeldError
+from services.math.layers import swiglu
+from services.math.packed_linear import Linear, packing_available
 
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
 # one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, tensor_pb2
-from services.common import grpc_status, wire
-from services.common.checkpoint import CheckpointReader
-from services.common.errors import ExpertNotHeldError, InvalidRequestError
-from services.common.grpc_server import ManagedServer
-from services.common.metrics import PoolMetrics, serve_metrics
-from services.common.telemetry import setup_tracing, tracer
+from services.dispatch import wire
+from services.rpc import grpc_status
+from services.format.checkpoint import CheckpointReader
+from services.errors import ExpertNotHeldError, InvalidRequestError
+from services.rpc.grpc_server import ManagedServer
+from services.rpc.metrics import PoolMetrics, serve_metrics
+from services.rpc.telemetry import setup_tracing, tracer
 from services.expert.grouped import grouped_pairs_forward
 from services.expert.precision import compute_dtype, reduced_compute_dtype
 from services.expert.store import ExpertStore, LayerWeights
@@ -187,7 +188,7 @@ def pool_argv(model_dir: str | Path, pool_id: str, redis_url: str, port: int, th
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from services.common.placement_store import RedisPlacementStore, load_placement
+    from services.state.placement_store import RedisPlacementStore, load_placement
 
     ap = argparse.ArgumentParser(description="expertmesh expert pool")
     ap.add_argument("--model", required=True, type=Path)

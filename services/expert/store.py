@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.checkpoint import CheckpointReader
-from services.common.errors import ExpertNotHeldError, InvalidRequestError
-from services.common.tensor_names import expert_specs
-from services.common.weights import LinearWeight, read_linear
+from services.format.checkpoint import CheckpointReader
+from services.errors import ExpertNotHeldError, InvalidRequestError
+from services.format.tensor_names import expert_specs
+from services.format.weights import LinearWeight, read_linear
 from services.expert.grouped import StackedExperts
 
 

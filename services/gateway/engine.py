@@ -14,11 +14,11 @@ import torch
 
 from services.attention.batch import SequenceChunk, StepBatch
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
-from services.common.checkpoint import CheckpointReader
-from services.common.config import ModelConfig
-from services.common.errors import InvalidRequestError
-from services.common.experts import ExpertsBackend
-from services.common.tokenizer import load_tokenizer
+from services.format.checkpoint import CheckpointReader
+from services.format.config import ModelConfig
+from services.errors import InvalidRequestError
+from services.math.experts import ExpertsBackend
+from services.format.tokenizer import load_tokenizer
 from services.expert.local import LocalExperts
 from services.expert.store import ExpertStore
 from services.gateway.model import GatewayModel

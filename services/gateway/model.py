@@ -15,13 +15,13 @@ from services.attention.batch import StepBatch
 from services.attention.kv_cache import PagedLatentCache
 from services.attention.mla import MLA, MLAWeights
 from services.attention.rope import Rotary
-from services.common.checkpoint import CheckpointReader
-from services.common.config import ModelConfig
-from services.common.experts import ExpertsBackend
-from services.common.layers import linear, rms_norm, swiglu
-from services.common.packed_linear import Linear
-from services.common.tensor_names import Kind, TensorSpec, layer_specs
-from services.common.weights import read_linear, read_plain
+from services.format.checkpoint import CheckpointReader
+from services.format.config import ModelConfig
+from services.math.experts import ExpertsBackend
+from services.math.layers import linear, rms_norm, swiglu
+from services.math.packed_linear import Linear
+from services.format.tensor_names import Kind, TensorSpec, layer_specs
+from services.format.weights import read_linear, read_plain
 from services.gateway.router import Router
 
 

@@ -27,12 +27,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from expertmesh.v1 import expert_pool_pb2
-from services.common import wire
-from services.common.errors import PoolUnavailableError
-from services.common.experts import Pending
-from services.common.grpc_server import CHANNEL_OPTIONS
-from services.common.placement import Placement
-from services.common.telemetry import tracer
+from services.dispatch import wire
+from services.errors import PoolUnavailableError
+from services.math.experts import Pending
+from services.rpc.grpc_server import CHANNEL_OPTIONS
+from services.state.placement import Placement
+from services.rpc.telemetry import tracer
 
 log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.config import ModelConfig
-from services.common.layers import linear
+from services.format.config import ModelConfig
+from services.math.layers import linear
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.common.errors import InvalidRequestError
+from services.errors import InvalidRequestError
 
 
 @dataclass

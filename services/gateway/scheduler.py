@@ -22,7 +22,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from services.attention.batch import SequenceChunk, StepBatch
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
 from services.gateway.model import GatewayModel, run_interleaved
-from services.common.telemetry import tracer
+from services.rpc.telemetry import tracer
 from services.gateway.sampling import Sampler, SamplingParams
 
 DEFAULT_MAX_STEP_TOKENS = 2048

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common import grpc_status
-from services.common.errors import InvalidRequestError, PoolUnavailableError
-from services.common.grpc_server import ManagedServer
-from services.common.health import wait_serving
-from services.common.load_store import LoadRecorder, RedisLoadStore
-from services.common.metrics import GatewayMetrics, serve_metrics
-from services.common.placement import Placement
-from services.common.placement_store import load_placement
-from services.common.telemetry import setup_tracing, tracer
+from services.rpc import grpc_status
+from services.errors import InvalidRequestError, PoolUnavailableError
+from services.rpc.grpc_server import ManagedServer
+from services.rpc.health import wait_serving
+from services.state.load_store import LoadRecorder, RedisLoadStore
+from services.rpc.metrics import GatewayMetrics, serve_metrics
+from services.state.placement import Placement
+from services.state.placement_store import load_placement
+from services.rpc.telemetry import setup_tracing, tracer
 from services.gateway.engine import Engine
 from services.gateway.remote_experts import RemoteExperts
 from services.gateway.sampling import SamplingParams
@@ -225,7 +225,7 @@ async def start_gateway(model_dir: Path, placement: Placement, dispatch_dtype: s
     engine.scheduler.micro_batches = micro_batches
     follower = recorder = None
     if redis_url:
-        from services.common.placement_store import RedisPlacementStore
+        from services.state.placement_store import RedisPlacementStore
 
         follower = PlacementFollower(RedisPlacementStore(redis_url), experts).start()
         engine.scheduler.on_step = follower.apply_pending

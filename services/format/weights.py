@@ -8,9 +8,9 @@ import torch
 
 import kernels
 from kernels.reference import BLOCK
-from services.common.checkpoint import CheckpointReader
-from services.common.errors import CheckpointError
-from services.common.tensor_names import Kind, TensorSpec, stored_name
+from services.format.checkpoint import CheckpointReader
+from services.errors import CheckpointError
+from services.format.tensor_names import Kind, TensorSpec, stored_name
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

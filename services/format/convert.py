@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 import kernels
-from services.common.checkpoint import CheckpointReader
-from services.common.model_writer import write_checkpoint
+from services.format.checkpoint import CheckpointReader
+from services.format.model_writer import write_checkpoint
 
 SCALE_SUFFIX = "_scale_inv"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.common.checkpoint import INDEX_FILE
-from services.common.config import ModelConfig
-from services.common.tensor_names import Kind, TensorSpec, model_specs, stored_name
-from services.common.tokenizer import write_tokenizer
-from services.common.weights import LinearWeight
+from services.format.checkpoint import INDEX_FILE
+from services.format.config import ModelConfig
+from services.format.tensor_names import Kind, TensorSpec, model_specs, stored_name
+from services.format.tokenizer import write_tokenizer
+from services.format.weights import LinearWeight
 
 DEFAULT_SHARD_BYTES = 32 * 1024 * 1024
 ProgressFn = Callable[[int, int], None]

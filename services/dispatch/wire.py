@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from expertmesh.v1 import tensor_pb2
-from services.common.errors import InvalidRequestError
+from services.errors import InvalidRequestError
 
 ELEMENT_TYPES = {
     torch.float32: tensor_pb2.ELEMENT_TYPE_FLOAT32,

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from services.common.config import ModelConfig
-from services.common.errors import CheckpointError
+from services.format.config import ModelConfig
+from services.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

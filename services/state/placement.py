@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import ModelConfig
-from services.common.errors import InvalidRequestError
+from services.format.config import ModelConfig
+from services.errors import InvalidRequestError
 
 
 def default_slots(num_experts: int, replicas: int, pools: int) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import redis
 
-from services.common.errors import InvalidRequestError
-from services.common.placement import Placement
+from services.errors import InvalidRequestError
+from services.state.placement import Placement
 
 VERSION_KEY = "expertmesh:{placement}:version"
 CURRENT_KEY = "expertmesh:{placement}:current"

@@ -35,3 +35,7 @@ class PoolUnavailableError(ExpertmeshError):
     def __init__(self, pool: str, detail: str):
         self.pool = pool
         super().__init__(f"expert pool {pool} unavailable: {detail}")
+
+
+class CacheFullError(ExpertmeshError):
+    """No free block is left in the latent cache for a sequence: the caller must wait or shed load."""

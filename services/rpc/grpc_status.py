@@ -7,8 +7,7 @@ import logging
 
 import grpc
 
-from services.attention.kv_cache import CacheFullError
-from services.common.errors import (CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
+from services.errors import (CacheFullError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
                                     PoolUnavailableError)
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from services.common.config import ModelConfig
+from services.format.config import ModelConfig
 
 
 class Kind(Enum):

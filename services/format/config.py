@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import ConfigError
+from services.errors import ConfigError
 
 FP8_BLOCK = 128
 

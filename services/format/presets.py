@@ -7,7 +7,7 @@ small: benchmarks (~100M parameters): hidden 512, 8 layers with 2 dense, 64 rout
 
 from __future__ import annotations
 
-from services.common.config import Fp8Quantization, ModelConfig, YarnScaling
+from services.format.config import Fp8Quantization, ModelConfig, YarnScaling
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
