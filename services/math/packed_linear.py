@@ -2,11 +2,10 @@
 
 On CPU, torch runs float32 `mm` through MKL, which re-packs the weight on every call: for decode-sized inputs
 (1-64 rows) that pass over the weight costs more than the products. oneDNN's linear with a weight reordered
-once at load skips it: on this project's CI machine (2 cores, AVX-512) a [16384, 512] float32 weight times 8
-rows takes 1.7 ms instead of 8.2 ms, times 32 rows 3.3 ms instead of 6.6 ms, with float32 accumulation
-(errors against float64 within 3x of MKL's, both at float32 rounding). Small weights gain nothing (the call
-overhead is ~18 us), so only weights of at least `PACK_MIN_ELEMENTS` are packed. On CUDA, or where torch
-lacks oneDNN, a `Linear` is the plain weight.
+once at load skips it, with float32 accumulation (errors against float64 at float32 rounding, like MKL's). A
+small weight gains less than the call's fixed overhead, so only weights of at least `PACK_MIN_ELEMENTS` are
+packed (figures: BENCHMARKS.md, "Engine vs transformers", oneDNN-packed weights). On CUDA, or where torch lacks
+oneDNN, a `Linear` is the plain weight.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PACK_MIN_ELEMENTS = 1 << 18  # [512, 512] and up; measured break-even (benchmarks/BENCHMARKS.md)
+PACK_MIN_ELEMENTS = 1 << 18  # [512, 512] and up: below it the per-call overhead eats the gain (BENCHMARKS.md)
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -48,9 +47,8 @@ class Linear:
 def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T -> [T, out] through torch's default GEMM.
 
-    For decode-sized batches (16..128 rows) on CPU, W @ x^T streams the weight faster than x @ W^T: the small-
-    batch decode step of the `small` preset ran 13% faster over three alternating runs (385 -> 430 tok/s at
-    batch 32, fp32); the lm_head alone went from 9.8 to 5.7 ms. Same products, fp32 rounding apart.
+    For decode-sized batches (16..128 rows) on CPU, W @ x^T streams the weight faster than x @ W^T (measured:
+    BENCHMARKS.md, "Engine vs transformers"). Same products, fp32 rounding apart.
     """
     if x.dim() == 2 and 16 <= x.shape[0] <= 128 and not x.is_cuda:
         return torch.mm(weight, x.t()).t()

@@ -1,12 +1,12 @@
 """Drain before stop: a server interceptor that knows which calls are being answered and refuses new ones.
 
 grpc's own graceful stop (`server.stop(grace)`) sends GOAWAY while calls are still running and closes each
-connection the moment its last stream completes. Measured on loopback with 20-100 MB answers: 3 of 480 calls
-that were in flight when the stop began lost the tail of their answer ("Connection reset by peer"); 0 of 310
-when the server first drained (answered every call on open connections, then let the last answer reach its client) and
-stopped after. So a stopping server drains first: new calls of its own services get UNAVAILABLE (a gateway
-retries them on another replica), and calls already running finish on the open connection.
-Health and reflection calls are neither counted nor refused: a health Watch lasts as long as its client.
+connection the moment its last stream completes: a large answer in flight at the stop can lose its tail
+("Connection reset by peer"; measured in BENCHMARKS.md, "Distributed serving vs in-process"). So a stopping
+server drains first: new calls of its own services get UNAVAILABLE (a gateway retries them on another replica),
+calls already running finish on the open connection, and the last answer gets `LINGER_SECONDS` to reach its
+client before the server stops. Health and reflection calls are neither counted nor refused: a health Watch
+lasts as long as its client.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 
 import grpc
 
-# how long the last answer gets to reach its client before connections close
+# how long the last answer gets to reach its client before connections close: a stop that comes right after an
+# answer is delayed up to this long, against the tail of that answer being cut off
 LINGER_SECONDS = 0.25
 
 
