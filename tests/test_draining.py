@@ -11,6 +11,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.rpc.grpc_server import CHANNEL_OPTIONS, ManagedServer
 
@@ -20,6 +21,10 @@ ANSWER_BYTES = 8 << 20
 
 def _identity(b: bytes) -> bytes:
     return b
+
+
+def _exported_in_flight() -> float:
+    return REGISTRY.get_sample_value("moe_grpc_calls_in_flight", {"service": SERVICE})
 
 
 async def _serve():
@@ -47,7 +52,7 @@ async def test_stop_answers_running_calls_and_refuses_new_ones():
         call = channel.unary_unary(f"/{SERVICE}/Call", request_serializer=_identity, response_deserializer=_identity)
         running = asyncio.ensure_future(call(b"", timeout=30))
         await asyncio.wait_for(started.wait(), 10)
-        assert managed.draining.in_flight == 1
+        assert managed.draining.in_flight == 1 and _exported_in_flight() == 1
 
         managed.request_stop()
         stopping = asyncio.ensure_future(managed.wait_for_stop())
@@ -65,7 +70,7 @@ async def test_stop_answers_running_calls_and_refuses_new_ones():
         release.set()
         assert len(await running) == ANSWER_BYTES
         await asyncio.wait_for(stopping, 10)
-        assert managed.draining.in_flight == 0
+        assert managed.draining.in_flight == 0 and _exported_in_flight() == 0
 
 
 @pytest.mark.asyncio

@@ -15,10 +15,14 @@ import asyncio
 import time
 
 import grpc
+from prometheus_client import Gauge
 
 # how long the last answer gets to reach its client before connections close: a stop that comes right after an
 # answer is delayed up to this long, against the tail of that answer being cut off
 LINGER_SECONDS = 0.25
+
+# exported on the /metrics of whichever process serves (the default registry): what a stop would wait for
+CALLS_IN_FLIGHT = Gauge("moe_grpc_calls_in_flight", "Calls of the server's own services being answered.", ["service"])
 
 
 class DrainingInterceptor(grpc.aio.ServerInterceptor):
@@ -36,40 +40,42 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or service not in self._services:
             return handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, service))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(handler.unary_stream))
+            return handler._replace(unary_stream=self._stream(handler.unary_stream, service))
         return handler
 
-    def _unary(self, behavior):
+    def _unary(self, behavior, service: str):
         async def unary(request, context):
-            await self._enter(context)
+            await self._enter(context, service)
             try:
                 return await behavior(request, context)
             finally:
-                self._exit()
+                self._exit(service)
 
         return unary
 
-    def _stream(self, behavior):
+    def _stream(self, behavior, service: str):
         async def stream(request, context):
-            await self._enter(context)
+            await self._enter(context, service)
             try:
                 async for item in behavior(request, context):
                     yield item
             finally:
-                self._exit()
+                self._exit(service)
 
         return stream
 
-    async def _enter(self, context) -> None:
+    async def _enter(self, context, service: str) -> None:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         self.in_flight += 1
+        CALLS_IN_FLIGHT.labels(service).inc()
         self._idle.clear()
 
-    def _exit(self) -> None:
+    def _exit(self, service: str) -> None:
         self.in_flight -= 1
+        CALLS_IN_FLIGHT.labels(service).dec()
         self._last_finished = time.monotonic()
         if self.in_flight == 0:
             self._idle.set()
