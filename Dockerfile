@@ -14,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY kernels ./kernels
 COPY services ./services
-RUN pip install ".[kernels]" && python -c "import services.gateway.server, services.expert.server, services.autoscaler.service"
+RUN pip install ".[kernels]" && python -c "import services.gateway.main, services.expert.server, services.autoscaler.service"
 
 # non-root, read-only root filesystem friendly: writes go to /tmp (an emptyDir in the chart)
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp expertmesh

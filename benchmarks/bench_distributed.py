@@ -99,7 +99,10 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
     placement = RedisPlacementStore(redis_url).get()
     seqs = [SequenceBlocks() for _ in range(32)]
     trace: list = []
-    batch = StepBatch.build([SequenceChunk(s, p) for s, p in zip(seqs, prompts(32, engine.cfg.vocab_size))], engine.cache)
+    chunks = [SequenceChunk(s, p) for s, p in zip(seqs, prompts(32, engine.cfg.vocab_size))]
+    for chunk in chunks:
+        engine.cache.reserve(chunk.seq, len(chunk.token_ids))
+    batch = StepBatch.build(chunks, engine.cache)
     engine.model.forward(batch, engine.cache, routing_trace=trace)
     for s in seqs:
         engine.cache.release(s)

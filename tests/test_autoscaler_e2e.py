@@ -63,8 +63,8 @@ def _prompts(n, seed):
 def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory):
     """4 pools x 5 slots for 16 experts: 25% redundant slots. Balancedness under load, before and after."""
     up = UpProcess(skewed_model, pools=4, dispatch="fp32", home=tmp_path_factory.mktemp("skew"), autoscale=True,
-                   extra=["--slots-per-pool", "5", "--autoscale-interval", "0.5", "--rebalance-min-interval", "1",
-                          "--load-window", "600", "--rebalance-threshold", "0.9"])
+                   extra=["--slots-per-pool", "5", "--autoscale-interval-s", "0.5", "--rebalance-min-interval-s", "1",
+                          "--load-window-s", "600", "--rebalance-threshold", "0.9"])
     try:
         store = RedisPlacementStore(up.redis)
         first = store.get()
@@ -98,7 +98,7 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
 
 def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory, engine_tiny):
     up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("replace"), autoscale=True,
-                   extra=["--replicas", "2", "--slots-per-pool", "16", "--autoscale-interval", "0.5"])
+                   extra=["--replicas-per-expert", "2", "--slots-per-pool", "16", "--autoscale-interval-s", "0.5"])
     try:
         store = RedisPlacementStore(up.redis)
         prompts = _prompts(4, 2)
@@ -132,8 +132,8 @@ def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
     """Local actuator: sustained load above the per-pool capacity starts a pool process; idleness drains and
     stops it again."""
     up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path_factory.mktemp("scale"), autoscale=True,
-                   extra=["--pool-capacity", "20", "--max-pools", "3", "--autoscale-interval", "0.5",
-                          "--load-window", "3", "--rebalance-threshold", "0", "--slots-per-pool", "16"])
+                   extra=["--pool-capacity", "20", "--max-pools", "3", "--autoscale-interval-s", "0.5",
+                          "--load-window-s", "3", "--rebalance-threshold", "0", "--slots-per-pool", "16"])
     try:
         store = RedisPlacementStore(up.redis)
         prompts = _prompts(4, 3)

@@ -32,7 +32,7 @@ def test_sustained_utilisation_scales_up_and_idle_scales_down(redis_server, tiny
     RedisPlacementStore(redis_server.url).publish(Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"),
                                                                          Pool("pool-1", "127.0.0.1:2")]))
     actuator = RecordingActuator()
-    config = AutoscalerConfig(window_s=10, pool_capacity_tokens_s=100, scale_patience=2, min_pools=1, max_pools=3)
+    config = AutoscalerConfig(load_window_s=10, pool_capacity=100, scale_patience=2, min_pools=1, max_pools=3)
     scaler = Autoscaler(redis_server.url, config, actuator=actuator)
     placement = RedisPlacementStore(redis_server.url).get()
     busy = np.full((len(cfg.moe_layers), cfg.n_routed_experts), 200)  # 3200 tokens/layer in 10 s: 160/s per pool
@@ -62,6 +62,6 @@ def test_rebalance_needs_enough_tokens(redis_server, tiny_fp8, monkeypatch):
     import services.autoscaler.service as service
 
     monkeypatch.setattr(service, "is_serving", lambda address, timeout_s=1.0: True)  # these pools are addresses only
-    scaler = Autoscaler(redis_server.url, AutoscalerConfig(window_s=60, min_tokens=1000))
+    scaler = Autoscaler(redis_server.url, AutoscalerConfig(load_window_s=60, min_tokens=1000))
     assert scaler.tick() is None and store.version() == 1  # skewed, but too few tokens to act on
     assert scaler.last_balancedness is not None and scaler.last_balancedness < 0.85

@@ -20,12 +20,14 @@ from services.dispatch import wire
 from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
-from tests.local_deployment import UpProcess
+from tests.local_deployment import UpProcess, metric
 from tests.trained_model import held_out_windows
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
-                                        for p in os.environ.get("PATH", "").split(os.pathsep)),
-                                reason="redis-server is not installed (scripts/bootstrap.sh installs it)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
+                                         for p in os.environ.get("PATH", "").split(os.pathsep)),
+                                 reason="redis-server is not installed (scripts/bootstrap.sh installs it)")]
 
 PROMPT_LENGTHS = [3, 7, 12, 20, 33, 5, 16, 9]
 
@@ -56,6 +58,13 @@ def _generate_all(gateway, prompts, max_tokens=12):
             return list(pool.map(lambda p: client.generate(None, p, max_tokens, ignore_eos=True), prompts))
     finally:
         client.close()
+
+
+def _wait_generating(up, n):
+    """Until `n` requests are running on the gateway and tokens are being decoded: mid-generation."""
+    wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= n
+               and up.metric("gateway", "moe_gateway_inter_token_latency_seconds_count") > 0,
+               60, f"{n} requests generating on the gateway")
 
 
 def test_fp32_dispatch_greedy_equals_in_process(fp32_up, engine_tiny):
@@ -179,7 +188,7 @@ def test_pool_sigkill_fails_requests_promptly_then_serves_after_replacement(tiny
         client = GatewayClient(up.gateway, timeout_s=60)
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(client.generate, None, p, 400, ignore_eos=True) for p in _prompts()[:4]]
-            time.sleep(1.0)  # mid-generation
+            _wait_generating(up, len(futures))
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             errors = []
@@ -205,7 +214,7 @@ def test_pool_sigkill_fails_requests_promptly_then_serves_after_replacement(tiny
                 expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).LoadExperts(
                     expert_pool_pb2.LoadExpertsRequest(experts=refs), timeout=60)
         store.publish(placement)
-        time.sleep(1.5)  # the gateway polls the version every 0.5 s and switches at a step boundary
+        up.wait_gateway_on(store.version())  # it follows the stored version and switches at a step boundary
         prompt = _prompts()[2]
         again = client.generate(None, prompt, 8, ignore_eos=True)
         assert again["token_ids"] == engine_tiny.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
@@ -231,40 +240,35 @@ def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
     assert len(tokens) == 150 and rest[-1].finish_reason == "length"
     assert up.stop() == 0
     assert time.monotonic() - started < 15
-    time.sleep(0.2)
-    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and
-             open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
-    assert alive == []
+
+    def alive():
+        return [pid for pid in children if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+
+    wait_until(lambda: alive() == [], 10, "every child of `up` to exit")
 
 
 def test_gateway_records_routed_tokens_in_redis(fp32_up):
-    from services.cli.load_commands import load_report
-
-    def total():
-        report = load_report(fp32_up.redis, 3600, layer=1, limit=1000)
-        return sum(e["tokens"] for e in report["experts"])
-
-    time.sleep(0.6)  # earlier tests' counts are flushed (every 0.25 s)
-    before = total()
+    before = fp32_up.settled_routed_pairs(layer=1)  # earlier tests' counts flushed
     client = GatewayClient(fp32_up.gateway)
     client.generate(None, [5, 6, 7, 8, 9], 4, ignore_eos=True)
     client.close()
-    time.sleep(0.6)
     # 5 prompt tokens + 3 fed-back generated tokens, each routed to num_experts_per_tok=4 experts in layer 1
-    assert total() - before == (5 + 3) * 4
+    wait_until(lambda: fp32_up.routed_pairs(layer=1) - before >= (5 + 3) * 4, 30, "the request's counts in Redis")
+    assert fp32_up.settled_routed_pairs(layer=1) - before == (5 + 3) * 4
 
 
 def test_failover_with_two_replicas_loses_nothing(tiny_fp8, tmp_path_factory, engine_tiny):
     """Every expert on two of 3 pools; SIGKILL one pool under load: no request fails, outputs unchanged."""
     up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("up-failover"),
-                   extra=["--replicas", "2"])
+                   extra=["--replicas-per-expert", "2"])
     try:
         prompts = _prompts()
         expected = engine_tiny.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
         client = GatewayClient(up.gateway, timeout_s=120)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(client.generate, None, p, 40, ignore_eos=True) for p in prompts]
-            time.sleep(0.8)
+            _wait_generating(up, len(futures))
             os.kill(up.child_pid("pool-id pool-2"), signal.SIGKILL)
             results = [f.result(timeout=120) for f in futures]
         client.close()
@@ -294,61 +298,65 @@ def test_metrics_endpoints(fp32_up):
     assert float(pairs[0].split()[-1]) > 0 and "moe_pool_experts_loaded" in pool
 
 
-def _metric(url, name):
-    import urllib.request
-
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
-
-
 def test_client_going_away_cancels_its_request(fp32_up):
-    import json as _json
-
-    metrics = _json.loads((fp32_up.home / "up.json").read_text())["metrics"]["gateway"]
+    metrics = fp32_up.metrics_url("gateway")
     with grpc.insecure_channel(fp32_up.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         call = stub.Generate(gateway_pb2.GenerateRequest(token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(
             max_tokens=5000, ignore_eos=True)), timeout=60)
         for _, _ in zip(range(4), call):  # a few tokens arrive...
             pass
-        assert _metric(metrics, "moe_gateway_requests_running") >= 1
+        assert metric(metrics, "moe_gateway_requests_running") >= 1
         call.cancel()  # ...and the client goes away
-    deadline = time.monotonic() + 5
-    while _metric(metrics, "moe_gateway_requests_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _metric(metrics, "moe_gateway_requests_running") == 0
-    assert _metric(metrics, "moe_gateway_kv_cache_usage_ratio") == 0.0  # its cache blocks were freed
+    wait_until(lambda: metric(metrics, "moe_gateway_requests_running") == 0, 30, "the cancelled request to stop")
+    assert metric(metrics, "moe_gateway_kv_cache_usage_ratio") == 0.0  # its cache blocks were freed
+
+
+def _exported(url, name):
+    """A metric that a process exports only once it has a value (a labelled gauge): 0 until then."""
+    try:
+        return metric(url, name)
+    except AssertionError:
+        return 0.0
 
 
 def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
     """A pool told to stop answers the calls it already has, then refuses new ones and exits cleanly."""
     import sys as _sys
 
+    from services.expert.server import SERVICE_NAME
     from services.format.config import ModelConfig
-    from services.state.placement import Placement, Pool
     from services.rpc.processes import free_port
+    from services.state.placement import Placement, Pool
 
     cfg = ModelConfig.from_file(tiny_fp8)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     placement = Placement.spread(cfg, [Pool("pool-0", f"127.0.0.1:{port}")])
     placement.save(tmp_path / "placement.json")
     proc = subprocess.Popen([_sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8), "--pool-id",
-                             "pool-0", "--placement", str(tmp_path / "placement.json"), "--port", str(port)],
+                             "pool-0", "--placement", str(tmp_path / "placement.json"), "--port", str(port),
+                             "--metrics-port", str(metrics_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout.readline().startswith("READY")
-    n = 40000  # ~1.5 s on 2 cores: still running when the signal comes at 0.3 s
-    request = expert_pool_pb2.ForwardRequest(
-        layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)), pair_token=list(range(n)) * 2,
-        pair_expert=[0] * n + [1] * n, pair_weight=[0.5] * (2 * n), response_dtype=1)
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 28),
-                                                             ("grpc.max_receive_message_length", 1 << 28)]) as channel:
-        stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
-        future = stub.Forward.future(request, timeout=60)
-        time.sleep(0.3)
-        assert not future.done()  # the call is in flight
-        proc.send_signal(signal.SIGTERM)
-        partial = wire.decode(future.result().partial, "partial")
-        assert partial.shape == (n, cfg.hidden_size) and bool(torch.isfinite(partial).all())
-        assert proc.wait(30) == 0
+    try:
+        assert proc.stdout.readline().startswith("READY")
+        in_flight = f'moe_grpc_calls_in_flight{{service="{SERVICE_NAME}"}}'
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        n = 40000  # a long call (seconds on a CPU), so that it is seen in flight before it ends
+        request = expert_pool_pb2.ForwardRequest(
+            layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)), pair_token=list(range(n)) * 2,
+            pair_expert=[0] * n + [1] * n, pair_weight=[0.5] * (2 * n), response_dtype=1)
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 28),
+                                                                 ("grpc.max_receive_message_length", 1 << 28)]) as channel:
+            stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
+            future = stub.Forward.future(request, timeout=60)
+            # the pool is answering it: counted by the drain, which a stop waits for
+            wait_until(lambda: _exported(metrics, in_flight) == 1, 30, "the pool to count the call in flight", 0.01)
+            assert not future.done()
+            proc.send_signal(signal.SIGTERM)
+            partial = wire.decode(future.result().partial, "partial")
+            assert partial.shape == (n, cfg.hidden_size) and bool(torch.isfinite(partial).all())
+            assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

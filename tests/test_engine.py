@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.attention.batch import SequenceChunk, StepBatch
+from services.attention.batch import SequenceChunk
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
 from services.errors import CacheFullError
 from services.errors import InvalidRequestError
 from services.gateway.sampling import SamplingParams
+from tests.model_steps import build_step
 
 
 def _ids(n, seed):
@@ -26,7 +27,7 @@ def _attention_outputs(engine, ids, absorb):
     seq = SequenceBlocks()
     try:
         for chunk in (ids[:-4], *[[t] for t in ids[-4:]]):
-            batch = StepBatch.build([SequenceChunk(seq, chunk)], engine.cache)
+            batch = build_step([SequenceChunk(seq, chunk)], engine.cache)
             logits.append(engine.model.forward(batch, engine.cache, all_logits=True))
     finally:
         engine.cache.release(seq)
@@ -59,8 +60,8 @@ def test_batched_logits_equal_single(engine_tiny):
     a, b, c = _ids(20, 5), _ids(7, 6), _ids(12, 7)
     seqs = [SequenceBlocks() for _ in range(3)]
     try:
-        engine_tiny.model.forward(StepBatch.build([SequenceChunk(seqs[0], a[:-1]), SequenceChunk(seqs[1], b[:-1])], cache), cache)
-        mixed = engine_tiny.model.forward(StepBatch.build(
+        engine_tiny.model.forward(build_step([SequenceChunk(seqs[0], a[:-1]), SequenceChunk(seqs[1], b[:-1])], cache), cache)
+        mixed = engine_tiny.model.forward(build_step(
             [SequenceChunk(seqs[0], a[-1:]), SequenceChunk(seqs[1], b[-1:]), SequenceChunk(seqs[2], c)], cache), cache)
     finally:
         for s in seqs:
@@ -69,7 +70,7 @@ def test_batched_logits_equal_single(engine_tiny):
         single = engine_tiny.score(ids, top_k=1)[-1]
         seq = SequenceBlocks()
         try:
-            alone = engine_tiny.model.forward(StepBatch.build([SequenceChunk(seq, ids)], cache), cache)[0]
+            alone = engine_tiny.model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)[0]
         finally:
             cache.release(seq)
         assert (mixed[row] - alone).abs().max().item() < 1e-4

@@ -22,7 +22,7 @@ VALUE_SETS = {
     "external-redis": ["--set", "redis.external.url=redis://redis.example:6379/0"],
     "hostpath-gpu": ["--set", "model.volume.type=hostPath", "--set", "pools.gpu=1", "--set", "gateway.gpu=1",
                      "--set", "gateway.autoscaling.enabled=false", "--set", "autoscaler.enabled=false"],
-    "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.replicas=8"],
+    "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.count=8"],
 }
 
 
@@ -160,7 +160,7 @@ def test_value_specific_fields(rendered):
 
 @pytest.mark.parametrize("setting,message", [
     ("gateway.dispatchDtype=fp16", "dispatchDtype"),
-    ("pools.replicas=0", "replicas"),
+    ("pools.count=0", "count"),
     ("model.volume.type=nfs", "type"),
     ("autoscaler.rebalanceThreshold=1.5", "rebalanceThreshold"),
     ("redis.external.url=http://nope", "url"),

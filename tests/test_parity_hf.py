@@ -19,9 +19,10 @@ from services.format.model_writer import write_random_model
 from services.format.convert import dequantize_checkpoint
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
-from services.attention.batch import SequenceChunk, StepBatch
+from services.attention.batch import SequenceChunk
 from services.attention.kv_cache import SequenceBlocks
 from tests.conftest import load_hf
+from tests.model_steps import build_step
 
 PREFILL, DECODE = 40, 16
 
@@ -81,10 +82,10 @@ def test_prefill_and_cached_decode_logprobs_match(pair):
         ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)  # [N, V]
     seq = SequenceBlocks()
     try:
-        batch = StepBatch.build([SequenceChunk(seq, ids[:PREFILL])], engine.cache)
+        batch = build_step([SequenceChunk(seq, ids[:PREFILL])], engine.cache)
         ours = [engine.model.forward(batch, engine.cache, all_logits=True).log_softmax(-1)]
         for i in range(PREFILL, PREFILL + DECODE):  # one token at a time through the latent cache
-            batch = StepBatch.build([SequenceChunk(seq, [ids[i]])], engine.cache)
+            batch = build_step([SequenceChunk(seq, [ids[i]])], engine.cache)
             ours.append(engine.model.forward(batch, engine.cache).log_softmax(-1))
     finally:
         engine.cache.release(seq)
@@ -125,7 +126,7 @@ def test_routing_indices_identical(pair):
     trace = []
     seq = SequenceBlocks()
     try:
-        engine.model.forward(StepBatch.build([SequenceChunk(seq, ids)], engine.cache), engine.cache, routing_trace=trace)
+        engine.model.forward(build_step([SequenceChunk(seq, ids)], engine.cache), engine.cache, routing_trace=trace)
     finally:
         engine.cache.release(seq)
     assert [layer for layer, _ in trace] == sorted(captured)

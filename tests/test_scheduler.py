@@ -1,68 +1,132 @@
-"""The continuous-batching scheduler: admission control on the paged cache, cancellation, mixed steps."""
+"""The scheduler plans steps without a model (admission on the paged cache, decode-first budgets, cancellation,
+score requests); the serving core executes its plans on the tiny model (mixed steps, failures, micro-batches)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.attention.kv_cache import PagedLatentCache
+from services.errors import PoolUnavailableError
+from services.format.presets import preset_config
+from services.gateway.requests import Request
 from services.gateway.sampling import SamplingParams
-from services.gateway.scheduler import Request, Scheduler
+from services.gateway.scheduler import ChunkResult, Scheduler
+from services.gateway.serving import ServingCore
 
 
 def _ids(n, seed):
     return torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _scheduler(engine, blocks, **kw):
-    cache = PagedLatentCache(engine.cfg, num_blocks=blocks, block_size=16)
-    return Scheduler(engine.model, cache, engine.cfg.eos_token_ids, **kw), cache
+def _plain_scheduler(blocks, **kw):
+    cache = PagedLatentCache(preset_config("tiny"), num_blocks=blocks, block_size=16)
+    return Scheduler(cache, eos_token_ids=(1,), **kw), cache
 
 
-def test_full_cache_makes_requests_wait_not_fail(engine_tiny):
-    sched, cache = _scheduler(engine_tiny, blocks=4)  # 64 tokens: room for one 20+30 request at a time
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
-    reqs = [Request(_ids(20, i), params) for i in range(3)]
+def _commit_tokens(sched, plan, token=7):
+    sched.commit(plan, [ChunkResult(token=token if c.samples else None) for c in plan.chunks])
+
+
+# ---- the scheduler alone ---------------------------------------------------------------------------------
+def test_admission_reserves_prompt_plus_max_tokens_and_makes_the_rest_wait():
+    sched, cache = _plain_scheduler(blocks=4)  # 64 tokens: room for one 20+30 request at a time
+    reqs = [Request(_ids(20, i), SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(2)]
     for r in reqs:
         sched.submit(r)
-    sched.step()
-    assert len(sched.running) == 1 and sched.num_waiting == 2  # admission control
-    sched.run_until_idle()
-    assert all(r.finish_reason == "length" and len(r.output) == 30 and r.error is None for r in reqs)
-    assert cache.free_blocks == 4
-    alone = engine_tiny.generate([reqs[2].prompt], params)[0].token_ids
-    assert reqs[2].output == alone  # waiting changed nothing
+    plan = sched.plan()
+    assert [c.request for c in plan.chunks] == [reqs[0]] and sched.num_waiting == 1
+    assert cache.free_blocks == 4 - 4  # ceil(50 / 16) blocks reserved at once
+    for _ in range(30):
+        _commit_tokens(sched, plan)
+        plan = sched.plan()
+    assert reqs[0].finish_reason == "length" and len(reqs[0].output) == 30
+    assert [c.request for c in plan.chunks] == [reqs[1]]  # admitted once the first gave its blocks back
 
 
-def test_cancelled_request_frees_its_blocks(engine_tiny):
-    sched, cache = _scheduler(engine_tiny, blocks=8)
-    events = []
-    req = Request(_ids(10, 1), SamplingParams(max_tokens=50, ignore_eos=True), on_event=events.append)
-    sched.submit(req)
-    sched.step()
-    sched.step()
-    assert cache.free_blocks < 8 and len(req.output) == 2
-    sched.cancel(req)
-    sched.step()
-    assert cache.free_blocks == 8 and req not in sched.running
-    assert len(events) == 2  # no event after the client went away
-
-
-def test_prefill_is_chunked_and_shares_steps_with_decodes(engine_tiny):
-    sched, _ = _scheduler(engine_tiny, blocks=32, max_step_tokens=16)
+def test_decodes_go_first_and_prefill_takes_the_rest_of_the_budget():
+    sched, _ = _plain_scheduler(blocks=32, max_step_tokens=16)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     short, long = Request(_ids(4, 2), params), Request(_ids(40, 3), params)
     sched.submit(short)
-    sched.step()  # short prefills and samples its first token
+    _commit_tokens(sched, sched.plan())  # short prefills and samples its first token
     sched.submit(long)
-    sched.step()  # short decodes while long prefills its first 15-token chunk
+    plan = sched.plan()
+    assert [(c.request, len(c.token_ids)) for c in plan.chunks] == [(short, 1), (long, 15)]
+    assert not plan.chunks[1].samples  # a mid-prompt chunk samples nothing
+    _commit_tokens(sched, plan)
     assert len(short.output) == 2 and long.fed == 15 and long.output == []
-    sched.run_until_idle()
+
+
+def test_cancelled_request_frees_its_blocks_and_gets_no_more_events():
+    sched, cache = _plain_scheduler(blocks=8)
+    events = []
+    req = Request(_ids(10, 1), SamplingParams(max_tokens=50, ignore_eos=True), on_event=events.append)
+    sched.submit(req)
+    _commit_tokens(sched, sched.plan())
+    _commit_tokens(sched, sched.plan())
+    assert cache.free_blocks < 8 and len(req.output) == 2 and len(events) == 2
+    sched.cancel(req)
+    assert not sched.plan()
+    assert cache.free_blocks == 8 and req not in sched.running and len(events) == 2
+
+
+def test_stop_token_and_eos_finish_with_stop():
+    sched, cache = _plain_scheduler(blocks=8)
+    stop = Request(_ids(3, 1), SamplingParams(max_tokens=9, stop_token_ids=(5,)))
+    eos = Request(_ids(3, 2), SamplingParams(max_tokens=9))
+    sched.submit(stop)
+    sched.submit(eos)
+    plan = sched.plan()
+    sched.commit(plan, [ChunkResult(token=5), ChunkResult(token=1)])
+    assert stop.finish_reason == eos.finish_reason == "stop" and cache.free_blocks == 8
+
+
+def test_closed_scheduler_fails_everything_and_refuses_new_requests():
+    sched, cache = _plain_scheduler(blocks=4)
+    running, waiting = (Request(_ids(20, i), SamplingParams(max_tokens=30)) for i in range(2))
+    sched.submit(running)
+    sched.submit(waiting)
+    sched.plan()
+    sched.close(RuntimeError("loop died"))
+    assert isinstance(running.error, RuntimeError) and isinstance(waiting.error, RuntimeError)
+    assert cache.free_blocks == 4
+    with pytest.raises(PoolUnavailableError, match="loop died"):
+        sched.submit(Request(_ids(3, 3)))
+
+
+# ---- the serving core: plans executed on the tiny model --------------------------------------------------
+def _core(engine, blocks, **kw):
+    cache = PagedLatentCache(engine.cfg, num_blocks=blocks, block_size=16)
+    return ServingCore(engine.model, cache, **kw), cache
+
+
+def test_waiting_changes_no_output(engine_tiny):
+    core, cache = _core(engine_tiny, blocks=4)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    reqs = [Request(_ids(20, i), params) for i in range(3)]
+    for r in reqs:
+        core.submit(r)
+    core.run_until_idle()
+    assert all(r.finish_reason == "length" and len(r.output) == 30 and r.error is None for r in reqs)
+    assert cache.free_blocks == 4
+    assert reqs[2].output == engine_tiny.generate([reqs[2].prompt], params)[0].token_ids
+
+
+def test_chunked_prefill_beside_decodes_gives_the_same_tokens(engine_tiny):
+    core, _ = _core(engine_tiny, blocks=32, max_step_tokens=16)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    short, long = Request(_ids(4, 2), params), Request(_ids(40, 3), params)
+    core.submit(short)
+    core.step()
+    core.submit(long)
+    core.run_until_idle()
     for r in (short, long):
         assert r.output == engine_tiny.generate([r.prompt], params)[0].token_ids
 
 
-def test_failed_step_fails_its_requests_and_the_scheduler_goes_on(engine_tiny):
-    sched, cache = _scheduler(engine_tiny, blocks=8)
+def test_failed_step_fails_its_requests_and_serving_goes_on(engine_tiny):
+    core, cache = _core(engine_tiny, blocks=8)
     real = engine_tiny.model.experts
 
     class DeadPool:
@@ -72,27 +136,45 @@ def test_failed_step_fails_its_requests_and_the_scheduler_goes_on(engine_tiny):
     engine_tiny.model.experts = DeadPool()
     try:
         req = Request(_ids(5, 4), SamplingParams(max_tokens=3))
-        sched.submit(req)
-        sched.step()
+        core.submit(req)
+        core.step()
     finally:
         engine_tiny.model.experts = real
     assert isinstance(req.error, RuntimeError) and cache.free_blocks == 8
     ok = Request(_ids(5, 4), SamplingParams(max_tokens=3, ignore_eos=True))
-    sched.submit(ok)
-    sched.run_until_idle()
+    core.submit(ok)
+    core.run_until_idle()
     assert len(ok.output) == 3 and ok.error is None
 
 
 def test_micro_batched_steps_equal_single_batch(engine_tiny):
-    """Two micro-batches interleaved layer by layer give the same tokens as one batch."""
+    """Two or three micro-batches interleaved layer by layer give the same tokens as one batch."""
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     prompts = [_ids(n, 20 + n) for n in (3, 9, 14, 6, 21)]
     outs = []
     for micro in (1, 2, 3):
-        sched, _ = _scheduler(engine_tiny, blocks=32, micro_batches=micro)
+        core, _ = _core(engine_tiny, blocks=32, micro_batches=micro)
         reqs = [Request(p, params) for p in prompts]
         for r in reqs:
-            sched.submit(r)
-        sched.run_until_idle()
+            core.submit(r)
+        core.run_until_idle()
         outs.append([r.output for r in reqs])
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_score_waits_for_cache_like_generate_and_matches_a_lone_score(engine_tiny):
+    """Score goes through admission: with the cache full it waits (it used to fail with RESOURCE_EXHAUSTED)."""
+    core, cache = _core(engine_tiny, blocks=4, max_step_tokens=16)
+    gen = Request(_ids(20, 1), SamplingParams(max_tokens=30, ignore_eos=True))
+    score = Request(_ids(40, 2), score_top_k=3)
+    core.submit(gen)
+    core.submit(score)
+    core.step()
+    assert score in core.scheduler.waiting
+    core.run_until_idle()
+    assert score.finish_reason == "scored" and len(score.scores) == 40 and score.scores[0].logprob is None
+    alone = engine_tiny.score(score.prompt, top_k=3)
+    for mine, ref in zip(score.scores[1:], alone[1:]):  # chunked (16 tokens a step) against one 40-token step
+        assert mine.token_id == ref.token_id and abs(mine.logprob - ref.logprob) < 1e-4
+        assert [t for t, _ in mine.top] == [t for t, _ in ref.top]
+    assert cache.free_blocks == 4

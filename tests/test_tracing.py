@@ -19,7 +19,8 @@ from services.format.config import ModelConfig
 from services.state.placement import Placement, Pool
 from services.rpc.telemetry import setup_tracing
 from services.expert.server import start_pool
-from services.gateway.server import start_gateway
+from services.gateway.config import GatewayConfig
+from services.gateway.runtime import GatewayRuntime
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def traced_deployment(tiny_fp8):
         managed, _ = run(start_pool(tiny_fp8, f"pool-{i}", experts))
         managed_pools.append(managed)
         placement_pools.append(Pool(f"pool-{i}", managed.address))
-    runtime = run(start_gateway(tiny_fp8, Placement.spread(cfg, placement_pools), "fp8"))
+    runtime = run(GatewayRuntime.start(GatewayConfig(model=tiny_fp8, grpc_port=0), Placement.spread(cfg, placement_pools)))
     yield runtime.managed.address, exporter
     runtime.close()
     for m in [runtime.managed, *managed_pools]:

@@ -38,7 +38,7 @@ class StepBatch:
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], cache: PagedLatentCache) -> "StepBatch":
-        """Reserves cache blocks for the new tokens and advances each sequence's length."""
+        """Advances each sequence's length by its chunk. Blocks must be reserved already (the scheduler does)."""
         if not chunks:
             raise ValueError("empty step")
         b = len(chunks)
@@ -47,7 +47,8 @@ class StepBatch:
             raise ValueError("a sequence in the step has no new tokens")
         starts_list = [c.seq.length for c in chunks]
         for chunk, n in zip(chunks, lengths):
-            cache.reserve(chunk.seq, n)
+            if cache.blocks_needed(chunk.seq, n):
+                raise ValueError(f"a sequence needs {cache.blocks_needed(chunk.seq, n)} more cache blocks: reserve first")
             chunk.seq.length += n
         n = torch.tensor(lengths)  # [B]
         start = torch.tensor(starts_list)  # [B]

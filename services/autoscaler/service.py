@@ -2,7 +2,7 @@
 
 - Dead pools (health check fails) are taken out of the placement at once: their experts are re-packed onto
   the live pools (failover re-placement).
-- Below `threshold` balancedness, and no sooner than `min_interval_s` after the last rebalance, it plans for
+- Below `rebalance_threshold` balancedness, and no sooner than `rebalance_min_interval_s` after the last rebalance, it plans for
   the window's load and rolls the plan out in two phases, if the plan improves balancedness by at least
   `hysteresis` (so it does not flap on noise).
 
@@ -19,7 +19,6 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +26,8 @@ from services.autoscaler.actuation import without_pools
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.errors import ExpertmeshError
+from services.autoscaler.config import AutoscalerConfig
+from services.settings import add_flags, from_flags
 from services.rpc.health import is_serving
 from services.state.load_store import RedisLoadStore
 from services.rpc.metrics import AutoscalerMetrics, serve_metrics
@@ -34,24 +35,6 @@ from services.state.placement import Placement
 from services.state.placement_store import RedisPlacementStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AutoscalerConfig:
-    interval_s: float = 5.0
-    window_s: float = 30.0
-    threshold: float = 0.85
-    hysteresis: float = 0.05
-    min_interval_s: float = 30.0
-    min_tokens: int = 1000  # per window, summed over layers: less is noise
-    grace_s: float = 2.0
-    # pool scaling (with an actuator): utilisation = routed tokens/s per pool / pool_capacity_tokens_s
-    pool_capacity_tokens_s: float = 0.0  # 0: no pool scaling
-    scale_up_above: float = 0.8
-    scale_down_below: float = 0.3
-    scale_patience: int = 3  # consecutive ticks beyond a threshold before acting
-    min_pools: int = 1
-    max_pools: int = 16
 
 
 class Autoscaler:
@@ -73,7 +56,7 @@ class Autoscaler:
         placement = self.store.get()
         if placement is None:
             return None
-        load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(cfg.window_s)
+        load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(cfg.load_window_s)
         dead = {p for p, pool in placement.pools.items() if not is_serving(pool.address)}
         if dead and len(dead) < len(placement.pools):
             log.warning("pools %s are down: re-placing their experts", sorted(dead))
@@ -86,25 +69,25 @@ class Autoscaler:
         if self.metrics:
             self.metrics.balancedness.set(self.last_balancedness)
             self.metrics.placement_version.set(placement.version)
-        if load.sum() < cfg.min_tokens or self.last_balancedness >= cfg.threshold:
+        if load.sum() < cfg.min_tokens or self.last_balancedness >= cfg.rebalance_threshold:
             return None
-        if time.monotonic() - self.last_rebalance < cfg.min_interval_s:
+        if time.monotonic() - self.last_rebalance < cfg.rebalance_min_interval_s:
             return None
         proposal = propose(placement, np.asarray(load, dtype=np.float64))
         if proposal.balancedness_after < self.last_balancedness + cfg.hysteresis:
             return None
         log.info("balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)", self.last_balancedness,
-                 cfg.threshold, proposal.balancedness_after, proposal.moves)
+                 cfg.rebalance_threshold, proposal.balancedness_after, proposal.moves)
         return self._roll(proposal.proposed, placement, "rebalance")
 
     def _scale(self, placement: Placement, load: np.ndarray) -> bool:
         """Ask the actuator for one pool more or fewer when utilisation stays beyond a threshold."""
         cfg = self.config
-        if self.actuator is None or cfg.pool_capacity_tokens_s <= 0:
+        if self.actuator is None or cfg.pool_capacity <= 0:
             return False
         pools = len(placement.pools)
         per_layer = load.sum() / max(1, len(placement.layers))  # tokens routed per layer in the window
-        utilisation = per_layer / cfg.window_s / pools / cfg.pool_capacity_tokens_s
+        utilisation = per_layer / cfg.load_window_s / pools / cfg.pool_capacity
         if utilisation > cfg.scale_up_above and pools < cfg.max_pools:
             self._pressure = max(self._pressure, 0) + 1
         elif utilisation < cfg.scale_down_below and pools > cfg.min_pools:
@@ -146,7 +129,7 @@ class Autoscaler:
                     self.tick()
             except Exception:  # noqa: BLE001 - Redis or a pool away: try again next interval
                 log.exception("autoscaler tick failed")
-            time.sleep(max(0.0, self.config.interval_s - (time.monotonic() - started)))
+            time.sleep(max(0.0, self.config.autoscale_interval_s - (time.monotonic() - started)))
 
 
 def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str, str]], slots_per_pool: int = 0,
@@ -173,8 +156,8 @@ def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str,
     return store.publish(placement, expected_version=0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="expertmesh autoscaler")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="expertmesh-autoscaler", description="expertmesh autoscaler")
     ap.add_argument("--redis", required=True)
     ap.add_argument("--model", help="checkpoint directory (for --bootstrap-pools)")
     ap.add_argument("--bootstrap-pools", type=int, default=0,
@@ -192,12 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     ap.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
-    defaults = AutoscalerConfig()
-    for name, value in vars(defaults).items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = ap.parse_args(argv)
+    add_flags(ap, AutoscalerConfig)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    config = AutoscalerConfig(**{name: getattr(args, name) for name in vars(defaults)})
+    config = from_flags(AutoscalerConfig, args)
     serve_metrics(args.metrics_port)
     actuator = elector = None
     if args.kubernetes:
@@ -210,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.identity)
         actuator = KubernetesActuator(client.AppsV1Api(), args.namespace, args.statefulset,
                                       RedisPlacementStore(args.redis), lambda i: args.pool_id_template.format(i=i),
-                                      lambda i: args.pool_address_template.format(i=i), config.window_s, config.grace_s)
+                                      lambda i: args.pool_address_template.format(i=i), config.load_window_s, config.grace_s)
     if args.bootstrap_pools:
         if not args.model:
             sys.exit("expertmesh autoscaler: --bootstrap-pools needs --model")
@@ -224,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from services.autoscaler.local_actuator import LocalActuator
 
-        actuator = LocalActuator(RedisPlacementStore(args.redis), args.model, args.pool_threads, config.window_s,
+        actuator = LocalActuator(RedisPlacementStore(args.redis), args.model, args.pool_threads, config.load_window_s,
                                  config.grace_s, Path(args.log_dir) if args.log_dir else None)
     Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
 

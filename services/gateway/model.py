@@ -6,7 +6,7 @@ first `first_k_dense_replace` layers and MoE after: router, shared experts (loca
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +47,8 @@ class DecoderLayer:
 
 class GatewayModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, experts: ExpertsBackend, device: torch.device | str = "cpu"):
+                 lm_head: Linear, experts: ExpertsBackend, device: torch.device | str = "cpu",
+                 routing_observer: Callable[[int, torch.Tensor], None] | None = None):
         self.cfg = cfg
         self.embed = embed  # [V, H]
         self.layers = layers
@@ -57,12 +58,13 @@ class GatewayModel:
         self.rotary = Rotary(cfg, device)
         self.dtype = embed.dtype
         self.device = torch.device(device)
-        self.routing_observer = None  # called with (layer, topk_idx [T, K]) every MoE layer (load recording)
+        self.routing_observer = routing_observer  # called with (layer, topk_idx [T, K]) every MoE layer (load)
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, reader: CheckpointReader, experts: ExpertsBackend, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", absorb: bool = True, progress=None) -> "GatewayModel":
+             device: torch.device | str = "cpu", absorb: bool = True, progress=None,
+             routing_observer: Callable[[int, torch.Tensor], None] | None = None) -> "GatewayModel":
         """Read every non-routed-expert tensor (FP8 projections dequantized into `dtype`)."""
         cfg = reader.config
 
@@ -80,7 +82,7 @@ class GatewayModel:
                 progress(i + 1, cfg.num_hidden_layers)
         norm = tensor(TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM))
         lm_head = tensor(TensorSpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
-        return cls(cfg, embed, layers, norm, Linear(lm_head), experts, device)
+        return cls(cfg, embed, layers, norm, Linear(lm_head), experts, device, routing_observer)
 
     def set_absorb(self, absorb: bool) -> None:
         for layer in self.layers:
@@ -88,16 +90,18 @@ class GatewayModel:
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
-                routing_trace: list | None = None) -> torch.Tensor:
-        """One step. -> logits [B, V] at each sequence's last new token (or [T, V] with `all_logits`), fp32.
+                routing_trace: list | None = None, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """One step. -> logits [B, V] at each sequence's last new token (or [T, V] with `all_logits`, or [N, V]
+        at the flat token indices `logit_index` [N]), fp32.
 
         `routing_trace`, when given, receives (layer, topk_idx [T, K]) for every MoE layer.
         """
-        return run_interleaved([self.forward_stages(batch, cache, all_logits, routing_trace)])[0]
+        return run_interleaved([self.forward_stages(batch, cache, all_logits, routing_trace, logit_index)])[0]
 
     @torch.inference_mode()
     def forward_stages(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
-                       routing_trace: list | None = None) -> Generator[None, None, torch.Tensor]:
+                       routing_trace: list | None = None,
+                       logit_index: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """The forward pass as a generator that pauses while each MoE layer's routed experts are computed
         elsewhere: another micro-batch's attention can run meanwhile (see `run_interleaved`)."""
         cfg = self.cfg
@@ -118,7 +122,9 @@ class GatewayModel:
             shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
             yield
             x = x + pending() + shared  # [T, H]
-        if not all_logits:
+        if logit_index is not None:
+            x = x[logit_index]  # [N, H]
+        elif not all_logits:
             x = x[batch.last_index]  # [B, H]
         return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
 

@@ -27,9 +27,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from expertmesh.v1 import expert_pool_pb2
-from services.dispatch import wire
-from services.errors import PoolUnavailableError
+from services.dispatch import codec
+from services.dispatch.wire import DISPATCH_DTYPES
+from services.errors import InvalidRequestError, PoolUnavailableError
 from services.math.experts import Pending
+from services.math.routed_pairs import RoutedPairs
 from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.state.placement import Placement
 from services.rpc.telemetry import tracer
@@ -45,22 +47,21 @@ MAX_CONCURRENT_CALLS = 64  # pool calls in flight at once (threads are made as n
 class _Call:
     pool: int  # index into pool_ids
     tokens: torch.Tensor  # [N] rows of `hidden` sent, each once
-    pair_token: torch.Tensor  # [P] the pairs sent (global token index)
-    pair_expert: torch.Tensor  # [P]
-    pair_weight: torch.Tensor  # [P]
+    pairs: RoutedPairs  # the pairs sent (token: row of the layer's `hidden`)
     future: Future | None  # -> ForwardResponse, or raises grpc.RpcError
     sent_at: float
 
 
 class RemoteExperts:
-    def __init__(self, placement: Placement, n_routed_experts: int, dispatch_dtype: str = "fp8",
+    def __init__(self, placement: Placement, n_routed_experts: int = 0, dispatch_dtype: str = "fp8",
                  deadline_s: float = DEFAULT_DEADLINE_S, dead_for_s: float = DEAD_FOR_S, metrics=None):
-        if dispatch_dtype not in wire.DISPATCH_DTYPES:
-            raise ValueError(f"dispatch dtype must be one of {wire.DISPATCH_DTYPES}, got {dispatch_dtype!r}")
+        """`n_routed_experts` is accepted for existing callers and unused (the placement's tables know the
+        experts)."""
+        if dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(f"dispatch dtype must be one of {DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         self.dispatch_dtype = dispatch_dtype
         self.deadline_s = deadline_s
         self.dead_for_s = dead_for_s
-        self.n_routed_experts = n_routed_experts
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._forward: dict[str, grpc.UnaryUnaryMultiCallable] = {}  # pool -> Forward taking serialized bytes
@@ -126,20 +127,12 @@ class RemoteExperts:
         rank[order] = torch.arange(len(order)) - starts  # position of the pair among its expert's pairs
         return table[pair_expert, rank % count]
 
-    def _send(self, layer: int, hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
-              pair_weight: torch.Tensor, pool_of_pair: torch.Tensor) -> list[_Call]:
-        rows = wire.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
+    def _send(self, layer: int, hidden: torch.Tensor, pairs: RoutedPairs, pool_of_pair: torch.Tensor) -> list[_Call]:
+        rows = codec.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
         prepared = []
-        for p in torch.unique(pool_of_pair).tolist():
-            mask = pool_of_pair == p
-            token, expert, weight = pair_token[mask], pair_expert[mask], pair_weight[mask]  # [P_p]
-            tokens = torch.unique(token)  # [N_p] the pool's tokens, each once
-            h, s = rows.encode(tokens)
-            request = expert_pool_pb2.ForwardRequest(
-                layer=layer, hidden=h, hidden_scale=s, pair_token=torch.searchsorted(tokens, token).tolist(),
-                pair_expert=expert.tolist(), pair_weight=weight.tolist(),
-                response_dtype=wire.response_dtype(self.dispatch_dtype), placement_version=self.placement.version)
-            prepared.append((_Call(p, tokens, token, expert, weight, None, 0.0), request.SerializeToString()))
+        for p, share in pairs.by_owner(pool_of_pair):
+            tokens, request = codec.encode_request(layer, rows, share, self.placement.version)  # tokens [N_p]
+            prepared.append((_Call(p, tokens, share, None, 0.0), request.SerializeToString()))
         calls = []
         for call, data in prepared:
             pool_id = self.pool_ids[call.pool]
@@ -154,15 +147,13 @@ class RemoteExperts:
         return calls
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
-        t, k = topk_idx.shape
-        span = tracer().start_span("moe.dispatch", attributes={"expertmesh.layer": layer, "expertmesh.tokens": t})
-        pair_token = torch.arange(t).repeat_interleave(k)  # [T*K]
-        pair_expert = topk_idx.reshape(-1)
-        pair_weight = topk_w.reshape(-1).to(torch.float32)
+        span = tracer().start_span("moe.dispatch", attributes={"expertmesh.layer": layer,
+                                                               "expertmesh.tokens": topk_idx.shape[0]})
+        pairs = RoutedPairs.from_topk(topk_idx, topk_w)  # [T*K]
         token = otel_context.attach(trace.set_span_in_context(span))  # pool calls become children of the dispatch
         try:
             with self._lock:
-                calls = self._send(layer, hidden, pair_token, pair_expert, pair_weight, self._assign(layer, pair_expert))
+                calls = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert))
         except BaseException:
             span.end()
             raise
@@ -200,17 +191,19 @@ class RemoteExperts:
                     continue
                 if self.metrics:
                     self.metrics.pool_call.labels(pool_id).observe(time.monotonic() - call.sent_at)
-                out.index_add_(0, call.tokens, wire.decode(response.partial, "partial").to(hidden.dtype))
+                try:
+                    partial = codec.decode_partial(response, call.tokens.numel(), hidden.shape[1], hidden.dtype)
+                except InvalidRequestError as exc:  # a pool answering nonsense is a bug there: no retry helps
+                    raise PoolUnavailableError(pool_id, f"malformed answer: {exc}") from None
+                out.index_add_(0, call.tokens, partial)  # [N, H] onto the pool's rows
             if not failed:
                 return
             self.failovers += len(failed)
-            token = torch.cat([c.pair_token for c in failed])
-            expert = torch.cat([c.pair_expert for c in failed])
-            weight = torch.cat([c.pair_weight for c in failed])
+            pairs = RoutedPairs.cat([c.pairs for c in failed])
             ctx = otel_context.attach(trace.set_span_in_context(span))
             try:
                 with self._lock:
-                    pending = self._send(layer, hidden, token, expert, weight, self._assign(layer, expert, exclude))
+                    pending = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert, exclude))
             finally:
                 otel_context.detach(ctx)
         raise PoolUnavailableError("all", f"layer {layer}: retries exhausted")

@@ -16,13 +16,18 @@ import logging
 import threading
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import redis
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 BUCKET_SECONDS = 5
+DEFAULT_LOAD_WINDOW_S = 30.0  # the window the autoscaler plans for and the admin commands report
 TTL_SECONDS = 3600
 KEY = "expertmesh:load:{layer}:{bucket}"
 
@@ -92,7 +97,7 @@ class LoadRecorder:
 
     # ---- hot path (scheduler thread) -------------------------------------------------------------------
     def observe(self, layer: int, topk_idx: torch.Tensor) -> None:
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=self.store.num_experts).numpy()
+        counts = topk_idx.reshape(-1).bincount(minlength=self.store.num_experts).numpy()
         bucket = bucket_of(time.time(), self.store.bucket_s)
         with self._lock:
             matrix = self._pending.get(bucket)

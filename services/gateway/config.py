@@ -1,0 +1,44 @@
+"""GatewayConfig: every setting of the gateway, once. The gateway's flags, `expertmesh up` and the Helm chart's
+`gateway:` values are derived from these fields (see services/settings.py for the naming rule). Imports no torch:
+light clients (`up`, the CLI) read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.dispatch import DISPATCH_DTYPES
+from services.settings import setting
+
+DEFAULT_CACHE_TOKENS = 32768
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_MAX_STEP_TOKENS = 2048
+DEFAULT_MAX_RUNNING = 64
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: Path | None = setting(None, "Model directory (a Hugging Face DeepSeek-V3 checkpoint).")
+    redis: str | None = setting(None, "Redis URL holding the placement and receiving the load.")
+    placement: Path | None = setting(None, "Placement JSON, when not read from Redis.")
+    host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a pod).")
+    grpc_port: int = setting(50051, "gRPC port (0: any free port).")
+    metrics_port: int = setting(0, "Prometheus /metrics port (0: off).")
+    dispatch_dtype: str = setting("fp8", "Activations sent to the pools: fp8, bf16 or fp32 (exact).",
+                                  choices=DISPATCH_DTYPES)
+    cache_tokens: int = setting(DEFAULT_CACHE_TOKENS, "Latent KV cache capacity, in tokens.")
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per latent cache block.")
+    max_step_tokens: int = setting(DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks).")
+    max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
+    micro_batches: int = setting(1, "Split each step so attention of one part overlaps the pools' work.")
+    pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
+    pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
+    placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
+    threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
+
+    def __post_init__(self):
+        for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(f"dispatch_dtype must be one of {', '.join(DISPATCH_DTYPES)}, got {self.dispatch_dtype!r}")

@@ -1,0 +1,72 @@
+"""A request's state as the serving core sees it: prompt, what to do with it, output so far, and its events.
+
+Two kinds: generate (sample up to `params.max_tokens` new tokens) and score (the log-probability of every
+prompt token given the ones before, with the top-k alternatives). Front ends create requests and read their
+events; the scheduler and the runner change them; nothing else does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry.trace import SpanContext
+
+from services.attention.kv_cache import SequenceBlocks
+from services.gateway.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class PositionScore:
+    token_id: int
+    logprob: float | None  # None at position 0
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class RequestEvent:
+    token_id: int | None = None
+    finish_reason: str | None = None  # "length" | "stop" | "scored" on the last event
+    error: BaseException | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_event: Callable[[RequestEvent], None] | None = None
+    score_top_k: int | None = None  # not None: a score request (no new tokens)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seq: SequenceBlocks = field(default_factory=SequenceBlocks)
+    output: list[int] = field(default_factory=list)
+    scores: list[PositionScore] = field(default_factory=list)
+    fed: int = 0  # prompt tokens already written to the cache
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    span_context: SpanContext | None = None  # the request's trace: steps that serve it link to it
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.params)
+
+    @property
+    def is_score(self) -> bool:
+        return self.score_top_k is not None
+
+    @property
+    def cache_tokens(self) -> int:
+        """Cache positions the request needs at most: reserved whole at admission."""
+        return len(self.prompt) + (0 if self.is_score else self.params.max_tokens)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None or self.cancelled
+
+    def emit(self, event: RequestEvent) -> None:
+        if self.on_event is not None and not self.cancelled:
+            self.on_event(event)

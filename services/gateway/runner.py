@@ -1,0 +1,110 @@
+"""The runner: executes a step plan on the model and gives back one result per chunk.
+
+It builds the step's batch (optionally split into micro-batches whose attention overlaps the pools' expert
+work on the others), runs the forward pass, then samples (one batched argmax for every greedy request, a
+seeded sampler for the others) and scores (log-probabilities of the prompt tokens, for score requests).
+"""
+
+from __future__ import annotations
+
+import torch
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan
+
+from services.attention.batch import SequenceChunk, StepBatch
+from services.attention.kv_cache import PagedLatentCache
+from services.gateway.model import GatewayModel, run_interleaved
+from services.gateway.requests import PositionScore
+from services.gateway.scheduler import ChunkResult, PlannedChunk, StepPlan
+from services.rpc.telemetry import tracer
+
+
+class ModelRunner:
+    def __init__(self, model: GatewayModel, cache: PagedLatentCache, micro_batches: int = 1):
+        self.model = model
+        self.cache = cache
+        # >1 with remote experts: each step is split into micro-batches whose attention runs while the others'
+        # experts are computed on the pools
+        self.micro_batches = micro_batches
+
+    def execute(self, plan: StepPlan) -> list[ChunkResult]:
+        with _step_span(plan):
+            rows = self._forward(plan.chunks)  # per chunk: logits [n, V] (n = 1, or the chunk's length to score)
+        greedy_rows = [i for i, c in enumerate(plan.chunks) if c.samples and c.request.params.temperature == 0]
+        greedy = {}
+        if greedy_rows:  # one argmax for every greedy request of the step
+            picked = torch.cat([rows[i][-1:] for i in greedy_rows]).argmax(-1).tolist()
+            greedy = dict(zip(greedy_rows, picked))
+        results = []
+        for i, chunk in enumerate(plan.chunks):
+            if chunk.request.is_score:
+                results.append(ChunkResult(scores=_score_chunk(chunk, rows[i])))
+            elif not chunk.samples:
+                results.append(ChunkResult())
+            else:
+                token = greedy[i] if i in greedy else chunk.request.sampler(rows[i][-1])
+                results.append(ChunkResult(token=token))
+        return results
+
+    def _forward(self, chunks: list[PlannedChunk]) -> list[torch.Tensor]:
+        groups = _split_by_tokens([len(c.token_ids) for c in chunks], self.micro_batches)
+        stages, spans = [], []
+        for group in groups:
+            batch = StepBatch.build([SequenceChunk(chunks[i].request.seq, chunks[i].token_ids) for i in group],
+                                    self.cache)
+            index, span = _logit_rows([chunks[i] for i in group], batch)
+            spans.append(span)
+            stages.append(self.model.forward_stages(batch.to(self.model.device), self.cache,
+                                                    logit_index=index.to(self.model.device)))
+        outputs = run_interleaved(stages)
+        rows: list[torch.Tensor | None] = [None] * len(chunks)
+        for group, out, span in zip(groups, outputs, spans):
+            out = out.cpu()  # [N, V]
+            for i, (start, stop) in zip(group, span):
+                rows[i] = out[start:stop]
+        return rows
+
+
+def _logit_rows(chunks: list[PlannedChunk], batch: StepBatch) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Flat token indices whose logits the chunks need (the last token; every token of a score chunk) and each
+    chunk's [start, stop) among them."""
+    index, spans, offset = [], [], 0
+    for chunk, last in zip(chunks, batch.last_index.tolist()):
+        n = len(chunk.token_ids) if chunk.request.is_score else 1
+        index.extend(range(last - n + 1, last + 1))
+        spans.append((offset, offset + n))
+        offset += n
+    return torch.tensor(index, dtype=torch.int64), spans
+
+
+def _score_chunk(chunk: PlannedChunk, logits: torch.Tensor) -> list[PositionScore]:
+    """logits [n, V] at prompt positions fed..fed+n-1 -> scores of the prompt tokens they predict."""
+    req, start = chunk.request, chunk.request.fed
+    out = [PositionScore(req.prompt[0], None, [])] if start == 0 else []
+    logprobs = logits.log_softmax(-1)  # [n, V]
+    targets = req.prompt[start + 1 : start + 1 + logprobs.shape[0]]
+    k = req.score_top_k or 0
+    top = torch.topk(logprobs[: len(targets)], k) if k else None
+    for j, token in enumerate(targets):
+        alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+        out.append(PositionScore(token, float(logprobs[j, token]), alternatives))
+    return out
+
+
+def _step_span(plan: StepPlan):
+    """A step serves several requests: its span is a child of the first traced one and links the others."""
+    traced = [c.request.span_context for c in plan.chunks if c.request.span_context is not None]
+    parent = trace.set_span_in_context(NonRecordingSpan(traced[0])) if traced else None
+    return tracer().start_as_current_span("gateway.step", context=parent, links=[Link(c) for c in traced[1:]])
+
+
+def _split_by_tokens(tokens: list[int], parts: int) -> list[list[int]]:
+    """Chunk indices dealt into at most `parts` non-empty groups of similar token counts, each keeping order."""
+    parts = max(1, min(parts, len(tokens)))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for r in sorted(range(len(tokens)), key=lambda r: -tokens[r]):
+        g = load.index(min(load))
+        groups[g].append(r)
+        load[g] += tokens[r]
+    return [sorted(g) for g in groups if g]

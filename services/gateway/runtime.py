@@ -1,0 +1,163 @@
+"""The gateway assembled from a GatewayConfig: server, serving core on its own thread, placement follower,
+load recorder. Everything is built here and handed to what uses it; nothing is patched in afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.format.config import ModelConfig
+from services.gateway.config import GatewayConfig
+from services.gateway.grpc_servicer import SERVICE_NAME, GatewayServicer
+from services.gateway.remote_experts import RemoteExperts
+from services.gateway.serving import ServingCore
+from services.rpc.grpc_server import ManagedServer
+from services.rpc.health import wait_serving
+from services.rpc.metrics import GatewayMetrics
+from services.state.load_store import LoadRecorder, RedisLoadStore
+from services.state.placement import Placement
+from services.state.placement_store import RedisPlacementStore
+
+log = logging.getLogger(__name__)
+
+
+class ServingLoop:
+    """Steps the serving core on its own thread until stopped; sleeps when there is nothing to do.
+
+    If the loop itself dies (not a failed step: those fail only their requests), every request fails at once
+    and `on_death` is called (the runtime turns health NOT_SERVING)."""
+
+    def __init__(self, core: ServingCore, metrics: GatewayMetrics | None = None, recorder: LoadRecorder | None = None,
+                 on_death: Callable[[BaseException], None] | None = None):
+        self.core, self.metrics, self.recorder, self.on_death = core, metrics, recorder, on_death
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
+
+    def start(self) -> "ServingLoop":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.core.step():
+                    self.core.scheduler.wait_for_work(0.05)
+                self._export()
+        except BaseException as exc:  # noqa: BLE001 - report, fail everything, never hang a client
+            log.exception("the serving loop died")
+            self.error = exc
+            self.core.scheduler.close(exc)
+            if self.on_death:
+                self.on_death(exc)
+
+    def _export(self) -> None:
+        if self.metrics is None:
+            return
+        m, sched = self.metrics, self.core.scheduler
+        m.running.set(len(sched.running))
+        m.waiting.set(sched.num_waiting)
+        m.kv_cache_usage.set(self.core.cache.usage())
+        if self.recorder:
+            m.load_store_outage.set(self.recorder.outage_seconds)
+            m.load_buckets_dropped.set(self.recorder.dropped_buckets)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.core.scheduler.wake()
+        self.thread.join(timeout=10)
+
+
+class PlacementFollower:
+    """Polls the placement store's version; a new placement is switched to at the next step boundary."""
+
+    def __init__(self, store: RedisPlacementStore, experts: RemoteExperts, interval_s: float = 0.5):
+        self.store, self.experts, self.interval_s = store, experts, interval_s
+        self._pending: Placement | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="placement", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.store.version() > self.experts.placement.version:
+                    self._pending = self.store.get()
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep the placement we have
+                log.warning("placement store unreachable: %s", exc)
+
+    def apply_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            log.info("switching to placement version %d", pending.version)
+            self.experts.set_placement(pending)
+
+    def start(self) -> "PlacementFollower":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def wait_for_pools(placement: Placement, timeout_s: float) -> None:
+    """Block until every pool of the placement reports SERVING."""
+    deadline = time.monotonic() + timeout_s
+    for pool in placement.pools.values():
+        wait_serving(pool.address, max(0.0, deadline - time.monotonic()), f"pool {pool.pool_id}")
+
+
+class GatewayRuntime:
+    """A started gateway: its server, serving core and loop, remote experts, placement follower, load recorder."""
+
+    def __init__(self, config: GatewayConfig, managed: ManagedServer, core: ServingCore, experts: RemoteExperts,
+                 loop: ServingLoop, follower: PlacementFollower | None, recorder: LoadRecorder | None):
+        self.config, self.managed, self.core, self.experts = config, managed, core, experts
+        self.loop, self.follower, self.recorder = loop, follower, recorder
+
+    @classmethod
+    async def start(cls, config: GatewayConfig, placement: Placement,
+                    metrics: GatewayMetrics | None = None) -> "GatewayRuntime":
+        """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
+        cfg = ModelConfig.from_file(config.model)
+        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port)
+        servicer = GatewayServicer(gateway_pb2.GetModelInfoResponse(
+            model_dir=str(config.model), vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
+            n_routed_experts=cfg.n_routed_experts, pools=[p.address for p in placement.pools.values()],
+            dispatch_dtype=config.dispatch_dtype), metrics)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
+        await managed.start()
+        experts = RemoteExperts(placement, cfg.n_routed_experts, config.dispatch_dtype, config.pool_call_deadline_s,
+                                metrics=metrics)
+        follower = recorder = None
+        if config.redis:
+            follower = PlacementFollower(RedisPlacementStore(config.redis), experts).start()
+            recorder = LoadRecorder(RedisLoadStore.from_url(config.redis, cfg.moe_layers, cfg.n_routed_experts)).start()
+        core = await asyncio.to_thread(
+            ServingCore.from_dir, config.model, experts, cache_tokens=config.cache_tokens, block_size=config.block_size,
+            routing_observer=recorder.observe if recorder else None, max_step_tokens=config.max_step_tokens,
+            max_running=config.max_running, micro_batches=config.micro_batches,
+            before_step=follower.apply_pending if follower else None)
+        await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)
+        aio_loop = asyncio.get_running_loop()
+
+        def on_death(exc: BaseException) -> None:  # health says what the loop's death means: no more serving
+            asyncio.run_coroutine_threadsafe(managed.set_serving(False), aio_loop)
+
+        loop = ServingLoop(core, metrics, recorder, on_death).start()
+        servicer.attach(core)
+        await managed.set_serving()
+        log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, config.dispatch_dtype,
+                 len(placement.pools))
+        return cls(config, managed, core, experts, loop, follower, recorder)
+
+    def close(self) -> None:
+        self.loop.stop()
+        if self.follower:
+            self.follower.stop()
+        if self.recorder:
+            self.recorder.stop()
+        self.experts.close()

@@ -1,0 +1,111 @@
+"""The serving core: one model with its latent cache, tokenizer, scheduler and runner, stepped by one thread.
+
+Front ends (the gRPC servicer, the in-process `Engine`) check requests here, submit them, and read their
+events. A step is: the scheduler plans it, the runner executes it, the scheduler commits the results. A step
+that raises fails only its own requests (the cause is logged) and serving goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from services.attention.kv_cache import PagedLatentCache
+from services.errors import InvalidRequestError
+from services.format.checkpoint import CheckpointReader
+from services.format.config import ModelConfig
+from services.format.tokenizer import load_tokenizer
+from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS
+from services.gateway.model import GatewayModel
+from services.gateway.requests import Request
+from services.gateway.runner import ModelRunner
+from services.gateway.sampling import SamplingParams
+from services.gateway.scheduler import Scheduler
+from services.math.experts import ExpertsBackend
+
+log = logging.getLogger(__name__)
+
+
+class ServingCore:
+    def __init__(self, model: GatewayModel, cache: PagedLatentCache, tokenizer=None, *,
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
+                 micro_batches: int = 1, before_step: Callable[[], None] | None = None):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
+        self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running)
+        self.runner = ModelRunner(model, cache, micro_batches)
+        self.before_step = before_step  # e.g. switch to a new placement at a step boundary
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, experts: ExpertsBackend, *, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu", cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
+                 absorb: bool = True, routing_observer=None, progress=None, **core_options) -> "ServingCore":
+        """Load the gateway's part of the checkpoint (everything but the routed experts, reached via `experts`)."""
+        reader = CheckpointReader(model_dir)
+        model = GatewayModel.load(reader, experts, dtype=dtype, device=device, absorb=absorb,
+                                  routing_observer=routing_observer, progress=progress)
+        cache = PagedLatentCache(reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device)
+        return cls(model, cache, load_tokenizer(model_dir), **core_options)
+
+    # ---- requests in ----------------------------------------------------------------------------------
+    def check_tokens(self, token_ids: list[int], extra: int = 0) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(token_ids) + extra > self.max_context:
+            raise InvalidRequestError(f"prompt of {len(token_ids)} tokens plus {extra} new ones exceeds the context "
+                                      f"of {self.max_context} tokens")
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        params.validate(self.max_context)
+        self.check_tokens(prompt, params.max_tokens)
+
+    def check_score(self, token_ids: list[int], top_k: int) -> None:
+        self.check_tokens(token_ids)
+        if not 0 <= top_k <= self.cfg.vocab_size:
+            raise InvalidRequestError(f"top_k must lie in [0, {self.cfg.vocab_size}] (the vocabulary), got {top_k}")
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer.json: pass token ids")
+        if not text:
+            raise InvalidRequestError("the prompt is empty")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+
+    def submit(self, request: Request) -> None:
+        self.scheduler.submit(request)
+
+    def cancel(self, request: Request) -> None:
+        self.scheduler.cancel(request)
+
+    # ---- stepping (one thread) ------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Plan, execute and commit one step. Returns whether there was anything to do."""
+        plan = self.scheduler.plan()
+        if not plan:
+            return False
+        if self.before_step is not None:
+            self.before_step()
+        try:
+            results = self.runner.execute(plan)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the serving loop
+            log.exception("step of %d requests failed", len(plan.chunks))
+            self.scheduler.fail(plan, exc)
+            return True
+        self.scheduler.commit(plan, results)
+        return True
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
