@@ -56,31 +56,38 @@ class RedisServer:
 
     def __init__(self, port: int | None = None):
         import shutil
-        import socket
         import subprocess
-        import time
 
         import redis
 
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+        from services.rpc.processes import free_port  # not a kernel-assigned port: see its docstring
+        from tests.waiting import wait_until
+
+        self.port = port if port is not None else free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=port)
-        for _ in range(200):
+        client = redis.Redis(port=self.port)
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} (port {self.port} taken?)")
             try:
-                client.ping()
-                return
+                return client.ping()
             except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+                return False
+
+        try:
+            wait_until(answers, 30, f"redis-server to answer on port {self.port}", interval_s=0.02)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            client.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(10)
 
 

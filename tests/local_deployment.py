@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of a Prometheus /metrics endpoint: `name` with its labels as exported, e.g.
+    'moe_routed_tokens_total{pool="pool-0"}'."""
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} is not exported at {url}")
 
 
 class UpProcess:
@@ -45,6 +56,54 @@ class UpProcess:
     def redis(self) -> str:
         return self.endpoints["redis"]
 
+    def metrics_url(self, process: str) -> str:
+        """/metrics of one process of the deployment: "gateway", "autoscaler" or a pool id started by `up`."""
+        return json.loads((self.home / "up.json").read_text())["metrics"][process]
+
+    def metric(self, process: str, name: str) -> float:
+        return metric(self.metrics_url(process), name)
+
+    def wait_gateway_on(self, version: int, timeout_s: float = 30) -> None:
+        """Wait until the gateway has switched to placement `version` (it follows the stored version)."""
+        from tests.waiting import wait_until
+
+        wait_until(lambda: self.metric("gateway", "moe_placement_version") == version, timeout_s,
+                   f"the gateway to switch to placement version {version}", interval_s=0.1)
+
+    def wait_rolled_out(self, timeout_s: float = 60):
+        """Wait until a rollout has finished: every pool of the stored placement holds exactly its share (old
+        replicas dropped after the grace) and the gateway serves that version. Returns the placement."""
+        from services.state.placement_store import RedisPlacementStore
+        from tests.waiting import wait_until
+
+        store = RedisPlacementStore(self.redis)
+
+        def finished():
+            placement = store.get()
+            for pool_id, pool in placement.pools.items():
+                if held_experts(pool.address) != set(placement.experts_on(pool_id)):
+                    return None
+            if self.metric("gateway", "moe_placement_version") != placement.version:
+                return None
+            return placement
+
+        return wait_until(finished, timeout_s, "the placement rollout to finish on every pool and the gateway",
+                          interval_s=0.1)
+
+    def routed_pairs(self, layer: int = 1) -> int:
+        """The (token, expert) pairs of one MoE layer that Redis holds for the last hour (the gateway's counts)."""
+        from services.cli.load_commands import load_report
+
+        report = load_report(self.redis, 3600, layer=layer, limit=1 << 20)
+        return sum(e["tokens"] for e in report["experts"])
+
+    def settled_routed_pairs(self, layer: int = 1, timeout_s: float = 30) -> int:
+        """routed_pairs once the gateway has flushed what it counted (no change over four of its 0.25 s flushes)."""
+        from tests.waiting import wait_until_stable
+
+        return wait_until_stable(lambda: self.routed_pairs(layer), 1.0, timeout_s,
+                                 "the gateway's routed-token counts in Redis to settle")
+
     def logs(self) -> str:
         out = []
         for log in sorted((self.home / "logs").glob("*.log")):
@@ -72,3 +131,18 @@ class UpProcess:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
+
+
+def held_experts(address: str) -> set[tuple[int, int]] | None:
+    """The (layer, expert) replicas a pool holds (its GetStatus), or None when it does not answer."""
+    import grpc
+
+    from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).GetStatus(
+                expert_pool_pb2.GetStatusRequest(), timeout=5)
+        except grpc.RpcError:
+            return None
+    return {(r.layer, r.expert) for r in status.experts}
