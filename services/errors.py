@@ -39,3 +39,7 @@ class PoolUnavailableError(ExpertmeshError):
 
 class CacheFullError(ExpertmeshError):
     """No free block is left in the latent cache for a sequence: the caller must wait or shed load."""
+
+
+class QueueFullError(ExpertmeshError):
+    """The gateway's waiting queue is at its limit: the client should retry later or elsewhere."""

@@ -14,6 +14,7 @@ DEFAULT_CACHE_TOKENS = 32768
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_RUNNING = 64
+DEFAULT_MAX_WAITING = 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class GatewayConfig:
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per latent cache block.")
     max_step_tokens: int = setting(DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks).")
     max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
+    max_waiting: int = setting(DEFAULT_MAX_WAITING, "Most requests waiting for admission; more are refused.")
     micro_batches: int = setting(1, "Split each step so attention of one part overlaps the pools' work.")
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
@@ -37,7 +39,7 @@ class GatewayConfig:
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
 
     def __post_init__(self):
-        for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "micro_batches"):
+        for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:

@@ -39,6 +39,7 @@ class Engine:
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
                  absorb: bool = True, cache_dense_experts: bool = True, progress=None, **core_options) -> "Engine":
+        core_options.setdefault("max_waiting", 1 << 40)  # in process the caller holds every prompt already
         store = ExpertStore(CheckpointReader(model_dir), dtype=dtype, cache_dense=cache_dense_experts, device=device)
         experts = LocalExperts.load_all(store, progress=progress and (lambda d, t: progress("experts", d, t)))
         core = ServingCore.from_dir(model_dir, experts, dtype=dtype, device=device, cache_tokens=cache_tokens,

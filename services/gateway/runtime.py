@@ -139,7 +139,7 @@ class GatewayRuntime:
         core = await asyncio.to_thread(
             ServingCore.from_dir, config.model, experts, cache_tokens=config.cache_tokens, block_size=config.block_size,
             routing_observer=recorder.observe if recorder else None, max_step_tokens=config.max_step_tokens,
-            max_running=config.max_running, micro_batches=config.micro_batches,
+            max_running=config.max_running, max_waiting=config.max_waiting, micro_batches=config.micro_batches,
             before_step=follower.apply_pending if follower else None)
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)
         aio_loop = asyncio.get_running_loop()

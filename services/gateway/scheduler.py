@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.attention.kv_cache import PagedLatentCache
-from services.errors import PoolUnavailableError
-from services.gateway.config import DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS
+from services.errors import PoolUnavailableError, QueueFullError
+from services.gateway.config import DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS, DEFAULT_MAX_WAITING
 from services.gateway.requests import PositionScore, Request, RequestEvent
 
 
@@ -60,11 +60,13 @@ class ChunkResult:
 
 class Scheduler:
     def __init__(self, cache: PagedLatentCache, eos_token_ids: tuple[int, ...],
-                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING):
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
+                 max_waiting: int = DEFAULT_MAX_WAITING):
         self.cache = cache
         self.eos_token_ids = eos_token_ids
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
+        self.max_waiting = max_waiting
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.closed: BaseException | None = None  # set when serving stopped for good: submit refuses
@@ -76,6 +78,8 @@ class Scheduler:
         with self._lock:
             if self.closed is not None:
                 raise PoolUnavailableError("gateway", f"serving stopped: {self.closed}")
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the limit (--max-waiting): retry later")
             self.waiting.append(request)
         self._work.set()
 

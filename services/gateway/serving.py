@@ -18,7 +18,7 @@ from services.errors import InvalidRequestError
 from services.format.checkpoint import CheckpointReader
 from services.format.config import ModelConfig
 from services.format.tokenizer import load_tokenizer
-from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS
+from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS, DEFAULT_MAX_WAITING
 from services.gateway.model import GatewayModel
 from services.gateway.requests import Request
 from services.gateway.runner import ModelRunner
@@ -32,13 +32,13 @@ log = logging.getLogger(__name__)
 class ServingCore:
     def __init__(self, model: GatewayModel, cache: PagedLatentCache, tokenizer=None, *,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 micro_batches: int = 1, before_step: Callable[[], None] | None = None):
+                 max_waiting: int = DEFAULT_MAX_WAITING, micro_batches: int = 1, before_step: Callable[[], None] | None = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
         self.tokenizer = tokenizer
         self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
-        self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running)
+        self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting)
         self.runner = ModelRunner(model, cache, micro_batches)
         self.before_step = before_step  # e.g. switch to a new placement at a step boundary
 

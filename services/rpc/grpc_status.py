@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from services.errors import (CacheFullError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
+from services.errors import (CacheFullError, QueueFullError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
                                     PoolUnavailableError)
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ExpertNotHeldError, grpc.StatusCode.FAILED_PRECONDITION),
     (PoolUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
