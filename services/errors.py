@@ -43,3 +43,7 @@ class CacheFullError(ExpertmeshError):
 
 class QueueFullError(ExpertmeshError):
     """The gateway's waiting queue is at its limit: the client should retry later or elsewhere."""
+
+
+class ServerStoppingError(ExpertmeshError):
+    """The server is stopping and could not finish this call in its drain time."""

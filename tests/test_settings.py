@@ -83,3 +83,11 @@ def test_bad_settings_are_refused_by_name():
         GatewayConfig(cache_tokens=0)
     with pytest.raises(ValueError, match="dispatch_dtype"):
         GatewayConfig(dispatch_dtype="fp16")
+
+
+def test_gateway_pod_grace_outlasts_its_drain(chart):
+    docs, values = chart
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"))
+    drain = values["gateway"]["drainTimeoutSeconds"]
+    assert drain == GatewayConfig().drain_timeout_s
+    assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain

@@ -65,6 +65,7 @@ def up(
     dispatch_dtype: str = typer.Option(_G.dispatch_dtype, "--dispatch-dtype", help=_help(GatewayConfig, "dispatch_dtype")),
     cache_tokens: int = typer.Option(_G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")),
     micro_batches: int = typer.Option(_G.micro_batches, "--micro-batches", min=1, help=_help(GatewayConfig, "micro_batches")),
+    drain_timeout_s: float = typer.Option(_G.drain_timeout_s, "--drain-timeout-s", min=0.0, help=_help(GatewayConfig, "drain_timeout_s")),
     start_timeout_s: float = typer.Option(300.0, "--start-timeout-s", help="Seconds to wait for every service to serve."),
     autoscale: bool = typer.Option(True, "--autoscale/--no-autoscale", help="Run the autoscaler (rebalancing, failover re-placement)."),
     rebalance_threshold: float = typer.Option(_A.rebalance_threshold, "--rebalance-threshold", help=_help(AutoscalerConfig, "rebalance_threshold")),
@@ -83,7 +84,7 @@ def up(
         fail(f"port {grpc_port} is in use (pass --grpc-port 0 for any free port)")
     try:
         gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, dispatch_dtype=dispatch_dtype,
-                                cache_tokens=cache_tokens, micro_batches=micro_batches)
+                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s)
         autoscaler = AutoscalerConfig(autoscale_interval_s=autoscale_interval_s, load_window_s=load_window_s,
                                       rebalance_threshold=rebalance_threshold, pool_capacity=pool_capacity,
                                       rebalance_min_interval_s=rebalance_min_interval_s, max_pools=max_pools)
@@ -92,7 +93,7 @@ def up(
     layout = LocalLayout(pools, replicas_per_expert, slots_per_pool, start_timeout_s, autoscale)
     logs = home / "logs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
-    run_deployment(home, Deployment(logs), layout, gateway, autoscaler)
+    run_deployment(home, Deployment(logs, gateway_drain_s=drain_timeout_s), layout, gateway, autoscaler)
 
 
 def _model_or_default(model: Path | None, home: Path) -> Path:

@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.rpc.grpc_server import GRACE_SECONDS
 from services.rpc.processes import die_with_parent, free_port
 
-STOP_GRACE_S = 5.0
-GATEWAY_STOP_GRACE_S = GRACE_SECONDS + 2.0  # its running requests get the servers' whole grace
+STOP_GRACE_S = 15.0  # pools and the autoscaler: the servers' default drain time and a little more
 
 
 def stop_stage(name: str) -> int:
@@ -29,6 +27,7 @@ def stop_stage(name: str) -> int:
 @dataclass
 class Deployment:
     logs: Path
+    gateway_drain_s: float = 60.0  # the gateway's --drain-timeout-s: its running requests get all of it
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -60,7 +59,7 @@ class Deployment:
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + (GATEWAY_STOP_GRACE_S if stage == 0 else STOP_GRACE_S)
+            deadline = time.monotonic() + (self.gateway_drain_s + 5.0 if stage == 0 else STOP_GRACE_S)
             for p in procs:
                 try:
                     p.wait(max(0.1, deadline - time.monotonic()))

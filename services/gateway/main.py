@@ -54,7 +54,7 @@ async def serve(config: GatewayConfig, placement: Placement) -> None:
     runtime = await GatewayRuntime.start(config, placement, metrics)
     runtime.managed.stop_on_signals()
     print(f"READY {runtime.managed.address}", flush=True)
-    await runtime.managed.wait_for_stop()
+    await runtime.wait_for_stop()
     runtime.close()
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.errors import ServerStoppingError
 from services.format.config import ModelConfig
 from services.gateway.config import GatewayConfig
 from services.gateway.grpc_servicer import SERVICE_NAME, GatewayServicer
@@ -123,7 +124,7 @@ class GatewayRuntime:
                     metrics: GatewayMetrics | None = None) -> "GatewayRuntime":
         """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
         cfg = ModelConfig.from_file(config.model)
-        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port)
+        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s)
         servicer = GatewayServicer(gateway_pb2.GetModelInfoResponse(
             model_dir=str(config.model), vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
             n_routed_experts=cfg.n_routed_experts, pools=[p.address for p in placement.pools.values()],
@@ -153,6 +154,13 @@ class GatewayRuntime:
         log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, config.dispatch_dtype,
                  len(placement.pools))
         return cls(config, managed, core, experts, loop, follower, recorder)
+
+    async def wait_for_stop(self) -> None:
+        """Until SIGTERM: drain (running requests finish, new ones are refused), then end what is left with a
+        reason and stop."""
+        reason = ServerStoppingError(f"the gateway is stopping: running requests had {self.config.drain_timeout_s:g} s "
+                                     "(--drain-timeout-s) to finish")
+        await self.managed.wait_for_stop(on_drain_timeout=lambda: self.core.scheduler.close(reason))
 
     def close(self) -> None:
         self.loop.stop()

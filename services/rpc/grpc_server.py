@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,13 +19,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
-GRACE_SECONDS = 10.0
+GRACE_SECONDS = 10.0  # default drain time: running calls get this long to finish after SIGTERM
 
 
 class ManagedServer:
     """A grpc.aio server bound to host:port with health (NOT_SERVING until `set_serving`) and reflection."""
 
-    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
+                 drain_timeout_s: float = GRACE_SECONDS):
+        self.drain_timeout_s = drain_timeout_s
         self.draining = DrainingInterceptor(service_names)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.draining])
         self.health = health.aio.HealthServicer()
@@ -52,14 +53,16 @@ class ManagedServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
 
-    async def wait_for_stop(self) -> None:
+    async def wait_for_stop(self, on_drain_timeout=None) -> None:
         """Until SIGTERM/SIGINT: then report NOT_SERVING, refuse new calls, answer the running ones on open
-        connections (up to the grace: the rest are cancelled), and stop."""
+        connections for up to `drain_timeout_s`, and stop. Calls still running then are ended:
+        `on_drain_timeout()` may end them with a reason first (the gateway says the server is stopping)."""
         await self._stop.wait()
         await self.set_serving(False)
-        started = time.monotonic()
-        await self.draining.drain(GRACE_SECONDS)
-        await self.server.stop(max(0.0, GRACE_SECONDS - (time.monotonic() - started)))
+        if not await self.draining.drain(self.drain_timeout_s) and on_drain_timeout is not None:
+            on_drain_timeout()
+            await self.draining.drain(1.0)
+        await self.server.stop(0.5)
 
     def request_stop(self) -> None:
         self._stop.set()

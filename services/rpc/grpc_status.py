@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from services.errors import (CacheFullError, QueueFullError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
+from services.errors import (CacheFullError, QueueFullError, ServerStoppingError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
                                     PoolUnavailableError)
 
 log = logging.getLogger(__name__)
@@ -18,6 +18,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (PoolUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerStoppingError, grpc.StatusCode.UNAVAILABLE),
     (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
