@@ -8,6 +8,7 @@ any tensor stream (also used to write a dequantized copy for the Hugging Face or
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,27 @@ from services.format.weights import LinearWeight
 
 DEFAULT_SHARD_BYTES = 32 * 1024 * 1024
 ProgressFn = Callable[[int, int], None]
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where it can be (os.umask alone can only read it by changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the permissions of any other file written here: it writes through a
+    private temporary file (mode 0600) and renames it into place, so the shard would stay 0600."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -42,7 +64,7 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.T
     files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map: dict[str, str] = {}
     for file, shard in zip(files, shards):
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        save_shard(shard, directory / file)
         weight_map.update({name: file for name in shard})
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
