@@ -128,7 +128,7 @@ def test_reduced_precision_compute_stays_within_bfloat16_rounding(store, path, m
 
 
 def test_compute_dtype_per_dispatch_format():
-    from services.expert.precision import compute_dtype, reduced_compute_dtype
+    from services.dispatch.precision import compute_dtype, reduced_compute_dtype
 
     assert compute_dtype(torch.float32) == torch.float32  # fp32 dispatch is exact
     assert compute_dtype(torch.float8_e4m3fn) == compute_dtype(torch.bfloat16) == reduced_compute_dtype()

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from expertmesh.v1 import expert_pool_pb2
-from services.dispatch import wire
+from services.dispatch import codec, wire
 from services.format.checkpoint import CheckpointReader
 from services.expert import server as pool_server
 from services.expert.store import ExpertStore
+from services.math.routed_pairs import RoutedPairs
 
 LAYER = 1
 
@@ -30,11 +31,9 @@ class _Context:
 def _request(n_tokens: int, experts: list[int]) -> expert_pool_pb2.ForwardRequest:
     g = torch.Generator().manual_seed(n_tokens)
     hidden = torch.randn(n_tokens, 320, generator=g)
-    pair_token = [t for t in range(n_tokens) for _ in experts]
-    pair_expert = experts * n_tokens
-    return expert_pool_pb2.ForwardRequest(layer=LAYER, hidden=wire.encode(hidden), pair_token=pair_token,
-                                          pair_expert=pair_expert, pair_weight=[0.5] * len(pair_token),
-                                          response_dtype=wire.response_dtype("fp32"))
+    topk = torch.tensor(experts).repeat(n_tokens, 1)  # [T, K]
+    pairs = RoutedPairs.from_topk(topk, torch.full(topk.shape, 0.5))
+    return codec.encode_request(LAYER, codec.DispatchRows(hidden, "fp32"), pairs)[1]
 
 
 @pytest.fixture
@@ -60,7 +59,8 @@ def _expected(servicer, request) -> torch.Tensor:
 
     hidden = wire.decode(request.hidden, "hidden")
     out = torch.zeros_like(hidden)
-    for t, e, w in zip(request.pair_token, request.pair_expert, request.pair_weight):
+    pairs = wire.decode(request.pairs, "pairs").tolist()  # [P, 2]
+    for (t, e), w in zip(pairs, wire.decode(request.pair_weights, "pair_weights").tolist()):
         out[t] += w * swiglu(hidden[t:t + 1], *servicer.store.compute_weights(LAYER, e))[0]
     return out
 

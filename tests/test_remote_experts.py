@@ -1,12 +1,20 @@
-"""Routing decisions of the remote-experts client (no servers needed: channels connect lazily)."""
+"""The remote-experts client: routing decisions (no servers needed: channels connect lazily), and the whole
+dispatch through in-process pool servicers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import grpc
 import pytest
 import torch
 
+from expertmesh.v1 import expert_pool_pb2
+from services.expert.local import LocalExperts
+from services.expert.server import ExpertPoolServicer
+from services.expert.store import ExpertStore
+from services.format.checkpoint import CheckpointReader
 from services.format.config import ModelConfig
 from services.errors import PoolUnavailableError
 from services.state.placement import Placement, Pool
@@ -48,3 +56,55 @@ def test_excluded_pools_are_skipped_for_one_call_only(remote):
     holder = remote.pool_ids.index("pool-1")
     assert holder not in remote._assign(1, experts, exclude={holder}).tolist()
     assert holder in remote._assign(1, experts).tolist()  # not marked dead
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection refused"
+
+
+class _Context:
+    async def abort(self, code, details):
+        raise AssertionError(f"{code}: {details}")
+
+
+def _in_process_pools(remote, tiny_fp8, failing: set[str] = frozenset()):
+    """Each pool's Forward answered by a real pool servicer in this process (the bytes the gateway serialized,
+    decoded by the pool's codec), or failing like a dead pool."""
+    placement = remote.placement
+    servicers = []
+    for pool_id in placement.pools:
+        store = ExpertStore(CheckpointReader(tiny_fp8), dtype=torch.float32, cache_dense=True)
+        servicer = ExpertPoolServicer(store, pool_id)
+        servicer.load(placement.experts_on(pool_id))
+        servicers.append(servicer)
+
+        def forward(data, timeout=None, _s=servicer, _id=pool_id):
+            if _id in failing:
+                raise _Unavailable()
+            request = expert_pool_pb2.ForwardRequest.FromString(data)
+            return asyncio.run(_s.Forward(request, _Context()))
+
+        remote._forward[pool_id] = forward
+    return servicers
+
+
+@pytest.mark.parametrize("failing", [set(), {"pool-1"}])
+def test_fp32_dispatch_equals_in_process_experts(remote, tiny_fp8, failing):
+    """Pool shares encoded, decoded by the pools, computed and summed back equal the in-process experts (fp32
+    dispatch), also when a pool fails and its pairs go to the other replicas."""
+    servicers = _in_process_pools(remote, tiny_fp8, failing)
+    local = LocalExperts.load_all(ExpertStore(CheckpointReader(tiny_fp8), dtype=torch.float32, cache_dense=True))
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(12, 320, generator=g)  # [T, H]
+    topk_idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(12)])  # [T, K]
+    topk_w = torch.rand(12, 4, generator=g)  # [T, K]
+    got = remote.start(1, hidden, topk_idx, topk_w)()
+    torch.testing.assert_close(got, local.start(1, hidden, topk_idx, topk_w)(), rtol=1e-5, atol=1e-5)
+    assert remote.failovers == (1 if failing else 0)
+    assert sum(s.routed_pairs for s in servicers) == 12 * 4  # every pair computed once, by a live pool
+    for s in servicers:
+        s.compute.shutdown(wait=True)

@@ -1,3 +1,4 @@
-"""The pool wire format: what goes to an expert pool and back, in both directions."""
+"""The pool wire format: tensors on the wire (`wire`), what a pool call carries in both directions and how a
+pool checks it (`codec`), and the dtype a pool computes each dispatch format in (`precision`)."""
 
 DISPATCH_DTYPES = ("fp8", "bf16", "fp32")  # activations to the pools: e4m3 + scales, bfloat16, float32 (exact)

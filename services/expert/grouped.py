@@ -24,18 +24,15 @@ import torch.nn.functional as F
 from services.errors import ExpertNotHeldError
 from services.math.layers import swiglu
 from services.math.packed_linear import Linear, packing_available
+from services.math.routed_pairs import RoutedPairs
 
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
 # one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.
 SMALL_GROUP_ROWS = 32
-# CPU cost model choosing between the packed all-experts GEMMs and one SwiGLU per active expert, fitted on the
-# CI machine (2 cores, AVX-512) at the `small` preset's sizes (H 512, I 128), float32, per MoE layer:
-#   all experts (T tokens, R held): 5.7-6.1 ms at T=32, R=64, 2 threads; 5.6-6.3 ms at T=32, R=32, 1 thread;
-#     3.3-3.7 ms at T=8, R=64, 2 threads (the weight-streaming floor)
-#   per active expert: 6.7-9.3 ms for 44 active, 2 threads; 4.4-5.2 ms for 23 active, 1 thread
-# so in float32 the packed GEMMs win in the engine's decode (2 threads, 64 experts) and lose in a 1-thread pool
-# holding 32. bfloat16 (AVX512-BF16), 1 thread, R=32: all experts 0.72 / 0.96 / 1.42 / 2.34 / 4.45 ms at
-# T = 4 / 8 / 16 / 32 / 64; per active expert 0.55 ms for 4 active, 3.8 ms for 31.
+# CPU cost model choosing between the packed all-experts GEMMs (every token through every held expert: more
+# products, each weight read once) and one SwiGLU per active expert (only the routed products, a fixed cost per
+# call and per-call weight packing). Rates fitted on a 2-core AVX-512 machine at the `small` preset's sizes; the
+# timings they were fitted to are in BENCHMARKS.md ("All experts as two packed GEMMs for decode").
 PACKED_FLOPS_PER_THREAD = {torch.float32: 70e9, torch.bfloat16: 200e9}  # FLOP/s of one thread, packed GEMMs
 MEMORY_BYTES_PER_S = 20e9  # weight streaming, all threads
 EXPERT_CALL_S = 100e-6  # fixed cost of one expert's SwiGLU (three calls, slicing)
@@ -74,29 +71,27 @@ class ExpertWeightsSource(Protocol):
 def grouped_expert_forward(hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
                            weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
     """hidden [T, H], topk_idx [T, K], topk_w [T, K] -> [T, H] = sum_k w[t,k] * expert_{idx[t,k]}(hidden[t])."""
-    t, k = topk_idx.shape
-    pair_token = torch.arange(t).repeat_interleave(k)  # [T*K]
-    return grouped_pairs_forward(hidden, pair_token, topk_idx.reshape(-1), topk_w.reshape(-1), weights, num_experts)
+    return grouped_pairs_forward(hidden, RoutedPairs.from_topk(topk_idx, topk_w), weights, num_experts)
 
 
-def grouped_pairs_forward(hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
-                          pair_weight: torch.Tensor, weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
-    """The same over flat (token, expert, weight) pairs [P] (a pool's share of a batch): -> [T, H]."""
-    if pair_expert.numel() == 0:
+def grouped_pairs_forward(hidden: torch.Tensor, pairs: RoutedPairs, weights: ExpertWeightsSource,
+                          num_experts: int) -> torch.Tensor:
+    """The same over flat (token, expert, weight) pairs (a pool's share of a batch): hidden [N, H] -> [N, H]."""
+    if len(pairs) == 0:
         return torch.zeros_like(hidden)
-    counts = torch.bincount(pair_expert, minlength=num_experts)  # [E]
+    counts = torch.bincount(pairs.expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
     packed = stacked is not None and stacked.gate_up_all is not None
     if packed and _all_experts_pays(hidden, stacked, active):
-        return _all_experts(hidden, pair_token, pair_expert, pair_weight, stacked)
+        return _all_experts(hidden, pairs, stacked)
     mostly_active = not packed and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
 
-    order = pair_expert.argsort(stable=True)  # pairs grouped by expert
-    experts_sorted = pair_expert[order]  # [P]
-    token_of = pair_token[order]  # [P]
+    order = pairs.expert.argsort(stable=True)  # pairs grouped by expert
+    experts_sorted = pairs.expert[order]  # [P]
+    token_of = pairs.token[order]  # [P]
     x_sorted = hidden[token_of]  # [P, H]
-    w_sorted = pair_weight[order].to(hidden.dtype)  # [P]
+    w_sorted = pairs.weight[order].to(hidden.dtype)  # [P]
     cap = int(counts.max())
     if mostly_active and cap <= SMALL_GROUP_ROWS:
         y = _batched(x_sorted, experts_sorted, counts, cap, stacked)
@@ -135,13 +130,12 @@ def _rows(stacked: StackedExperts, experts: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _all_experts(hidden: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
-                 pair_weight: torch.Tensor, stacked: StackedExperts) -> torch.Tensor:
+def _all_experts(hidden: torch.Tensor, pairs: RoutedPairs, stacked: StackedExperts) -> torch.Tensor:
     """Every token through every held expert, weighted by its routing weight (0 where not routed): [T, H]."""
     t = hidden.shape[0]
     r, _, i = stacked.down.shape
-    rows = _rows(stacked, pair_expert)  # [P]
-    weight = hidden.new_zeros(t, r).index_put_((pair_token, rows), pair_weight.to(hidden.dtype), accumulate=True)
+    rows = _rows(stacked, pairs.expert)  # [P]
+    weight = hidden.new_zeros(t, r).index_put_((pairs.token, rows), pairs.weight.to(hidden.dtype), accumulate=True)
     gate, up = stacked.gate_up_all(hidden).view(t, r, 2, i).unbind(2)  # [T, R, I] each
     act = F.silu(gate) * up * weight[:, :, None]  # [T, R, I]
     return stacked.down_all(act.reshape(t, r * i))  # [T, H]

@@ -1,7 +1,8 @@
 """The expert-pool server: holds its assigned (layer, expert) weights in FP8 and runs routed experts for gateways.
 
-NOT_SERVING until its weights are loaded; every request is validated (unknown layer or expert, malformed
-tensors, too large) and answered with a status and a message; SIGTERM finishes in-flight calls first.
+NOT_SERVING until its weights are loaded; every request is validated (malformed tensors, shapes and ids against
+the model, too large: services.dispatch.codec; unknown layer, experts not held: here) and answered with a status
+and a message; SIGTERM finishes in-flight calls first.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, tensor_pb2
-from services.dispatch import wire
+from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
+from services.dispatch import codec
+from services.dispatch.precision import reduced_compute_dtype
 from services.rpc import grpc_status
 from services.format.checkpoint import CheckpointReader
 from services.errors import ExpertNotHeldError, InvalidRequestError
@@ -24,12 +26,10 @@ from services.rpc.grpc_server import ManagedServer
 from services.rpc.metrics import PoolMetrics, serve_metrics
 from services.rpc.telemetry import setup_tracing, tracer
 from services.expert.grouped import grouped_pairs_forward
-from services.expert.precision import compute_dtype, reduced_compute_dtype
 from services.expert.store import ExpertStore, LayerWeights
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
-MAX_TOKENS_PER_CALL = 65536
 # Batches of up to this many (token, expert) pairs (decode) are computed on the event loop: handing them to the
 # compute thread costs ~1 ms a call in GIL contention with the loop. Larger ones (prefill) go to the thread, so
 # that health checks are answered while they run.
@@ -52,59 +52,36 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     @grpc_status.unary
     async def Forward(self, request, context):
         started = time.monotonic()
-        # unknown element types fall through to decode's INVALID_ARGUMENT
-        dtype = compute_dtype(wire.TORCH_DTYPES.get(request.hidden.dtype, torch.float32), self.store.device.type)
-        hidden, pair_token, pair_expert, pair_weight = self._validate(request, dtype)
+        batch = self._decode(request)
+        n_pairs = len(batch.pairs)
         with tracer().start_as_current_span("expert.compute") as span:
-            span.set_attribute("expertmesh.layer", request.layer)
-            span.set_attribute("expertmesh.tokens", hidden.shape[0])
-            span.set_attribute("expertmesh.pairs", pair_token.numel())
-            args = (hidden, pair_token, pair_expert, pair_weight, LayerWeights(self.store, request.layer, dtype),
+            span.set_attribute("expertmesh.layer", batch.layer)
+            span.set_attribute("expertmesh.tokens", batch.hidden.shape[0])
+            span.set_attribute("expertmesh.pairs", n_pairs)
+            args = (batch.hidden, batch.pairs, LayerWeights(self.store, batch.layer, batch.hidden.dtype),
                     self.cfg.n_routed_experts)
-            if pair_token.numel() <= INLINE_MAX_PAIRS and not self._managing:
+            if n_pairs <= INLINE_MAX_PAIRS and not self._managing:
                 out = grouped_pairs_forward(*args)
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self.compute, grouped_pairs_forward, *args)
         self.forward_calls += 1
-        self.routed_pairs += pair_token.numel()
+        self.routed_pairs += n_pairs
         self.placement_version = max(self.placement_version, request.placement_version)
         if self.metrics:
             self.metrics.forward.observe(time.monotonic() - started)
-            self.metrics.routed_pairs.inc(pair_token.numel())
-        dtype = torch.float32 if request.response_dtype == tensor_pb2.ELEMENT_TYPE_FLOAT32 else torch.bfloat16
-        return expert_pool_pb2.ForwardResponse(partial=wire.encode(out.to(dtype)))
+            self.metrics.routed_pairs.inc(n_pairs)
+        return codec.encode_response(out, batch.reply_dtype)
 
-    def _validate(self, request, dtype: torch.dtype):
+    def _decode(self, request) -> codec.PoolBatch:
+        """The request checked against the model (codec) and against what this pool holds."""
         self.store.check(request.layer, 0)
-        if request.response_dtype not in (tensor_pb2.ELEMENT_TYPE_UNSPECIFIED, tensor_pb2.ELEMENT_TYPE_FLOAT32,
-                                          tensor_pb2.ELEMENT_TYPE_BFLOAT16):
-            raise InvalidRequestError(f"response_dtype must be FLOAT32 or BFLOAT16, got {request.response_dtype}")
-        hidden = wire.decode_hidden(request.hidden, request.hidden_scale if request.HasField("hidden_scale") else None,
-                                    self.cfg.hidden_size, dtype)
-        n = hidden.shape[0]
-        if n > MAX_TOKENS_PER_CALL:
-            raise InvalidRequestError(f"{n} tokens in one call exceed the limit of {MAX_TOKENS_PER_CALL}")
-        if not (len(request.pair_token) == len(request.pair_expert) == len(request.pair_weight)):
-            raise InvalidRequestError(f"pair_token, pair_expert and pair_weight differ in length "
-                                      f"({len(request.pair_token)}, {len(request.pair_expert)}, {len(request.pair_weight)})")
-        pair_token = torch.tensor(list(request.pair_token), dtype=torch.int64)
-        pair_expert = torch.tensor(list(request.pair_expert), dtype=torch.int64)
-        pair_weight = torch.tensor(list(request.pair_weight), dtype=torch.float32)
-        if pair_token.numel():
-            if int(pair_token.max()) >= n:
-                raise InvalidRequestError(f"pair_token {int(pair_token.max())} is out of range for {n} tokens")
-            bad = int(pair_expert.max())
-            if bad >= self.cfg.n_routed_experts:
-                raise InvalidRequestError(f"expert {bad} out of range [0, {self.cfg.n_routed_experts})")
-            missing = pair_expert[~self.store.held_mask(request.layer)[pair_expert]]
+        batch = codec.decode_request(request, self.cfg.hidden_size, self.cfg.n_routed_experts, self.store.device.type)
+        if len(batch.pairs):
+            missing = batch.pairs.expert[~self.store.held_mask(batch.layer)[batch.pairs.expert]]
             if missing.numel():
                 raise ExpertNotHeldError(f"pool {self.pool_id} does not hold expert {int(missing.min())} "
-                                         f"of layer {request.layer}")
-            if not bool(torch.isfinite(pair_weight).all()):
-                raise InvalidRequestError("pair_weight holds a non-finite value")
-        if not bool(torch.isfinite(hidden).all()):
-            raise InvalidRequestError("hidden holds a non-finite value")
-        return hidden, pair_token, pair_expert, pair_weight
+                                         f"of layer {batch.layer}")
+        return batch
 
     # ---- management ------------------------------------------------------------------------------------
     @grpc_status.unary

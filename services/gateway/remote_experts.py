@@ -27,8 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from expertmesh.v1 import expert_pool_pb2
-from services.dispatch import codec
-from services.dispatch.wire import DISPATCH_DTYPES
+from services.dispatch import DISPATCH_DTYPES, codec
 from services.errors import InvalidRequestError, PoolUnavailableError
 from services.math.experts import Pending
 from services.math.routed_pairs import RoutedPairs

@@ -8,24 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "hidden_scale", "pair_token", "pair_expert", "pair_weight", "response_dtype", "placement_version")
+    __slots__ = ("layer", "hidden", "hidden_scale", "response_dtype", "placement_version", "pairs", "pair_weights")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
-    PAIR_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    PAIR_EXPERT_FIELD_NUMBER: _ClassVar[int]
-    PAIR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: _tensor_pb2.Tensor
     hidden_scale: _tensor_pb2.Tensor
-    pair_token: _containers.RepeatedScalarFieldContainer[int]
-    pair_expert: _containers.RepeatedScalarFieldContainer[int]
-    pair_weight: _containers.RepeatedScalarFieldContainer[float]
     response_dtype: _tensor_pb2.ElementType
     placement_version: int
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_token: _Optional[_Iterable[int]] = ..., pair_expert: _Optional[_Iterable[int]] = ..., pair_weight: _Optional[_Iterable[float]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    pairs: _tensor_pb2.Tensor
+    pair_weights: _tensor_pb2.Tensor
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("partial",)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xpertmesh/v1/tensor.proto\x12\rexpertmesh.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.expertmesh.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*~\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x19\n\x15\x45LEMENT_TYPE_BFLOAT16\x10\x02\x12\x1c\n\x18\x45LEMENT_TYPE_FLOAT8_E4M3\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xpertmesh/v1/tensor.proto\x12\rexpertmesh.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.expertmesh.v1.ElementType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\x96\x01\n\x0b\x45lementType\x12\x1c\n\x18\x45LEMENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45LEMENT_TYPE_FLOAT32\x10\x01\x12\x19\n\x15\x45LEMENT_TYPE_BFLOAT16\x10\x02\x12\x1c\n\x18\x45LEMENT_TYPE_FLOAT8_E4M3\x10\x03\x12\x16\n\x12\x45LEMENT_TYPE_INT32\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'expertmesh.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ELEMENTTYPE']._serialized_start=127
-  _globals['_ELEMENTTYPE']._serialized_end=253
+  _globals['_ELEMENTTYPE']._serialized_start=128
+  _globals['_ELEMENTTYPE']._serialized_end=278
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=125
 # @@protoc_insertion_point(module_scope)

@@ -13,10 +13,12 @@ class ElementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ELEMENT_TYPE_FLOAT32: _ClassVar[ElementType]
     ELEMENT_TYPE_BFLOAT16: _ClassVar[ElementType]
     ELEMENT_TYPE_FLOAT8_E4M3: _ClassVar[ElementType]
+    ELEMENT_TYPE_INT32: _ClassVar[ElementType]
 ELEMENT_TYPE_UNSPECIFIED: ElementType
 ELEMENT_TYPE_FLOAT32: ElementType
 ELEMENT_TYPE_BFLOAT16: ElementType
 ELEMENT_TYPE_FLOAT8_E4M3: ElementType
+ELEMENT_TYPE_INT32: ElementType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")

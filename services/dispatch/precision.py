@@ -1,12 +1,13 @@
-"""The dtype a pool computes routed experts in, per dispatch format.
+"""The dtype a pool computes routed experts in, per dispatch format and hardware.
 
 fp32 dispatch is exact: float32 weights (dequantized from FP8) and activations. fp8 and bf16 dispatch already
-put 2.6% (e4m3) or 0.4% (bf16) relative error on every activation; there the pool computes in bfloat16 where
-the hardware has native bfloat16 dot products (CUDA, AVX512-BF16 or AMX CPUs), accumulating in float32. The
-e4m3 values sent are exact in bfloat16, and rounding the dequantized FP8 weights to bfloat16 adds 0.4% at most
-per weight: on the trained test model, top-1 agreement with the exact engine is 2008/2016 against 2006/2016
-for float32 compute (an in-process replay), and the layer costs 2.3 instead of 4.6 ms at 1 thread. DeepSeek's
-own production path is coarser still (the down projection's input is re-quantized to e4m3).
+round every activation to e4m3 (3 mantissa bits) or bfloat16 (7 mantissa bits); there the pool computes in
+bfloat16 where the hardware has native bfloat16 dot products (CUDA, AVX512-BF16 or AMX CPUs), accumulating in
+float32. The e4m3 values sent are exact in bfloat16, and rounding the dequantized FP8 weights to bfloat16 adds
+at most bfloat16's rounding per weight: this trades that rounding for about half the layer time (accuracy and
+timings measured on the trained test model: BENCHMARKS.md, third session, "Pools compute fp8 and bf16 dispatch
+in bfloat16"). DeepSeek's own production path is coarser still (the down projection's input is re-quantized to
+e4m3).
 """
 
 from __future__ import annotations
