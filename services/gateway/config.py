@@ -36,6 +36,8 @@ class GatewayConfig:
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
+    api_key: str | None = setting(None, "API keys clients must send (comma-separated; default $EXPERTMESH_API_KEY; "
+                                        "none: no authentication).")
     drain_timeout_s: float = setting(60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused).")
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
 

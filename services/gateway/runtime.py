@@ -16,6 +16,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.grpc_servicer import SERVICE_NAME, GatewayServicer
 from services.gateway.remote_experts import RemoteExperts
 from services.gateway.serving import ServingCore
+from services.rpc.auth import parse_keys
 from services.rpc.grpc_server import ManagedServer
 from services.rpc.health import wait_serving
 from services.rpc.metrics import GatewayMetrics
@@ -124,7 +125,8 @@ class GatewayRuntime:
                     metrics: GatewayMetrics | None = None) -> "GatewayRuntime":
         """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
         cfg = ModelConfig.from_file(config.model)
-        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s)
+        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s,
+                                api_keys=parse_keys(config.api_key))
         servicer = GatewayServicer(gateway_pb2.GetModelInfoResponse(
             model_dir=str(config.model), vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
             n_routed_experts=cfg.n_routed_experts, pools=[p.address for p in placement.pools.values()],

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.rpc.auth import ApiKeyInterceptor
 from services.rpc.draining import DrainingInterceptor
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a 4096-token batch of V3 hidden states in fp32 is 117 MiB
@@ -26,10 +27,11 @@ class ManagedServer:
     """A grpc.aio server bound to host:port with health (NOT_SERVING until `set_serving`) and reflection."""
 
     def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
-                 drain_timeout_s: float = GRACE_SECONDS):
+                 drain_timeout_s: float = GRACE_SECONDS, api_keys: frozenset[str] = frozenset()):
         self.drain_timeout_s = drain_timeout_s
         self.draining = DrainingInterceptor(service_names)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.draining])
+        interceptors = [ApiKeyInterceptor(api_keys, service_names)] if api_keys else []
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, self.draining])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
