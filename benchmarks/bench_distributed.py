@@ -111,7 +111,7 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
     weights = torch.full(idx.shape, 1.0 / idx.shape[1])
     out = {}
     for dtype in ("fp8", "bf16"):
-        remote = RemoteExperts(placement, engine.cfg.n_routed_experts, dtype)
+        remote = RemoteExperts(placement, dtype)
         remote.start(layer, hidden, idx, weights)()
         out[dtype] = remote.bytes_sent / hidden.shape[0]
         remote.close()

@@ -25,7 +25,7 @@ from services.gateway.remote_experts import RemoteExperts
 def remote(tiny_fp8):
     cfg = ModelConfig.from_file(tiny_fp8)
     pools = [Pool(f"pool-{i}", f"127.0.0.1:{1 + i}") for i in range(3)]
-    r = RemoteExperts(Placement.spread(cfg, pools, replicas=2), cfg.n_routed_experts, "fp32")
+    r = RemoteExperts(Placement.spread(cfg, pools, replicas=2), "fp32")
     yield r
     r.close()
 

@@ -52,10 +52,8 @@ class _Call:
 
 
 class RemoteExperts:
-    def __init__(self, placement: Placement, n_routed_experts: int = 0, dispatch_dtype: str = "fp8",
-                 deadline_s: float = DEFAULT_DEADLINE_S, dead_for_s: float = DEAD_FOR_S, metrics=None):
-        """`n_routed_experts` is accepted for existing callers and unused (the placement's tables know the
-        experts)."""
+    def __init__(self, placement: Placement, dispatch_dtype: str = "fp8", deadline_s: float = DEFAULT_DEADLINE_S,
+                 dead_for_s: float = DEAD_FOR_S, metrics=None):
         if dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         self.dispatch_dtype = dispatch_dtype

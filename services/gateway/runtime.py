@@ -133,7 +133,7 @@ class GatewayRuntime:
             dispatch_dtype=config.dispatch_dtype), metrics)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
         await managed.start()
-        experts = RemoteExperts(placement, cfg.n_routed_experts, config.dispatch_dtype, config.pool_call_deadline_s,
+        experts = RemoteExperts(placement, config.dispatch_dtype, config.pool_call_deadline_s,
                                 metrics=metrics)
         follower = recorder = None
         if config.redis:
