@@ -7,6 +7,7 @@ import time
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.errors import InvalidRequestError, PoolUnavailableError
+from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.requests import Request
 from services.gateway.sampling import SamplingParams
 from services.gateway.serving import ServingCore
@@ -77,15 +78,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             span.set_attribute("expertmesh.prompt_tokens", len(prompt))
             req = Request(prompt, params, span_context=span.get_span_context())
             yield gateway_pb2.GenerateResponse(prompt_token_ids=prompt)
-            text_so_far = ""
+            detok = IncrementalDetokenizer(self.core.tokenizer)
             last = arrived = time.monotonic()
             async for ev in self._events(req):
                 now = time.monotonic()
                 if self.metrics and ev.token_id is not None:
                     (self.metrics.ttft if last == arrived else self.metrics.itl).observe(now - last)
                 last = now
-                text = self.core.decode(req.output)
-                delta, text_so_far = text[len(text_so_far):], text
+                delta = detok.step(ev.token_id) if ev.token_id is not None else ""
+                if ev.finish_reason:
+                    delta += detok.finish()
                 yield gateway_pb2.GenerateResponse(token_ids=[] if ev.token_id is None else [ev.token_id],
                                                    text=delta, finish_reason=ev.finish_reason or "")
 
