@@ -92,11 +92,11 @@ class ServingCore:
     # ---- stepping (one thread) ------------------------------------------------------------------------
     def step(self) -> bool:
         """Plan, execute and commit one step. Returns whether there was anything to do."""
+        if self.before_step is not None:  # also when idle: a new placement is taken up without waiting for work
+            self.before_step()
         plan = self.scheduler.plan()
         if not plan:
             return False
-        if self.before_step is not None:
-            self.before_step()
         try:
             results = self.runner.execute(plan)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the serving loop
