@@ -31,7 +31,7 @@ from services.expert.store import ExpertStore, LayerWeights
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
 # Batches of up to this many (token, expert) pairs (decode) are computed on the event loop: handing them to the
-# compute thread costs ~1 ms a call in GIL contention with the loop. Larger ones (prefill) go to the thread, so
+# compute thread costs GIL contention with the loop (BENCHMARKS.md). Larger ones (prefill) go to the thread, so
 # that health checks are answered while they run.
 INLINE_MAX_PAIRS = 256
 

@@ -6,7 +6,7 @@ fused [2I, H] gate/up and the [H, I] down projection in the compute dtype) is ma
 matmul itself there).
 
 Compute forms are kept per compute dtype, each built on first use: the store's `dtype` (float32: exact) and, in
-a pool serving reduced-precision dispatch, `services.expert.precision.reduced_compute_dtype()`.
+a pool serving reduced-precision dispatch, `services.dispatch.precision.reduced_compute_dtype()`.
 """
 
 from __future__ import annotations

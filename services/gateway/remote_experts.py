@@ -67,8 +67,8 @@ class RemoteExperts:
         self.tokens_sent = 0
         self.failovers = 0
         self.metrics = metrics  # GatewayMetrics or None
-        # grpc's `.future()` starts a channel thread per call when none is in flight (every MoE layer: ~2 ms on 2
-        # cores); blocking calls on reused threads cost a hand-off instead
+        # grpc's `.future()` starts a channel thread per call when none is in flight (every MoE layer); blocking
+        # calls on reused threads cost a hand-off instead (BENCHMARKS.md has the figures)
         self._callers = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_CALLS, thread_name_prefix="pool-call")
         self.set_placement(placement)
 
