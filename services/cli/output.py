@@ -9,10 +9,21 @@ from contextlib import contextmanager
 import typer
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: the lines of a multi-line message joined with '; '."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def error_line(message: str) -> str:
+    return f"expertmesh: error: {one_line(message)}"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"expertmesh: error: {message}", err=True)
+    """Print `expertmesh: error: MESSAGE` (one line) on stderr and exit with `code` (2: bad input)."""
+    typer.echo(error_line(message), err=True)
     raise typer.Exit(code)
 
 
