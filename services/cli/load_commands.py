@@ -16,6 +16,7 @@ app = typer.Typer(no_args_is_help=True, help="Routed-token load per expert and p
 def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, limit: int = 20) -> dict:
     import redis
 
+    from services.errors import ExpertmeshError
     from services.state.load_store import RedisLoadStore
     from services.state.placement_store import RedisPlacementStore
 
@@ -23,6 +24,8 @@ def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, li
         placement = RedisPlacementStore(redis_url).get()
     except redis.RedisError as exc:
         fail(f"cannot read {redis_url}: {exc}")
+    except ExpertmeshError as exc:
+        fail(f"the placement in {redis_url} is unreadable: {exc}", code=1)
     if placement is None:
         fail(f"no placement in {redis_url}: is a deployment running?")
     layers = sorted(placement.replicas)

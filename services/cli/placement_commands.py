@@ -28,13 +28,15 @@ def plan_command(
     from services.autoscaler.planner import plan
     from services.errors import ExpertmeshError
 
+    raw = read_json_file(load, "load")
     try:
-        raw = json.loads(load.read_text())
         matrix = np.asarray(raw["load"], dtype=np.float64)
-    except FileNotFoundError:
-        fail(f"no load file at {load}")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
         fail(f'{load}: expected {{"load": [[tokens per expert] per layer]}} ({type(exc).__name__}: {exc})')
+    if matrix.ndim != 2 or matrix.size == 0:
+        fail(f'{load}: expected {{"load": [[tokens per expert] per layer]}}, got an array of shape {list(matrix.shape)}')
+    if not np.isfinite(matrix).all() or (matrix < 0).any():
+        fail(f"{load}: load must be finite and non-negative token counts")
     started = time.perf_counter()
     try:
         layers = plan(matrix, pools, slots_per_pool)
@@ -52,6 +54,23 @@ def plan_command(
                    f"max pool load {max(lp.pool_load):.0f} tokens")
 
 
+def read_json_file(path: Path, what: str):
+    """The JSON in the file at `path`; a one-line error (exit 2) when it is missing, unreadable, not UTF-8 text
+    or not JSON."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        fail(f"no {what} file at {path}")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        fail(f"{path}: not a {what} file (not UTF-8 text; expected JSON)")
+    except json.JSONDecodeError as exc:
+        fail(f"{path}: not valid JSON: {exc}")
+
+
 def _store(redis_url: Optional[str]):
     from services.state.placement_store import RedisPlacementStore
 
@@ -62,14 +81,32 @@ def current_placement(redis_url: Optional[str]):
     """(store, placement) of the deployment; a clear error when there is none."""
     import redis
 
+    from services.errors import ExpertmeshError
+
     store = _store(redis_url)
     try:
         placement = store.get()
     except redis.RedisError as exc:
         fail(f"cannot read {store.url}: {exc}")
+    except ExpertmeshError as exc:
+        fail(f"the placement in {store.url} is unreadable: {exc}", code=1)
     if placement is None:
         fail(f"no placement in {store.url}: is a deployment running?")
     return store, placement
+
+
+def publish(store, new, expected_version: int):
+    """Store a placement change that needs no rollout (pins, a new empty pool): compare-and-set on the version."""
+    import redis
+
+    from services.errors import ExpertmeshError
+
+    try:
+        return store.publish(new, expected_version)
+    except ExpertmeshError as exc:  # lost the compare-and-set: someone else changed the placement
+        fail(str(exc), code=1)
+    except redis.RedisError as exc:
+        fail(f"cannot write {store.url}: {exc}", code=1)
 
 
 def apply_placement(store, new, expected_version: int, dry_run: bool, as_json: bool, what: str) -> None:
@@ -140,7 +177,10 @@ def show(layer: Optional[int] = typer.Option(None, "--layer"), redis_url: Option
 def export(file: Path = typer.Argument(...), redis_url: Optional[str] = RedisOption) -> None:
     """Write the current placement to a JSON file (edit it, then `placement apply`)."""
     _, placement = current_placement(redis_url)
-    file.write_text(placement.to_json() + "\n")
+    try:
+        file.write_text(placement.to_json() + "\n")
+    except OSError as exc:
+        fail(f"cannot write {file}: {exc.strerror or exc}")
     typer.echo(f"wrote placement version {placement.version} to {file}")
 
 
@@ -148,20 +188,32 @@ def export(file: Path = typer.Argument(...), redis_url: Optional[str] = RedisOpt
 def apply(file: Path = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
           redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Roll out a placement from a file (validated: every expert keeps a replica, budgets hold, pools exist)."""
-    from services.errors import ExpertmeshError
-    from services.state.placement import Placement
-
+    new = read_placement_file(file)
     store, placement = current_placement(redis_url)
-    try:
-        new = Placement.from_json(file.read_text())
-    except FileNotFoundError:
-        fail(f"no placement file at {file}")
-    except ExpertmeshError as exc:
-        fail(f"{file}: {exc}")
     unknown = [p for p in new.pools if p not in placement.pools]
     if unknown:
         fail(f"{file}: pool {unknown[0]!r} is not part of the deployment")
     apply_placement(store, new, placement.version, dry_run, as_json, f"apply {file}")
+
+
+def read_placement_file(file: Path):
+    """The placement in `file` (as `placement export` writes it); a one-line error naming the file, else."""
+    from services.errors import ExpertmeshError
+    from services.state.placement import Placement
+
+    raw = read_json_file(file, "placement")
+    if not (isinstance(raw, dict) and isinstance(raw.get("pools"), list) and isinstance(raw.get("layers"), dict)):
+        fail(f'{file}: not a placement: expected a JSON object with "version", "pools" (a list) and "layers" '
+             "(an object), as `placement export` writes")
+    for i, pool in enumerate(raw["pools"]):
+        if not (isinstance(pool, dict) and all(isinstance(pool.get(k), str) and pool[k] for k in ("pool_id", "address"))):
+            fail(f'{file}: pools[{i}] is not an object with "pool_id" and "address" strings')
+    try:
+        return Placement.from_json(json.dumps(raw))
+    except ExpertmeshError as exc:
+        fail(f"{file}: {exc}")
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        fail(f"{file}: malformed placement: {type(exc).__name__}: {exc}")
 
 
 @app.command("replicate")
@@ -206,7 +258,7 @@ def _pin(layer: int, expert: int, pool: str, redis_url: Optional[str], pinned: b
         fail(f"{pool} holds no replica of layer {layer} expert {expert}")
     new = placement.copy()
     (new.pinned.add if pinned else new.pinned.discard)((layer, expert, pool))
-    published = store.publish(new, placement.version)
+    published = publish(store, new, placement.version)
     typer.echo(f"{'pinned' if pinned else 'unpinned'} layer {layer} expert {expert} on {pool} (version {published.version})")
 
 

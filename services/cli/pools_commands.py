@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from services.cli.output import fail
-from services.cli.placement_commands import RedisOption, apply_placement, current_placement
+from services.cli.placement_commands import RedisOption, apply_placement, current_placement, publish
 
 app = typer.Typer(no_args_is_help=True, help="List and drain expert pools.")
 
@@ -86,5 +86,5 @@ def add(address: str = typer.Argument(..., help="HOST:PORT of a running expert p
         fail(f"no SERVING expert pool at {address}")
     new = placement.copy()
     new.pools[pool_id] = Pool(pool_id, address, slots or min(p.slots for p in placement.pools.values()))
-    published = store.publish(new, placement.version)
+    published = publish(store, new, placement.version)
     typer.echo(f"added {pool_id} at {address} (placement version {published.version})")
