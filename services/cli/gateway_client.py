@@ -1,18 +1,52 @@
-"""Talking to a running gateway: the `--target HOST:PORT` forms of `generate` and `score`."""
+"""Talking to a running gateway: the `--target HOST:PORT` forms of `generate` and `score`. No torch here."""
 
 from __future__ import annotations
 
 import grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.errors import InvalidRequestError
 from services.rpc.grpc_server import CHANNEL_OPTIONS
+
+MODEL_INFO_TIMEOUT_S = 10.0
+# gRPC codes that mean the request (or the address) was wrong: exit 2, like every bad argument; the rest are
+# failures of the service (exit 1)
+USAGE_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNAVAILABLE",
+                         "UNIMPLEMENTED"})
+
+
+def check_target(target: str) -> None:
+    """A gateway address: HOST:PORT (or a gRPC target URI such as dns:///host:port or unix:path)."""
+    if "://" in target or target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequestError(f"--target must be HOST:PORT with a port in [1, 65535], got {target!r}")
+
+
+def rpc_error(target: str, exc: grpc.RpcError) -> tuple[str, int]:
+    """(one-line message, exit code) for a failed call to the gateway at `target`."""
+    code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if code is not None else "UNKNOWN"
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if name == "UNAVAILABLE":
+        return f"gateway at {target} is unreachable or not serving (UNAVAILABLE: {details})", 2
+    return f"{target}: {name}: {details}", 2 if name in USAGE_CODES else 1
 
 
 class GatewayClient:
     def __init__(self, target: str, timeout_s: float = 300.0):
+        self.target = target
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.timeout_s = timeout_s
+
+    def model_info(self) -> dict:
+        """The served model's limits: {"vocab_size", "max_context", ...} (0 where the gateway does not say)."""
+        r = self.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=min(self.timeout_s, MODEL_INFO_TIMEOUT_S))
+        return {"model_dir": r.model_dir, "vocab_size": r.vocab_size, "max_context": r.max_context,
+                "num_hidden_layers": r.num_hidden_layers, "n_routed_experts": r.n_routed_experts,
+                "pools": list(r.pools), "dispatch_dtype": r.dispatch_dtype}
 
     def generate(self, text: str | None, token_ids: list[int] | None, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, ignore_eos: bool = False) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -11,6 +12,10 @@ import typer
 
 from services.errors import ExpertmeshError, InvalidRequestError
 from services.cli.output import fail, progress_reporter
+
+
+UINT32_LIMIT = 2**32  # token ids, max_tokens and top_k travel as uint32 to a gateway
+SEED_LIMIT = 2**64  # seeds as uint64
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -23,6 +28,45 @@ def parse_token_ids(text: str) -> list[int]:
     return ids
 
 
+def check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None) -> None:
+    """What needs no model: finite numbers in range. Checked before a model is loaded or a gateway called."""
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidRequestError(f"top_p must lie in (0, 1], got {top_p}")
+    if not 0 <= top_k < UINT32_LIMIT:
+        raise InvalidRequestError(f"top_k must lie in [0, {UINT32_LIMIT - 1}], got {top_k}")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise InvalidRequestError(f"seed must lie in [0, 2**64), got {seed}")
+
+
+def check_against_model(ids: list[int] | None, vocab_size: int, max_context: int, max_tokens: int | None = None,
+                        score_top_k: int | None = None) -> None:
+    """What needs the model's sizes (0: not known, then only what the wire format can carry)."""
+    if ids is not None:
+        limit = vocab_size or UINT32_LIMIT
+        bad = [t for t in ids if not 0 <= t < limit]
+        if bad:
+            where = f"the vocabulary [0, {vocab_size})" if vocab_size else f"[0, {UINT32_LIMIT})"
+            raise InvalidRequestError(f"token id {bad[0]} is outside {where}")
+    if max_tokens is not None:
+        limit = max_context or UINT32_LIMIT - 1
+        if not 1 <= max_tokens <= limit:
+            raise InvalidRequestError(f"max_tokens must lie in [1, {limit}], got {max_tokens}")
+    if score_top_k is not None:
+        limit = vocab_size or UINT32_LIMIT - 1
+        if not 0 <= score_top_k <= limit:
+            raise InvalidRequestError(f"top_k must lie in [0, {limit}]" + (" (the vocabulary)" if vocab_size else "")
+                                      + f", got {score_top_k}")
+
+
+def check_not_empty(text: str | None) -> None:
+    if text is not None and not text:
+        raise InvalidRequestError("the prompt is empty")
+
+
 def init_model(
     directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
     preset: str = typer.Option("tiny", help="tiny (tests) or small (benchmarks)."),
@@ -31,28 +75,55 @@ def init_model(
     force: bool = typer.Option(False, help="Replace an existing directory."),
 ) -> None:
     """Write a random DeepSeek-V3-architecture model in the real Hugging Face checkpoint layout."""
-    from services.format.model_writer import write_random_model
     from services.format.presets import PRESETS, preset_config
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    if directory.exists() and any(directory.iterdir()):
-        if not force:
-            fail(f"{directory} exists and is not empty (use --force to replace it)")
-        shutil.rmtree(directory)
-    cfg = preset_config(preset, fp8=fp8)
-    with progress_reporter(True) as progress:
-        write_random_model(directory, cfg, seed=seed, progress=progress and (lambda d, t: progress("writing", d, t)))
+    if not 0 <= seed < SEED_LIMIT:
+        fail(f"--seed must lie in [0, 2**64), got {seed}")
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory} exists and is not a directory")
+    try:
+        if directory.exists() and any(directory.iterdir()):
+            if not force:
+                fail(f"{directory} exists and is not empty (use --force to replace it)")
+            shutil.rmtree(directory)
+        from services.format.model_writer import write_random_model  # torch: only once there is a model to write
+
+        cfg = preset_config(preset, fp8=fp8)
+        with progress_reporter(True) as progress:
+            write_random_model(directory, cfg, seed=seed, progress=progress and (lambda d, t: progress("writing", d, t)))
+    except OSError as exc:
+        fail(f"cannot write the model to {directory}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
     typer.echo(f"wrote {preset} model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}")
 
 
-def _load_engine(model: Path, quiet: bool):
-    from services.gateway.engine import Engine
+def _model_vocab(model: Path) -> int:
+    """vocab_size from config.json, read before any weight is: bad token ids fail without loading the model."""
+    from services.format.config import ModelConfig
 
     if not model.is_dir():
         fail(f"no model directory at {model}")
+    try:
+        return ModelConfig.from_file(model).vocab_size
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{model / 'config.json'}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (AttributeError, TypeError, ValueError) as exc:  # valid JSON of the wrong shape
+        raise InvalidRequestError(f"{model / 'config.json'}: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _load_engine(model: Path, quiet: bool):
+    """The in-process engine; a missing, truncated or corrupt checkpoint is an ExpertmeshError naming the file."""
+    if not model.is_dir():
+        fail(f"no model directory at {model}")
+    from services.gateway.engine import Engine
+
     with progress_reporter(not quiet) as progress:
         return Engine.from_dir(model, progress=progress)
+
+
+def _engine_limits(engine) -> tuple[int, int]:
+    return engine.cfg.vocab_size, int(getattr(engine, "max_context", 0) or 0)
 
 
 def score(
@@ -69,14 +140,22 @@ def score(
     _one_backend(model, target)
     try:
         ids = parse_token_ids(tokens) if tokens is not None else None
+        check_not_empty(text)
         if target:
-            result = _remote(target, lambda c: c.score(text, ids, top_k))
+            def call(client):
+                info = client.model_info()
+                check_against_model(ids, info["vocab_size"], info["max_context"], score_top_k=top_k)
+                return client.score(text, ids, top_k)
+
+            result = _remote(target, call)
         else:
+            check_against_model(ids, _model_vocab(model), 0, score_top_k=top_k)
             engine = _load_engine(model, as_json)
             ids = engine.encode(text) if ids is None else ids
+            check_against_model(ids, *_engine_limits(engine), score_top_k=top_k)
             result = score_json(ids, engine.score(ids, top_k=top_k))
     except ExpertmeshError as exc:
-        fail(str(exc))
+        fail(str(exc), _exit_code(exc))
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -97,17 +176,25 @@ def _one_backend(model: Optional[Path], target: Optional[str]) -> None:
         fail("give exactly one of --model and --target")
 
 
+def _exit_code(exc: ExpertmeshError) -> int:
+    """2 for bad input (arguments, model directory, request), 1 for a failure of the service."""
+    from services.errors import CacheFullError, PoolUnavailableError
+
+    return 1 if isinstance(exc, (PoolUnavailableError, CacheFullError)) else 2
+
+
 def _remote(target: str, call):
-    """Run `call(client)` against a gateway; gRPC errors become one-line CLI errors."""
+    """Run `call(client)` against a gateway; gRPC errors become one-line CLI errors naming the address."""
     import grpc
 
-    from services.cli.gateway_client import GatewayClient
+    from services.cli.gateway_client import GatewayClient, check_target, rpc_error
 
+    check_target(target)
     client = GatewayClient(target)
     try:
         return call(client)
     except grpc.RpcError as exc:
-        fail(f"{target}: {exc.code().name}: {exc.details()}")
+        fail(*rpc_error(target, exc))
     finally:
         client.close()
 
@@ -125,24 +212,33 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
-    from services.gateway.sampling import SamplingParams
-
     if (prompt is None) == (tokens is None):
         fail("give exactly one of PROMPT and --tokens")
     _one_backend(model, target)
     try:
         ids = parse_token_ids(tokens) if tokens is not None else None
+        check_not_empty(prompt)
+        check_sampling(max_tokens, temperature, top_p, top_k, seed)
         if target:
-            out = _remote(target, lambda c: c.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed))
+            def call(client):
+                info = client.model_info()
+                check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
+                return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed)
+
+            out = _remote(target, call)
         else:
+            check_against_model(ids, _model_vocab(model), 0)
             engine = _load_engine(model, as_json)
+            from services.gateway.sampling import SamplingParams  # torch: only once a model is to be run
+
             ids = engine.encode(prompt) if ids is None else ids
+            check_against_model(ids, *_engine_limits(engine), max_tokens)
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
             result = engine.generate([ids], params)[0]
             out = {"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
                    "text": engine.decode(result.token_ids), "finish_reason": result.finish_reason}
     except ExpertmeshError as exc:
-        fail(str(exc))
+        fail(str(exc), _exit_code(exc))
     if as_json:
         typer.echo(json.dumps(out))
     else:
