@@ -127,3 +127,9 @@ def test_engine_load_of_truncated_checkpoint_names_the_file(tiny_fp8, tmp_path):
     with pytest.raises(CheckpointError) as exc:
         Engine.from_dir(d)
     assert str(path) in str(exc.value)
+
+
+def test_config_json_of_random_bytes_named(tiny_fp8, tmp_path):
+    d = _copy(tiny_fp8, tmp_path)
+    (d / "config.json").write_bytes(b"\x87\xff" + bytes(range(256)))
+    _raises_naming(d / "config.json", lambda: CheckpointReader(d), "not UTF-8 text")

@@ -115,7 +115,11 @@ class CheckpointReader:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError("(directory)", f"no checkpoint directory at {self.directory}")
-        self.config = ModelConfig.from_file(self.directory)
+        try:
+            self.config = ModelConfig.from_file(self.directory)
+        except UnicodeDecodeError as exc:  # config.py reads it as text and lets this one through
+            raise CorruptCheckpointError(self.directory / "config.json",
+                                         f"not UTF-8 text ({exc.reason} at byte {exc.start}): not a config.json") from None
         self._weight_map = self._read_weight_map()
         self._handles: dict[str, object] = {}
         self._names_by_file: dict[str, list[str]] | None = None
