@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.rpc.auth import ApiKeyInterceptor
 from services.rpc.draining import DrainingInterceptor
+from services.rpc.malformed import MalformedRequestInterceptor
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a 4096-token batch of V3 hidden states in fp32 is 117 MiB
 CHANNEL_OPTIONS = [
@@ -31,7 +32,8 @@ class ManagedServer:
         self.drain_timeout_s = drain_timeout_s
         self.draining = DrainingInterceptor(service_names)
         interceptors = [ApiKeyInterceptor(api_keys, service_names)] if api_keys else []
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, self.draining])
+        interceptors += [self.draining, MalformedRequestInterceptor(service_names)]
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
