@@ -10,9 +10,8 @@ from typing import Optional
 
 import typer
 
-from services.errors import ExpertmeshError, InvalidRequestError
 from services.cli.output import fail, progress_reporter
-
+from services.errors import ExpertmeshError, InvalidRequestError
 
 UINT32_LIMIT = 2**32  # token ids, max_tokens and top_k travel as uint32 to a gateway
 SEED_LIMIT = 2**64  # seeds as uint64
@@ -92,9 +91,11 @@ def init_model(
 
         cfg = preset_config(preset, fp8=fp8)
         with progress_reporter(True) as progress:
-            write_random_model(directory, cfg, seed=seed, progress=progress and (lambda d, t: progress("writing", d, t)))
+            report = progress and (lambda d, t: progress("writing", d, t))
+            write_random_model(directory, cfg, seed=seed, progress=report)
     except OSError as exc:
-        fail(f"cannot write the model to {directory}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        where = f": {exc.filename}" if exc.filename else ""
+        fail(f"cannot write the model to {directory}: {exc.strerror or exc}{where}")
     typer.echo(f"wrote {preset} model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}")
 
 
@@ -107,7 +108,8 @@ def _model_vocab(model: Path) -> int:
     try:
         return ModelConfig.from_file(model).vocab_size
     except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"{model / 'config.json'}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        where = model / "config.json"
+        raise InvalidRequestError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except (AttributeError, TypeError, ValueError) as exc:  # valid JSON of the wrong shape
         raise InvalidRequestError(f"{model / 'config.json'}: malformed ({type(exc).__name__}: {exc})") from None
 

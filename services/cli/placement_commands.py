@@ -34,7 +34,8 @@ def plan_command(
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         fail(f'{load}: expected {{"load": [[tokens per expert] per layer]}} ({type(exc).__name__}: {exc})')
     if matrix.ndim != 2 or matrix.size == 0:
-        fail(f'{load}: expected {{"load": [[tokens per expert] per layer]}}, got an array of shape {list(matrix.shape)}')
+        shape = list(matrix.shape)
+        fail(f'{load}: expected {{"load": [[tokens per expert] per layer]}}, got an array of shape {shape}')
     if not np.isfinite(matrix).all() or (matrix < 0).any():
         fail(f"{load}: load must be finite and non-negative token counts")
     started = time.perf_counter()
@@ -145,7 +146,8 @@ def _check_ref(placement, layer: int, expert: int, pool: Optional[str] = None) -
         fail(f"unknown pool {pool!r} (pools: {', '.join(sorted(placement.pools))})")
 
 
-RedisOption = typer.Option(None, "--redis", help="Redis URL (or EXPERTMESH_REDIS_URL; default: the last `expertmesh up`).")
+RedisOption = typer.Option(None, "--redis",
+                           help="Redis URL (or EXPERTMESH_REDIS_URL; default: the last `expertmesh up`).")
 
 
 @app.command("show")
@@ -196,6 +198,9 @@ def apply(file: Path = typer.Argument(...), dry_run: bool = typer.Option(False, 
     apply_placement(store, new, placement.version, dry_run, as_json, f"apply {file}")
 
 
+_POOL_KEYS = ("pool_id", "address")
+
+
 def read_placement_file(file: Path):
     """The placement in `file` (as `placement export` writes it); a one-line error naming the file, else."""
     from services.errors import ExpertmeshError
@@ -206,7 +211,7 @@ def read_placement_file(file: Path):
         fail(f'{file}: not a placement: expected a JSON object with "version", "pools" (a list) and "layers" '
              "(an object), as `placement export` writes")
     for i, pool in enumerate(raw["pools"]):
-        if not (isinstance(pool, dict) and all(isinstance(pool.get(k), str) and pool[k] for k in ("pool_id", "address"))):
+        if not (isinstance(pool, dict) and all(isinstance(pool.get(k), str) and pool[k] for k in _POOL_KEYS)):
             fail(f'{file}: pools[{i}] is not an object with "pool_id" and "address" strings')
     try:
         return Placement.from_json(json.dumps(raw))
@@ -227,7 +232,8 @@ def replicate(layer: int = typer.Option(..., "--layer"), expert: int = typer.Opt
         fail(f"{pool} already holds layer {layer} expert {expert}")
     new = placement.copy()
     new.replicas[layer][expert].append(pool)
-    apply_placement(store, new, placement.version, dry_run, as_json, f"replicate layer {layer} expert {expert} on {pool}")
+    what = f"replicate layer {layer} expert {expert} on {pool}"
+    apply_placement(store, new, placement.version, dry_run, as_json, what)
 
 
 @app.command("move")
@@ -248,7 +254,8 @@ def move(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(.
         fail(f"the replica on {from_pool} is pinned: unpin it first")
     new = placement.copy()
     new.replicas[layer][expert] = [to_pool if p == from_pool else p for p in replicas]
-    apply_placement(store, new, placement.version, dry_run, as_json, f"move layer {layer} expert {expert} {from_pool} -> {to_pool}")
+    what = f"move layer {layer} expert {expert} {from_pool} -> {to_pool}"
+    apply_placement(store, new, placement.version, dry_run, as_json, what)
 
 
 def _pin(layer: int, expert: int, pool: str, redis_url: Optional[str], pinned: bool) -> None:
@@ -259,7 +266,8 @@ def _pin(layer: int, expert: int, pool: str, redis_url: Optional[str], pinned: b
     new = placement.copy()
     (new.pinned.add if pinned else new.pinned.discard)((layer, expert, pool))
     published = publish(store, new, placement.version)
-    typer.echo(f"{'pinned' if pinned else 'unpinned'} layer {layer} expert {expert} on {pool} (version {published.version})")
+    verb = "pinned" if pinned else "unpinned"
+    typer.echo(f"{verb} layer {layer} expert {expert} on {pool} (version {published.version})")
 
 
 @app.command("pin")

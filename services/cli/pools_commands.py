@@ -22,11 +22,13 @@ def pool_status(address: str) -> dict:
     with grpc.insecure_channel(address) as channel:
         try:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            status = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).GetStatus(expert_pool_pb2.GetStatusRequest(), timeout=2)
+            stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
+            status = stub.GetStatus(expert_pool_pb2.GetStatusRequest(), timeout=2)
         except grpc.RpcError as exc:
             return {"health": exc.code().name}
-    return {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status), "experts_loaded": len(status.experts),
-            "seen_version": status.placement_version, "forward_calls": status.forward_calls}
+    return {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
+            "experts_loaded": len(status.experts), "seen_version": status.placement_version,
+            "forward_calls": status.forward_calls}
 
 
 @app.command("list")
@@ -76,8 +78,8 @@ def add(address: str = typer.Argument(..., help="HOST:PORT of a running expert p
         slots: int = typer.Option(0, "--slots", min=0, help="Experts it may hold per layer (0: as the others)."),
         redis_url: Optional[str] = RedisOption) -> None:
     """Register a running pool (it holds nothing yet); `expertmesh rebalance` then gives it experts."""
-    from services.state.placement import Pool
     from services.rpc.health import is_serving
+    from services.state.placement import Pool
 
     store, placement = current_placement(redis_url)
     if pool_id in placement.pools:

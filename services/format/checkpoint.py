@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.format.config import ModelConfig
 from services.errors import CheckpointError, ExpertmeshError
+from services.format.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -54,8 +54,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict]:
                 raise CorruptCheckpointError(path, f"{size} bytes, too short for a safetensors header: truncated?")
             length = int.from_bytes(prefix, "little")
             if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise CorruptCheckpointError(path, f"header length {length} runs past the end of the file ({size} bytes): "
-                                                   "truncated, or not a safetensors file")
+                raise CorruptCheckpointError(
+                    path, f"header length {length} runs past the end of the file ({size} bytes): truncated, or not a "
+                    "safetensors file")
             raw = f.read(length)
     except OSError as exc:
         raise CorruptCheckpointError(path, f"cannot read it: {exc.strerror or exc}") from exc
@@ -90,10 +91,12 @@ def _checked_entry(path: Path, name: str, entry, data_bytes: int) -> dict:
         raise bad(f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
     if end > data_bytes:
-        raise bad(f"data [{begin}, {end}) lies outside the file, which holds {data_bytes} bytes of tensor data: truncated?")
+        raise bad(f"data [{begin}, {end}) lies outside the file, which holds {data_bytes} bytes of tensor data: "
+                  "truncated?")
     itemsize = _DTYPE_BYTES.get(dtype)
-    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-        raise bad(f"{end - begin} bytes of data for shape {shape} of {dtype}, which needs {math.prod(shape) * itemsize}")
+    needed = math.prod(shape) * (itemsize or 0)
+    if itemsize is not None and end - begin != needed:
+        raise bad(f"{end - begin} bytes of data for shape {shape} of {dtype}, which needs {needed}")
     return entry
 
 
@@ -118,8 +121,8 @@ class CheckpointReader:
         try:
             self.config = ModelConfig.from_file(self.directory)
         except UnicodeDecodeError as exc:  # config.py reads it as text and lets this one through
-            raise CorruptCheckpointError(self.directory / "config.json",
-                                         f"not UTF-8 text ({exc.reason} at byte {exc.start}): not a config.json") from None
+            where = f"{exc.reason} at byte {exc.start}"
+            raise CorruptCheckpointError(self.directory / "config.json", f"not UTF-8 text ({where})") from None
         self._weight_map = self._read_weight_map()
         self._handles: dict[str, object] = {}
         self._names_by_file: dict[str, list[str]] | None = None
@@ -212,7 +215,7 @@ class CheckpointReader:
         self._stack.close()
         self._handles.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
