@@ -41,6 +41,9 @@ class Request:
     seq: SequenceBlocks = field(default_factory=SequenceBlocks)
     output: list[int] = field(default_factory=list)
     scores: list[PositionScore] = field(default_factory=list)
+    # params.logprobs set: per output token, (its logprob, the top alternatives as (token id, logprob), best
+    # first); filled by the runner before the token's event, so a front end reads entry i with output token i
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     fed: int = 0  # prompt tokens already written to the cache
     finish_reason: str | None = None
     error: BaseException | None = None

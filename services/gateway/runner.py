@@ -2,7 +2,8 @@
 
 It builds the step's batch (optionally split into micro-batches whose attention overlaps the pools' expert
 work on the others), runs the forward pass, then samples (one batched argmax for every greedy request, a
-seeded sampler for the others) and scores (log-probabilities of the prompt tokens, for score requests).
+seeded sampler for the others) and scores (log-probabilities of the prompt tokens, for score requests; of each
+generated token and its top alternatives, for requests that ask for logprobs).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class ModelRunner:
             elif not chunk.samples:
                 results.append(ChunkResult())
             else:
-                token = greedy[i] if i in greedy else chunk.request.sampler(rows[i][-1])
+                req = chunk.request
+                token = greedy[i] if i in greedy else req.sampler(rows[i][-1])
+                if req.params.logprobs is not None:
+                    req.token_logprobs.append(_token_logprob(rows[i][-1], token, req.params.logprobs))
                 results.append(ChunkResult(token=token))
         return results
 
@@ -89,6 +93,15 @@ def _score_chunk(chunk: PlannedChunk, logits: torch.Tensor) -> list[PositionScor
         alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
         out.append(PositionScore(token, float(logprobs[j, token]), alternatives))
     return out
+
+
+def _token_logprob(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The sampled token's logprob under the model's distribution (the logits row it was sampled from, before
+    temperature or cuts), and the top-k alternatives."""
+    logprobs = logits.to(torch.float32).log_softmax(-1)
+    top = torch.topk(logprobs, min(k, logprobs.shape[-1])) if k else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(logprobs[token]), alternatives
 
 
 def _step_span(plan: StepPlan):

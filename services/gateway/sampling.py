@@ -9,6 +9,9 @@ import torch
 
 from services.errors import InvalidRequestError
 
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_LOGPROBS = 20  # top alternatives per generated token
+
 
 @dataclass
 class SamplingParams:
@@ -19,6 +22,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    stop: tuple[str, ...] = field(default_factory=tuple)  # the output ends before the first of these (not included)
+    logprobs: int | None = None  # not None: each generated token's logprob and this many top alternatives
 
     def validate(self, max_tokens_limit: int) -> None:
         if not 1 <= self.max_tokens <= max_tokens_limit:
@@ -29,6 +34,14 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequestError(f"seed must lie in [0, 2**64), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 class Sampler:
