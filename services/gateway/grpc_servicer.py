@@ -7,10 +7,10 @@ import time
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.errors import InvalidRequestError, PoolUnavailableError
-from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.requests import Request
 from services.gateway.sampling import SamplingParams
 from services.gateway.serving import ServingCore
+from services.gateway.stop_strings import OutputText
 from services.rpc import grpc_status
 from services.rpc.metrics import GatewayMetrics
 from services.rpc.telemetry import tracer
@@ -21,7 +21,17 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 def sampling_params(s: gateway_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
                           seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                          ignore_eos=s.ignore_eos)
+                          ignore_eos=s.ignore_eos, stop=tuple(s.stop),
+                          logprobs=s.logprobs if s.HasField("logprobs") else None)
+
+
+def _logprobs(req: Request, index: int) -> list[gateway_pb2.SampledLogprob]:
+    """The logprob entry of output token `index`, when the request asked for logprobs."""
+    if req.params.logprobs is None or index >= len(req.token_logprobs):
+        return []
+    logprob, top = req.token_logprobs[index]
+    return [gateway_pb2.SampledLogprob(logprob=logprob,
+                                       top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in top])]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -78,18 +88,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             span.set_attribute("expertmesh.prompt_tokens", len(prompt))
             req = Request(prompt, params, span_context=span.get_span_context())
             yield gateway_pb2.GenerateResponse(prompt_token_ids=prompt)
-            detok = IncrementalDetokenizer(self.core.tokenizer)
+            text = OutputText(self.core.tokenizer, params.stop)
             last = arrived = time.monotonic()
+            count = 0
             async for ev in self._events(req):
                 now = time.monotonic()
                 if self.metrics and ev.token_id is not None:
                     (self.metrics.ttft if last == arrived else self.metrics.itl).observe(now - last)
                 last = now
-                delta = detok.step(ev.token_id) if ev.token_id is not None else ""
-                if ev.finish_reason:
-                    delta += detok.finish()
-                yield gateway_pb2.GenerateResponse(token_ids=[] if ev.token_id is None else [ev.token_id],
-                                                   text=delta, finish_reason=ev.finish_reason or "")
+                delta = text.step(ev.token_id, last=bool(ev.finish_reason))
+                finish = "stop" if text.stopped else ev.finish_reason or ""
+                tokens = [] if ev.token_id is None else [ev.token_id]
+                yield gateway_pb2.GenerateResponse(token_ids=tokens, text=delta, finish_reason=finish,
+                                                   logprobs=_logprobs(req, count) if tokens else [])
+                count += len(tokens)
+                if text.stopped:  # a stop string: the request ends here and its cache is freed
+                    self.core.cancel(req)
+                    return
 
     @grpc_status.unary
     async def Score(self, request, context):
