@@ -20,8 +20,10 @@ from services.format.model_writer import write_checkpoint
 from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
 HOT = (0, 5)  # experts of groups 0 and 1 that every token will pick
 
 
@@ -55,6 +57,15 @@ def _counts(up, placement):
     return RedisLoadStore.from_url(up.redis, placement.layers, placement.num_experts).window(3600)
 
 
+def _wait_counted(up, placement, since, pairs_per_layer):
+    """The load counts once Redis holds `pairs_per_layer` more (token, expert) pairs in every layer than `since`."""
+    def counted():
+        counts = _counts(up, placement)
+        return counts if ((counts - since).sum(axis=1) >= pairs_per_layer).all() else None
+
+    return wait_until(counted, 30, f"{pairs_per_layer} more routed pairs per layer in Redis")
+
+
 def _prompts(n, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 1024, (16,), generator=g).tolist() for _ in range(n)]
@@ -70,19 +81,15 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
         first = store.get()
         engine = Engine.from_dir(skewed_model, cache_tokens=4096)
         prompts = _prompts(8, 1)
+        # each request: 16 prompt tokens and 11 fed back, each routed to num_experts_per_tok experts per layer
+        pairs = len(prompts) * (16 + 11) * engine.cfg.num_experts_per_tok
         before_out = _load(up, prompts)
-        time.sleep(0.6)
-        counts_before = _counts(up, first)
+        counts_before = _wait_counted(up, first, 0, pairs)
         before = first.balancedness({l: counts_before[i].tolist() for i, l in enumerate(first.layers)})
-        deadline = time.monotonic() + 60
-        while store.version() == first.version and time.monotonic() < deadline:
-            time.sleep(0.25)
-        rebalanced = store.get()
-        assert rebalanced.version > first.version, "the autoscaler did not rebalance"
-        time.sleep(2.5)  # rollout's grace: old replicas dropped
+        wait_until(lambda: store.version() > first.version, 60, "the autoscaler to rebalance")
+        rebalanced = up.wait_rolled_out()  # old replicas dropped after the rollout's grace
         after_out = _load(up, prompts)
-        time.sleep(0.6)
-        delta = _counts(up, rebalanced) - counts_before
+        delta = _wait_counted(up, rebalanced, counts_before, pairs) - counts_before
         after = rebalanced.balancedness({l: delta[i].tolist() for i, l in enumerate(rebalanced.layers)})
         print(f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
               f"(placement v{first.version} -> v{rebalanced.version})")
@@ -105,20 +112,20 @@ def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory,
         client = GatewayClient(up.gateway, timeout_s=120)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
-            time.sleep(0.5)
+            wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= len(prompts), 60,
+                       "the requests to be generating")
             killed = time.monotonic()
             os.kill(up.child_pid("pool-id pool-0"), signal.SIGKILL)
             results = [f.result(timeout=120) for f in futures]  # no request fails
-        restored = None
-        while time.monotonic() - killed < 60:
+
+        def re_placed():
             p = store.get()
-            if "pool-0" not in p.pools and all(len(r) >= 2 for l in p.layers for r in p.replicas[l]):
-                restored = time.monotonic() - killed
-                break
-            time.sleep(0.1)
-        assert restored is not None, "experts were not re-placed on the live pools"
+            return "pool-0" not in p.pools and all(len(r) >= 2 for l in p.layers for r in p.replicas[l])
+
+        wait_until(re_placed, 60, "the experts to be re-placed on the live pools with two replicas each", 0.1)
+        restored = time.monotonic() - killed
         print(f"\nfailover: every expert had two replicas again {restored:.2f} s after SIGKILL")
-        time.sleep(2.5)
+        up.wait_rolled_out()
         again = client.generate(None, prompts[0], 8, ignore_eos=True)
         client.close()
         expected = engine_tiny.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
@@ -137,28 +144,54 @@ def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
     try:
         store = RedisPlacementStore(up.redis)
         prompts = _prompts(4, 3)
-        stop = time.monotonic() + 60
-        grew = None
         client = GatewayClient(up.gateway, timeout_s=120)
-        while time.monotonic() < stop and grew is None:
+
+        def grown_under_load():
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(lambda p: client.generate(None, p, 8, ignore_eos=True), prompts))
-            if len(store.get().pools) == 3:
-                grew = store.get()
-        assert grew is not None, "no pool was added under load"
+            placement = store.get()
+            return placement if len(placement.pools) == 3 else None
+
+        grew = wait_until(grown_under_load, 60, "a pool to be added under load", interval_s=0)
         newcomer = next(p for p in grew.pools if p not in ("pool-0", "pool-1"))
-        deadline = time.monotonic() + 30  # registered first, then a rebalance gives it experts
-        while not store.get().experts_on(newcomer) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert store.get().experts_on(newcomer), "the new pool got no experts"
+        # registered first, then a rebalance gives it experts
+        wait_until(lambda: store.get().experts_on(newcomer), 30, "the new pool to get experts", 0.2)
         expected = engine_tiny.generate([prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
         assert client.generate(None, prompts[0], 8, ignore_eos=True)["token_ids"] == expected
-        deadline = time.monotonic() + 60
-        while len(store.get().pools) > 2 and time.monotonic() < deadline:
-            time.sleep(0.5)  # idle: utilisation 0 once the window has passed
-        assert len(store.get().pools) <= 2, "idle pools were not drained"
-        time.sleep(2.5)
+        # idle: utilisation 0 once the window has passed
+        wait_until(lambda: len(store.get().pools) <= 2, 60, "the idle pool to be drained", 0.5)
+        up.wait_rolled_out()
         assert client.generate(None, prompts[0], 8, ignore_eos=True)["token_ids"] == expected
         client.close()
+    finally:
+        up.stop()
+
+
+def test_replica_floor_survives_a_skewed_rebalance_and_a_pool_kill(skewed_model, tmp_path_factory):
+    """`--replicas-per-expert 2` is a floor, not only the start: after the autoscaler rebalances a skewed load,
+    every expert still has two replicas, so killing a pool mid-generation fails no request."""
+    up = UpProcess(skewed_model, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("floor"), autoscale=True,
+                   extra=["--replicas-per-expert", "2", "--slots-per-pool", "13", "--autoscale-interval-s", "0.5",
+                          "--rebalance-min-interval-s", "1", "--load-window-s", "600", "--rebalance-threshold", "0.95"])
+    try:
+        store = RedisPlacementStore(up.redis)
+        first = store.get()
+        assert first.min_replicas == 2
+        engine = Engine.from_dir(skewed_model, cache_tokens=4096)
+        prompts = _prompts(6, 3)
+        _load(up, prompts)
+        wait_until(lambda: store.version() > first.version, 90, "the autoscaler to rebalance the skewed load")
+        rebalanced = up.wait_rolled_out()
+        assert not rebalanced.below_floor(), f"{len(rebalanced.below_floor())} experts lost their second replica"
+        assert max(len(rebalanced.replicas[l][e]) for l in rebalanced.layers for e in HOT) >= 3  # hot ones gained
+        client = GatewayClient(up.gateway, timeout_s=120)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
+            wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= 1, 60, "requests generating")
+            os.kill(up.child_pid("pool-id pool-1"), signal.SIGKILL)
+            results = [f.result(timeout=120) for f in futures]  # raises if any request failed
+        client.close()
+        expected = engine.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+        assert [r["token_ids"] for r in results] == [g.token_ids for g in expected]
     finally:
         up.stop()

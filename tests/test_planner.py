@@ -89,7 +89,7 @@ def test_placement_plan_cli_json(tmp_path):
 
 @pytest.mark.parametrize("content,args,message", [
     (None, ["--pools", "4", "--slots-per-pool", "5"], "no load file"),
-    ("{not json", ["--pools", "4", "--slots-per-pool", "5"], "expected"),
+    ("{not json", ["--pools", "4", "--slots-per-pool", "5"], "not valid JSON"),
     ('{"load": [[1, 2, 3, 4]]}', ["--pools", "1", "--slots-per-pool", "2"], "cannot hold"),
 ])
 def test_placement_plan_cli_errors(tmp_path, content, args, message):
@@ -108,3 +108,17 @@ def test_tight_budgets_with_many_replicas_still_pack():
         lp = plan_layer(load, 3, 8)  # 24 slots for 16 experts
         check_valid(lp, 16, 8)
         assert sum(len(p) for p in lp.pools) == 24
+
+
+def test_replica_floor_is_kept_where_slots_allow_and_hottest_first_where_not():
+    load = np.array([100, 1, 1, 1, 50, 1, 1, 1.0])
+    assert replica_counts(load, 16, 3, min_per_expert=2).tolist() == [2] * 8
+    assert replica_counts(load, 12, 3, min_per_expert=2).tolist() == [2, 2, 2, 1, 2, 1, 1, 1]  # 4 spare slots
+    counts = replica_counts(load, 20, 3, min_per_expert=2)
+    assert counts.min() == 2 and counts.sum() == 20 and counts[0] == counts[4] == 3
+    skewed = np.stack([load, load[::-1]])
+    for layer in plan(skewed, 4, 4, min_replicas=2):  # a skewed load would leave cold experts single
+        held = [sum(e in pool for pool in layer.pools) for e in range(8)]
+        assert min(held) == 2
+    for layer in plan(skewed, 4, 4):
+        assert min(sum(e in pool for pool in layer.pools) for e in range(8)) == 1  # without the floor it does

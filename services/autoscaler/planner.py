@@ -1,7 +1,8 @@
 """The placement planner: a pure function in the spirit of DeepSeek's EPLB.
 
 Per layer, from the per-expert load (tokens) of a window:
-1. replicas: every expert gets one; each redundant slot goes to the expert with the highest load per replica
+1. replicas: every expert gets `min_replicas` (the redundancy floor, as far as the slots allow: first one each,
+   then the floor's extra copies); each further slot goes to the expert with the highest load per replica
    (EPLB's `replicate_experts`), never more replicas than pools;
 2. packing: replicas, heaviest per-replica load first, onto pools so that pool loads are balanced, no pool holds
    two replicas of one expert, and every pool keeps within its slots. Pinned replicas stay where they are;
@@ -29,12 +30,19 @@ class LayerPlan:
         return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
 
 
-def replica_counts(load: np.ndarray, slots: int, max_per_expert: int) -> np.ndarray:
-    """[E] loads, total slots -> [E] replica counts (>= 1 each, <= max_per_expert, summing to min(slots, cap))."""
+def replica_counts(load: np.ndarray, slots: int, max_per_expert: int, min_per_expert: int = 1) -> np.ndarray:
+    """[E] loads, total slots -> [E] replica counts (>= 1 each, <= max_per_expert, summing to min(slots, cap)).
+
+    Every expert gets `min_per_expert` copies where the slots allow (hottest first when they do not), then
+    the rest go by load."""
     e = load.shape[0]
-    counts = np.ones(e, dtype=np.int64)
-    extra = min(slots, e * max_per_expert) - e
     load = np.maximum(load.astype(np.float64), 0.0)
+    counts = np.ones(e, dtype=np.int64)
+    floor = min(min_per_expert, max_per_expert)
+    room = min(slots, e * max_per_expert) - e
+    for expert in np.argsort(-load, kind="stable")[: max(0, room) // max(1, floor - 1)] if floor > 1 else ():
+        counts[expert] = floor
+    extra = min(slots, e * max_per_expert) - int(counts.sum())
     for _ in range(max(0, extra)):
         per_replica = np.where(counts < max_per_expert, load / counts, -1.0)
         counts[int(np.argmax(per_replica))] += 1
@@ -42,25 +50,25 @@ def replica_counts(load: np.ndarray, slots: int, max_per_expert: int) -> np.ndar
 
 
 def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None = None,
-               pinned: set[tuple[int, int]] | None = None, slack: float = 0.05) -> LayerPlan:
+               pinned: set[tuple[int, int]] | None = None, slack: float = 0.05, min_replicas: int = 1) -> LayerPlan:
     """load [E]; current: pool -> experts now; pinned: {(expert, pool)} that must stay.
 
     With a current placement, the plan that keeps replicas in place is taken unless a fresh packing balances
     better by more than `slack` (staying put must not cost the balance it is meant to buy)."""
-    fresh = _pack(load, num_pools, slots_per_pool, None, pinned, slack)
+    fresh = _pack(load, num_pools, slots_per_pool, None, pinned, slack, min_replicas=min_replicas)
     if not current:
         return fresh
     goal = max(fresh.pool_load) * (1 + slack / 2)  # what the fresh packing reaches, near enough
-    sticky = _pack(load, num_pools, slots_per_pool, current, pinned, slack, goal)
+    sticky = _pack(load, num_pools, slots_per_pool, current, pinned, slack, goal, min_replicas)
     return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
 
 
 def _pack(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None,
-          pinned: set[tuple[int, int]] | None, slack: float, goal: float = 0.0) -> LayerPlan:
+          pinned: set[tuple[int, int]] | None, slack: float, goal: float = 0.0, min_replicas: int = 1) -> LayerPlan:
     e = load.shape[0]
     if num_pools * slots_per_pool < e:
         raise InvalidRequestError(f"{num_pools} pools x {slots_per_pool} slots cannot hold {e} experts")
-    counts = replica_counts(load, num_pools * slots_per_pool, num_pools)
+    counts = replica_counts(load, num_pools * slots_per_pool, num_pools, min_replicas)
     per_replica = np.maximum(load.astype(np.float64), 0.0) / counts
     pool_load = np.zeros(num_pools)
     free = np.full(num_pools, slots_per_pool, dtype=np.int64)
@@ -164,7 +172,7 @@ def _make_room(expert: int, holds: np.ndarray, free: np.ndarray, per_replica: np
 
 
 def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,
-         pinned: set[tuple[int, int, int]] | None = None) -> list[LayerPlan]:
+         pinned: set[tuple[int, int, int]] | None = None, min_replicas: int = 1) -> list[LayerPlan]:
     """load [layers, E] -> one LayerPlan per layer. current[layer][pool] -> experts; pinned {(layer, expert, pool)}."""
     load = np.asarray(load, dtype=np.float64)
     if load.ndim != 2:
@@ -173,7 +181,8 @@ def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[li
         raise InvalidRequestError("load must be finite and non-negative")
     pinned = pinned or set()
     return [plan_layer(load[i], num_pools, slots_per_pool, current[i] if current else None,
-                       {(e, p) for (l, e, p) in pinned if l == i}) for i in range(load.shape[0])]
+                       {(e, p) for (l, e, p) in pinned if l == i}, min_replicas=min_replicas)
+            for i in range(load.shape[0])]
 
 
 def moves(before: list[list[int]], after: list[list[int]]) -> int:

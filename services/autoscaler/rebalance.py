@@ -28,7 +28,7 @@ def propose(placement: Placement, load: np.ndarray) -> Proposal:
     index = {p: i for i, p in enumerate(pool_ids)}
     row = {l: i for i, l in enumerate(layers)}
     pinned = {(row[l], e, index[p]) for l, e, p in placement.pinned if p in index}
-    plans = plan(load, len(pool_ids), slots, current=current, pinned=pinned)
+    plans = plan(load, len(pool_ids), slots, current=current, pinned=pinned, min_replicas=placement.min_replicas)
     proposed = placement.copy()
     for l, lp in zip(layers, plans):
         replicas = [[] for _ in range(placement.num_experts)]

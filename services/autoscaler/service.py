@@ -64,6 +64,9 @@ class Autoscaler:
             return self._roll(propose(without_pools(placement, dead), plan_load).proposed, placement, "failover")
         if self._scale(placement, load):
             return None
+        restored = self._keep_floor(placement, load)
+        if restored is not None:
+            return restored
         by_layer = {l: load[i].tolist() for i, l in enumerate(placement.layers)}
         self.last_balancedness = placement.balancedness(by_layer)
         if self.metrics:
@@ -79,6 +82,23 @@ class Autoscaler:
         log.info("balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)", self.last_balancedness,
                  cfg.rebalance_threshold, proposal.balancedness_after, proposal.moves)
         return self._roll(proposal.proposed, placement, "rebalance")
+
+    def _keep_floor(self, placement: Placement, load: np.ndarray) -> RolloutResult | None:
+        """Experts below the replica floor (pools were lost): say so, and re-place as soon as capacity allows."""
+        short = placement.below_floor()
+        if self.metrics:
+            self.metrics.below_replica_floor.set(len(short))
+        if not short:
+            return None
+        proposal = propose(placement, load + 1 if load.sum() == 0 else np.asarray(load, dtype=np.float64))
+        still = len(proposal.proposed.below_floor())
+        if still >= len(short):
+            log.warning("%d experts have fewer than %d replicas and the pools have no room for more (%d pools)",
+                        len(short), placement.min_replicas, len(placement.pools))
+            return None
+        log.info("restoring the replica floor of %d: %d experts below it, %d after", placement.min_replicas,
+                 len(short), still)
+        return self._roll(proposal.proposed, placement, "redundancy")
 
     def _scale(self, placement: Placement, load: np.ndarray) -> bool:
         """Ask the actuator for one pool more or fewer when utilisation stays beyond a threshold."""

@@ -51,6 +51,9 @@ class AutoscalerMetrics:
         self.rebalance_duration = Histogram("moe_rebalance_duration_seconds", "Two-phase rollout duration.",
                                             buckets=(0.5, 1, 2, 4, 8, 16, 32, 64), registry=r)
         self.placement_version = Gauge("moe_placement_version", "Placement version committed.", registry=r)
+        self.below_replica_floor = Gauge("moe_experts_below_replica_floor",
+                                         "(layer, expert) pairs with fewer replicas than the placement's floor.",
+                                         registry=r)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

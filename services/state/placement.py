@@ -34,6 +34,7 @@ class Placement:
     # layer -> expert -> pool ids holding a replica
     replicas: dict[int, list[list[str]]] = field(default_factory=dict)
     pinned: set[tuple[int, int, str]] = field(default_factory=set)  # (layer, expert, pool): replicas that stay put
+    min_replicas: int = 1  # the redundancy floor every plan keeps where the pools have room (failover without loss)
 
     @classmethod
     def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> "Placement":
@@ -45,7 +46,7 @@ class Placement:
         ids = [p.pool_id for p in pools]
         table = {layer: [[ids[(e + layer + r) % len(ids)] for r in range(replicas)] for e in range(cfg.n_routed_experts)]
                  for layer in cfg.moe_layers}
-        return cls(version, {p.pool_id: p for p in pools}, table)
+        return cls(version, {p.pool_id: p for p in pools}, table, min_replicas=replicas)
 
     @property
     def layers(self) -> list[int]:
@@ -75,6 +76,11 @@ class Placement:
             if max(loads) > 0:
                 values.append(sum(loads) / len(loads) / max(loads))
         return sum(values) / len(values) if values else 1.0
+
+    def below_floor(self) -> list[tuple[int, int]]:
+        """(layer, expert) with fewer replicas than `min_replicas`: redundancy lost until capacity returns."""
+        return [(layer, e) for layer, experts in sorted(self.replicas.items())
+                for e, pools in enumerate(experts) if len(pools) < self.min_replicas]
 
     def experts_on(self, pool_id: str) -> list[tuple[int, int]]:
         return [(layer, e) for layer, experts in sorted(self.replicas.items())
@@ -116,6 +122,7 @@ class Placement:
             "pools": [{"pool_id": p.pool_id, "address": p.address, "slots": p.slots} for p in self.pools.values()],
             "layers": {str(layer): experts for layer, experts in sorted(self.replicas.items())},
             "pinned": sorted([layer, e, p] for layer, e, p in self.pinned),
+            "min_replicas": self.min_replicas,
         })
 
     @classmethod
@@ -125,7 +132,7 @@ class Placement:
             pools = {p["pool_id"]: Pool(p["pool_id"], p["address"], int(p.get("slots", 0))) for p in raw["pools"]}
             replicas = {int(layer): [list(map(str, r)) for r in experts] for layer, experts in raw["layers"].items()}
             pinned = {(int(layer), int(e), str(p)) for layer, e, p in raw.get("pinned", [])}
-            return cls(int(raw["version"]), pools, replicas, pinned)
+            return cls(int(raw["version"]), pools, replicas, pinned, int(raw.get("min_replicas", 1)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidRequestError(f"malformed placement: {exc}") from exc
 
