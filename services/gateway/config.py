@@ -25,6 +25,10 @@ class GatewayConfig:
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a pod).")
     grpc_port: int = setting(50051, "gRPC port (0: any free port).")
     metrics_port: int = setting(0, "Prometheus /metrics port (0: off).")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP API port, /health and /metrics too (0: any free port; "
+                                   "-1: off).")
+    served_model_name: str | None = setting(None, "Model name of the OpenAI-compatible API (default: the model "
+                                                  "directory's name).")
     dispatch_dtype: str = setting("fp8", "Activations sent to the pools: fp8, bf16 or fp32 (exact).",
                                   choices=DISPATCH_DTYPES)
     cache_tokens: int = setting(DEFAULT_CACHE_TOKENS, "Latent KV cache capacity, in tokens.")
@@ -41,9 +45,16 @@ class GatewayConfig:
     drain_timeout_s: float = setting(60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused).")
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
 
+    @property
+    def model_name(self) -> str:
+        """The name clients of the OpenAI-compatible API ask for."""
+        return self.served_model_name or (Path(self.model).name if self.model else "")
+
     def __post_init__(self):
         for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype must be one of {', '.join(DISPATCH_DTYPES)}, got {self.dispatch_dtype!r}")

@@ -51,9 +51,10 @@ async def serve(config: GatewayConfig, placement: Placement) -> None:
     setup_tracing("expertmesh-gateway")
     metrics = GatewayMetrics()
     serve_metrics(config.metrics_port, config.host)
-    runtime = await GatewayRuntime.start(config, placement, metrics)
-    runtime.managed.stop_on_signals()
-    print(f"READY {runtime.managed.address}", flush=True)
+    runtime = await GatewayRuntime.start(config, placement, metrics, require_http=True)
+    runtime.stop_on_signals()
+    http = f" http={runtime.http.address}" if runtime.http else ""
+    print(f"READY {runtime.managed.address}{http}", flush=True)
     await runtime.wait_for_stop()
     runtime.close()
 

@@ -1,10 +1,12 @@
-"""The gateway assembled from a GatewayConfig: server, serving core on its own thread, placement follower,
-load recorder. Everything is built here and handed to what uses it; nothing is patched in afterwards."""
+"""The gateway assembled from a GatewayConfig: the gRPC server and the OpenAI-compatible HTTP front end (on the
+same asyncio loop), serving core on its own thread, placement follower, load recorder. Everything is built here
+and handed to what uses it; nothing is patched in afterwards."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -12,8 +14,12 @@ from collections.abc import Callable
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.errors import ServerStoppingError
 from services.format.config import ModelConfig
+from services.format.generation_config import read_generation_defaults
+from services.gateway.chat_template import ChatTemplate
 from services.gateway.config import GatewayConfig
 from services.gateway.grpc_servicer import SERVICE_NAME, GatewayServicer
+from services.gateway.http_app import HttpFrontEnd
+from services.gateway.openai_serving import OpenAIServing
 from services.gateway.remote_experts import RemoteExperts
 from services.gateway.serving import ServingCore
 from services.rpc.auth import parse_keys
@@ -40,7 +46,7 @@ class ServingLoop:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
 
-    def start(self) -> "ServingLoop":
+    def start(self) -> ServingLoop:
         self.thread.start()
         return self
 
@@ -97,7 +103,7 @@ class PlacementFollower:
             log.info("switching to placement version %d", pending.version)
             self.experts.set_placement(pending)
 
-    def start(self) -> "PlacementFollower":
+    def start(self) -> PlacementFollower:
         self.thread.start()
         return self
 
@@ -112,21 +118,46 @@ def wait_for_pools(placement: Placement, timeout_s: float) -> None:
         wait_serving(pool.address, max(0.0, deadline - time.monotonic()), f"pool {pool.pool_id}")
 
 
+def start_http(config: GatewayConfig, metrics: GatewayMetrics | None, require: bool) -> HttpFrontEnd | None:
+    """The OpenAI-compatible front end, bound and answering 503 until the core is attached (None: off, or its
+    port taken where it is not required)."""
+    if config.http_port < 0:
+        return None
+    serving = OpenAIServing(config.model_name, read_generation_defaults(config.model),
+                            ChatTemplate.from_dir(config.model), metrics)
+    try:
+        http = HttpFrontEnd(serving, config.host, config.http_port, parse_keys(config.api_key))
+    except OSError as exc:
+        if require:
+            raise OSError(f"cannot listen for HTTP on {config.host}:{config.http_port} (--http-port; 0: any free "
+                          f"port, -1: off): {exc}") from None
+        log.error("HTTP API off: cannot listen on %s:%d: %s", config.host, config.http_port, exc)
+        return None
+    http.start()
+    return http
+
+
 class GatewayRuntime:
-    """A started gateway: its server, serving core and loop, remote experts, placement follower, load recorder."""
+    """A started gateway: its servers, serving core and loop, remote experts, placement follower, load recorder."""
 
     def __init__(self, config: GatewayConfig, managed: ManagedServer, core: ServingCore, experts: RemoteExperts,
-                 loop: ServingLoop, follower: PlacementFollower | None, recorder: LoadRecorder | None):
+                 loop: ServingLoop, follower: PlacementFollower | None, recorder: LoadRecorder | None,
+                 http: HttpFrontEnd | None = None):
         self.config, self.managed, self.core, self.experts = config, managed, core, experts
-        self.loop, self.follower, self.recorder = loop, follower, recorder
+        self.loop, self.follower, self.recorder, self.http = loop, follower, recorder, http
+        self._stopping = asyncio.Event()
 
     @classmethod
-    async def start(cls, config: GatewayConfig, placement: Placement,
-                    metrics: GatewayMetrics | None = None) -> "GatewayRuntime":
-        """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING."""
+    async def start(cls, config: GatewayConfig, placement: Placement, metrics: GatewayMetrics | None = None,
+                    require_http: bool = False) -> GatewayRuntime:
+        """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING.
+
+        The gateway process requires its HTTP port (`require_http`); in-process harnesses that start gateways
+        with only grpc_port=0 chosen get no HTTP front end when the default port is taken."""
         cfg = ModelConfig.from_file(config.model)
         managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s,
                                 api_keys=parse_keys(config.api_key))
+        http = start_http(config, metrics, require_http)
         servicer = GatewayServicer(gateway_pb2.GetModelInfoResponse(
             model_dir=str(config.model), vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
             n_routed_experts=cfg.n_routed_experts, pools=[p.address for p in placement.pools.values()],
@@ -147,24 +178,56 @@ class GatewayRuntime:
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)
         aio_loop = asyncio.get_running_loop()
 
+        async def not_serving() -> None:
+            if http:
+                http.serving_now = False
+            await managed.set_serving(False)
+
         def on_death(exc: BaseException) -> None:  # health says what the loop's death means: no more serving
-            asyncio.run_coroutine_threadsafe(managed.set_serving(False), aio_loop)
+            asyncio.run_coroutine_threadsafe(not_serving(), aio_loop)
 
         loop = ServingLoop(core, metrics, recorder, on_death).start()
         servicer.attach(core)
+        if http:
+            http.serving.attach(core)
+            http.serving_now = True
         await managed.set_serving()
-        log.info("gateway serving on %s (dispatch %s, %d pools)", managed.address, config.dispatch_dtype,
-                 len(placement.pools))
-        return cls(config, managed, core, experts, loop, follower, recorder)
+        log.info("gateway serving on %s, HTTP on %s (dispatch %s, %d pools)", managed.address,
+                 http.address if http else "none", config.dispatch_dtype, len(placement.pools))
+        return cls(config, managed, core, experts, loop, follower, recorder, http)
+
+    def stop_on_signals(self) -> None:
+        aio_loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio_loop.add_signal_handler(sig, self.request_stop)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self.managed.request_stop()
 
     async def wait_for_stop(self) -> None:
-        """Until SIGTERM: drain (running requests finish, new ones are refused), then end what is left with a
-        reason and stop."""
+        """Until SIGTERM: drain both front ends (running requests finish, new ones are refused), then end what is
+        left with a reason and stop."""
         reason = ServerStoppingError(f"the gateway is stopping: running requests had {self.config.drain_timeout_s:g} s "
                                      "(--drain-timeout-s) to finish")
-        await self.managed.wait_for_stop(on_drain_timeout=lambda: self.core.scheduler.close(reason))
+        end_the_rest = lambda: self.core.scheduler.close(reason)  # noqa: E731
+        http = asyncio.ensure_future(self._drain_http(end_the_rest)) if self.http else None
+        await self.managed.wait_for_stop(on_drain_timeout=end_the_rest)
+        if http is not None:
+            await http
+
+    async def _drain_http(self, end_the_rest) -> None:
+        await self._stopping.wait()
+        self.http.serving_now = False
+        if not await self.http.drain(self.config.drain_timeout_s):
+            end_the_rest()
+            await self.http.drain(1.0)
+        await self.http.stop()
 
     def close(self) -> None:
+        if self.http:
+            self.http.serving_now = False
+            self.http.server.should_exit = True  # uvicorn ends on its loop and closes the listening socket
         self.loop.stop()
         if self.follower:
             self.follower.stop()
