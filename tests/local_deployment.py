@@ -29,7 +29,7 @@ class UpProcess:
         self.home = home
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.app", "up", "--model", str(model), "--pools", str(pools),
-             "--grpc-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens),
+             "--grpc-port", "0", "--http-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens),
              "--autoscale" if autoscale else "--no-autoscale", *(extra or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
@@ -37,7 +37,7 @@ class UpProcess:
         deadline = time.monotonic() + 180
         for line in self.proc.stdout:
             self.lines.append(line)
-            m = re.match(r"(\S+)\s+(grpc://|redis://)(\S+)", line)
+            m = re.match(r"(\S+)\s+(grpc://|redis://|http://)(\S+)", line)
             if m:
                 self.endpoints[m.group(1)] = m.group(3) if m.group(2) == "grpc://" else m.group(2) + m.group(3)
             if line.startswith("ready"):
@@ -53,6 +53,11 @@ class UpProcess:
         return self.endpoints["gateway"]
 
     @property
+    def http(self) -> str:
+        """The OpenAI-compatible API's base URL, http://127.0.0.1:PORT/v1."""
+        return self.endpoints["http"]
+
+    @property
     def redis(self) -> str:
         return self.endpoints["redis"]
 
@@ -63,11 +68,29 @@ class UpProcess:
     def metric(self, process: str, name: str) -> float:
         return metric(self.metrics_url(process), name)
 
+    def poke(self) -> None:
+        """A one-token request. The gateway switches to a newer placement it has seen at a step boundary, so an
+        idle gateway switches only when something makes it step."""
+        from services.cli.gateway_client import GatewayClient
+
+        client = GatewayClient(self.gateway, timeout_s=60)
+        try:
+            client.generate(None, [5], 1, ignore_eos=True)
+        finally:
+            client.close()
+
+    def gateway_on(self, version: int) -> bool:
+        """Whether the gateway serves placement `version` or a later one, poking it to step if not yet."""
+        if self.metric("gateway", "moe_placement_version") >= version:
+            return True
+        self.poke()
+        return self.metric("gateway", "moe_placement_version") >= version
+
     def wait_gateway_on(self, version: int, timeout_s: float = 30) -> None:
         """Wait until the gateway has switched to placement `version` (it follows the stored version)."""
         from tests.waiting import wait_until
 
-        wait_until(lambda: self.metric("gateway", "moe_placement_version") == version, timeout_s,
+        wait_until(lambda: self.gateway_on(version), timeout_s,
                    f"the gateway to switch to placement version {version}", interval_s=0.1)
 
     def wait_rolled_out(self, timeout_s: float = 60):
@@ -83,9 +106,7 @@ class UpProcess:
             for pool_id, pool in placement.pools.items():
                 if held_experts(pool.address) != set(placement.experts_on(pool_id)):
                     return None
-            if self.metric("gateway", "moe_placement_version") != placement.version:
-                return None
-            return placement
+            return placement if self.gateway_on(placement.version) else None
 
         return wait_until(finished, timeout_s, "the placement rollout to finish on every pool and the gateway",
                           interval_s=0.1)
@@ -106,7 +127,7 @@ class UpProcess:
 
     def logs(self) -> str:
         out = []
-        for log in sorted((self.home / "logs").glob("*.log")):
+        for log in sorted((self.home / "logs").rglob("*.log")):
             out.append(f"--- {log.name}\n" + log.read_text()[-3000:])
         return "\n".join(out)
 

@@ -23,6 +23,7 @@ import typer
 from services.autoscaler.config import AutoscalerConfig
 from services.cli.output import fail
 from services.cli.up_processes import Deployment, start_redis
+from services.cli.up_supervisor import Supervisor
 from services.gateway.config import GatewayConfig
 from services.rpc.health import wait_serving
 from services.rpc.processes import free_port
@@ -61,6 +62,8 @@ def up(
     slots_per_pool: int = typer.Option(0, "--slots-per-pool", min=0,
                                        help="Experts a pool may hold per layer (0: 25% more than the initial share)."),
     grpc_port: int = typer.Option(_G.grpc_port, "--grpc-port", min=0, max=65535, help=_help(GatewayConfig, "grpc_port")),
+    http_port: int = typer.Option(_G.http_port, "--http-port", min=-1, max=65535,
+                                  help=_help(GatewayConfig, "http_port")),
     redis_url: str = typer.Option(None, "--redis", help="Redis URL (default: start a private redis-server)."),
     dispatch_dtype: str = typer.Option(_G.dispatch_dtype, "--dispatch-dtype", help=_help(GatewayConfig, "dispatch_dtype")),
     cache_tokens: int = typer.Option(_G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")),
@@ -78,18 +81,25 @@ def up(
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
     model = _model_or_default(model, home)
-    if grpc_port == 0:
-        grpc_port = free_port()
-    elif _port_in_use(grpc_port):
-        fail(f"port {grpc_port} is in use (pass --grpc-port 0 for any free port)")
+    grpc_port = _port_or_free(grpc_port, "--grpc-port")
+    if http_port >= 0:
+        http_port = _port_or_free(http_port, "--http-port")
     try:
-        gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, dispatch_dtype=dispatch_dtype,
+        gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, http_port=http_port,
+                                dispatch_dtype=dispatch_dtype,
                                 cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s)
         autoscaler = AutoscalerConfig(autoscale_interval_s=autoscale_interval_s, load_window_s=load_window_s,
                                       rebalance_threshold=rebalance_threshold, pool_capacity=pool_capacity,
                                       rebalance_min_interval_s=rebalance_min_interval_s, max_pools=max_pools)
     except ValueError as exc:
         fail(str(exc))
+    if redis_url:
+        from services.cli.admin import RedisUnreachableError, check_redis
+
+        try:
+            check_redis(redis_url)
+        except RedisUnreachableError as exc:
+            fail(str(exc))
     layout = LocalLayout(pools, replicas_per_expert, slots_per_pool, start_timeout_s, autoscale)
     logs = home / "logs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -106,6 +116,15 @@ def _model_or_default(model: Path | None, home: Path) -> Path:
 
         write_random_model(model, preset_config("tiny"), seed=0)
     return model
+
+
+def _port_or_free(port: int, flag: str) -> int:
+    """The port a flag asks for (0: any free one), refused when something already listens there."""
+    if port == 0:
+        return free_port()
+    if _port_in_use(port):
+        fail(f"port {port} is in use (pass {flag} 0 for any free port)")
+    return port
 
 
 def _port_in_use(port: int) -> bool:
@@ -127,7 +146,8 @@ def run_deployment(home: Path, dep: Deployment, layout: LocalLayout, gateway: Ga
         state = start_services(dep, layout, gateway, autoscaler)
         (home / UP_STATE).write_text(json.dumps(state, indent=2))
         _print_endpoints(state)
-        supervise(dep, lambda: stopping)
+        Supervisor(dep, state["redis"], state["pools"], state["slots"], autoscaler.load_window_s,
+                   autoscaler.grace_s).run(lambda: stopping)
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"expertmesh: error: {exc}", err=True)
         dep.stop()
@@ -181,9 +201,10 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
                                  "--metrics-port", str(metrics["autoscaler"]), "--model", str(gateway.model),
                                  "--local-pools", "--pool-threads", str(pool_threads), "--log-dir", str(dep.logs),
                                  *to_argv(autoscaler)])
-    return {"pid": os.getpid(), "started": time.time(), "gateway": address, "redis": redis_url,
+    http = f"http://127.0.0.1:{gateway.http_port}/v1" if gateway.http_port >= 0 else None
+    return {"pid": os.getpid(), "started": time.time(), "gateway": address, "http": http, "redis": redis_url,
             "model": str(gateway.model), "dispatch_dtype": gateway.dispatch_dtype,
-            "pools": {p.pool_id: p.address for p in pool_list}, "placement_version": placement.version,
+            "pools": {p.pool_id: p.address for p in pool_list}, "slots": slots, "placement_version": placement.version,
             "logs": str(dep.logs),
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics.items()
                         if layout.autoscale or name != "autoscaler"}}
@@ -191,6 +212,8 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
 
 def _print_endpoints(state: dict) -> None:
     typer.echo(f"gateway  grpc://{state['gateway']}")
+    if state.get("http"):
+        typer.echo(f"http     {state['http']}")
     for pool_id, address in state["pools"].items():
         typer.echo(f"{pool_id:8} grpc://{address}")
     typer.echo(f"redis    {state['redis']}")
@@ -199,19 +222,3 @@ def _print_endpoints(state: dict) -> None:
     typer.echo(f"logs     {state['logs']}")
     typer.echo("ready (Ctrl-C stops everything)")
     sys.stdout.flush()
-
-
-def supervise(dep: Deployment, stopping) -> None:
-    """Until a signal: report children that exit; the gateway's or Redis's exit stops the deployment."""
-    reported: set[str] = set()
-    while not stopping():
-        for name in dep.dead():
-            if name in reported:
-                continue
-            reported.add(name)
-            if name in ("gateway", "redis"):
-                typer.echo(f"expertmesh: {dep.why_dead(name)}; stopping", err=True)
-                return
-            # a pool or the autoscaler: the gateway routes around dead pools; the autoscaler re-places
-            typer.echo(f"expertmesh: {dep.why_dead(name)}; the others keep serving", err=True)
-        time.sleep(0.2)

@@ -29,13 +29,19 @@ class Deployment:
     logs: Path
     gateway_drain_s: float = 60.0  # the gateway's --drain-timeout-s: its running requests get all of it
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    argv: dict[str, list[str]] = field(default_factory=dict)  # each child's command line, to restart it
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.log_of(name), "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=die_with_parent)
-        self.processes.append((name, proc))
+        self.processes = [(n, p) for n, p in self.processes if n != name] + [(name, proc)]
+        self.argv[name] = argv
         return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """The same command line again (same ports): a crashed child comes back where its clients look."""
+        return self.spawn(name, self.argv[name])
 
     def log_of(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -76,7 +82,9 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0) -> str:
     if binary is None:
         raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pass --redis URL")
     port = free_port()
-    dep.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    # an append-only file in the run's log folder: a restarted redis-server has the placement back
+    dep.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                        "--appendfsync", "always", "--dir", str(dep.logs), "--appendfilename", "redis.aof"])
     client = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + timeout_s
     while True:
