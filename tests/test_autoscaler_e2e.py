@@ -59,11 +59,14 @@ def _counts(up, placement):
 
 def _wait_counted(up, placement, since, pairs_per_layer):
     """The load counts once Redis holds `pairs_per_layer` more (token, expert) pairs in every layer than `since`."""
-    def counted():
-        counts = _counts(up, placement)
-        return counts if ((counts - since).sum(axis=1) >= pairs_per_layer).all() else None
+    seen = []
 
-    return wait_until(counted, 30, f"{pairs_per_layer} more routed pairs per layer in Redis")
+    def counted():
+        seen[:] = [_counts(up, placement)]
+        return bool(((seen[0] - since).sum(axis=1) >= pairs_per_layer).all())
+
+    wait_until(counted, 30, f"{pairs_per_layer} more routed pairs per layer in Redis")
+    return seen[0]
 
 
 def _prompts(n, seed):
@@ -88,8 +91,11 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
         before = first.balancedness({l: counts_before[i].tolist() for i, l in enumerate(first.layers)})
         wait_until(lambda: store.version() > first.version, 60, "the autoscaler to rebalance")
         rebalanced = up.wait_rolled_out()  # old replicas dropped after the rollout's grace
+        # what the wait's one-token requests added, flushed: the next counts are those of the load alone
+        up.settled_routed_pairs()
+        baseline = _counts(up, rebalanced)
         after_out = _load(up, prompts)
-        delta = _wait_counted(up, rebalanced, counts_before, pairs) - counts_before
+        delta = _wait_counted(up, rebalanced, baseline, pairs) - baseline
         after = rebalanced.balancedness({l: delta[i].tolist() for i, l in enumerate(rebalanced.layers)})
         print(f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
               f"(placement v{first.version} -> v{rebalanced.version})")

@@ -8,12 +8,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from services.autoscaler.service import Autoscaler, AutoscalerConfig
 from services.format.config import ModelConfig
 from services.state.load_store import RedisLoadStore
 from services.state.placement import Placement, Pool
 from services.state.placement_store import RedisPlacementStore
+
+pytestmark = pytest.mark.slow  # a real redis-server
 
 
 class RecordingActuator:

@@ -6,10 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from services.autoscaler.service import bootstrap
 from services.cli.pools_commands import pool_status
 from services.rpc.processes import free_port
 from services.state.placement_store import RedisPlacementStore
+
+pytestmark = pytest.mark.slow  # real pool processes and redis-server
 
 
 def test_bootstrap_spreads_experts_over_fresh_pools(redis_server, tiny_fp8):

@@ -85,6 +85,7 @@ def test_bad_arguments_one_line_error(model_dir, args, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # the CLI as a process of its own
 def test_console_script_error_has_no_traceback(model_dir):
     proc = subprocess.run([sys.executable, "-m", "services.cli.app", "generate", "--model", str(model_dir),
                            "--tokens", "5,99999"], capture_output=True, text=True)

@@ -137,6 +137,15 @@ def test_bad_generate_requests_are_invalid_argument(fp32_up, request_kwargs, mes
         assert ok[-1].finish_reason in ("length", "stop")
 
 
+def _pairs(rows, experts):
+    """ForwardRequest.pairs: [P, 2] INT32 (row of hidden, expert)."""
+    return wire.encode(torch.tensor([rows, experts], dtype=torch.int32).t())
+
+
+def _weights(weights):
+    return wire.encode(torch.tensor(weights, dtype=torch.float32))
+
+
 def _pool_call(address, request):
     with grpc.insecure_channel(address) as channel:
         return expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).Forward(request, timeout=30)
@@ -150,16 +159,16 @@ def test_malformed_batches_sent_to_a_pool(fp32_up, engine_tiny):
     layer, expert = placement.experts_on(pool_id)[0]
     not_held = next(e for e in range(16) if pool_id not in placement.pools_for(layer, e))
     h = wire.encode(torch.randn(2, 320))
-    good = dict(layer=layer, hidden=h, pair_token=[0, 1], pair_expert=[expert, expert], pair_weight=[0.5, 0.5])
+    good = dict(layer=layer, hidden=h, pairs=_pairs([0, 1], [expert, expert]), pair_weights=_weights([0.5, 0.5]))
     cases = [
         (dict(good, layer=0), grpc.StatusCode.INVALID_ARGUMENT, "not an MoE layer"),
         (dict(good, hidden=wire.encode(torch.randn(2, 100))), grpc.StatusCode.INVALID_ARGUMENT, "hidden"),
         (dict(good, hidden=expert_pool_pb2.ForwardRequest().hidden.__class__(dtype=1, shape=[2, 320], data=b"xx")),
          grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
-        (dict(good, pair_token=[0, 7]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        (dict(good, pair_weight=[0.5]), grpc.StatusCode.INVALID_ARGUMENT, "differ in length"),
-        (dict(good, pair_expert=[expert, 99]), grpc.StatusCode.INVALID_ARGUMENT, "expert 99"),
-        (dict(good, pair_expert=[expert, not_held]), grpc.StatusCode.FAILED_PRECONDITION, "does not hold"),
+        (dict(good, pairs=_pairs([0, 7], [expert, expert])), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (dict(good, pair_weights=_weights([0.5])), grpc.StatusCode.INVALID_ARGUMENT, "one per pair"),
+        (dict(good, pairs=_pairs([0, 1], [expert, 99])), grpc.StatusCode.INVALID_ARGUMENT, "expert 99"),
+        (dict(good, pairs=_pairs([0, 1], [expert, not_held])), grpc.StatusCode.FAILED_PRECONDITION, "does not hold"),
         (dict(good, hidden=wire.encode(torch.randn(2, 320).to(torch.float8_e4m3fn))), grpc.StatusCode.INVALID_ARGUMENT, "hidden_scale"),
     ]
     for kwargs, code, message in cases:
@@ -343,10 +352,11 @@ def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         n = 40000  # a long call (seconds on a CPU), so that it is seen in flight before it ends
         request = expert_pool_pb2.ForwardRequest(
-            layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)), pair_token=list(range(n)) * 2,
-            pair_expert=[0] * n + [1] * n, pair_weight=[0.5] * (2 * n), response_dtype=1)
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 28),
-                                                                 ("grpc.max_receive_message_length", 1 << 28)]) as channel:
+            layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)),
+            pairs=_pairs(list(range(n)) * 2, [0] * n + [1] * n),
+            pair_weights=_weights([0.5] * (2 * n)), response_dtype=1)
+        limits = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=limits) as channel:
             stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
             future = stub.Forward.future(request, timeout=60)
             # the pool is answering it: counted by the drain, which a stop waits for

@@ -67,14 +67,17 @@ def test_batched_logits_equal_single(engine_tiny):
         for s in seqs:
             cache.release(s)
     for row, ids in enumerate((a, b, c)):
-        single = engine_tiny.score(ids, top_k=1)[-1]
         seq = SequenceBlocks()
         try:
             alone = engine_tiny.model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)[0]
         finally:
             cache.release(seq)
         assert (mixed[row] - alone).abs().max().item() < 1e-4
-        assert single.token_id == ids[-1]
+        # score() over ids + [its top token] reads that token's logprob off the same logits
+        top = int(alone.argmax())
+        scored = engine_tiny.score(ids + [top], top_k=1)[-1]
+        assert scored.top[0][0] == top
+        assert abs(scored.logprob - alone.log_softmax(-1)[top].item()) < 1e-4
 
 
 def test_score_is_consistent_with_generate(engine_tiny):

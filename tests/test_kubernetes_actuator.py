@@ -23,6 +23,7 @@ from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseEle
 from services.autoscaler.service import bootstrap
 from services.rpc.processes import free_port
 from services.state.placement_store import RedisPlacementStore
+from tests.waiting import wait_until
 
 NS, STS = "serving", "demo-expertmesh-pools"
 
@@ -90,6 +91,7 @@ class FakeStatefulSetController:
             p.wait(10)
 
 
+@pytest.mark.slow  # real pool processes and redis-server
 def test_scale_up_then_drain_then_scale_down(kube, redis_server, tiny_fp8):
     apps = client.AppsV1Api(kube)
     apps.create_namespaced_stateful_set(NS, {
@@ -130,10 +132,12 @@ def test_leader_election_on_a_lease(kube):
     assert b.try_acquire() is False
     for _ in range(3):  # a keeps renewing: b never gets it
         time.sleep(0.4)
+        renewed = time.monotonic()
         assert a.try_acquire() is True
         assert b.try_acquire() is False
-    time.sleep(1.5)  # a stops renewing (crashed): the lease expires and b takes over
-    assert b.try_acquire() is True
+    # a stops renewing (crashed): the lease expires and b takes over, not before
+    wait_until(b.try_acquire, 30, "b to take over the expired lease")
+    assert time.monotonic() - renewed > 1
     assert a.try_acquire() is False
     lease = coordination.read_namespaced_lease("demo-expertmesh-autoscaler", NS)
     assert lease.spec.holder_identity == "autoscaler-b"

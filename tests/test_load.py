@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 import redis
 import torch
 from typer.testing import CliRunner
@@ -21,6 +22,7 @@ from tests.conftest import RedisServer
 LAYERS, E = [1, 2], 16
 
 
+@pytest.mark.slow  # a real redis-server
 def test_buckets_sum_over_the_window_and_expire(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     store = RedisLoadStore(client, LAYERS, E, bucket_s=5)
@@ -33,6 +35,7 @@ def test_buckets_sum_over_the_window_and_expire(redis_server):
     assert 0 < client.ttl(f"expertmesh:load:1:{int(now // 5)}") <= 3600
 
 
+@pytest.mark.slow  # a real redis-server
 def test_recorder_counts_routed_tokens_in_one_round_trip_per_flush(redis_server):
     store = RedisLoadStore.from_url(redis_server.url, LAYERS, E)
     recorder = LoadRecorder(store)
@@ -45,6 +48,7 @@ def test_recorder_counts_routed_tokens_in_one_round_trip_per_flush(redis_server)
     assert window[1, 3] == 1 and window[1, 7] == 1 and window.sum() == 8
 
 
+@pytest.mark.slow  # a real redis-server
 def test_recorder_buffers_through_an_outage_and_flushes_on_reconnect(redis_server):
     port = redis_server.port
     store = RedisLoadStore.from_url(redis_server.url, LAYERS, E)
@@ -80,6 +84,7 @@ def test_recorder_buffer_is_bounded(monkeypatch):
     assert recorder.buffered_buckets == 3 and recorder.dropped_buckets == 3
 
 
+@pytest.mark.slow  # a real redis-server
 def test_load_top_json(redis_server, tiny_fp8):
     cfg = ModelConfig.from_file(tiny_fp8)
     placement = Placement.spread(cfg, [Pool("pool-0", "a:1"), Pool("pool-1", "b:2")])
@@ -101,6 +106,7 @@ def test_load_top_json(redis_server, tiny_fp8):
     assert abs(out["balancedness"] - np.mean([65 / 80, 5 / 10])) < 1e-6
 
 
+@pytest.mark.slow  # a real redis-server
 def test_load_top_errors(redis_server):
     result = CliRunner().invoke(app, ["load", "top", "--redis", redis_server.url])
     assert result.exit_code == 2 and "no placement" in result.output
