@@ -273,3 +273,9 @@ def test_good_invocation_against_the_same_gateway(gateway, files):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["prompt_token_ids"] == [5, 17] and len(out["token_ids"]) == 2
+
+
+def test_stale_deployment_state_is_named(tmp_path):
+    """An up.json left by a deployment that was killed outright: the admin commands say it is gone."""
+    (tmp_path / "up.json").write_text('{"pid": 999999999, "started": 1700000000, "redis": "redis://127.0.0.1:1/0"}')
+    assert_one_line_error(run_cli(["placement", "show"], tmp_path), "no running deployment")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 from services.cli.output import fail
@@ -58,6 +59,18 @@ def resolve_redis(option: str | None, check: bool = True) -> str:
     return url
 
 
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _find_redis(option: str | None) -> str:
     from services.cli.up import state_dir  # here, so that up.py may import this module
 
@@ -68,11 +81,17 @@ def _find_redis(option: str | None) -> str:
     state = state_dir() / "up.json"
     if state.exists():
         try:
-            url = json.loads(state.read_text())["redis"]
+            saved = json.loads(state.read_text())
+            url = saved["redis"]
         except (OSError, ValueError, KeyError, TypeError):
             fail(f"{state} is malformed: pass --redis URL")
         if not isinstance(url, str) or not url:
             fail(f"{state} is malformed: pass --redis URL")
+        if not _alive(saved.get("pid")):
+            started = saved.get("started")
+            when = f" started at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
+            fail(f"no running deployment: the one `expertmesh up`{when} (pid {saved.get('pid')}) is gone; "
+                 "start one with `expertmesh up` or pass --redis URL")
         return url
     fail(f"no Redis: pass --redis URL, set {REDIS_ENV}, or start a deployment with `expertmesh up`")
     raise AssertionError  # fail() exits
