@@ -88,3 +88,46 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         partial = a2[:, lo:hi] @ bf[:, lo:hi].T  # [M, N]
         out += partial * a_s[:, j : j + 1] * b_s[None, :, j]
     return out.reshape(*a.shape[:-1], n).to(out_dtype)
+
+
+# ---- grouped (routed experts) ----------------------------------------------------------------------------------
+def _groups(counts: list[int], rows: list[int]):
+    """(stacked row, first row, end row) of each non-empty group."""
+    offset = 0
+    for count, row in zip(counts, rows):
+        if count:
+            yield row, offset, offset + count
+        offset += count
+
+
+def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     counts: list[int], rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of `a` [P, K] (e4m3, scales [P, ceil(K/128)]) sorted into groups: group g is the next counts[g] rows,
+    through stacked weight w[rows[g]] ([R, N, K] e4m3, scales [R, ceil(N/128), ceil(K/128)]). -> [P, N]."""
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
+    for row, lo, hi in _groups(counts, rows):
+        out[lo:hi] = fp8_gemm(a[lo:hi], a_scale[lo:hi], w[row], w_scale[row])
+    return out.to(out_dtype)
+
+
+def grouped_fp8_swiglu(a: torch.Tensor, a_scale: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor,
+                       up: torch.Tensor, up_scale: torch.Tensor, counts: list[int], rows: list[int],
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """silu(gate product) * up product per group, in fp32 from the fp32 accumulations. -> [P, I]."""
+    g = grouped_fp8_gemm(a, a_scale, gate, gate_scale, counts, rows)
+    u = grouped_fp8_gemm(a, a_scale, up, up_scale, counts, rows)
+    return (torch.nn.functional.silu(g) * u).to(out_dtype)
+
+
+def grouped_fp8_mlp(x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor, up: torch.Tensor,
+                    up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, counts: list[int],
+                    rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Routed experts' SwiGLU over x [P, H] (rows sorted by expert) -> [P, H], DeepSeek's inference path: x and the
+    down projection's input are quantized to e4m3 per token per 128 channels (act_quant); gate/up [R, I, H] and
+    down [R, H, I] are e4m3 stacks with 128x128 block scales; fp32 accumulation."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, down.shape[1], dtype=out_dtype)
+    a, a_scale = act_quant(x)
+    h = grouped_fp8_swiglu(a, a_scale, gate, gate_scale, up, up_scale, counts, rows)  # [P, I] fp32
+    h, h_scale = act_quant(h)
+    return grouped_fp8_gemm(h, h_scale, down, down_scale, counts, rows, out_dtype)
