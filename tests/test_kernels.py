@@ -144,7 +144,9 @@ def test_tile_schedule_covers_each_group_in_block_rows():
 def test_reference_grouped_mlp_is_close_to_the_float_experts():
     """What FP8 activations cost against dequantized weights in float32 (the CPU engine's experts)."""
     h, i, counts, rows = 200, 96, [5, 0, 9], [1, 0, 2]
-    (gate, gate_s), (up, up_s), (down, down_s) = _stack(3, i, h, 1.0, 1), _stack(3, i, h, 1.0, 2), _stack(3, h, i, 1.0, 3)
+    gate, gate_s = _stack(3, i, h, 1.0, 1)
+    up, up_s = _stack(3, i, h, 1.0, 2)
+    down, down_s = _stack(3, h, i, 1.0, 3)
     x = torch.randn(sum(counts), h)
     ours = reference.grouped_fp8_mlp(x, gate, gate_s, up, up_s, down, down_s, counts, rows)
     dq = lambda q, s, r: reference.weight_dequant(q[r], s[r])  # noqa: E731
