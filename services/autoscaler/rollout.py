@@ -19,6 +19,7 @@ from services.errors import PoolUnavailableError
 from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.state.placement import Placement
 from services.state.placement_store import RedisPlacementStore
+from services.rpc import tls
 
 DEFAULT_GRACE_S = 2.0
 
@@ -44,7 +45,7 @@ def diff(old: Placement, new: Placement) -> tuple[dict[str, set], dict[str, set]
 def _call(address: str, method: str, refs: set, timeout: float) -> None:
     request_type = expert_pool_pb2.LoadExpertsRequest if method == "LoadExperts" else expert_pool_pb2.UnloadExpertsRequest
     request = request_type(experts=[expert_pool_pb2.ExpertRef(layer=l, expert=e) for l, e in sorted(refs)])
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with tls.channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
         try:
             getattr(stub, method)(request, timeout=timeout)

@@ -28,6 +28,7 @@ from services.autoscaler.rollout import RolloutResult, rollout
 from services.errors import ExpertmeshError
 from services.autoscaler.config import AutoscalerConfig
 from services.settings import add_flags, from_flags
+from services.rpc import tls
 from services.rpc.health import is_serving
 from services.state.load_store import RedisLoadStore
 from services.rpc.metrics import AutoscalerMetrics, serve_metrics
@@ -195,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     ap.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    ap.add_argument("--tls-dir", help="mutual TLS to the pools: ca.crt, tls.crt, tls.key (default $EXPERTMESH_TLS_DIR)")
     add_flags(ap, AutoscalerConfig)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        tls.configure(args.tls_dir)
+    except ExpertmeshError as exc:
+        sys.exit(f"expertmesh autoscaler: {exc}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     config = from_flags(AutoscalerConfig, args)
     serve_metrics(args.metrics_port)

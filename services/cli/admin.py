@@ -7,6 +7,7 @@ import os
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+from services.cli.local_state import UP_STATE, state_dir
 from services.cli.output import fail
 from services.errors import ExpertmeshError
 
@@ -72,13 +73,12 @@ def _alive(pid) -> bool:
 
 
 def _find_redis(option: str | None) -> str:
-    from services.cli.up import state_dir  # here, so that up.py may import this module
 
     if option:
         return option
     if os.environ.get(REDIS_ENV):
         return os.environ[REDIS_ENV]
-    state = state_dir() / "up.json"
+    state = state_dir() / UP_STATE
     if state.exists():
         try:
             saved = json.loads(state.read_text())

@@ -13,7 +13,7 @@ PROG = "expertmesh"
 try:  # a Ctrl-C while the console script is still importing ends the same way as one during a command
     import typer
 
-    from services.cli import load_commands, model_commands, placement_commands, pools_commands, up
+    from services.cli import certs_commands, load_commands, model_commands, placement_commands, pools_commands, up
     from services.cli.output import EXIT_INTERRUPTED, EXIT_USAGE, error_line
 
     try:  # typer >= 0.20 carries its own copy of click
@@ -33,6 +33,7 @@ app.command("up")(up.up)
 app.add_typer(placement_commands.app, name="placement")
 app.add_typer(load_commands.app, name="load")
 app.add_typer(pools_commands.app, name="pools")
+app.add_typer(certs_commands.app, name="certs")
 app.command("rebalance")(placement_commands.rebalance)
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.errors import InvalidRequestError
 from services.rpc.grpc_server import CHANNEL_OPTIONS
+from services.rpc import tls
+from services.rpc.auth import API_KEY_ENV, bearer_metadata
 
 MODEL_INFO_TIMEOUT_S = 10.0
 # gRPC codes that mean the request (or the address) was wrong: exit 2, like every bad argument; the rest are
@@ -35,15 +39,17 @@ def rpc_error(target: str, exc: grpc.RpcError) -> tuple[str, int]:
 
 
 class GatewayClient:
-    def __init__(self, target: str, timeout_s: float = 300.0):
+    def __init__(self, target: str, timeout_s: float = 300.0, api_key: str | None = None):
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = tls.channel(target, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = bearer_metadata(api_key or os.environ.get(API_KEY_ENV, "").split(",")[0].strip() or None)
 
     def model_info(self) -> dict:
         """The served model's limits: {"vocab_size", "max_context", ...} (0 where the gateway does not say)."""
-        r = self.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=min(self.timeout_s, MODEL_INFO_TIMEOUT_S))
+        r = self.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=min(self.timeout_s, MODEL_INFO_TIMEOUT_S),
+                                   metadata=self.metadata)
         return {"model_dir": r.model_dir, "vocab_size": r.vocab_size, "max_context": r.max_context,
                 "num_hidden_layers": r.num_hidden_layers, "n_routed_experts": r.n_routed_experts,
                 "pools": list(r.pools), "dispatch_dtype": r.dispatch_dtype}
@@ -57,7 +63,7 @@ class GatewayClient:
             sampling.seed = seed
         request = gateway_pb2.GenerateRequest(text=text or "", token_ids=token_ids or [], sampling=sampling)
         prompt, tokens, text_out, reason = [], [], "", None
-        for msg in self.stub.Generate(request, timeout=self.timeout_s):
+        for msg in self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata):
             prompt = prompt or list(msg.prompt_token_ids)
             tokens.extend(msg.token_ids)
             text_out += msg.text
@@ -67,7 +73,7 @@ class GatewayClient:
     def score(self, text: str | None, token_ids: list[int] | None, top_k: int) -> dict:
         """-> the JSON object of `expertmesh score --json`."""
         r = self.stub.Score(gateway_pb2.ScoreRequest(text=text or "", token_ids=token_ids or [], top_k=top_k),
-                            timeout=self.timeout_s)
+                            timeout=self.timeout_s, metadata=self.metadata)
         return {"token_ids": list(r.token_ids), "positions": [
             {"token_id": p.token_id, "logprob": p.logprob if p.HasField("logprob") else None,
              "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in p.top]} for p in r.positions]}

@@ -135,6 +135,9 @@ def score(
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids, comma-separated."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Alternatives to list per position."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
+                                          help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
+    tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
 ) -> None:
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
     if (text is None) == (tokens is None):
@@ -149,7 +152,7 @@ def score(
                 check_against_model(ids, info["vocab_size"], info["max_context"], score_top_k=top_k)
                 return client.score(text, ids, top_k)
 
-            result = _remote(target, call)
+            result = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0, score_top_k=top_k)
             engine = _load_engine(model, as_json)
@@ -185,14 +188,18 @@ def _exit_code(exc: ExpertmeshError) -> int:
     return 1 if isinstance(exc, (PoolUnavailableError, CacheFullError)) else 2
 
 
-def _remote(target: str, call):
+def _remote(target: str, call, api_key: str | None = None, tls_dir: Path | None = None):
     """Run `call(client)` against a gateway; gRPC errors become one-line CLI errors naming the address."""
     import grpc
 
     from services.cli.gateway_client import GatewayClient, check_target, rpc_error
 
     check_target(target)
-    client = GatewayClient(target)
+    if tls_dir is not None:
+        from services.rpc import tls
+
+        tls.configure(tls_dir)
+    client = GatewayClient(target, api_key=api_key)
     try:
         return call(client)
     except grpc.RpcError as exc:
@@ -212,6 +219,9 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="0: no top-k cut."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
+                                          help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
+    tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
     if (prompt is None) == (tokens is None):
@@ -227,7 +237,7 @@ def generate(
                 check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
                 return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed)
 
-            out = _remote(target, call)
+            out = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0)
             engine = _load_engine(model, as_json)

@@ -19,7 +19,9 @@ def pool_status(address: str) -> dict:
 
     from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.rpc import tls
+
+    with tls.channel(address) as channel:
         try:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)

@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from services.autoscaler.config import AutoscalerConfig
+from services.cli.local_state import UP_STATE, state_dir
 from services.cli.output import fail
 from services.cli.up_processes import Deployment, start_redis
 from services.cli.up_supervisor import Supervisor
@@ -29,19 +30,11 @@ from services.rpc.health import wait_serving
 from services.rpc.processes import free_port
 from services.settings import to_argv
 
-UP_STATE = "up.json"
 _G, _A = GatewayConfig(), AutoscalerConfig()
 
 
 def _help(cls, name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
-
-
-def state_dir() -> Path:
-    base = os.environ.get("EXPERTMESH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "expertmesh")
-    path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclasses.dataclass
@@ -76,10 +69,19 @@ def up(
     autoscale_interval_s: float = typer.Option(_A.autoscale_interval_s, "--autoscale-interval-s", help=_help(AutoscalerConfig, "autoscale_interval_s")),
     load_window_s: float = typer.Option(_A.load_window_s, "--load-window-s", help=_help(AutoscalerConfig, "load_window_s")),
     pool_capacity: float = typer.Option(_A.pool_capacity, "--pool-capacity", min=0.0, help=_help(AutoscalerConfig, "pool_capacity")),
+    tls_dir: Path = typer.Option(None, "--tls-dir", help=_help(GatewayConfig, "tls_dir") + " Every service uses it."),
     max_pools: int = typer.Option(8, "--max-pools", min=1, help=_help(AutoscalerConfig, "max_pools")),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
+    if tls_dir is not None:
+        from services.errors import ExpertmeshError
+        from services.rpc import tls
+
+        try:
+            tls.configure(tls_dir.resolve())  # this process (health checks) and, through the environment, its children
+        except ExpertmeshError as exc:
+            fail(str(exc))
     model = _model_or_default(model, home)
     grpc_port = _port_or_free(grpc_port, "--grpc-port")
     if http_port >= 0:

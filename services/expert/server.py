@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    ap.add_argument("--tls-dir", help="mutual TLS: ca.crt, tls.crt, tls.key (default $EXPERTMESH_TLS_DIR)")
     args = ap.parse_args(argv)
+    from services.errors import ExpertmeshError
+    from services.rpc import tls
+
+    try:
+        tls.configure(args.tls_dir)
+    except ExpertmeshError as exc:
+        sys.exit(f"expertmesh pool: {exc}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if args.redis and RedisPlacementStore(args.redis).get() is None:
         experts = []  # a fresh cluster: the autoscaler's bootstrap (or a rollout) loads this pool's share

@@ -42,6 +42,8 @@ class GatewayConfig:
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
     api_key: str | None = setting(None, "API keys clients must send (comma-separated; default $EXPERTMESH_API_KEY; "
                                         "none: no authentication).")
+    tls_dir: Path | None = setting(None, "Mutual TLS for gRPC: a directory with ca.crt, tls.crt, tls.key (default "
+                                          "$EXPERTMESH_TLS_DIR; none: plain text).")
     drain_timeout_s: float = setting(60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused).")
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
 

@@ -10,9 +10,10 @@ import time
 
 import torch
 
-from services.errors import InvalidRequestError
+from services.errors import ExpertmeshError, InvalidRequestError
 from services.gateway.config import GatewayConfig
 from services.gateway.runtime import GatewayRuntime
+from services.rpc import tls
 from services.rpc.metrics import GatewayMetrics, serve_metrics
 from services.rpc.telemetry import setup_tracing
 from services.settings import add_flags, from_flags
@@ -61,6 +62,10 @@ async def serve(config: GatewayConfig, placement: Placement) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
+    try:
+        tls.configure(config.tls_dir)
+    except ExpertmeshError as exc:
+        sys.exit(f"expertmesh gateway: {exc}")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

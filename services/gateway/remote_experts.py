@@ -34,6 +34,7 @@ from services.math.routed_pairs import RoutedPairs
 from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.state.placement import Placement
 from services.rpc.telemetry import tracer
+from services.rpc import tls
 
 log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0
@@ -90,7 +91,7 @@ class RemoteExperts:
             self._dead_until = {p: t for p, t in self._dead_until.items() if p in placement.pools}
             for pool_id, pool in placement.pools.items():
                 if pool_id not in self._channels:
-                    self._channels[pool_id] = grpc.insecure_channel(pool.address, options=CHANNEL_OPTIONS)
+                    self._channels[pool_id] = tls.channel(pool.address, options=CHANNEL_OPTIONS)
                     # requests are serialized on the calling thread, before any call starts: the caller threads
                     # then hold the GIL only to hand bytes to grpc's core, not to build messages
                     self._forward[pool_id] = self._channels[pool_id].unary_unary(

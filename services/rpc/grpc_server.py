@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.rpc import tls
 from services.rpc.auth import ApiKeyInterceptor
 from services.rpc.draining import DrainingInterceptor
 from services.rpc.malformed import MalformedRequestInterceptor
@@ -38,7 +39,7 @@ class ManagedServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = tls.add_port(self.server, f"{host}:{port}")
         self.address = f"{host}:{self.port}"
         self._stop = asyncio.Event()
 

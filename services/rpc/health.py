@@ -8,10 +8,12 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.rpc import tls
+
 
 def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     """Whether the server at host:port answers SERVING for the whole server."""
-    with grpc.insecure_channel(address) as channel:
+    with tls.channel(address) as channel:
         try:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
         except grpc.RpcError:
