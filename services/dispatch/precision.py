@@ -8,6 +8,10 @@ at most bfloat16's rounding per weight: this trades that rounding for about half
 timings measured on the trained test model: BENCHMARKS.md, third session, "Pools compute fp8 and bf16 dispatch
 in bfloat16"). DeepSeek's own production path is coarser still (the down projection's input is re-quantized to
 e4m3).
+
+On CUDA, reduced-precision dispatch goes that way (`fp8_experts`): the experts stay e4m3 in GPU memory and run as
+block-scaled FP8 grouped GEMMs (kernels.grouped_fp8_mlp), the activations and the down projection's input
+quantized per token per 128 channels. fp32 dispatch stays exact there too (weights dequantized per call).
 """
 
 from __future__ import annotations
@@ -33,3 +37,9 @@ def reduced_compute_dtype(device_type: str = "cpu") -> torch.dtype:
 def compute_dtype(wire_dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
     """Activations sent as float32 are computed exactly; e4m3 and bfloat16 ones in the reduced dtype."""
     return torch.float32 if wire_dtype == torch.float32 else reduced_compute_dtype(device_type)
+
+
+def fp8_experts(device_type: str = "cpu") -> bool:
+    """Whether routed experts compute as block-scaled FP8 GEMMs (for reduced-precision dispatch) on this
+    hardware: on CUDA. On CPU the experts are dequantized once instead (no FP8 GEMM is faster there)."""
+    return device_type == "cuda"

@@ -1,6 +1,10 @@
 """Token-efficient expert compute: tokens grouped per expert, never a loop over all experts.
 
-The (token, slot) pairs are sorted by expert once. Three ways to run the groups, same math:
+On CUDA (reduced-precision dispatch) the experts stay FP8: the pairs are sorted by expert on the host and the
+whole layer runs as block-scaled FP8 grouped GEMMs over the layer's e4m3 stack (`Fp8Experts`,
+kernels.grouped_fp8_mlp: three Triton launches whatever the number of experts). Elsewhere the weights are
+dense in the compute dtype. The (token, slot) pairs are sorted by expert once. Three ways to run the groups, same
+math:
   * per active expert: SwiGLU on its contiguous slice (few active experts, or very uneven groups);
   * where torch has no packed CPU GEMM (CUDA): one batched matmul over a layer's stacked expert weights,
     groups zero-padded to the largest (decode: most experts active with a few tokens each, where per-expert
@@ -21,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+import kernels
 from services.errors import ExpertNotHeldError
 from services.math.layers import swiglu
 from services.math.packed_linear import Linear, packing_available
@@ -59,12 +64,34 @@ class StackedExperts:
                    Linear(down.permute(1, 0, 2).reshape(h, r * i), pack=True, keep_plain=False))
 
 
+@dataclass
+class Fp8Experts:
+    """One layer's held experts as e4m3 stacks with their 128x128 block scales: row r holds expert `experts[r]`."""
+
+    row_of_expert: torch.Tensor  # [E] int64 on the host, -1 where the expert is not held
+    gate: torch.Tensor  # [R, I, H] e4m3
+    gate_scale: torch.Tensor  # [R, ceil(I/128), ceil(H/128)] fp32
+    up: torch.Tensor  # [R, I, H] e4m3
+    up_scale: torch.Tensor
+    down: torch.Tensor  # [R, H, I] e4m3
+    down_scale: torch.Tensor  # [R, ceil(H/128), ceil(I/128)] fp32
+
+    def mlp(self, x_sorted: torch.Tensor, counts: list[int], rows: list[int]) -> torch.Tensor:
+        """x_sorted [P, H] sorted by expert (counts[g] rows through stack row rows[g]) -> [P, H] fp32."""
+        return kernels.grouped_fp8_mlp(x_sorted, self.gate, self.gate_scale, self.up, self.up_scale, self.down,
+                                       self.down_scale, counts, rows, torch.float32)
+
+
 class ExpertWeightsSource(Protocol):
     def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> gate_up [2I, H], down [H, I]."""
         ...
 
     def stacked(self) -> StackedExperts | None:
+        ...
+
+    def fp8(self) -> Fp8Experts | None:
+        """The FP8 stack, when this source computes its experts as FP8 GEMMs."""
         ...
 
 
@@ -79,6 +106,10 @@ def grouped_pairs_forward(hidden: torch.Tensor, pairs: RoutedPairs, weights: Exp
     """The same over flat (token, expert, weight) pairs (a pool's share of a batch): hidden [N, H] -> [N, H]."""
     if len(pairs) == 0:
         return torch.zeros_like(hidden)
+    fp8 = weights.fp8() if hasattr(weights, "fp8") else None
+    if fp8 is not None:
+        return _fp8_grouped(hidden, pairs, fp8, num_experts)
+    pairs = _on(pairs, hidden.device)
     counts = torch.bincount(pairs.expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
@@ -152,3 +183,26 @@ def _batched(x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch
     gate, up = torch.bmm(x_pad, stacked.gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [R, cap, I] each
     y_pad = torch.bmm(F.silu(gate) * up, stacked.down.transpose(1, 2))  # [R, cap, H]
     return y_pad[rows, pos]  # [P, H]
+
+
+def _on(pairs: RoutedPairs, device: torch.device) -> RoutedPairs:
+    if pairs.token.device == device and pairs.expert.device == device and pairs.weight.device == device:
+        return pairs
+    return RoutedPairs(pairs.token.to(device), pairs.expert.to(device), pairs.weight.to(device))
+
+
+def _fp8_grouped(hidden: torch.Tensor, pairs: RoutedPairs, stack: Fp8Experts, num_experts: int) -> torch.Tensor:
+    """The pairs sorted by expert on the host (one small copy when routing comes from a GPU), the groups through
+    the FP8 grouped GEMMs on the device, the weighted outputs summed per token in fp32."""
+    expert = pairs.expert.cpu()  # [P]
+    counts = torch.bincount(expert, minlength=num_experts)  # [E]
+    active = torch.nonzero(counts).flatten()  # [G] ascending: the sorted pairs' group order
+    rows = stack.row_of_expert[active]  # [G]
+    if bool((rows < 0).any()):
+        raise ExpertNotHeldError(f"expert {int(active[rows < 0][0])} is not held here")
+    order = expert.argsort(stable=True).to(hidden.device)  # [P]
+    token = pairs.token.to(hidden.device)[order]  # [P]
+    weight = pairs.weight.to(hidden.device, torch.float32)[order]  # [P]
+    y = stack.mlp(hidden[token], counts[active].tolist(), rows.tolist())  # [P, H] fp32
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    return out.index_add_(0, token, y * weight[:, None]).to(hidden.dtype)

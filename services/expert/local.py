@@ -23,7 +23,7 @@ class LocalExperts:
                 done += 1
                 if progress:
                     progress(done, total)
-            store.stacked(layer)
+            store.prepare(layer)
         return cls(store)
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor):

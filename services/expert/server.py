@@ -27,6 +27,7 @@ from services.rpc.metrics import PoolMetrics, serve_metrics
 from services.rpc.telemetry import setup_tracing, tracer
 from services.expert.grouped import grouped_pairs_forward
 from services.expert.store import ExpertStore, LayerWeights
+from services.math.device import DEVICE_CHOICES, DEVICE_HELP, DeviceUnavailableError, resolve_device
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
@@ -58,8 +59,8 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             span.set_attribute("expertmesh.layer", batch.layer)
             span.set_attribute("expertmesh.tokens", batch.hidden.shape[0])
             span.set_attribute("expertmesh.pairs", n_pairs)
-            args = (batch.hidden, batch.pairs, LayerWeights(self.store, batch.layer, batch.hidden.dtype),
-                    self.cfg.n_routed_experts)
+            args = (batch.hidden.to(self.store.device), batch.pairs,
+                    LayerWeights(self.store, batch.layer, batch.hidden.dtype), self.cfg.n_routed_experts)
             if n_pairs <= INLINE_MAX_PAIRS and not self._managing:
                 out = grouped_pairs_forward(*args)
             else:
@@ -125,14 +126,17 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         for layer, expert in refs:
             self.store.load(layer, expert)
         for layer in sorted({l for l, _ in refs}):  # for fp8 dispatch (the default); float32 ones on first use
-            self.store.stacked(layer, reduced_compute_dtype(self.store.device.type))
+            self.store.prepare(layer, reduced_compute_dtype(self.store.device.type))
         self._held_metrics()
 
 
 async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                     port: int = 0, metrics: PoolMetrics | None = None) -> tuple[ManagedServer, ExpertPoolServicer]:
-    """Bind, report NOT_SERVING, load the assigned experts, then report SERVING."""
-    store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True)
+                     port: int = 0, metrics: PoolMetrics | None = None,
+                     device: str = "cpu") -> tuple[ManagedServer, ExpertPoolServicer]:
+    """Bind, report NOT_SERVING, load the assigned experts, then report SERVING. `device` (cpu, cuda, auto) is
+    resolved first: asking for a missing GPU fails before anything binds. On cuda the experts stay FP8."""
+    store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True,
+                        device=resolve_device(device))
     servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
@@ -144,11 +148,11 @@ async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int
 
 
 async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                port: int = 0, metrics_port: int = 0) -> None:
+                port: int = 0, metrics_port: int = 0, device: str = "cpu") -> None:
     setup_tracing(f"expertmesh-pool-{pool_id}")
     metrics = PoolMetrics()
     serve_metrics(metrics_port, host)
-    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port, metrics)
+    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port, metrics, device)
     managed.stop_on_signals()
     print(f"READY {managed.address}", flush=True)
     await managed.wait_for_stop()
@@ -156,10 +160,11 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
 
 
 def pool_argv(model_dir: str | Path, pool_id: str, redis_url: str, port: int, threads: int = 1,
-              metrics_port: int = 0) -> list[str]:
+              metrics_port: int = 0, device: str = "auto") -> list[str]:
     """The command line of a local pool process (for `expertmesh up` and the local actuator)."""
     return [sys.executable, "-m", "services.expert.server", "--model", str(model_dir), "--pool-id", pool_id,
-            "--redis", redis_url, "--port", str(port), "--threads", str(threads), "--metrics-port", str(metrics_port)]
+            "--redis", redis_url, "--port", str(port), "--threads", str(threads), "--metrics-port", str(metrics_port),
+            *(["--device", device] if device != "auto" else [])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     ap.add_argument("--tls-dir", help="mutual TLS: ca.crt, tls.crt, tls.key (default $EXPERTMESH_TLS_DIR)")
+    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                    help=DEVICE_HELP + " On cuda the routed experts stay FP8 (block-scaled FP8 grouped GEMMs).")
     args = ap.parse_args(argv)
+    try:
+        resolve_device(args.device)  # a missing GPU is a one-line startup error, before Redis is read
+    except DeviceUnavailableError as exc:
+        sys.exit(f"expertmesh pool: {exc}")
     from services.errors import ExpertmeshError
     from services.rpc import tls
 
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         except InvalidRequestError as exc:
             sys.exit(f"expertmesh pool: {exc}")
     torch.set_num_threads(max(1, args.threads))
-    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port, args.metrics_port))
+    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port, args.metrics_port, args.device))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ matmul itself there).
 
 Compute forms are kept per compute dtype, each built on first use: the store's `dtype` (float32: exact) and, in
 a pool serving reduced-precision dispatch, `services.dispatch.precision.reduced_compute_dtype()`.
+
+On CUDA (`services.dispatch.precision.fp8_experts`) no dense copy is ever kept: reduced-precision compute runs
+on a per-layer FP8 stack (`Fp8Experts`) whose rows the experts' own weights then view (one copy in GPU memory;
+rebuilt when the layer's experts change), and float32 compute dequantizes per call.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from services.format.checkpoint import CheckpointReader
 from services.errors import ExpertNotHeldError, InvalidRequestError
 from services.format.tensor_names import expert_specs
 from services.format.weights import LinearWeight, read_linear
-from services.expert.grouped import StackedExperts
+from services.dispatch.precision import fp8_experts
+from services.expert.grouped import Fp8Experts, StackedExperts
 
 
 @dataclass
@@ -38,13 +43,17 @@ class ExpertWeights:
 
 class ExpertStore:
     def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32, cache_dense: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", fp8_compute: bool | None = None):
+        """`fp8_compute`: reduced-precision compute as FP8 grouped GEMMs (default: on CUDA; on CPU the torch
+        references run, for tests). A CUDA store never keeps dense copies, whatever `cache_dense` says."""
         self.reader = reader
         self.cfg = reader.config
         self.dtype = dtype
-        self.cache_dense = cache_dense
         self.device = torch.device(device)
+        self.cache_dense = cache_dense and self.device.type != "cuda"
+        self.fp8_compute = fp8_experts(self.device.type) if fp8_compute is None else fp8_compute
         self._fp8: dict[tuple[int, int], ExpertWeights] = {}
+        self._fp8_stacks: dict[int, Fp8Experts] = {}  # layer -> its held experts' e4m3 stack
         self._dense: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._stacks: dict[tuple[int, torch.dtype], StackedExperts] = {}  # (layer, compute dtype) -> stack
 
@@ -69,21 +78,25 @@ class ExpertStore:
         return self._fp8[key]
 
     def unload(self, layer: int, expert: int) -> None:
+        restack = layer in self._fp8_stacks  # the others view the old stack: re-stack them now to free its memory
         self._fp8.pop((layer, expert), None)
         self._drop_compute_forms(layer, expert)
+        if restack:
+            self.fp8_stacked(layer)
 
     def _drop_compute_forms(self, layer: int, expert: int) -> None:
         for key in [k for k in self._dense if k[:2] == (layer, expert)]:
             del self._dense[key]
         for key in [k for k in self._stacks if k[0] == layer]:
             del self._stacks[key]
+        self._fp8_stacks.pop(layer, None)
 
     def loaded(self) -> list[tuple[int, int]]:
         return sorted(self._fp8)
 
     def held_mask(self, layer: int) -> torch.Tensor:
         """[E] bool: which experts of `layer` this store holds (from the layer's stack when one is built)."""
-        stack = next((v for k, v in self._stacks.items() if k[0] == layer), None)
+        stack = self._fp8_stacks.get(layer) or next((v for k, v in self._stacks.items() if k[0] == layer), None)
         if stack is not None:
             return stack.row_of_expert >= 0
         mask = torch.zeros(self.cfg.n_routed_experts, dtype=torch.bool)
@@ -127,6 +140,38 @@ class ExpertStore:
                 self._dense.pop((layer, e, dtype), None)
         return self._stacks[(layer, dtype)]
 
+    def uses_fp8(self, dtype: torch.dtype | None = None) -> bool:
+        """Whether compute in `dtype` runs as FP8 grouped GEMMs (reduced precision with `fp8_compute`)."""
+        return self.fp8_compute and (dtype or self.dtype) != torch.float32
+
+    def prepare(self, layer: int, dtype: torch.dtype | None = None) -> None:
+        """Build the layer's compute form for `dtype` now rather than on the first batch."""
+        if self.uses_fp8(dtype):
+            self.fp8_stacked(layer)
+        else:
+            self.stacked(layer, dtype)
+
+    def fp8_stacked(self, layer: int) -> Fp8Experts | None:
+        """The layer's held experts as one e4m3 stack (None when it holds none); each expert's weights become views
+        of its row, so the FP8 bytes are held once."""
+        if layer not in self._fp8_stacks:
+            held = [e for (l, e) in sorted(self._fp8) if l == layer]
+            if not held:
+                return None
+            row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
+            row_of_expert[held] = torch.arange(len(held))
+            experts = [self._fp8[(layer, e)] for e in held]
+            pieces = []
+            for name in ("gate", "up", "down"):
+                linears = [getattr(w, name) for w in experts]
+                weight = torch.stack([lw.weight for lw in linears])
+                scale = torch.stack([lw.scale_inv for lw in linears])
+                for r, lw in enumerate(linears):
+                    lw.weight, lw.scale_inv = weight[r], scale[r]
+                pieces += [weight, scale]
+            self._fp8_stacks[layer] = Fp8Experts(row_of_expert, *pieces)
+        return self._fp8_stacks[layer]
+
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self._fp8.values())
 
@@ -141,4 +186,7 @@ class LayerWeights:
         return self.store.compute_weights(self.layer, expert, self.dtype)
 
     def stacked(self) -> StackedExperts | None:
-        return self.store.stacked(self.layer, self.dtype)
+        return None if self.store.uses_fp8(self.dtype) else self.store.stacked(self.layer, self.dtype)
+
+    def fp8(self) -> Fp8Experts | None:
+        return self.store.fp8_stacked(self.layer) if self.store.uses_fp8(self.dtype) else None

@@ -18,6 +18,7 @@ from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS
 from services.gateway.requests import PositionScore, Request
 from services.gateway.sampling import SamplingParams
 from services.gateway.serving import ServingCore
+from services.math.device import resolve_device, serving_dtype
 
 __all__ = ["Engine", "Generation", "PositionScore"]
 
@@ -36,11 +37,17 @@ class Engine:
         self.scheduler, self.tokenizer, self.max_context = core.scheduler, core.tokenizer, core.max_context
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+    def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                 absorb: bool = True, cache_dense_experts: bool = True, progress=None, **core_options) -> "Engine":
+                 absorb: bool = True, cache_dense_experts: bool = True, progress=None,
+                 fp8_experts: bool | None = None, **core_options) -> "Engine":
+        """`device`: cpu, cuda or auto (services.math.device); `dtype` defaults to the device's serving dtype
+        (float32 on cpu, bfloat16 on cuda, where the experts stay FP8: `fp8_experts`, see ExpertStore)."""
         core_options.setdefault("max_waiting", 1 << 40)  # in process the caller holds every prompt already
-        store = ExpertStore(CheckpointReader(model_dir), dtype=dtype, cache_dense=cache_dense_experts, device=device)
+        device = resolve_device(device)
+        dtype = dtype or serving_dtype(device)
+        store = ExpertStore(CheckpointReader(model_dir), dtype=dtype, cache_dense=cache_dense_experts, device=device,
+                            fp8_compute=fp8_experts)
         experts = LocalExperts.load_all(store, progress=progress and (lambda d, t: progress("experts", d, t)))
         core = ServingCore.from_dir(model_dir, experts, dtype=dtype, device=device, cache_tokens=cache_tokens,
                                     block_size=block_size, absorb=absorb,
