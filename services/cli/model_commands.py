@@ -114,14 +114,28 @@ def _model_vocab(model: Path) -> int:
         raise InvalidRequestError(f"{model / 'config.json'}: malformed ({type(exc).__name__}: {exc})") from None
 
 
-def _load_engine(model: Path, quiet: bool):
-    """The in-process engine; a missing, truncated or corrupt checkpoint is an ExpertmeshError naming the file."""
+def _load_engine(model: Path, quiet: bool, device: str = "auto"):
+    """The in-process engine; a missing, truncated or corrupt checkpoint is an ExpertmeshError naming the file, a
+    missing GPU (--device cuda) a DeviceUnavailableError naming the flag (before any weight is read)."""
     if not model.is_dir():
         fail(f"no model directory at {model}")
     from services.gateway.engine import Engine
 
     with progress_reporter(not quiet) as progress:
-        return Engine.from_dir(model, progress=progress)
+        return Engine.from_dir(model, device=device, progress=progress)
+
+
+DEVICE_OPTION_HELP = "With --model: where to compute, auto (cuda when torch sees a GPU), cpu or cuda."
+
+
+def check_device_option(device: str, target: Optional[str]) -> None:
+    """A known device name, and none asked of a gateway (it computes where its own --device says)."""
+    from services.math.device import check_device_name
+
+    check_device_name(device)
+    if target and device != "auto":
+        raise InvalidRequestError("--device applies to --model (in process); a gateway computes where its own "
+                                  "--device says")
 
 
 def _engine_limits(engine) -> tuple[int, int]:
@@ -138,12 +152,14 @@ def score(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
                                           help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
     tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
     if (text is None) == (tokens is None):
         fail("give exactly one of --text and --tokens")
     _one_backend(model, target)
     try:
+        check_device_option(device, target)
         ids = parse_token_ids(tokens) if tokens is not None else None
         check_not_empty(text)
         if target:
@@ -155,7 +171,7 @@ def score(
             result = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0, score_top_k=top_k)
-            engine = _load_engine(model, as_json)
+            engine = _load_engine(model, as_json, device)
             ids = engine.encode(text) if ids is None else ids
             check_against_model(ids, *_engine_limits(engine), score_top_k=top_k)
             result = score_json(ids, engine.score(ids, top_k=top_k))
@@ -222,12 +238,14 @@ def generate(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
                                           help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
     tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
     if (prompt is None) == (tokens is None):
         fail("give exactly one of PROMPT and --tokens")
     _one_backend(model, target)
     try:
+        check_device_option(device, target)
         ids = parse_token_ids(tokens) if tokens is not None else None
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
@@ -240,7 +258,7 @@ def generate(
             out = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0)
-            engine = _load_engine(model, as_json)
+            engine = _load_engine(model, as_json, device)
             from services.gateway.sampling import SamplingParams  # torch: only once a model is to be run
 
             ids = engine.encode(prompt) if ids is None else ids

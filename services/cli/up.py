@@ -71,6 +71,7 @@ def up(
     pool_capacity: float = typer.Option(_A.pool_capacity, "--pool-capacity", min=0.0, help=_help(AutoscalerConfig, "pool_capacity")),
     tls_dir: Path = typer.Option(None, "--tls-dir", help=_help(GatewayConfig, "tls_dir") + " Every service uses it."),
     max_pools: int = typer.Option(8, "--max-pools", min=1, help=_help(AutoscalerConfig, "max_pools")),
+    device: str = typer.Option(_G.device, "--device", help=_help(GatewayConfig, "device") + " The pools too."),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
@@ -89,7 +90,8 @@ def up(
     try:
         gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, http_port=http_port,
                                 dispatch_dtype=dispatch_dtype,
-                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s)
+                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s,
+                                device=_checked_device(device))
         autoscaler = AutoscalerConfig(autoscale_interval_s=autoscale_interval_s, load_window_s=load_window_s,
                                       rebalance_threshold=rebalance_threshold, pool_capacity=pool_capacity,
                                       rebalance_min_interval_s=rebalance_min_interval_s, max_pools=max_pools)
@@ -106,6 +108,18 @@ def up(
     logs = home / "logs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     run_deployment(home, Deployment(logs, gateway_drain_s=drain_timeout_s), layout, gateway, autoscaler)
+
+
+def _checked_device(device: str) -> str:
+    """A missing GPU (--device cuda) is refused before anything starts; auto and cpu cannot fail."""
+    if device == "cuda":
+        from services.math.device import DeviceUnavailableError, resolve_device
+
+        try:
+            resolve_device(device)
+        except DeviceUnavailableError as exc:
+            fail(str(exc))
+    return device
 
 
 def _model_or_default(model: Path | None, home: Path) -> Path:
@@ -187,7 +201,7 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
     metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
     for pool in pool_list:
         dep.spawn(pool.pool_id, pool_argv(gateway.model, pool.pool_id, redis_url, int(pool.address.rsplit(":", 1)[1]),
-                                          pool_threads, metrics[pool.pool_id]))
+                                          pool_threads, metrics[pool.pool_id], gateway.device))
     gateway = dataclasses.replace(gateway, redis=redis_url, threads=gateway_threads, metrics_port=metrics["gateway"])
     dep.spawn("gateway", [sys.executable, "-m", "services.gateway.main", *to_argv(gateway)])
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.dispatch import DISPATCH_DTYPES
+from services.math.device import DEVICE_CHOICES, DEVICE_HELP
 from services.settings import setting
 
 DEFAULT_CACHE_TOKENS = 32768
@@ -46,6 +47,8 @@ class GatewayConfig:
                                           "$EXPERTMESH_TLS_DIR; none: plain text).")
     drain_timeout_s: float = setting(60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused).")
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
+    device: str = setting("auto", DEVICE_HELP + " On cuda the gateway computes in bfloat16 (FP8 projections "
+                                                "dequantized at load).", choices=DEVICE_CHOICES)
 
     @property
     def model_name(self) -> str:
@@ -60,3 +63,5 @@ class GatewayConfig:
             raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype must be one of {', '.join(DISPATCH_DTYPES)}, got {self.dispatch_dtype!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")

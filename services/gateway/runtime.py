@@ -22,6 +22,7 @@ from services.gateway.http_app import HttpFrontEnd
 from services.gateway.openai_serving import OpenAIServing
 from services.gateway.remote_experts import RemoteExperts
 from services.gateway.serving import ServingCore
+from services.math.device import experts_on, on_host, resolve_device, serving_dtype
 from services.rpc.auth import parse_keys
 from services.rpc.grpc_server import ManagedServer
 from services.rpc.health import wait_serving
@@ -155,6 +156,7 @@ class GatewayRuntime:
         The gateway process requires its HTTP port (`require_http`); in-process harnesses that start gateways
         with only grpc_port=0 chosen get no HTTP front end when the default port is taken."""
         cfg = ModelConfig.from_file(config.model)
+        device = resolve_device(config.device)  # a missing GPU fails here, naming --device, before anything binds
         managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s,
                                 api_keys=parse_keys(config.api_key))
         http = start_http(config, metrics, require_http)
@@ -171,8 +173,9 @@ class GatewayRuntime:
             follower = PlacementFollower(RedisPlacementStore(config.redis), experts).start()
             recorder = LoadRecorder(RedisLoadStore.from_url(config.redis, cfg.moe_layers, cfg.n_routed_experts)).start()
         core = await asyncio.to_thread(
-            ServingCore.from_dir, config.model, experts, cache_tokens=config.cache_tokens, block_size=config.block_size,
-            routing_observer=recorder.observe if recorder else None, max_step_tokens=config.max_step_tokens,
+            ServingCore.from_dir, config.model, experts_on(experts, device), device=device, dtype=serving_dtype(device),
+            cache_tokens=config.cache_tokens, block_size=config.block_size,
+            routing_observer=on_host(recorder.observe) if recorder else None, max_step_tokens=config.max_step_tokens,
             max_running=config.max_running, max_waiting=config.max_waiting, micro_batches=config.micro_batches,
             before_step=follower.apply_pending if follower else None)
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)

@@ -55,3 +55,28 @@ def serving_dtype(device: torch.device) -> torch.dtype:
     import torch
 
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class HostExperts:
+    """An experts backend that takes host tensors (remote experts encode for the wire on the host), for a model on
+    another device: each MoE layer's activations and routing go to the host once, the partial sums come back."""
+
+    def __init__(self, backend, device: torch.device):
+        self.backend, self.device = backend, device
+
+    def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor):
+        pending = self.backend.start(layer, hidden.cpu(), topk_idx.cpu(), topk_w.cpu())
+        return lambda: pending().to(self.device, hidden.dtype)
+
+    def __getattr__(self, name: str):  # the rest (placement, counters, close) is the backend's
+        return getattr(self.backend, name)
+
+
+def experts_on(backend, device: torch.device):
+    """`backend` (which takes host tensors) for a model on `device`."""
+    return backend if device.type == "cpu" else HostExperts(backend, device)
+
+
+def on_host(fn):
+    """`fn` (which reads host tensors, e.g. the load recorder's numpy counts) called with its tensors on the host."""
+    return lambda *args: fn(*(a.cpu() if hasattr(a, "cpu") else a for a in args))
