@@ -8,7 +8,8 @@
 
 - With an actuator (Kubernetes: `kubernetes_actuator.py`) and a pool capacity, utilisation (routed tokens/s per
   pool over the capacity) above or below thresholds for `scale_patience` ticks asks for one pool more or
-  fewer, within [min_pools, max_pools]. With an elector, only the Lease holder acts.
+  fewer, within [min_pools, max_pools]. With an elector, only the Lease holder acts: it ticks only while it
+  leads, and every placement publish and StatefulSet patch checks leadership again right before it goes out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import numpy as np
 
 from services.autoscaler.actuation import without_pools
+from services.autoscaler.leadership import LeaderOnlyStore
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.errors import ExpertmeshError
@@ -46,7 +48,8 @@ class Autoscaler:
         self.actuator = actuator
         self.elector = elector
         self._pressure = 0  # consecutive ticks above (+) or below (-) the utilisation thresholds
-        self.store = RedisPlacementStore(redis_url)
+        store = RedisPlacementStore(redis_url)
+        self.store = LeaderOnlyStore(store, elector) if elector is not None else store
         self.redis_url = redis_url
         self.last_rebalance = float("-inf")
         self.rebalances = 0
@@ -146,7 +149,7 @@ class Autoscaler:
         while True:
             started = time.monotonic()
             try:
-                if self.elector is None or self.elector.try_acquire():
+                if self.elector is None or self.elector.is_leader():  # renewed on the elector's own thread
                     self.tick()
             except Exception:  # noqa: BLE001 - Redis or a pool away: try again next interval
                 log.exception("autoscaler tick failed")
@@ -195,10 +198,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lease", help="the Lease for leader election (with --kubernetes)")
     ap.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     ap.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()))
+    ap.add_argument("--host", default="127.0.0.1", help="address /metrics listens on (0.0.0.0 in a pod)")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     ap.add_argument("--tls-dir", help="mutual TLS to the pools: ca.crt, tls.crt, tls.key (default $EXPERTMESH_TLS_DIR)")
     add_flags(ap, AutoscalerConfig)
     return ap
+
+
+def _kubernetes(args, config: AutoscalerConfig):
+    """In a cluster: the elector (renewing on its own thread from now on) and the StatefulSet actuator."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseElector
+
+    kube_config.load_incluster_config()
+    elector = LeaseElector(client.CoordinationV1Api(), args.namespace, args.lease or "expertmesh-autoscaler",
+                           args.identity).start()
+    actuator = KubernetesActuator(client.AppsV1Api(), args.namespace, args.statefulset,
+                                  LeaderOnlyStore(RedisPlacementStore(args.redis), elector),
+                                  lambda i: args.pool_id_template.format(i=i),
+                                  lambda i: args.pool_address_template.format(i=i), config.load_window_s,
+                                  config.grace_s, leadership=elector)
+    return actuator, elector
+
+
+def _bootstrap(args, elector) -> None:
+    """Only the leader bootstraps; the others wait until it has (or until they lead)."""
+    if not args.model:
+        sys.exit("expertmesh autoscaler: --bootstrap-pools needs --model")
+    store = RedisPlacementStore(args.redis)
+    while elector is not None and not elector.is_leader():
+        if store.get() is not None:
+            return
+        time.sleep(1.0)
+    pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
+             for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
+    store = LeaderOnlyStore(store, elector) if elector is not None else store
+    bootstrap(store, args.model, pools, args.slots_per_pool, args.replicas_per_expert)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,25 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"expertmesh autoscaler: {exc}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     config = from_flags(AutoscalerConfig, args)
-    serve_metrics(args.metrics_port)
+    serve_metrics(args.metrics_port, args.host)
     actuator = elector = None
     if args.kubernetes:
-        from kubernetes import client, config as kube_config
-
-        from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseElector
-
-        kube_config.load_incluster_config()
-        elector = LeaseElector(client.CoordinationV1Api(), args.namespace, args.lease or "expertmesh-autoscaler",
-                               args.identity)
-        actuator = KubernetesActuator(client.AppsV1Api(), args.namespace, args.statefulset,
-                                      RedisPlacementStore(args.redis), lambda i: args.pool_id_template.format(i=i),
-                                      lambda i: args.pool_address_template.format(i=i), config.load_window_s, config.grace_s)
+        actuator, elector = _kubernetes(args, config)
     if args.bootstrap_pools:
-        if not args.model:
-            sys.exit("expertmesh autoscaler: --bootstrap-pools needs --model")
-        pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
-                 for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
-        bootstrap(RedisPlacementStore(args.redis), args.model, pools, args.slots_per_pool, args.replicas_per_expert)
+        _bootstrap(args, elector)
     if args.local_pools:
         if not args.model:
             sys.exit("expertmesh autoscaler: --local-pools needs --model")
