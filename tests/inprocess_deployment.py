@@ -44,4 +44,4 @@ class InProcessDeployment:
         self.runtime.close()
         for managed in [self.runtime.managed, *(m for m, _ in self.pools)]:
             self.run(managed.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        # the loop keeps running (a daemon thread): stopping it under grpc.aio's poller ends in EBADF at exit

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.settings import setting
-from services.state.load_store import DEFAULT_LOAD_WINDOW_S
+from services.state import DEFAULT_LOAD_WINDOW_S
 
 
 @dataclass

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET_SECONDS = 5
-DEFAULT_LOAD_WINDOW_S = 30.0  # the window the autoscaler plans for and the admin commands report
+from services.state import DEFAULT_LOAD_WINDOW_S  # noqa: F401 - re-exported for the stores' users
 TTL_SECONDS = 3600
 KEY = "expertmesh:load:{layer}:{bucket}"
 
