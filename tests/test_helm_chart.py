@@ -23,7 +23,17 @@ VALUE_SETS = {
     "hostpath-gpu": ["--set", "model.volume.type=hostPath", "--set", "pools.gpu=1", "--set", "gateway.gpu=1",
                      "--set", "gateway.autoscaling.enabled=false", "--set", "autoscaler.enabled=false"],
     "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.count=8"],
+    "queue-keda-monitors": ["--set", "gateway.autoscaling.waitingRequests.enabled=true", "--set",
+                            "gateway.service.headless=true", "--set", "metrics.serviceMonitor.enabled=true",
+                            "--set", "metrics.podMonitor.enabled=true",
+                            "--set", "metrics.serviceMonitor.labels.release=prom",
+                            "--set", "pools.count=4", "--set", "pools.replicasPerExpert=2"],
+    "queue-hpa": ["--set", "gateway.autoscaling.waitingRequests.enabled=true", "--set",
+                  "gateway.autoscaling.waitingRequests.provider=hpa", "--set", "pools.count=3", "--set",
+                  "pools.replicasPerExpert=3", "--set", "autoscaler.replicas=2"],
 }
+# what a process is told to listen on, by flag: every port a probe or a Service reaches must be one of these
+LISTEN_FLAGS = ("--grpc-port", "--port", "--http-port", "--metrics-port")
 
 
 def render(*args: str) -> subprocess.CompletedProcess:
@@ -149,8 +159,8 @@ def test_value_specific_fields(rendered):
         assert pools["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert not by_kind(docs, "HorizontalPodAutoscaler") and gateway["spec"]["replicas"] == 1
     else:
-        hpa = one(docs, "HorizontalPodAutoscaler", "-gateway")
-        assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
+        scaler = one(docs, "ScaledObject" if name == "queue-keda-monitors" else "HorizontalPodAutoscaler", "-gateway")
+        assert scaler["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
         assert gateway["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"] is True
     if name == "tracing":
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
@@ -165,6 +175,10 @@ def test_value_specific_fields(rendered):
     ("autoscaler.rebalanceThreshold=1.5", "rebalanceThreshold"),
     ("redis.external.url=http://nope", "url"),
     ("gateway.unknownKey=1", "unknownKey"),
+    ("gateway.pdb.minAvailable=1", "minAvailable"),  # blocked every drain with one replica
+    ("gateway.pdb.maxUnavailable=0", "maxUnavailable"),
+    ("gateway.autoscaling.waitingRequests.provider=nope", "provider"),
+    ("metrics.serviceMonitor.interval=often", "interval"),
 ])
 def test_schema_rejects_bad_values(setting, message):
     result = render("--set", setting)
@@ -177,3 +191,156 @@ def test_notes_render():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "expertmesh generate --target 127.0.0.1:50051" in result.stdout
+
+
+def _containers(docs):
+    for w in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet"):
+        spec = w["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            yield w, c
+
+
+def _bound(container, port) -> int:
+    """The container port a probe or Service port reaches, asserting the process listens on it on the pod IP."""
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    number = ports[port] if isinstance(port, str) else port
+    assert number in ports.values(), (container["name"], port, ports)
+    args = container.get("args", [])
+    if container.get("command", [""])[0] == "python":  # ours: a flag names the port, --host makes it the pod's
+        assert "--host=0.0.0.0" in args, f"{container['name']} listens on 127.0.0.1: {args}"
+        assert any(a == f"{flag}={number}" for flag in LISTEN_FLAGS for a in args), (container["name"], number, args)
+    else:  # redis: binds every address unless told otherwise
+        assert not any("bind" in a for a in args), args
+    return number
+
+
+def test_probes_and_services_reach_what_each_process_binds(rendered):
+    _, _, docs = rendered
+    for _, c in _containers(docs):
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = c.get(kind)
+            if probe is None or "exec" in probe:
+                continue
+            (action,) = [probe[k] for k in ("grpc", "httpGet", "tcpSocket") if k in probe]
+            _bound(c, action["port"])
+    workloads = by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+    for svc in by_kind(docs, "Service"):
+        selector = svc["spec"]["selector"].items()
+        (w,) = [w for w in workloads if selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        for port in svc["spec"]["ports"]:
+            _bound(w["spec"]["template"]["spec"]["containers"][0], port["targetPort"])
+
+
+def test_disruption_budgets_never_block_the_gateway_nor_lose_experts(rendered):
+    name, _, docs = rendered
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    overrides = dict(a.split("=", 1) for a in VALUE_SETS[name][1::2])
+    copies = int(overrides.get("pools.replicasPerExpert", values["pools"]["replicasPerExpert"]))
+    gateway = one(docs, "PodDisruptionBudget", "-gateway")["spec"]
+    assert "minAvailable" not in gateway and gateway["maxUnavailable"] == 1  # a drain never waits on the gateway
+    pools = one(docs, "PodDisruptionBudget", "-pools")["spec"]
+    assert pools["maxUnavailable"] == copies - 1  # every expert keeps a copy through any allowed eviction
+    for pdb in (gateway, pools):
+        assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["pools.pdb.maxUnavailable=1"], "must stay below pools.replicasPerExpert (1)"),
+    (["pools.count=4", "pools.replicasPerExpert=2", "pools.pdb.maxUnavailable=2"], "must stay below"),
+    (["pools.replicasPerExpert=3"], "needs at least as many pools"),
+    (["gateway.autoscaling.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
+    (["gateway.autoscaling.enabled=false", "gateway.autoscaling.waitingRequests.enabled=true"], "needs gateway"),
+])
+def test_combinations_that_lose_experts_or_cannot_work_are_refused(settings, message):
+    result = render(*[a for s in settings for a in ("--set", s)])
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_explicit_pool_budget_below_the_copies_is_taken():
+    result = render("--set", "pools.count=4", "--set", "pools.replicasPerExpert=3",
+                    "--set", "pools.pdb.maxUnavailable=1")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert one(docs, "PodDisruptionBudget", "-pools")["spec"]["maxUnavailable"] == 1
+    off = render("--set", "pools.pdb.enabled=false", "--set", "gateway.pdb.enabled=false")
+    assert off.returncode == 0 and "PodDisruptionBudget" not in off.stdout, off.stderr
+
+
+def test_gateway_scales_on_queue_depth_when_asked(rendered):
+    name, _, docs = rendered
+    gateway = one(docs, "Deployment", "-gateway")
+    scaled = by_kind(docs, "ScaledObject")
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    if name == "queue-keda-monitors":  # KEDA's own HPA: the chart renders none beside it
+        assert not hpas and len(scaled) == 1
+        spec = scaled[0]["spec"]
+        assert scaled[0]["apiVersion"] == "keda.sh/v1alpha1"
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": gateway["metadata"]["name"]}
+        assert spec["scaleTargetRef"] == target
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 4)
+        triggers = {t["type"]: t for t in spec["triggers"]}
+        assert set(triggers) == {"prometheus", "cpu"}
+        for t in spec["triggers"]:  # KEDA's CRD: metadata is a map of strings
+            assert all(isinstance(v, str) for v in t["metadata"].values()), t
+        prom = triggers["prometheus"]
+        assert prom["metricType"] == "AverageValue" and prom["metadata"]["threshold"] == "8"
+        query = 'sum(num_requests_waiting{namespace="serving",pod=~"demo-expertmesh-gateway-.+"})'
+        assert prom["metadata"]["query"] == query
+        assert triggers["cpu"]["metadata"]["value"] == "70"
+        return
+    assert not scaled
+    if name == "hostpath-gpu":
+        assert not hpas
+        return
+    (hpa,) = hpas
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"  # CPU always counts
+    if name == "queue-hpa":
+        pods = metrics["Pods"]["pods"]
+        assert pods["metric"]["name"] == "num_requests_waiting"
+        assert pods["target"] == {"type": "AverageValue", "averageValue": "8"}
+    else:
+        assert set(metrics) == {"Resource"}
+
+
+def test_headless_gateway_service_and_prometheus_monitors(rendered):
+    name, _, docs = rendered
+    if name != "queue-keda-monitors":
+        assert not [d for d in docs if d["metadata"]["name"].endswith("-headless")]
+        assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PodMonitor")
+        return
+    headless = one(docs, "Service", "-gateway-headless")
+    assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses")
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]  # no second metrics target for a monitor
+    assert headless["spec"]["selector"] == one(docs, "Service", "-gateway")["spec"]["selector"]
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prom"
+    chosen = [svc for svc in by_kind(docs, "Service") if _selects(sm["spec"]["selector"], svc["metadata"]["labels"])]
+    scraped = {svc["metadata"]["name"] for svc in chosen if "metrics" in [p["name"] for p in svc["spec"]["ports"]]}
+    assert scraped == {"demo-expertmesh-gateway", "demo-expertmesh-pools"}
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+    (pm,) = by_kind(docs, "PodMonitor")
+    pods = [w for w in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+            if _selects(pm["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
+    assert {w["metadata"]["name"] for w in pods} == {"demo-expertmesh-gateway", "demo-expertmesh-pools",
+                                                     "demo-expertmesh-autoscaler"}
+    for w in pods:
+        assert "metrics" in [p["name"] for p in w["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def _selects(selector, labels) -> bool:
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    expressions = [e for e in selector.get("matchExpressions", []) if e["operator"] == "In"]
+    return all(labels.get(e["key"]) in e["values"] for e in expressions)
+
+
+def test_autoscaler_replicas_comment_is_true():
+    """values.yaml says >1 autoscaler replicas are standbys behind a Lease: the elector's defaults must say so too."""
+    from services.autoscaler.kubernetes_actuator import LeaseElector
+
+    text = (CHART / "values.yaml").read_text()
+    elector = LeaseElector(None, "ns", "lease", "me")
+    assert f"renewed on a thread of its own every {elector.retry_period:g} s" in text
+    assert f"within {elector.renew_deadline:g} s" in text and f"the {elector.duration:g} s Lease" in text

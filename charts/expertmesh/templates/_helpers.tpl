@@ -91,3 +91,30 @@ app.kubernetes.io/component: {{ .component }}
 nvidia.com/gpu: {{ .gpu }}
 {{- end }}
 {{- end }}
+
+{{/* Pool pods one voluntary eviction round may take: pools.pdb.maxUnavailable, else replicasPerExpert - 1. */}}
+{{- define "expertmesh.poolsMaxUnavailable" -}}
+{{- if kindIs "invalid" .Values.pools.pdb.maxUnavailable }}
+{{- sub (int .Values.pools.replicasPerExpert) 1 }}
+{{- else }}
+{{- int .Values.pools.pdb.maxUnavailable }}
+{{- end }}
+{{- end }}
+
+{{/* Combinations of values the schema cannot refuse on its own. */}}
+{{- define "expertmesh.checks" -}}
+{{- $copies := int .Values.pools.replicasPerExpert }}
+{{- if gt $copies (int .Values.pools.count) }}
+{{- fail (printf "pools.replicasPerExpert (%d) needs at least as many pools: pools.count is %d" $copies (int .Values.pools.count)) }}
+{{- end }}
+{{- if and .Values.pools.pdb.enabled (ge (int (include "expertmesh.poolsMaxUnavailable" .)) $copies) }}
+{{- fail (printf "pools.pdb.maxUnavailable (%s) must stay below pools.replicasPerExpert (%d): evicting that many pools at once can take every copy of an expert" (include "expertmesh.poolsMaxUnavailable" .) $copies) }}
+{{- end }}
+{{- $as := .Values.gateway.autoscaling }}
+{{- if and $as.enabled (gt (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- fail (printf "gateway.autoscaling.minReplicas (%d) is above maxReplicas (%d)" (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- end }}
+{{- if and $as.waitingRequests.enabled (not $as.enabled) }}
+{{- fail "gateway.autoscaling.waitingRequests needs gateway.autoscaling.enabled" }}
+{{- end }}
+{{- end }}
