@@ -229,3 +229,31 @@ def test_http_refuses_new_calls_while_stopping(loading_app):
     assert client.get("/health").status_code == 503
     response = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
     assert response.status_code == 503 and response.json()["error"]["code"] == "server_stopping"
+
+
+def test_a_full_queue_is_429(tiny_fp8):
+    """A real gateway in process (gRPC and HTTP servers, two pools) taking one running and one waiting request:
+    the next call is refused with 429 (openai.RateLimitError), and the others are still served."""
+    import openai
+
+    from tests.inprocess_deployment import InProcessDeployment
+    from tests.waiting import wait_until
+
+    dep = InProcessDeployment(tiny_fp8, "fp32", http_port=0, max_running=1, max_waiting=1)
+    try:
+        sched = dep.runtime.core.scheduler
+        client = openai.OpenAI(base_url=f"http://{dep.runtime.http.address}/v1", api_key="x", max_retries=0)
+        kwargs = dict(model=tiny_fp8.name, prompt="Hello", max_tokens=400, temperature=0, stream=True,
+                      extra_body={"ignore_eos": True})
+        running = client.completions.create(**kwargs)
+        next(running)
+        waiting = client.completions.create(**kwargs)  # the response starts once it is submitted
+        wait_until(lambda: sched.num_waiting == 1, 30, "a request waiting for admission")
+        with pytest.raises(openai.RateLimitError) as err:
+            client.completions.create(**{**kwargs, "stream": False})
+        assert err.value.status_code == 429 and "--max-waiting" in err.value.message
+        running.close()
+        assert sum(1 for _ in waiting) > 0
+        client.close()
+    finally:
+        dep.close()
