@@ -257,3 +257,26 @@ def test_a_full_queue_is_429(tiny_fp8):
         client.close()
     finally:
         dep.close()
+
+
+def test_http_defaults_come_from_generation_config_and_grpc_stays_greedy():
+    from types import SimpleNamespace
+
+    from expertmesh.v1 import gateway_pb2
+    from services.format.generation_config import GenerationDefaults
+    from services.gateway.grpc_servicer import sampling_params
+    from services.gateway.openai_protocol import CompletionRequest
+
+    serving = OpenAIServing("m", GenerationDefaults(temperature=0.6, top_p=0.95))
+    serving._core = SimpleNamespace(max_context=100)
+    p = serving._params(CompletionRequest(model="m", prompt="x"), None, 10, None, 0)
+    assert (p.temperature, p.top_p, p.top_k, p.seed) == (0.6, 0.95, 0, None)
+    assert p.max_tokens == 90  # the rest of the context
+    body = CompletionRequest(model="m", prompt="x", temperature=0, top_k=-1, seed=5, stop="END")
+    p = serving._params(body, 7, 10, 2, 1)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0, 0.95, 0, 7)
+    assert (p.seed, p.logprobs, p.stop) == (6, 2, ("END",))
+    with pytest.raises(ParamError, match="fills the context"):
+        serving._params(CompletionRequest(model="m", prompt="x"), None, 100, None, 0)
+    grpc_params = sampling_params(gateway_pb2.SamplingParams(max_tokens=4))
+    assert (grpc_params.temperature, grpc_params.stop, grpc_params.logprobs) == (0.0, (), None)

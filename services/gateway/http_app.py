@@ -77,7 +77,8 @@ class HttpFrontEnd:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.sock = socket.create_server((host, port), reuse_port=False, backlog=2048)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=2048)
         self.port = self.sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
         self.app = build_app(self)

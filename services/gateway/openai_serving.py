@@ -89,9 +89,10 @@ class OpenAIServing:
             if max_tokens < 1:
                 raise ParamError(f"the prompt of {prompt_len} tokens fills the context of {self.core.max_context} "
                                  "tokens", "prompt")
+        top_k = _first(body.top_k, d.top_k, 0)
         return SamplingParams(
             max_tokens=max_tokens, temperature=_first(body.temperature, d.temperature, 1.0),
-            top_p=_first(body.top_p, d.top_p, 1.0), top_k=_first(body.top_k, d.top_k, 0),
+            top_p=_first(body.top_p, d.top_p, 1.0), top_k=0 if top_k == -1 else top_k,  # vLLM's -1: no top-k cut
             seed=None if body.seed is None else body.seed + offset, stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos, stop=body.stop_strings, logprobs=logprobs)
 
