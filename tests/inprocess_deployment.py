@@ -26,6 +26,7 @@ class InProcessDeployment:
             managed, servicer = self.run(start_pool(model, pool_id, spread.experts_on(pool_id)))
             self.pools.append((managed, servicer))
         placement = Placement.spread(cfg, [Pool(i, m.address) for i, (m, _) in zip(ids, self.pools)])
+        gateway_options.setdefault("http_port", -1)  # never the default 8000: tests run side by side
         config = GatewayConfig(model=model, grpc_port=0, dispatch_dtype=dispatch_dtype, **gateway_options)
         self.runtime = self.run(GatewayRuntime.start(config, placement))
 

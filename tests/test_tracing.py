@@ -39,7 +39,7 @@ def traced_deployment(tiny_fp8):
         managed, _ = run(start_pool(tiny_fp8, f"pool-{i}", experts))
         managed_pools.append(managed)
         placement_pools.append(Pool(f"pool-{i}", managed.address))
-    runtime = run(GatewayRuntime.start(GatewayConfig(model=tiny_fp8, grpc_port=0), Placement.spread(cfg, placement_pools)))
+    runtime = run(GatewayRuntime.start(GatewayConfig(model=tiny_fp8, grpc_port=0, http_port=-1), Placement.spread(cfg, placement_pools)))
     yield runtime.managed.address, exporter
     runtime.close()
     for m in [runtime.managed, *managed_pools]:
