@@ -68,7 +68,7 @@ def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
                                 on_event=lambda ev, i=i: stamps[i].append(time.perf_counter())))
     for r in requests:
         engine.scheduler.submit(r)
-    engine.scheduler.run_until_idle()
+    engine.core.run_until_idle()
     return summarize(stamps)
 
 
@@ -102,11 +102,12 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
     chunks = [SequenceChunk(s, p) for s, p in zip(seqs, prompts(32, engine.cfg.vocab_size))]
     for chunk in chunks:
         engine.cache.reserve(chunk.seq, len(chunk.token_ids))
-    batch = StepBatch.build(chunks, engine.cache)
+    batch = StepBatch.build(chunks, engine.cache).to(engine.model.device)
     engine.model.forward(batch, engine.cache, routing_trace=trace)
     for s in seqs:
         engine.cache.release(s)
     layer, idx = trace[0]  # [T, K] real routing of the first MoE layer
+    idx = idx.cpu()
     hidden = torch.randn(idx.shape[0], engine.cfg.hidden_size)
     weights = torch.full(idx.shape, 1.0 / idx.shape[1])
     out = {}
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/bench")
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="the in-process engine, the gateway and the pools on this device")
     args = ap.parse_args()
     model = Path(args.cache_dir) / f"{args.preset}-fp8"
     if not (model / "config.json").exists():
@@ -134,11 +137,11 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     cache_tokens = max(levels) * (PROMPT_LEN + args.new_tokens) * 2
 
-    engine = Engine.from_dir(model, cache_tokens=cache_tokens)
+    engine = Engine.from_dir(model, cache_tokens=cache_tokens, device=args.device)
     runs: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # per level: (in-process, distributed)
     with tempfile.TemporaryDirectory() as home:
         up = UpProcess(model, args.pools, "fp8", Path(home), cache_tokens=cache_tokens,
-                       extra=["--micro-batches", str(args.micro_batches)])
+                       extra=["--micro-batches", str(args.micro_batches), "--device", args.device])
         try:
             run_in_process(engine, 4, 4)  # warm-ups
             run_distributed(up.gateway, 4, 4, engine.cfg.vocab_size)
@@ -153,7 +156,7 @@ def main() -> None:
     local = {c: best([l for l, _ in runs[c]]) for c in levels}
     remote = {c: best([r for _, r in runs[c]]) for c in levels}
 
-    print(f"preset {args.preset}, {args.pools} pools, {args.micro_batches} micro-batches, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
+    print(f"preset {args.preset} on {engine.model.device}, {args.pools} pools, {args.micro_batches} micro-batches, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads in process, best of {args.repeats} interleaved runs")
     print("| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms | distributed / in-process "
           "| whole run: in-process, distributed tok/s, ratio |")

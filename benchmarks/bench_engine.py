@@ -30,14 +30,21 @@ from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
 
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, reps: int = 20, device: str = "cpu") -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
@@ -69,7 +76,7 @@ def engine_runner(engine: Engine, batch: int, prompt_len: int):
 
 
 def hf_runner(model, batch: int, prompt_len: int, vocab: int):
-    ids = prompts(batch, prompt_len, vocab)
+    ids = prompts(batch, prompt_len, vocab).to(model.device)
 
     def run(n):
         with torch.no_grad():
@@ -104,7 +111,13 @@ def main() -> None:
                     help="compute dtypes to run, both engines alike (float32: the parity dtype; bfloat16: the checkpoint's)")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
     ap.add_argument("--json", dest="json_out", help="also write the figures to this file")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="both engines on this device (cuda: the engine's experts stay FP8 in bfloat16; float32 "
+                         "dequantizes them per call)")
     args = ap.parse_args()
+    from services.math.device import resolve_device
+
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
 
@@ -118,12 +131,13 @@ def main() -> None:
 
     from transformers import DeepseekV3ForCausalLM
 
-    peak = matmul_gflops()
+    peak = matmul_gflops(device=device)
     results = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        engine = Engine.from_dir(src, dtype=dtype, cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens)))
-        hf = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=dtype).eval()
+        engine = Engine.from_dir(src, dtype=dtype, device=device,
+                                 cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens)))
+        hf = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=dtype).to(device).eval()
         n_params = sum(p.numel() for p in hf.parameters())
         rows = []
         for b in (int(x) for x in args.batches.split(",")):
@@ -138,7 +152,7 @@ def main() -> None:
                              engine_decode_fraction_of_matmul_peak=frac))
         del engine, hf
         results.append({"dtype": dtype_name, "rows": rows})
-        print(f"\npreset {args.preset}, {dtype_name}: {n_params / 1e6:.1f}M parameters, prompt {args.prompt_len}, "
+        print(f"\npreset {args.preset}, {dtype_name} on {device}: {n_params / 1e6:.1f}M parameters, prompt {args.prompt_len}, "
               f"{args.new_tokens} new tokens, {threads} threads; float32 matmul peak {peak:.1f} GFLOP/s (1024^3)")
         print("| batch | prefill tok/s engine | transformers | ratio | decode tok/s engine | transformers | ratio "
               "| engine decode, % of fp32 matmul peak |")
@@ -148,7 +162,8 @@ def main() -> None:
                   f"{r['prefill_speedup']:.2f}x | {r['engine_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
                   f"{r['decode_speedup']:.2f}x | {100 * r['engine_decode_fraction_of_matmul_peak']:.1f}% |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"matmul_gflops": peak, "threads": threads, "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"matmul_gflops": peak, "threads": threads, "device": str(device),
+                                                   "results": results}, indent=2))
 
 
 if __name__ == "__main__":
