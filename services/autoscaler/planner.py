@@ -3,20 +3,28 @@
 Per layer, from the per-expert load (tokens) of a window:
 1. replicas: every expert gets `min_replicas` (the redundancy floor, as far as the slots allow: first one each,
    then the floor's extra copies); each further slot goes to the expert with the highest load per replica
-   (EPLB's `replicate_experts`), never more replicas than pools;
-2. packing: replicas, heaviest per-replica load first, onto pools so that pool loads are balanced, no pool holds
-   two replicas of one expert, and every pool keeps within its slots. Pinned replicas stay where they are;
-   a replica already on a pool stays there while that pool's load remains within `slack` of the mean, so a
+   (EPLB's `replicate_experts`), never more replicas than pools. No packing beats max(mean pool load, heaviest
+   replica); the mean is fixed, so while the heaviest replica is above it this choice is also the replica that
+   lowers that bound most, and below it no replica lowers the bound;
+2. packing (packing.py): replicas, heaviest per-replica load first, onto the least loaded pool that can take them
+   (no pool holds two replicas of one expert, every pool keeps within its slots), then a local search that moves
+   or swaps replicas off the most loaded pool while that lowers it. Pinned replicas stay where they are;
+   a replica already on a pool stays there while that pool's load remains within `slack` of the bound, so a
    plan moves few replicas when the load has not shifted much.
+The same input gives the same plan: ties go to the lowest index and the search is bounded by steps, not time.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
 
+from services.autoscaler.packing import Packing, fill, relieve
 from services.errors import InvalidRequestError
+
+_CLOSE_ENOUGH = 1e-3  # a fresh plan's search stops within 0.1% of max(mean pool load, heaviest replica)
 
 
 @dataclass
@@ -40,12 +48,17 @@ def replica_counts(load: np.ndarray, slots: int, max_per_expert: int, min_per_ex
     counts = np.ones(e, dtype=np.int64)
     floor = min(min_per_expert, max_per_expert)
     room = min(slots, e * max_per_expert) - e
-    for expert in np.argsort(-load, kind="stable")[: max(0, room) // max(1, floor - 1)] if floor > 1 else ():
-        counts[expert] = floor
+    if floor > 1:
+        counts[np.argsort(-load, kind="stable")[: max(0, room) // (floor - 1)]] = floor
     extra = min(slots, e * max_per_expert) - int(counts.sum())
+    # each further replica to the highest load per replica (lowest index on ties), from a heap of (-load/count, e)
+    heap = [(-w / c, x) for x, (w, c) in enumerate(zip(load.tolist(), counts.tolist())) if c < max_per_expert]
+    heapq.heapify(heap)
     for _ in range(max(0, extra)):
-        per_replica = np.where(counts < max_per_expert, load / counts, -1.0)
-        counts[int(np.argmax(per_replica))] += 1
+        _, expert = heapq.heappop(heap)
+        counts[expert] += 1
+        if counts[expert] < max_per_expert:
+            heapq.heappush(heap, (-float(load[expert]) / int(counts[expert]), expert))
     return counts
 
 
@@ -55,120 +68,56 @@ def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: l
 
     With a current placement, the plan that keeps replicas in place is taken unless a fresh packing balances
     better by more than `slack` (staying put must not cost the balance it is meant to buy)."""
-    fresh = _pack(load, num_pools, slots_per_pool, None, pinned, slack, min_replicas=min_replicas)
-    if not current:
-        return fresh
-    goal = max(fresh.pool_load) * (1 + slack / 2)  # what the fresh packing reaches, near enough
-    sticky = _pack(load, num_pools, slots_per_pool, current, pinned, slack, goal, min_replicas)
-    return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
-
-
-def _pack(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None,
-          pinned: set[tuple[int, int]] | None, slack: float, goal: float = 0.0, min_replicas: int = 1) -> LayerPlan:
+    load = np.maximum(np.asarray(load, dtype=np.float64), 0.0)
     e = load.shape[0]
     if num_pools * slots_per_pool < e:
         raise InvalidRequestError(f"{num_pools} pools x {slots_per_pool} slots cannot hold {e} experts")
-    counts = replica_counts(load, num_pools * slots_per_pool, num_pools, min_replicas)
-    per_replica = np.maximum(load.astype(np.float64), 0.0) / counts
-    pool_load = np.zeros(num_pools)
-    free = np.full(num_pools, slots_per_pool, dtype=np.int64)
-    holds = np.zeros((num_pools, e), dtype=bool)
-    left = counts.copy()  # replicas still to place per expert
-
-    def put(expert: int, pool: int) -> None:
-        holds[pool, expert] = True
-        free[pool] -= 1
-        left[expert] -= 1
-        pool_load[pool] += per_replica[expert]
-
-    for expert, pool in sorted(pinned or ()):
+    for expert, pool in pinned or ():
         if not (0 <= pool < num_pools and 0 <= expert < e):
             raise InvalidRequestError(f"pinned replica of expert {expert} on pool {pool} is out of range")
-        if left[expert] > 0 and free[pool] > 0 and not holds[pool, expert]:
-            put(expert, pool)
+    counts = replica_counts(load, num_pools * slots_per_pool, num_pools, min_replicas)
+    fresh = _pack(load / counts, counts, num_pools, slots_per_pool, None, pinned, slack)
+    if not current:
+        return fresh
+    goal = max(fresh.pool_load) * (1 + slack / 2)  # what the fresh packing reaches, near enough
+    sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, goal)
+    return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
+
+
+def _pack(per_replica: np.ndarray, counts: np.ndarray, num_pools: int, slots_per_pool: int,
+          current: list[list[int]] | None, pinned: set[tuple[int, int]] | None, slack: float,
+          goal: float = 0.0) -> LayerPlan:
+    """Fresh (no `current`): greedy then local search to within _CLOSE_ENOUGH of the bound. Sticky: current
+    replicas kept first, then greedy, then local search only down to `goal`."""
+    pack = Packing(per_replica, num_pools, slots_per_pool)
+    left = counts.copy()  # replicas still to place per expert
+    for expert, pool in sorted(pinned or ()):
+        if left[expert] > 0 and pack.free[pool] > 0 and not pack.holds[pool, expert]:
+            pack.put(expert, pool, pinned=True)
+            left[expert] -= 1
     order = np.argsort(-per_replica, kind="stable")
+    # no packing can beat the mean pool load, nor the heaviest single replica
+    bound = max(per_replica @ counts / num_pools, per_replica.max())
     if current:
-        # no packing can beat the mean pool load, nor the heaviest single replica
-        target = max(per_replica @ counts / num_pools, per_replica.max()) * (1 + slack)
-        pools_of: dict[int, list[int]] = {}
-        for pool, experts in enumerate(current[:num_pools]):
-            for expert in experts:
-                pools_of.setdefault(int(expert), []).append(pool)
-        for expert in order:
-            for pool in pools_of.get(int(expert), ()):
-                if (left[expert] > 0 and free[pool] > 0 and not holds[pool, expert]
-                        and pool_load[pool] + per_replica[expert] <= target):
-                    put(int(expert), pool)
-    locked = {(e, p) for e, p in (pinned or ())}
-    for expert in order.tolist():  # heaviest replicas first (LPT); _make_room handles the corners it paints into
-        while left[expert] > 0:
-            candidates = np.where((free > 0) & ~holds[:, expert], pool_load, np.inf)
-            pool = int(np.argmin(candidates))
-            if not np.isfinite(candidates[pool]):
-                pool = _make_room(expert, holds, free, per_replica, pool_load, locked)
-            put(int(expert), pool)
-    if current:
-        _relieve_hottest(holds, free, per_replica, pool_load, locked, goal, max_steps=2 * int(counts.sum()))
-    return LayerPlan([np.flatnonzero(holds[p]).tolist() for p in range(num_pools)], pool_load.tolist())
+        _keep_current(pack, left, current, order, bound * (1 + slack))
+    fill(pack, order, left)  # heaviest replicas first (LPT)
+    relieve(pack, goal if current else bound * (1 + _CLOSE_ENOUGH), max_steps=2 * int(counts.sum()))
+    return LayerPlan(pack.pools(), pack.pool_load())
 
 
-def _relieve_hottest(holds: np.ndarray, free: np.ndarray, per_replica: np.ndarray, pool_load: np.ndarray,
-                     locked: set[tuple[int, int]], goal: float, max_steps: int) -> None:
-    """Local search after keeping replicas in place: move a replica off the most loaded pool (to a pool with a
-    free slot) or swap it with a lighter one elsewhere, while that lowers the maximum, until it is within `goal`."""
-    for _ in range(max_steps):
-        hot = int(np.argmax(pool_load))
-        if pool_load[hot] <= goal:
-            return
-        best = None  # (new max of the two pools, replica, target pool, swapped replica or -1)
-        for x in sorted(np.flatnonzero(holds[hot]), key=lambda x: -per_replica[x]):
-            if (int(x), hot) in locked or per_replica[x] <= 0:
-                continue
-            for q in np.flatnonzero(~holds[:, x]):
-                if free[q] > 0:
-                    peak = max(pool_load[hot] - per_replica[x], pool_load[q] + per_replica[x])
-                    if peak < pool_load[hot] and (best is None or peak < best[0]):
-                        best = (peak, int(x), int(q), -1)
-                for y in np.flatnonzero(holds[q] & ~holds[hot]):
-                    delta = per_replica[x] - per_replica[y]
-                    if delta <= 0 or (int(y), int(q)) in locked:
-                        continue
-                    peak = max(pool_load[hot] - delta, pool_load[q] + delta)
-                    if peak < pool_load[hot] and (best is None or peak < best[0]):
-                        best = (peak, int(x), int(q), int(y))
-            if best is not None:
-                break  # the heaviest movable replica of the hottest pool
-        if best is None:
-            return
-        _, x, q, y = best
-        holds[hot, x], holds[q, x] = False, True
-        pool_load[hot] -= per_replica[x]
-        pool_load[q] += per_replica[x]
-        if y < 0:
-            free[hot] += 1
-            free[q] -= 1
-        else:
-            holds[q, y], holds[hot, y] = False, True
-            pool_load[q] -= per_replica[y]
-            pool_load[hot] += per_replica[y]
-
-
-def _make_room(expert: int, holds: np.ndarray, free: np.ndarray, per_replica: np.ndarray, pool_load: np.ndarray,
-               locked: set[tuple[int, int]]) -> int:
-    """Every pool with a free slot already holds `expert`: move some other replica y from a full pool q (without
-    `expert`) to a pool with room (without y), freeing a slot on q. Returns q."""
-    for spare in np.flatnonzero(free > 0):
-        for q in np.flatnonzero(~holds[:, expert]):
-            for y in np.flatnonzero(holds[q] & ~holds[spare]):
-                if (int(y), int(q)) in locked:
-                    continue
-                holds[q, y], holds[spare, y] = False, True
-                free[q] += 1
-                free[spare] -= 1
-                pool_load[q] -= per_replica[y]
-                pool_load[spare] += per_replica[y]
-                return int(q)
-    raise InvalidRequestError(f"no pool has room for another replica of expert {expert}")
+def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], order: np.ndarray,
+                  target: float) -> None:
+    """Replicas already on a pool stay there, heaviest first, while that pool's load stays within `target`."""
+    pools_of: dict[int, list[int]] = {}
+    for pool, experts in enumerate(current[: pack.load.shape[0]]):
+        for expert in experts:
+            pools_of.setdefault(int(expert), []).append(pool)
+    for expert in order.tolist():
+        for pool in pools_of.get(expert, ()):
+            if (left[expert] > 0 and pack.free[pool] > 0 and not pack.holds[pool, expert]
+                    and pack.load[pool] + pack.weight[expert] <= target):
+                pack.put(expert, pool)
+                left[expert] -= 1
 
 
 def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,
