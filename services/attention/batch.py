@@ -1,8 +1,10 @@
 """One forward step's batch: several sequences, each with a chunk of new tokens at its own positions.
 
-Tokens are packed flat ([T]) for everything that is per token (projections, router, experts); attention
-unpacks them into a padded [B, S] view over each sequence's keys [B, L]. Prefill chunks and decode tokens
-of different sequences mix freely. Built once per step and shared by every layer.
+Tokens are packed flat ([T]) for everything that is per token (projections, router, experts). Attention reads
+each sequence's keys from the paged cache: a step whose chunks all have the same length (every decode step)
+is viewed as [B, S] against padded keys [B, L]; a mixed step (prefill chunks beside decodes) attends per
+sequence over its own keys only, so it costs the sum over sequences of new tokens x context, not
+B x longest chunk x longest context. Built once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -25,23 +27,31 @@ class StepBatch:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slots: torch.Tensor  # [T] flat cache slots the new tokens are written to
-    query_index: torch.Tensor  # [B, S] index into the flat tokens (padding points at token 0)
-    query_valid: torch.Tensor  # [B, S] bool
     key_slots: torch.Tensor  # [B, L] cache slots of each sequence's keys (padding points at slot 0)
-    attn_mask: torch.Tensor  # [B, S, L] bool: key visible to query (causal, within the sequence)
     last_index: torch.Tensor  # [B] flat index of each sequence's last new token
+    offsets: list[int]  # [B] flat index of each sequence's first new token
+    lengths: list[int]  # [B] new tokens per sequence
+    key_lengths: list[int]  # [B] keys each sequence attends to (its context after this step)
     uniform: bool = False  # every chunk has the same length: flat [T] is exactly [B, S] (all decode steps)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    @property
+    def attn_mask(self) -> torch.Tensor:
+        """[B, S, L] bool for a uniform step: key visible to query (causal, within the sequence)."""
+        s, l_max = self.lengths[0], self.key_slots.shape[1]
+        key_pos = torch.arange(l_max, device=self.key_slots.device)
+        end = torch.tensor(self.key_lengths, device=self.key_slots.device)  # [B]
+        query_pos = end[:, None] - s + torch.arange(s, device=end.device)  # [B, S]
+        return key_pos[None, None, :] <= query_pos[:, :, None]
+
     @classmethod
     def build(cls, chunks: list[SequenceChunk], cache: PagedLatentCache) -> "StepBatch":
         """Advances each sequence's length by its chunk. Blocks must be reserved already (the scheduler does)."""
         if not chunks:
             raise ValueError("empty step")
-        b = len(chunks)
         lengths = [len(c.token_ids) for c in chunks]
         if 0 in lengths:
             raise ValueError("a sequence in the step has no new tokens")
@@ -50,11 +60,12 @@ class StepBatch:
             if cache.blocks_needed(chunk.seq, n):
                 raise ValueError(f"a sequence needs {cache.blocks_needed(chunk.seq, n)} more cache blocks: reserve first")
             chunk.seq.length += n
+        b = len(chunks)
         n = torch.tensor(lengths)  # [B]
         start = torch.tensor(starts_list)  # [B]
         end = start + n  # [B]
         offset = torch.cumsum(n, 0) - n  # [B] flat offset of each chunk
-        s_max, l_max = max(lengths), int(end.max())
+        l_max = int(end.max())
         # [B, max blocks] block tables, padded with block 0 (padding keys are masked out)
         width = max(len(c.seq.blocks) for c in chunks)
         table = torch.tensor([c.seq.blocks + [0] * (width - len(c.seq.blocks)) for c in chunks])
@@ -64,28 +75,22 @@ class StepBatch:
 
         seq_of = torch.repeat_interleave(torch.arange(b), n)  # [T]
         positions = start[seq_of] + torch.arange(int(n.sum())) - offset[seq_of]  # [T]
-        s_range = torch.arange(s_max)
-        query_valid = s_range[None, :] < n[:, None]  # [B, S]
-        query_index = torch.where(query_valid, offset[:, None] + s_range, 0)  # [B, S]
-        query_pos = torch.where(query_valid, start[:, None] + s_range, -1)  # [B, S]
         key_pos = torch.arange(l_max)
         key_slots = torch.where(key_pos[None, :] < end[:, None],
                                 slot(torch.arange(b)[:, None], key_pos[None, :].clamp(max=width * cache.block_size - 1)), 0)
-        attn_mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, S, L]
-        attn_mask[:, :, 0] |= ~query_valid  # padded queries see one key: no all-masked rows
         return cls(
             token_ids=torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64),
             positions=positions,
             slots=slot(seq_of, positions),
-            query_index=query_index,
-            query_valid=query_valid,
             key_slots=key_slots,
-            attn_mask=attn_mask,
             last_index=offset + n - 1,
-            uniform=min(lengths) == s_max,
+            offsets=offset.tolist(),
+            lengths=lengths,
+            key_lengths=end.tolist(),
+            uniform=min(lengths) == max(lengths),
         )
 
     def to(self, device: torch.device | str) -> "StepBatch":
-        for name in ("token_ids", "positions", "slots", "query_index", "query_valid", "key_slots", "attn_mask", "last_index"):
+        for name in ("token_ids", "positions", "slots", "key_slots", "last_index"):
             setattr(self, name, getattr(self, name).to(device))
         return self

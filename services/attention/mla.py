@@ -35,6 +35,9 @@ class MLAWeights:
     o: Linear  # [H, nh * v]
 
 
+QUERY_BLOCK = 256  # queries of a long chunk attended at once: bounds the [q, nh, L] scores it holds
+
+
 class MLA:
     def __init__(self, cfg: ModelConfig, w: MLAWeights, absorb: bool = True):
         self.cfg = cfg
@@ -65,13 +68,47 @@ class MLA:
         q_pe = Rotary.apply(q_pe, cos, sin)  # [T, nh, R]
         cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, cos, sin))
 
-        rows = cache.gather(layer, batch.key_slots).to(x.dtype)  # [B, L, C + R]: latent | roped k_pe
+        out = self._attend(q_nope, q_pe, batch, cache, layer)  # [T, nh, v]
+        return linear(out.reshape(t, self.nh * self.dv), w.o)
+
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: StepBatch, cache: PagedLatentCache,
+                layer: int) -> torch.Tensor:
+        """q_nope [T, nh, nope], q_pe [T, nh, R] -> [T, nh, v]. A uniform step attends as one padded batch; a
+        mixed one batches its decodes over their own keys and runs each longer chunk alone, in query blocks over
+        the keys those queries can see (the cost is what the tokens need: new tokens x context)."""
+        dtype, device = q_nope.dtype, q_nope.device
+        if batch.uniform and batch.lengths[0] <= QUERY_BLOCK:  # decode steps, short equal chunks
+            b, s = len(batch.lengths), batch.lengths[0]
+            rows = cache.gather(layer, batch.key_slots).to(dtype)  # [B, L, C + R]: latent | roped k_pe
+            out = self._attend_padded(q_nope.view(b, s, self.nh, self.dn), q_pe.view(b, s, self.nh, self.dr), rows,
+                                      batch.attn_mask)
+            return out.reshape(b * s, self.nh, self.dv)
+        out = q_nope.new_empty(q_nope.shape[0], self.nh, self.dv)
+        decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
+        if decodes:
+            idx = torch.tensor([batch.offsets[i] for i in decodes], device=device)  # [Bd]
+            ends = torch.tensor([batch.key_lengths[i] for i in decodes], device=device)  # [Bd]
+            width = int(ends.max())
+            rows = cache.gather(layer, batch.key_slots[torch.tensor(decodes, device=device), :width]).to(dtype)
+            mask = (torch.arange(width, device=device)[None, :] < ends[:, None])[:, None, :]  # [Bd, 1, L]
+            out[idx] = self._attend_padded(q_nope[idx, None], q_pe[idx, None], rows, mask)[:, 0]
+        for i, n in enumerate(batch.lengths):
+            if n > 1:
+                o, length = batch.offsets[i], batch.key_lengths[i]
+                rows = cache.gather(layer, batch.key_slots[i : i + 1, :length]).to(dtype)  # [1, L_i, C + R]
+                for q0 in range(0, n, QUERY_BLOCK):
+                    q1 = min(n, q0 + QUERY_BLOCK)
+                    visible = length - n + q1  # keys up to the block's last query (causal)
+                    query_pos = torch.arange(length - n + q0, visible, device=device)  # [q]
+                    mask = torch.arange(visible, device=device)[None, None, :] <= query_pos[None, :, None]  # [1, q, L]
+                    out[o + q0 : o + q1] = self._attend_padded(q_nope[None, o + q0 : o + q1], q_pe[None, o + q0 : o + q1],
+                                                               rows[:, :visible], mask)[0]
+        return out
+
+    def _attend_padded(self, qn: torch.Tensor, qp: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """qn [B, S, nh, nope], qp [B, S, nh, R], rows [B, L, C + R], mask [B, S, L] -> [B, S, nh, v]."""
+        b, s = qn.shape[:2]
         keys = rows[..., : self.c]  # [B, L, C]
-        b, s = batch.query_index.shape
-        if batch.uniform:  # every chunk the same length: the flat tokens are exactly [B, S]
-            qn, qp = q_nope.view(b, s, self.nh, self.dn), q_pe.view(b, s, self.nh, self.dr)
-        else:
-            qn, qp = q_nope[batch.query_index], q_pe[batch.query_index]  # [B, S, nh, nope], [B, S, nh, R]
         if self.absorb:
             q_lat = torch.einsum("bshd,hdc->bshc", qn, self.w_uk)  # [B, S, nh, C]
             q_cat = torch.cat((q_lat, qp), dim=-1).reshape(b, s * self.nh, self.c + self.dr)  # latent | rope parts
@@ -79,13 +116,10 @@ class MLA:
         else:
             k_nope = torch.einsum("blc,hdc->blhd", keys, self.w_uk)  # [B, L, nh, nope]
             scores = torch.einsum("bshd,blhd->bshl", qn, k_nope) + torch.einsum("bshr,blr->bshl", qp, rows[..., self.c :])
-        scores = (scores * self.scale).masked_fill_(~batch.attn_mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)  # [B, S, nh, L]
+        scores = (scores * self.scale).masked_fill_(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(qn.dtype)  # [B, S, nh, L]
         if self.absorb:
             o_lat = torch.bmm(probs.reshape(b, s * self.nh, -1), keys).view(b, s, self.nh, self.c)
-            out = torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)  # [B, S, nh, v]
-        else:
-            v = torch.einsum("blc,hdc->blhd", keys, self.w_uv)  # [B, L, nh, v]
-            out = torch.einsum("bshl,blhd->bshd", probs, v)
-        out = out.reshape(t, self.nh, self.dv) if batch.uniform else out[batch.query_valid]  # [T, nh, v]
-        return linear(out.reshape(t, self.nh * self.dv), w.o)
+            return torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)  # [B, S, nh, v]
+        v = torch.einsum("blc,hdc->blhd", keys, self.w_uv)  # [B, L, nh, v]
+        return torch.einsum("bshl,blhd->bshd", probs, v)
