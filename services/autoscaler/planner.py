@@ -9,8 +9,8 @@ Per layer, from the per-expert load (tokens) of a window:
 2. packing (packing.py): replicas, heaviest per-replica load first, onto the least loaded pool that can take them
    (no pool holds two replicas of one expert, every pool keeps within its slots), then a local search that moves
    or swaps replicas off the most loaded pool while that lowers it. Pinned replicas stay where they are;
-   a replica already on a pool stays there while that pool's load remains within `slack` of the bound, so a
-   plan moves few replicas when the load has not shifted much.
+   a replica already on a pool stays there while that pool's load remains within `slack` of what a fresh plan
+   reaches, so a plan moves few replicas when the load has not shifted much.
 The same input gives the same plan: ties go to the lowest index and the search is bounded by steps, not time.
 """
 
@@ -79,16 +79,16 @@ def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: l
     fresh = _pack(load / counts, counts, num_pools, slots_per_pool, None, pinned, slack)
     if not current:
         return fresh
-    goal = max(fresh.pool_load) * (1 + slack / 2)  # what the fresh packing reaches, near enough
-    sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, goal)
+    sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, max(fresh.pool_load))
     return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
 
 
 def _pack(per_replica: np.ndarray, counts: np.ndarray, num_pools: int, slots_per_pool: int,
           current: list[list[int]] | None, pinned: set[tuple[int, int]] | None, slack: float,
-          goal: float = 0.0) -> LayerPlan:
-    """Fresh (no `current`): greedy then local search to within _CLOSE_ENOUGH of the bound. Sticky: current
-    replicas kept first, then greedy, then local search only down to `goal`."""
+          reach: float = 0.0) -> LayerPlan:
+    """Fresh (no `current`): greedy, then local search to within _CLOSE_ENOUGH of the bound. Sticky: replicas
+    stay on their current pools while those stay within `slack` of `reach` (the fresh plan's maximum), then
+    greedy for the rest, then local search only down to within `slack` / 2 of `reach`."""
     pack = Packing(per_replica, num_pools, slots_per_pool)
     left = counts.copy()  # replicas still to place per expert
     for expert, pool in sorted(pinned or ()):
@@ -99,9 +99,10 @@ def _pack(per_replica: np.ndarray, counts: np.ndarray, num_pools: int, slots_per
     # no packing can beat the mean pool load, nor the heaviest single replica
     bound = max(per_replica @ counts / num_pools, per_replica.max())
     if current:
-        _keep_current(pack, left, current, order, bound * (1 + slack))
+        _keep_current(pack, left, current, order, max(bound, reach) * (1 + slack))
     fill(pack, order, left)  # heaviest replicas first (LPT)
-    relieve(pack, goal if current else bound * (1 + _CLOSE_ENOUGH), max_steps=2 * int(counts.sum()))
+    goal = max(bound, reach) * (1 + slack / 2) if current else bound * (1 + _CLOSE_ENOUGH)
+    relieve(pack, goal, max_steps=2 * int(counts.sum()))
     return LayerPlan(pack.pools(), pack.pool_load())
 
 
