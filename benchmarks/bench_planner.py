@@ -3,6 +3,13 @@ slots, under Zipf-skewed load; planner time and pool balancedness (mean / max po
 
   .venv/bin/python benchmarks/bench_planner.py [--skip-rebalance]
 
+First the planner against EPLB's greedy (DeepSeek's published policy, re-implemented here: each redundant slot to
+the expert with the highest load per replica, then replicas heaviest first onto the least loaded GPU that has a
+slot left; it does not stop two replicas of one expert sharing a GPU) on the same loads, with three upper bounds on
+balancedness: `heaviest` = mean / max(mean, heaviest replica) of the replication that minimises that replica;
+`slot-aware` adds the lightest replicas (of other experts) that must share its pool when every slot is used, as
+both planners do; `any count` is the best slot-aware bound over every replica count (leaving slots empty), over
+the same greedy replication of each count. At V3 scale and at the test scale (tests/test_planner.py: 64 experts).
 "Before" is the static spread (one replica per expert, dealt round-robin); "after" is the planner's placement.
 A re-plan after 5% load drift from the planned placement shows how many replicas move.
 Then the wall time of one live rebalance (plan + two-phase rollout) on the `small` preset: `expertmesh up`
@@ -11,6 +18,7 @@ with 2 pools of 40 slots (64 experts: 25% redundant), after a burst of generatio
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,16 +27,85 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.autoscaler.planner import moves, plan  # noqa: E402
+from services.autoscaler.packing import Packing, fill  # noqa: E402
+from services.autoscaler.planner import moves, plan, replica_counts  # noqa: E402
 
 LAYERS, EXPERTS = 58, 256
 SHAPES = [(64, 5), (144, 2), (288, 1), (320, 1)]  # pools x slots per pool: 320, 288, 288, 320 slots
+# (name, layers, experts, [(pools, slots)], [zipf s]): V3 scale, and the test scale (a quarter of the experts)
+SCALES = [("V3", LAYERS, EXPERTS, [(72, 4), *SHAPES], [1.1, 1.0, 0.6]),
+          ("test", 6, 64, [(18, 4), (16, 5)], [1.1, 1.0, 0.6])]
 
 
-def zipf(s: float, seed: int) -> np.ndarray:
+def zipf(s: float, seed: int, layers: int = LAYERS, experts: int = EXPERTS) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    base = 1e6 / np.arange(1, EXPERTS + 1) ** s
-    return np.stack([rng.permutation(base) for _ in range(LAYERS)])
+    base = 1e6 / np.arange(1, experts + 1) ** s
+    return np.stack([rng.permutation(base) for _ in range(layers)])
+
+
+def eplb_greedy(layer: np.ndarray, pools: int, slots: int) -> tuple[np.ndarray, int]:
+    """EPLB's greedy on one layer -> (pool loads, pools holding two replicas of one expert)."""
+    counts = np.ones(layer.shape[0], dtype=np.int64)
+    for _ in range(pools * slots - layer.shape[0]):
+        counts[int(np.argmax(layer / counts))] += 1
+    weight = np.repeat(layer / counts, counts)
+    expert = np.repeat(np.arange(layer.shape[0]), counts)
+    pool_load, used = np.zeros(pools), np.zeros(pools, dtype=np.int64)
+    holds = np.zeros((pools, layer.shape[0]), dtype=np.int64)
+    for i in np.argsort(-weight, kind="stable"):
+        pool = int(np.argmin(np.where(used < slots, pool_load, np.inf)))
+        pool_load[pool] += weight[i]
+        used[pool] += 1
+        holds[pool, expert[i]] += 1
+    return pool_load, int((holds > 1).any(axis=1).sum())
+
+
+def bounds(layer: np.ndarray, pools: int, slots: int) -> tuple[float, float, float]:
+    """Upper bounds on one layer's balancedness: heaviest replica, slot-aware, slot-aware over any replica count."""
+    mean, e = layer.sum() / pools, layer.shape[0]
+    out = []
+    for n in range(e, min(pools * slots, e * pools) + 1):
+        per_replica = layer / replica_counts(layer, n, pools)
+        heaviest = int(np.argmax(per_replica))
+        companions = max(0, slots - 1 - (pools * slots - n))  # the heaviest replica's pool has this many others
+        lightest = np.sort(np.delete(per_replica, heaviest))[:companions].sum()
+        out.append((per_replica[heaviest], per_replica[heaviest] + lightest))
+    heaviest, slot_aware = out[-1]
+    return mean / max(mean, heaviest), mean / max(mean, slot_aware), mean / max(mean, min(b for _, b in out))
+
+
+def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
+    """Balancedness of the planner's packing before its local search (what the planner did before it had one)."""
+    counts = replica_counts(layer, pools * slots, pools)
+    pack = Packing(layer / counts, pools, slots)
+    fill(pack, np.argsort(-(layer / counts), kind="stable"), counts.copy())
+    loads = np.asarray(pack.pool_load())
+    return float(loads.mean() / loads.max())
+
+
+def compare() -> None:
+    print(f"planner vs EPLB's greedy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print("| scale | zipf s | pools x slots | planner (mean / min layer) | plan s wall / CPU "
+          "| EPLB greedy (mean / min) | greedy s | pools doubled by the greedy | planner before its search "
+          "| bound: heaviest / slot-aware / any count |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, layers, experts, shapes, exponents in SCALES:
+        for s in exponents:
+            load = zipf(s, seed=0, layers=layers, experts=experts)
+            for pools, slots in shapes:
+                wall, cpu = time.perf_counter(), time.process_time()
+                planned = [lp.balancedness for lp in plan(load, pools, slots)]
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                t = time.perf_counter()
+                greedy = [eplb_greedy(layer, pools, slots) for layer in load]
+                greedy_s = time.perf_counter() - t
+                eplb = [g.mean() / g.max() for g, _ in greedy]
+                start = np.mean([greedy_start(layer, pools, slots) for layer in load])
+                bound = np.mean([bounds(layer, pools, slots) for layer in load], axis=0)
+                print(f"| {name} {layers}x{experts} | {s} | {pools} x {slots} | {np.mean(planned):.3f} / "
+                      f"{min(planned):.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / {min(eplb):.3f} "
+                      f"| {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} | {start:.3f} "
+                      f"| {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} |")
 
 
 def spread_balancedness(load: np.ndarray, pools: int) -> float:
@@ -48,11 +125,11 @@ def rebalance_wall_time() -> None:
     from services.autoscaler.rebalance import propose
     from services.autoscaler.rollout import rollout
     from services.cli.gateway_client import GatewayClient
-    from tests.local_deployment import UpProcess
-    from services.state.load_store import RedisLoadStore
     from services.format.model_writer import write_random_model
-    from services.state.placement_store import RedisPlacementStore
     from services.format.presets import preset_config
+    from services.state.load_store import RedisLoadStore
+    from services.state.placement_store import RedisPlacementStore
+    from tests.local_deployment import UpProcess
 
     model = Path(".cache/bench/small-fp8")
     if not (model / "config.json").exists():
@@ -83,13 +160,14 @@ def rebalance_wall_time() -> None:
           f"total {total:.2f} s including the 2.0 s grace before old replicas are dropped")
 
 
-def main() -> None:
-    print(f"{LAYERS} layers x {EXPERTS} experts")
-    print("| zipf s | pools x slots | redundant | plan s | balancedness before | after (mean / min layer) | re-plan s | re-plan balancedness | replicas moved after 5% drift |")
+def replans() -> None:
+    print(f"\nre-plans at {LAYERS} layers x {EXPERTS} experts")
+    print("| zipf s | pools x slots | redundant | plan s | balancedness before | after (mean / min layer) | re-plan s "
+          "| re-plan balancedness | replicas moved after 5% drift |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for s in (0.6, 1.0):
+    for s in (1.1, 1.0, 0.6):
         load = zipf(s, seed=0)
-        for pools, slots in SHAPES:
+        for pools, slots in [(72, 4), *SHAPES]:
             t = time.perf_counter()
             layers = plan(load, pools, slots)
             seconds = time.perf_counter() - t
@@ -99,9 +177,14 @@ def main() -> None:
             again = plan(drift, pools, slots, current=[lp.pools for lp in layers])
             replan = time.perf_counter() - t
             moved = sum(moves(a.pools, b.pools) for a, b in zip(layers, again))
-            print(f"| {s} | {pools} x {slots} | {pools * slots - EXPERTS} | {seconds:.3f} | {spread_balancedness(load, pools):.3f} "
-                  f"| {np.mean(after):.3f} / {min(after):.3f} | {replan:.3f} | {np.mean([lp.balancedness for lp in again]):.3f} "
-                  f"| {moved} of {pools * slots * LAYERS} |")
+            print(f"| {s} | {pools} x {slots} | {pools * slots - EXPERTS} | {seconds:.3f} "
+                  f"| {spread_balancedness(load, pools):.3f} | {np.mean(after):.3f} / {min(after):.3f} | {replan:.3f} "
+                  f"| {np.mean([lp.balancedness for lp in again]):.3f} | {moved} of {pools * slots * LAYERS} |")
+
+
+def main() -> None:
+    compare()
+    replans()
 
 
 if __name__ == "__main__":
