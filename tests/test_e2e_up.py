@@ -89,7 +89,9 @@ def test_fp32_dispatch_score_matches_in_process(fp32_up, engine_tiny):
         assert [t["token_id"] for t in r["top"]] == [t for t, _ in l.top]
 
 
-@pytest.mark.timeout(900)  # its fixture trains the model first: 1-3 minutes on 2 cores
+# its fixtures train the model first: about a minute alone on 2 cores, over 15 minutes while other suites shared
+# them; as long as the machine makes it, not a hang, so the timeout covers the test's own body only
+@pytest.mark.timeout(300, func_only=True)
 def test_fp8_dispatch_top1_agreement(fp8_up, tiny_trained_fp8):
     """FP8 dispatch (e4m3, one scale per 128 channels; BF16 back) against the exact in-process engine, on the
     tiny model trained on Python source, scoring modules held out of its training (2016 positions).
