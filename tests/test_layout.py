@@ -21,8 +21,9 @@ MAY_IMPORT = {  # package -> the packages below it
     "expert": {"errors", "format", "math", "rpc", "state", "dispatch"},
     "gateway": {"errors", "settings", "format", "math", "rpc", "state", "dispatch", "attention", "expert"},
     "autoscaler": {"errors", "settings", "format", "math", "rpc", "state", "dispatch", "expert"},
+    "training": {"errors", "settings", "format", "math", "attention", "gateway"},
     "cli": {"errors", "settings", "format", "math", "rpc", "state", "dispatch", "attention", "expert", "gateway",
-            "autoscaler"},
+            "autoscaler", "training"},
 }
 # the in-process facade is the one gateway module that holds the experts in process
 IN_PROCESS_FACADE = {"services.gateway.engine"}
