@@ -113,12 +113,20 @@ def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], ord
     for pool, experts in enumerate(current[: pack.load.shape[0]]):
         for expert in experts:
             pools_of.setdefault(int(expert), []).append(pool)
+    loads, free, weight, still = pack.load.tolist(), pack.free.tolist(), pack.weight.tolist(), left.tolist()
+    held = [set(row) for row in pack.slot.tolist()]
+    placed = []
     for expert in order.tolist():
         for pool in pools_of.get(expert, ()):
-            if (left[expert] > 0 and pack.free[pool] > 0 and not pack.holds[pool, expert]
-                    and pack.load[pool] + pack.weight[expert] <= target):
-                pack.put(expert, pool)
-                left[expert] -= 1
+            if (still[expert] > 0 and free[pool] > 0 and expert not in held[pool]
+                    and loads[pool] + weight[expert] <= target):
+                placed.append((expert, pool))
+                held[pool].add(expert)
+                free[pool] -= 1
+                loads[pool] += weight[expert]
+                still[expert] -= 1
+    pack.put_many(placed)
+    left[:] = still
 
 
 def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,
