@@ -12,7 +12,8 @@
 # benchmarks/bench_distributed.py with --device cuda. Every step runs even when one before failed; the report
 # (REPORT, default gpu_check_report.md) lists each step's status and figures and is printed at the end; the exit
 # status is 1 when any step failed, with the tail of that step's log on stderr. PYTHON picks the interpreter
-# (default .venv/bin/python, else python3).
+# (default .venv/bin/python, else python3); it needs the project's dependencies with a CUDA build of torch
+# (pip install -e '.[test]', then torch from a CUDA index) and redis-server on the PATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
