@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(config, wait_for_placement(config)))
+    try:
+        asyncio.run(serve(config, wait_for_placement(config)))
+    except ExpertmeshError as exc:  # a startup error that names what is wrong (device, checkpoint, config)
+        sys.exit(f"expertmesh gateway: {exc}")
 
 
 if __name__ == "__main__":
