@@ -57,15 +57,20 @@ def _counts(up, placement):
     return RedisLoadStore.from_url(up.redis, placement.layers, placement.num_experts).window(3600)
 
 
-def _wait_counted(up, placement, since, pairs_per_layer):
-    """The load counts once Redis holds `pairs_per_layer` more (token, expert) pairs in every layer than `since`."""
+def _wait_counted(up, placement, since, pairs_per_layer, cfg):
+    """The load counts once Redis holds `pairs_per_layer` more (token, expert) pairs than `since` in every layer
+    that served tokens pass (not a multi-token-prediction layer, past num_hidden_layers)."""
+    rows = [i for i, layer in enumerate(placement.layers) if layer < cfg.num_hidden_layers]
     seen = []
 
     def counted():
         seen[:] = [_counts(up, placement)]
-        return bool(((seen[0] - since).sum(axis=1) >= pairs_per_layer).all())
+        return bool(((seen[0] - since)[rows].sum(axis=1) >= pairs_per_layer).all())
 
-    wait_until(counted, 30, f"{pairs_per_layer} more routed pairs per layer in Redis")
+    try:
+        wait_until(counted, 30, f"{pairs_per_layer} more routed pairs per layer in Redis")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: got {(seen[0] - since)[rows].sum(axis=1).tolist()} more") from None
     return seen[0]
 
 
@@ -87,7 +92,7 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
         # each request: 16 prompt tokens and 11 fed back, each routed to num_experts_per_tok experts per layer
         pairs = len(prompts) * (16 + 11) * engine.cfg.num_experts_per_tok
         before_out = _load(up, prompts)
-        counts_before = _wait_counted(up, first, 0, pairs)
+        counts_before = _wait_counted(up, first, 0, pairs, engine.cfg)
         before = first.balancedness({l: counts_before[i].tolist() for i, l in enumerate(first.layers)})
         wait_until(lambda: store.version() > first.version, 60, "the autoscaler to rebalance")
         rebalanced = up.wait_rolled_out()  # old replicas dropped after the rollout's grace
@@ -95,7 +100,7 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
         up.settled_routed_pairs()
         baseline = _counts(up, rebalanced)
         after_out = _load(up, prompts)
-        delta = _wait_counted(up, rebalanced, baseline, pairs) - baseline
+        delta = _wait_counted(up, rebalanced, baseline, pairs, engine.cfg) - baseline
         after = rebalanced.balancedness({l: delta[i].tolist() for i, l in enumerate(rebalanced.layers)})
         print(f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
               f"(placement v{first.version} -> v{rebalanced.version})")
