@@ -15,10 +15,15 @@ from pathlib import Path
 
 def metric(url: str, name: str) -> float:
     """One sample of a Prometheus /metrics endpoint: `name` with its labels as exported, e.g.
-    'moe_routed_tokens_total{pool="pool-0"}'."""
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+    'moe_routed_tokens_total{pool="pool-0"}'; a bare name that is exported only with labels is the sum over its
+    label sets (the gateway's 'num_requests_running{model_name="..."}' read as 'num_requests_running')."""
+    lines = urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+    for line in lines:
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    labelled = [float(line.split()[-1]) for line in lines if "{" not in name and line.startswith(name + "{")]
+    if labelled:
+        return sum(labelled)
     raise AssertionError(f"{name} is not exported at {url}")
 
 

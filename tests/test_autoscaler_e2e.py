@@ -123,7 +123,7 @@ def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory,
         client = GatewayClient(up.gateway, timeout_s=120)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
-            wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= len(prompts), 60,
+            wait_until(lambda: up.metric("gateway", "num_requests_running") >= len(prompts), 60,
                        "the requests to be generating")
             killed = time.monotonic()
             os.kill(up.child_pid("pool-id pool-0"), signal.SIGKILL)
@@ -198,7 +198,7 @@ def test_replica_floor_survives_a_skewed_rebalance_and_a_pool_kill(skewed_model,
         client = GatewayClient(up.gateway, timeout_s=120)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
-            wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= 1, 60, "requests generating")
+            wait_until(lambda: up.metric("gateway", "num_requests_running") >= 1, 60, "requests generating")
             os.kill(up.child_pid("pool-id pool-1"), signal.SIGKILL)
             results = [f.result(timeout=120) for f in futures]  # raises if any request failed
         client.close()

@@ -62,8 +62,8 @@ def _generate_all(gateway, prompts, max_tokens=12):
 
 def _wait_generating(up, n):
     """Until `n` requests are running on the gateway and tokens are being decoded: mid-generation."""
-    wait_until(lambda: up.metric("gateway", "moe_gateway_requests_running") >= n
-               and up.metric("gateway", "moe_gateway_inter_token_latency_seconds_count") > 0,
+    wait_until(lambda: up.metric("gateway", "num_requests_running") >= n
+               and up.metric("gateway", "inter_token_latency_seconds_count") > 0,
                60, f"{n} requests generating on the gateway")
 
 
@@ -289,20 +289,30 @@ def test_failover_with_two_replicas_loses_nothing(tiny_fp8, tmp_path_factory, en
         up.stop()
 
 
-def test_metrics_endpoints(fp32_up):
+def test_metrics_endpoints(fp32_up, tiny_fp8):
     import json as _json
     import urllib.request
 
     state = _json.loads((fp32_up.home / "up.json").read_text())
+    url = state["metrics"]["gateway"]
+    model = f'model_name="{tiny_fp8.name}"'  # vLLM's label: the served model's name (its directory's)
+    counters = [f"prompt_tokens_total{{{model}}}", f"generation_tokens_total{{{model}}}",
+                f'request_success_total{{finished_reason="length",{model}}}',  # as exported: labels sorted
+                f"e2e_request_latency_seconds_count{{{model}}}"]
+    before = [_exported(url, name) for name in counters]
     client = GatewayClient(fp32_up.gateway)
     client.generate(None, [5, 6, 7], 3, ignore_eos=True)
     client.close()
-    gateway = urllib.request.urlopen(state["metrics"]["gateway"], timeout=5).read().decode()
-    assert "moe_gateway_time_to_first_token_seconds_count" in gateway
-    ttft = [l for l in gateway.splitlines() if l.startswith("moe_gateway_time_to_first_token_seconds_count")]
+    # e2e latency is counted last, as the request leaves: once it moved, the others have too
+    wait_until(lambda: _exported(url, counters[3]) > before[3], 10, "the request to be counted")
+    after = [_exported(url, name) for name in counters]
+    assert [a - b for a, b in zip(after, before)] == [3, 3, 1, 1], (before, after)  # 3 prompt, 3 new, by length
+    gateway = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert "time_to_first_token_seconds_count" in gateway
+    ttft = [l for l in gateway.splitlines() if l.startswith("time_to_first_token_seconds_count")]
     assert float(ttft[0].split()[-1]) >= 1
-    for name in ("moe_gateway_inter_token_latency_seconds_bucket", "moe_gateway_requests_running",
-                 "moe_gateway_kv_cache_usage_ratio", 'moe_routed_tokens_total{pool="pool-0"}',
+    for name in ("inter_token_latency_seconds_bucket", "num_requests_running",
+                 "kv_cache_usage_perc", 'moe_routed_tokens_total{pool="pool-0"}',
                  'moe_expert_rpc_duration_seconds_count{pool="pool-1"}', "moe_placement_version 1.0"):
         assert name in gateway, name
     pool = urllib.request.urlopen(state["metrics"]["pool-0"], timeout=5).read().decode()
@@ -318,10 +328,10 @@ def test_client_going_away_cancels_its_request(fp32_up):
             max_tokens=5000, ignore_eos=True)), timeout=60)
         for _, _ in zip(range(4), call):  # a few tokens arrive...
             pass
-        assert metric(metrics, "moe_gateway_requests_running") >= 1
+        assert metric(metrics, "num_requests_running") >= 1
         call.cancel()  # ...and the client goes away
-    wait_until(lambda: metric(metrics, "moe_gateway_requests_running") == 0, 30, "the cancelled request to stop")
-    assert metric(metrics, "moe_gateway_kv_cache_usage_ratio") == 0.0  # its cache blocks were freed
+    wait_until(lambda: metric(metrics, "num_requests_running") == 0, 30, "the cancelled request to stop")
+    assert metric(metrics, "kv_cache_usage_perc") == 0.0  # its cache blocks were freed
 
 
 def _exported(url, name):

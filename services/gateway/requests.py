@@ -7,6 +7,7 @@ events; the scheduler and the runner change them; nothing else does.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Request:
     error: BaseException | None = None
     cancelled: bool = False
     span_context: SpanContext | None = None  # the request's trace: steps that serve it link to it
+    arrival_time: float = field(default_factory=time.monotonic)  # made by a front end as it arrives (e2e latency)
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)

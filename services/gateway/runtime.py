@@ -157,6 +157,8 @@ class GatewayRuntime:
         with only grpc_port=0 chosen get no HTTP front end when the default port is taken."""
         cfg = ModelConfig.from_file(config.model)
         device = resolve_device(config.device)  # a missing GPU fails here, naming --device, before anything binds
+        if metrics is not None:
+            metrics.set_model_name(config.model_name)  # request metrics carry the served model's name, as vLLM's
         managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s,
                                 api_keys=parse_keys(config.api_key))
         http = start_http(config, metrics, require_http)
@@ -177,7 +179,8 @@ class GatewayRuntime:
             cache_tokens=config.cache_tokens, block_size=config.block_size,
             routing_observer=on_host(recorder.observe) if recorder else None, max_step_tokens=config.max_step_tokens,
             max_running=config.max_running, max_waiting=config.max_waiting, micro_batches=config.micro_batches,
-            before_step=follower.apply_pending if follower else None)
+            before_step=follower.apply_pending if follower else None,
+            on_finish=metrics.request_finished if metrics else None)
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)
         aio_loop = asyncio.get_running_loop()
 

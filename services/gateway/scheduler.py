@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.attention.kv_cache import PagedLatentCache
@@ -70,6 +71,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.closed: BaseException | None = None  # set when serving stopped for good: submit refuses
+        self.on_finish: Callable[[Request], None] | None = None  # told of every request that leaves (metrics)
         self._lock = threading.Lock()
         self._work = threading.Event()
 
@@ -187,3 +189,5 @@ class Scheduler:
             self.running.remove(req)
         self.cache.release(req.seq)
         req.emit(RequestEvent(token_id=token, finish_reason=reason, error=error))
+        if self.on_finish is not None:
+            self.on_finish(req)

@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 class ServingCore:
     def __init__(self, model: GatewayModel, cache: PagedLatentCache, tokenizer=None, *,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 max_waiting: int = DEFAULT_MAX_WAITING, micro_batches: int = 1, before_step: Callable[[], None] | None = None):
+                 max_waiting: int = DEFAULT_MAX_WAITING, micro_batches: int = 1, before_step: Callable[[], None] | None = None,
+                 on_finish: Callable[[Request], None] | None = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
         self.tokenizer = tokenizer
         self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
         self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting)
+        self.scheduler.on_finish = on_finish  # e.g. count finished requests and their tokens
         self.runner = ModelRunner(model, cache, micro_batches)
         self.before_step = before_step  # e.g. switch to a new placement at a step boundary
 

@@ -1,27 +1,56 @@
-"""Prometheus metrics of every service, named like vLLM's with a `moe_` prefix and units in the names.
+"""Prometheus metrics of every service.
+
+Request metrics carry vLLM's names without its `vllm:` prefix and its `model_name` label, so a Grafana panel
+made for vLLM reads the gateway (with `vllm:` dropped from its queries): `num_requests_running`,
+`num_requests_waiting`, `kv_cache_usage_perc` (a fraction, 0 to 1, as vLLM's), `time_to_first_token_seconds`,
+`inter_token_latency_seconds`, `e2e_request_latency_seconds`, `prompt_tokens_total`, `generation_tokens_total`
+and `request_success_total{finished_reason}`. What is ours keeps the `moe_` prefix: placement, balancedness,
+pools, routed tokens, expert RPCs. Units are in the names.
 
 Each process creates the group it serves (`GatewayMetrics`, `PoolMetrics`, `AutoscalerMetrics`) and exposes
-them with `serve_metrics(port)` on /metrics.
+them with `serve_metrics(port, host)` on /metrics.
 """
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
+# a request waits for admission, prefills and generates: seconds to tens of minutes
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+                   1280.0, 2560.0)
+# between two tokens: a step, or a step that waited on a pool's failover (tens of seconds)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry = REGISTRY):
-        r = registry
-        self.ttft = Histogram("moe_gateway_time_to_first_token_seconds", "Request arrival to first token.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("moe_gateway_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("moe_gateway_requests_running", "Requests being generated.", registry=r)
-        self.waiting = Gauge("moe_gateway_requests_waiting", "Requests waiting for cache space.", registry=r)
-        self.kv_cache_usage = Gauge("moe_gateway_kv_cache_usage_ratio", "Fraction of latent-cache blocks in use.", registry=r)
-        self.routed_tokens = Counter("moe_routed_tokens_total", "Tokens sent to each expert pool.", ["pool"], registry=r)
+    """The gateway's metrics. The request ones are bound to one served model (`set_model_name`, done by the
+    gateway runtime from GatewayConfig.model_name) and keep the attribute names the gateway code uses."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, model_name: str = ""):
+        r, m = registry, ["model_name"]
+        self._ttft = Histogram("time_to_first_token_seconds", "Request arrival to its first token.", m,
+                               buckets=REQUEST_BUCKETS, registry=r)
+        self._itl = Histogram("inter_token_latency_seconds", "Time between consecutive tokens of a request.", m,
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self._e2e = Histogram("e2e_request_latency_seconds", "Request arrival to its end (finished, failed or "
+                              "cancelled).", m, buckets=REQUEST_BUCKETS, registry=r)
+        self._running = Gauge("num_requests_running", "Requests admitted: prefilling or generating.", m, registry=r)
+        self._waiting = Gauge("num_requests_waiting", "Requests waiting for admission (latent-cache space).", m,
+                              registry=r)
+        self._kv_cache_usage = Gauge("kv_cache_usage_perc", "Fraction of latent-cache blocks in use (0 to 1).", m,
+                                     registry=r)
+        self._prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens prefilled, counted when a request "
+                                      "ends.", m, registry=r)
+        self._generation_tokens = Counter("generation_tokens_total", "Tokens generated, counted when a request ends.",
+                                          m, registry=r)
+        self._request_success = Counter("request_success_total", "Requests ended, by finished_reason: stop, length, "
+                                        "scored (a score request), abort (cancelled), error.",
+                                        ["model_name", "finished_reason"], registry=r)
+        self.routed_tokens = Counter("moe_routed_tokens_total", "Tokens sent to each expert pool.", ["pool"],
+                                     registry=r)
         self.pool_call = Histogram("moe_expert_rpc_duration_seconds", "Expert-pool Forward call duration.", ["pool"],
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.pool_failures = Counter("moe_expert_rpc_failures_total", "Failed expert-pool calls (re-sent elsewhere).",
@@ -31,6 +60,40 @@ class GatewayMetrics:
                                        registry=r)
         self.load_buckets_dropped = Gauge("moe_load_store_dropped_buckets", "Load buckets dropped during outages.",
                                           registry=r)
+        self.set_model_name(model_name)
+
+    def set_model_name(self, model_name: str) -> None:
+        """Bind the request metrics to the served model's name (before any request is served); the series of the
+        name they had go."""
+        previous = getattr(self, "model_name", None)
+        if previous is not None and previous != model_name:
+            for family in (self._ttft, self._itl, self._e2e, self._running, self._waiting, self._kv_cache_usage,
+                           self._prompt_tokens, self._generation_tokens):
+                family.remove(previous)
+        self.model_name = model_name
+        self.ttft = self._ttft.labels(model_name)
+        self.itl = self._itl.labels(model_name)
+        self.e2e_latency = self._e2e.labels(model_name)
+        self.running = self._running.labels(model_name)
+        self.waiting = self._waiting.labels(model_name)
+        self.kv_cache_usage = self._kv_cache_usage.labels(model_name)
+        self.prompt_tokens = self._prompt_tokens.labels(model_name)
+        self.generation_tokens = self._generation_tokens.labels(model_name)
+
+    def request_success(self, finished_reason: str) -> Counter:
+        return self._request_success.labels(self.model_name, finished_reason)
+
+    def request_finished(self, request) -> None:
+        """A request leaves the serving core (the scheduler's `on_finish`): its end, its tokens, its latency.
+        `request` is a gateway Request: finish_reason, error, cancelled, fed, output, arrival_time."""
+        if request.error is not None:
+            reason = "error"
+        else:
+            reason = request.finish_reason or ("abort" if request.cancelled else "error")
+        self.request_success(reason).inc()
+        self.prompt_tokens.inc(request.fed)
+        self.generation_tokens.inc(len(request.output))
+        self.e2e_latency.observe(time.monotonic() - request.arrival_time)
 
 
 class PoolMetrics:
@@ -46,7 +109,8 @@ class PoolMetrics:
 class AutoscalerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         r = registry
-        self.balancedness = Gauge("moe_placement_balancedness", "Mean / max pool load over the load window.", registry=r)
+        self.balancedness = Gauge("moe_placement_balancedness", "Mean / max pool load over the load window.",
+                                  registry=r)
         self.rebalances = Counter("moe_rebalances_total", "Placement rollouts.", ["reason"], registry=r)
         self.rebalance_duration = Histogram("moe_rebalance_duration_seconds", "Two-phase rollout duration.",
                                             buckets=(0.5, 1, 2, 4, 8, 16, 32, 64), registry=r)
