@@ -62,7 +62,8 @@ class Load:
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with self._lock:
                     self.failed += 1
-                    self.errors.append(f"{type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}")
+                    details = exc.details() if hasattr(exc, "details") else str(exc)
+                    self.errors.append(f"{type(exc).__name__}: {details}")
             i += len(self.threads)
 
     def start(self) -> "Load":

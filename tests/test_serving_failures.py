@@ -40,7 +40,7 @@ def test_score_top_k_out_of_range_is_invalid_argument(engine_tiny, top_k):
 
 def test_full_queue_refuses_with_the_limit(engine_tiny):
     core = ServingCore(engine_tiny.model, PagedLatentCache(engine_tiny.cfg, 4, 16), max_waiting=2)
-    for i in range(2):
+    for _ in range(2):
         core.submit(Request([5, 6, 7]))
     with pytest.raises(QueueFullError, match="2 requests are waiting") as err:
         core.submit(Request([5, 6, 7]))

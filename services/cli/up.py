@@ -168,7 +168,7 @@ def run_deployment(home: Path, dep: Deployment, layout: LocalLayout, gateway: Ga
         typer.echo(f"expertmesh: error: {exc}", err=True)
         dep.stop()
         (home / UP_STATE).unlink(missing_ok=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     finally:
         dep.stop()
     (home / UP_STATE).unlink(missing_ok=True)

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import redis
 
+
+
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
 BUCKET_SECONDS = 5
-from services.state import DEFAULT_LOAD_WINDOW_S  # noqa: F401 - re-exported for the stores' users
 TTL_SECONDS = 3600
 KEY = "expertmesh:load:{layer}:{bucket}"
 
