@@ -55,11 +55,23 @@ class RecordingStore:
 
 def statefulset(api, replicas: int = 2):
     apps = client.AppsV1Api(api)
-    apps.create_namespaced_stateful_set(NS, {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": STS, "namespace": NS},
-        "spec": {"replicas": replicas, "serviceName": "pools", "selector": {"matchLabels": {"c": "pool"}},
-                 "template": {"metadata": {"labels": {"c": "pool"}},
-                              "spec": {"containers": [{"name": "p", "image": "x"}]}}}})
+    apps.create_namespaced_stateful_set(
+        NS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": STS, "namespace": NS},
+            "spec": {
+                "replicas": replicas,
+                "serviceName": "pools",
+                "selector": {"matchLabels": {"c": "pool"}},
+                "template": {
+                    "metadata": {"labels": {"c": "pool"}},
+                    "spec": {"containers": [{"name": "p", "image": "x"}]},
+                },
+            },
+        },
+    )
     return apps
 
 
@@ -67,8 +79,9 @@ def actuations(apps, leadership):
     """The two ways an autoscaler changes anything: patch the StatefulSet's scale, publish a placement."""
     inner = RecordingStore()
     store = LeaderOnlyStore(inner, leadership)
-    actuator = KubernetesActuator(apps, NS, STS, store, lambda i: f"{STS}-{i}", lambda i: f"127.0.0.1:{i}",
-                                  leadership=leadership)
+    actuator = KubernetesActuator(
+        apps, NS, STS, store, lambda i: f"{STS}-{i}", lambda i: f"127.0.0.1:{i}", leadership=leadership
+    )
     return actuator, store, inner
 
 
@@ -144,8 +157,9 @@ def test_a_clock_past_the_renew_deadline_drops_leadership_at_once(kube):  # noqa
 def test_a_late_renewal_does_not_lead():
     """A renewal that returns after the renew deadline (counted from when it was sent) does not make a leader."""
     clock = FakeClock()
-    a = LeaseElector(None, NS, LEASE, "autoscaler-a", lease_duration_s=1, renew_deadline_s=0.6, retry_period_s=0.1,
-                     clock=clock)
+    a = LeaseElector(
+        None, NS, LEASE, "autoscaler-a", lease_duration_s=1, renew_deadline_s=0.6, retry_period_s=0.1, clock=clock
+    )
 
     def slow_acquire():
         clock.now += 0.7
