@@ -24,13 +24,16 @@ class SequenceBlocks:
 
 class PagedLatentCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", mtp: bool = False):
+        """`mtp`: one more layer slot per MTP layer (index num_hidden_layers + k), at the same slots as the main
+        layers: the MTP block's entry for position i sits where the main layers' entries for position i do."""
         self.kv_lora_rank = cfg.kv_lora_rank
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         # [layers, blocks * block_size, kv_lora + rope]: flat slots, slot = block * block_size + offset
-        self.data = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
+        self.data = torch.zeros(self.num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
         self._free = list(range(num_blocks - 1, -1, -1))
 
     # ---- block accounting -------------------------------------------------------------------

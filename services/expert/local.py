@@ -13,11 +13,13 @@ class LocalExperts:
         self.store = store
 
     @classmethod
-    def load_all(cls, store: ExpertStore, progress=None) -> "LocalExperts":
+    def load_all(cls, store: ExpertStore, progress=None, layers: list[int] | None = None) -> "LocalExperts":
+        """Every expert of `layers` (default: every MoE layer, the MTP layers' included)."""
         cfg = store.cfg
-        total = len(cfg.moe_layers) * cfg.n_routed_experts
+        layers = cfg.moe_layers if layers is None else layers
+        total = len(layers) * cfg.n_routed_experts
         done = 0
-        for layer in cfg.moe_layers:
+        for layer in layers:
             for expert in range(cfg.n_routed_experts):
                 store.load(layer, expert)
                 done += 1

@@ -59,7 +59,7 @@ class ExpertStore:
 
     def check(self, layer: int, expert: int) -> None:
         """Raises InvalidRequestError for a (layer, expert) that the model does not have."""
-        if not (0 <= layer < self.cfg.num_hidden_layers and self.cfg.is_moe_layer(layer)):
+        if layer not in self.cfg.moe_layers:  # the MTP layers' included
             raise InvalidRequestError(f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}.."
                                       f"{self.cfg.moe_layers[-1]})")
         if not 0 <= expert < self.cfg.n_routed_experts:

@@ -88,8 +88,14 @@ class ModelConfig:
         return layer >= self.first_k_dense_replace
 
     @property
+    def mtp_layers(self) -> list[int]:
+        """The multi-token-prediction layers' indices: num_hidden_layers, ... (one in DeepSeek-V3, index 61)."""
+        return list(range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers))
+
+    @property
     def moe_layers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+        """Every layer with routed experts, the MTP layers included: what is placed on pools and load-tracked."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)] + self.mtp_layers
 
     @property
     def softmax_scale(self) -> float:
@@ -179,6 +185,8 @@ class ModelConfig:
                 raise ConfigError(key, f"must be positive, got {getattr(self, key)}")
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim", f"must be a positive even number, got {self.qk_rope_head_dim}")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ConfigError("first_k_dense_replace", f"must lie in [0, num_hidden_layers], got {self.first_k_dense_replace}")
         if self.n_routed_experts % self.n_group:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from services.format.checkpoint import INDEX_FILE
 from services.format.config import ModelConfig
-from services.format.tensor_names import Kind, TensorSpec, model_specs, stored_name
+from services.format.tensor_names import MTP_COPIES, Kind, TensorSpec, model_specs, mtp_copy_source, stored_name
 from services.format.tokenizer import write_tokenizer
 from services.format.weights import LinearWeight
 
@@ -74,12 +74,19 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.T
 def random_tensors(cfg: ModelConfig, seed: int, fp8: bool,
                    progress: ProgressFn | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights with O(1) activations (so logits are spread and routing is decisive), in checkpoint dtypes:
-    FP8 projections with fp32 block scales (or BF16 without FP8), BF16 norms/embeddings/router, FP32 bias."""
+    FP8 projections with fp32 block scales (or BF16 without FP8), BF16 norms/embeddings/router, FP32 bias; the
+    MTP layer's embedding and head are copies of the main model's, as DeepSeek-V3 stores them."""
     gen = torch.Generator().manual_seed(seed)
     specs = model_specs(cfg)
     residual_scale = (2 * cfg.num_hidden_layers) ** -0.5
+    copied = set(MTP_COPIES.values()) if cfg.num_nextn_predict_layers else set()
+    kept: dict[str, torch.Tensor] = {}  # the main embedding and head, which the MTP layer stores copies of
     for i, spec in enumerate(specs):
-        yield from _random_tensor(spec, gen, fp8, residual_scale)
+        source = mtp_copy_source(spec)
+        value = kept[source] if source is not None else _random_value(spec, gen, residual_scale)
+        if spec.name in copied:
+            kept[spec.name] = value
+        yield from checkpoint_tensors(spec, value, fp8)
         if progress:
             progress(i + 1, len(specs))
 
@@ -100,9 +107,8 @@ def checkpoint_tensors(spec: TensorSpec, value: torch.Tensor, fp8: bool) -> Iter
         yield name, value.to(torch.bfloat16)
 
 
-def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool,
-                   residual_scale: float) -> Iterator[tuple[str, torch.Tensor]]:
-    if spec.kind is Kind.LINEAR:
+def _random_value(spec: TensorSpec, gen: torch.Generator, residual_scale: float) -> torch.Tensor:
+    if spec.kind in (Kind.LINEAR, Kind.PROJ):
         value = torch.randn(spec.shape, generator=gen) * spec.shape[1] ** -0.5
         if spec.name.endswith(("down_proj", "o_proj")):
             # projections back into the residual stream get GPT-2's 1/sqrt(2 * layers): each layer nudges the
@@ -122,7 +128,7 @@ def _random_tensor(spec: TensorSpec, gen: torch.Generator, fp8: bool,
         value = (torch.rand(spec.shape, generator=gen) - 0.5) * 0.4
     else:  # pragma: no cover
         raise AssertionError(spec.kind)
-    yield from checkpoint_tensors(spec, value, fp8)
+    return value
 
 
 def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0,

@@ -3,6 +3,7 @@
 tiny:  tests. Hidden 320 and kv_a 80 rows leave partial 128-blocks; 4 groups choosing 2; 1 dense layer;
        2 shared experts; YaRN (factor 40) on.
 small: benchmarks (~100M parameters): hidden 512, 8 layers with 2 dense, 64 routed experts top-6 in 8 groups.
+Every preset has DeepSeek-V3's multi-token-prediction layer (num_nextn_predict_layers 1, index num_hidden_layers).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def preset_config(name: str, fp8: bool = True) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     cfg = ModelConfig(
-        **PRESETS[name],
+        **{"num_nextn_predict_layers": 1, **PRESETS[name]},  # DeepSeek-V3's one MTP layer, unless the preset says
         routed_scaling_factor=2.5,
         max_position_embeddings=163840,
         yarn=YarnScaling(),

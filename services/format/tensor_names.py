@@ -14,6 +14,7 @@ class Kind(Enum):
     EMBED = "embed"  # embedding / lm_head, BF16
     ROUTER = "router"  # router gate weight, BF16
     BIAS = "bias"  # e_score_correction_bias, FP32
+    PROJ = "proj"  # a projection kept in BF16, never FP8 (the MTP layer's eh_proj)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,34 @@ def layer_specs(cfg: ModelConfig, layer: int, with_experts: bool = True) -> list
     return specs
 
 
-def model_specs(cfg: ModelConfig, with_experts: bool = True) -> list[TensorSpec]:
+# the MTP layer's stored copies of the main model's embedding and output head (DeepSeek-V3 stores both physically)
+MTP_COPIES = {"embed_tokens": "model.embed_tokens", "shared_head.head": "lm_head"}
+
+
+def mtp_specs(cfg: ModelConfig, layer: int, with_experts: bool = True) -> list[TensorSpec]:
+    """One multi-token-prediction layer (index num_hidden_layers + k): its embedding copy, enorm, hnorm,
+    eh_proj [H, 2H], a full MoE decoder block, shared_head.norm and shared_head.head [V, H]."""
+    p, h, v = layer_prefix(layer), cfg.hidden_size, cfg.vocab_size
+    return [
+        TensorSpec(f"{p}.embed_tokens", (v, h), Kind.EMBED, layer),
+        TensorSpec(f"{p}.enorm", (h,), Kind.NORM, layer),
+        TensorSpec(f"{p}.hnorm", (h,), Kind.NORM, layer),
+        TensorSpec(f"{p}.eh_proj", (h, 2 * h), Kind.PROJ, layer),
+        *layer_specs(cfg, layer, with_experts),
+        TensorSpec(f"{p}.shared_head.norm", (h,), Kind.NORM, layer),
+        TensorSpec(f"{p}.shared_head.head", (v, h), Kind.EMBED, layer),
+    ]
+
+
+def mtp_copy_source(spec: TensorSpec) -> str | None:
+    """The main-model tensor an MTP tensor is a stored copy of (None for the MTP layer's own tensors)."""
+    if spec.layer is None:
+        return None
+    return MTP_COPIES.get(spec.name.removeprefix(f"{layer_prefix(spec.layer)}."))
+
+
+def model_specs(cfg: ModelConfig, with_experts: bool = True, mtp: bool = True) -> list[TensorSpec]:
+    """Every tensor of the checkpoint: the main model, then the MTP layers the config declares (with `mtp`)."""
     specs = [TensorSpec("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED)]
     for layer in range(cfg.num_hidden_layers):
         specs += layer_specs(cfg, layer, with_experts)
@@ -100,6 +128,9 @@ def model_specs(cfg: ModelConfig, with_experts: bool = True) -> list[TensorSpec]
         TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM),
         TensorSpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED),
     ]
+    if mtp:
+        for layer in cfg.mtp_layers:
+            specs += mtp_specs(cfg, layer, with_experts)
     return specs
 
 

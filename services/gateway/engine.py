@@ -15,6 +15,7 @@ from services.expert.local import LocalExperts
 from services.expert.store import ExpertStore
 from services.format.checkpoint import CheckpointReader
 from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS
+from services.gateway.mtp import check_weights as check_mtp_weights
 from services.gateway.requests import PositionScore, Request
 from services.gateway.sampling import SamplingParams
 from services.gateway.serving import ServingCore
@@ -28,6 +29,8 @@ class Generation:
     prompt_token_ids: list[int]
     token_ids: list[int]
     finish_reason: str  # "length" | "stop"
+    draft_tokens: int = 0  # MTP drafts verified for this generation
+    accepted_tokens: int = 0  # of them, accepted
 
 
 class Engine:
@@ -40,17 +43,23 @@ class Engine:
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
                  absorb: bool = True, cache_dense_experts: bool = True, progress=None,
-                 fp8_experts: bool | None = None, **core_options) -> "Engine":
+                 fp8_experts: bool | None = None, mtp: bool = False, **core_options) -> "Engine":
         """`device`: cpu, cuda or auto (services.math.device); `dtype` defaults to the device's serving dtype
-        (float32 on cpu, bfloat16 on cuda, where the experts stay FP8: `fp8_experts`, see ExpertStore)."""
+        (float32 on cpu, bfloat16 on cuda, where the experts stay FP8: `fp8_experts`, see ExpertStore). `mtp`:
+        speculative decoding with the checkpoint's MTP layer (its experts are loaded only then)."""
         core_options.setdefault("max_waiting", 1 << 40)  # in process the caller holds every prompt already
         device = resolve_device(device)
         dtype = dtype or serving_dtype(device)
         store = ExpertStore(CheckpointReader(model_dir), dtype=dtype, cache_dense=cache_dense_experts, device=device,
                             fp8_compute=fp8_experts)
-        experts = LocalExperts.load_all(store, progress=progress and (lambda d, t: progress("experts", d, t)))
+        cfg = store.cfg
+        if mtp:  # before any expert is read: a missing MTP tensor is named as such
+            check_mtp_weights(store.reader)
+        layers = cfg.moe_layers if mtp else [layer for layer in cfg.moe_layers if layer not in cfg.mtp_layers]
+        experts = LocalExperts.load_all(store, progress=progress and (lambda d, t: progress("experts", d, t)),
+                                        layers=layers)
         core = ServingCore.from_dir(model_dir, experts, dtype=dtype, device=device, cache_tokens=cache_tokens,
-                                    block_size=block_size, absorb=absorb,
+                                    block_size=block_size, absorb=absorb, mtp=mtp,
                                     progress=progress and (lambda d, t: progress("layers", d, t)), **core_options)
         return cls(core)
 
@@ -77,7 +86,7 @@ class Engine:
             self.core.check_request(prompt, p)
         requests = [Request(list(prompt), p) for prompt, p in zip(prompts, params_list)]
         self._run(requests)
-        return [Generation(r.prompt, r.output, r.finish_reason) for r in requests]
+        return [Generation(r.prompt, r.output, r.finish_reason, r.draft_tokens, r.accepted_tokens) for r in requests]
 
     def _run(self, requests: list[Request]) -> None:
         for req in requests:

@@ -69,15 +69,13 @@ class GatewayModel:
         cfg = reader.config
 
         def tensor(spec: TensorSpec) -> torch.Tensor:
-            if spec.kind is Kind.LINEAR:
-                return read_linear(reader, spec).dense(dtype).to(device)
-            return read_plain(reader, spec, dtype).to(device)
+            return load_tensor(reader, spec, dtype, device)
 
         embed = tensor(TensorSpec("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
         layers = []
         for i in range(cfg.num_hidden_layers):
             w = {spec.name.removeprefix(f"model.layers.{i}."): tensor(spec) for spec in layer_specs(cfg, i, with_experts=False)}
-            layers.append(_build_layer(cfg, i, w, absorb))
+            layers.append(build_layer(cfg, i, w, absorb))
             if progress:
                 progress(i + 1, cfg.num_hidden_layers)
         norm = tensor(TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM))
@@ -100,33 +98,54 @@ class GatewayModel:
 
     @torch.inference_mode()
     def forward_stages(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
-                       routing_trace: list | None = None,
-                       logit_index: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+                       routing_trace: list | None = None, logit_index: torch.Tensor | None = None,
+                       hidden_index: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """The forward pass as a generator that pauses while each MoE layer's routed experts are computed
-        elsewhere: another micro-batch's attention can run meanwhile (see `run_interleaved`)."""
+        elsewhere: another micro-batch's attention can run meanwhile (see `run_interleaved`).
+
+        With `hidden_index` [M] it returns (logits, hidden [M, H]): the final hidden states (after the final norm,
+        what the MTP layer reads) at those flat token indices."""
         cfg = self.cfg
         x = self.embed[batch.token_ids]  # [T, H]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
         for layer in self.layers:
-            x = x + layer.attention.forward(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), batch, cache, layer.index, cos, sin)
-            h = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)
-            if layer.dense is not None:
-                x = x + layer.dense(h)
-                continue
-            topk_idx, topk_w = layer.router(h)  # [T, K], [T, K]
-            if routing_trace is not None:
-                routing_trace.append((layer.index, topk_idx))
-            if self.routing_observer is not None:
-                self.routing_observer(layer.index, topk_idx)
-            pending = self.experts.start(layer.index, h, topk_idx, topk_w)
-            shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
-            yield
-            x = x + pending() + shared  # [T, H]
+            x = yield from self.layer_stages(layer, x, batch, cache, cos, sin, routing_trace)
+        if hidden_index is not None:
+            index = logit_index if logit_index is not None else batch.last_index
+            hidden = rms_norm(x[hidden_index], self.norm, cfg.rms_norm_eps)  # [M, H]
+            return linear(rms_norm(x[index], self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32), hidden
         if logit_index is not None:
             x = x[logit_index]  # [N, H]
         elif not all_logits:
             x = x[batch.last_index]  # [B, H]
         return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+
+    def layer_stages(self, layer: DecoderLayer, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache,
+                     cos: torch.Tensor, sin: torch.Tensor,
+                     routing_trace: list | None = None) -> Generator[None, None, torch.Tensor]:
+        """One decoder layer (x [T, H] -> [T, H]), pausing while its routed experts are computed elsewhere."""
+        eps = self.cfg.rms_norm_eps
+        x = x + layer.attention.forward(rms_norm(x, layer.input_norm, eps), batch, cache, layer.index, cos, sin)
+        h = rms_norm(x, layer.post_attention_norm, eps)
+        if layer.dense is not None:
+            return x + layer.dense(h)
+        topk_idx, topk_w = layer.router(h)  # [T, K], [T, K]
+        if routing_trace is not None:
+            routing_trace.append((layer.index, topk_idx))
+        if self.routing_observer is not None:
+            self.routing_observer(layer.index, topk_idx)
+        pending = self.experts.start(layer.index, h, topk_idx, topk_w)
+        shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
+        yield
+        return x + pending() + shared  # [T, H]
+
+
+def load_tensor(reader: CheckpointReader, spec: TensorSpec, dtype: torch.dtype,
+                device: torch.device | str) -> torch.Tensor:
+    """One non-expert tensor in the compute dtype on `device` (FP8 projections dequantized), checked against its spec."""
+    if spec.kind is Kind.LINEAR:
+        return read_linear(reader, spec).dense(dtype).to(device)
+    return read_plain(reader, spec, dtype).to(device)
 
 
 def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
@@ -144,7 +163,8 @@ def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[t
     return results
 
 
-def _build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
+def build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
+    """A decoder layer from its tensors, keyed by name within the layer (`self_attn.q_a_proj`, `mlp.gate`, ...)."""
     attn = MLA(cfg, MLAWeights(
         q_a=w.get("self_attn.q_a_proj"),
         q_a_norm=w.get("self_attn.q_a_layernorm"),

@@ -46,6 +46,12 @@ class Request:
     # first); filled by the runner before the token's event, so a front end reads entry i with output token i
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     fed: int = 0  # prompt tokens already written to the cache
+    # MTP speculative decoding: the tokens the MTP layer proposes to follow output[-1], verified next step, and
+    # (temperature > 0) the distribution [V] the draft was drawn from; drafts verified so far and accepted
+    draft: list[int] = field(default_factory=list)
+    draft_probs: object | None = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False

@@ -17,56 +17,80 @@ from services.attention.kv_cache import PagedLatentCache
 from services.gateway.model import GatewayModel, run_interleaved
 from services.gateway.requests import PositionScore
 from services.gateway.scheduler import ChunkResult, PlannedChunk, StepPlan
+from services.gateway.speculative import MTPDrafter, decode_tokens
 from services.rpc.telemetry import tracer
 
 
 class ModelRunner:
-    def __init__(self, model: GatewayModel, cache: PagedLatentCache, micro_batches: int = 1):
+    def __init__(self, model: GatewayModel, cache: PagedLatentCache, micro_batches: int = 1,
+                 drafter: MTPDrafter | None = None):
         self.model = model
         self.cache = cache
         # >1 with remote experts: each step is split into micro-batches whose attention runs while the others'
         # experts are computed on the pools
         self.micro_batches = micro_batches
+        self.drafter = drafter  # MTP speculative decoding (services/gateway/speculative.py), or None
 
     def execute(self, plan: StepPlan) -> list[ChunkResult]:
+        chunks = plan.chunks
+        starts = [c.request.seq.length for c in chunks]  # each chunk's first position
+        drafting = [self.drafter is not None and self.drafter.wants(c) for c in chunks]
         with _step_span(plan):
-            rows = self._forward(plan.chunks)  # per chunk: logits [n, V] (n = 1, or the chunk's length to score)
-        greedy_rows = [i for i, c in enumerate(plan.chunks) if c.samples and c.request.params.temperature == 0]
+            # per chunk: logits [n, V] (n = 1, 1 + its draft, or the chunk's length to score); final hidden states
+            # [len, H] of the chunks that feed the MTP layer
+            rows, hidden = self._forward(chunks, drafting)
+            results = self._sample(chunks, rows)
+            for chunk, result in zip(chunks, results):
+                chunk.request.seq.length -= len(chunk.draft) - result.accepted  # rejected drafts' entries given back
+            if any(drafting):
+                self.drafter.propose(chunks, starts, hidden, results)
+        return results
+
+    def _sample(self, chunks: list[PlannedChunk], rows: list[torch.Tensor]) -> list[ChunkResult]:
+        greedy_rows = [i for i, c in enumerate(chunks) if c.samples and c.request.params.temperature == 0]
         greedy = {}
-        if greedy_rows:  # one argmax for every greedy request of the step
-            picked = torch.cat([rows[i][-1:] for i in greedy_rows]).argmax(-1).tolist()
-            greedy = dict(zip(greedy_rows, picked))
+        if greedy_rows:  # one argmax for every greedy request of the step (every position it verifies)
+            picked = torch.cat([rows[i][-1 - len(chunks[i].draft):] for i in greedy_rows]).argmax(-1).tolist()
+            for i in greedy_rows:
+                n = 1 + len(chunks[i].draft)
+                greedy[i], picked = picked[:n], picked[n:]
         results = []
-        for i, chunk in enumerate(plan.chunks):
+        for i, chunk in enumerate(chunks):
             if chunk.request.is_score:
                 results.append(ChunkResult(scores=_score_chunk(chunk, rows[i])))
             elif not chunk.samples:
                 results.append(ChunkResult())
             else:
                 req = chunk.request
-                token = greedy[i] if i in greedy else req.sampler(rows[i][-1])
+                tokens, accepted = decode_tokens(req, chunk, rows[i], greedy.get(i))
                 if req.params.logprobs is not None:
-                    req.token_logprobs.append(_token_logprob(rows[i][-1], token, req.params.logprobs))
-                results.append(ChunkResult(token=token))
+                    for j, token in enumerate(tokens):  # token j was predicted at the chunk's j-th sampled position
+                        req.token_logprobs.append(_token_logprob(rows[i][j], token, req.params.logprobs))
+                results.append(ChunkResult(token=tokens[0], extra=tokens[1:], accepted=accepted))
         return results
 
-    def _forward(self, chunks: list[PlannedChunk]) -> list[torch.Tensor]:
+    def _forward(self, chunks: list[PlannedChunk],
+                 drafting: list[bool]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         groups = _split_by_tokens([len(c.token_ids) for c in chunks], self.micro_batches)
-        stages, spans = [], []
+        stages, spans, device = [], [], self.model.device
         for group in groups:
             batch = StepBatch.build([SequenceChunk(chunks[i].request.seq, chunks[i].token_ids) for i in group],
                                     self.cache)
             index, span = _logit_rows([chunks[i] for i in group], batch)
-            spans.append(span)
-            stages.append(self.model.forward_stages(batch.to(self.model.device), self.cache,
-                                                    logit_index=index.to(self.model.device)))
+            hidden_index, hidden_span = _hidden_rows([chunks[i] for i in group], [drafting[i] for i in group], batch)
+            spans.append((span, hidden_span))
+            stages.append(self.model.forward_stages(batch.to(device), self.cache, logit_index=index.to(device),
+                                                    hidden_index=hidden_index.to(device) if hidden_span else None))
         outputs = run_interleaved(stages)
         rows: list[torch.Tensor | None] = [None] * len(chunks)
-        for group, out, span in zip(groups, outputs, spans):
-            out = out.cpu()  # [N, V]
+        hidden: list[torch.Tensor | None] = [None] * len(chunks)
+        for group, out, (span, hidden_span) in zip(groups, outputs, spans):
+            out, states = (out[0].cpu(), out[1]) if hidden_span else (out.cpu(), None)  # [N, V], [M, H]
             for i, (start, stop) in zip(group, span):
                 rows[i] = out[start:stop]
-        return rows
+            for i, (start, stop) in zip(group, hidden_span or []):
+                hidden[i] = states[start:stop] if stop > start else None
+        return rows, hidden
 
 
 def _logit_rows(chunks: list[PlannedChunk], batch: StepBatch) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -74,10 +98,24 @@ def _logit_rows(chunks: list[PlannedChunk], batch: StepBatch) -> tuple[torch.Ten
     chunk's [start, stop) among them."""
     index, spans, offset = [], [], 0
     for chunk, last in zip(chunks, batch.last_index.tolist()):
-        n = len(chunk.token_ids) if chunk.request.is_score else 1
+        n = len(chunk.token_ids) if chunk.request.is_score else 1 + len(chunk.draft)
         index.extend(range(last - n + 1, last + 1))
         spans.append((offset, offset + n))
         offset += n
+    return torch.tensor(index, dtype=torch.int64), spans
+
+
+def _hidden_rows(chunks: list[PlannedChunk], drafting: list[bool],
+                 batch: StepBatch) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+    """Flat token indices whose final hidden states the MTP layer reads (every token of a drafting chunk) and
+    each chunk's [start, stop) among them; (empty, None) when no chunk drafts."""
+    if not any(drafting):
+        return torch.empty(0, dtype=torch.int64), None
+    index, spans = [], []
+    for chunk, wants, last in zip(chunks, drafting, batch.last_index.tolist()):
+        n = len(chunk.token_ids) if wants else 0
+        spans.append((len(index), len(index) + n))
+        index.extend(range(last - n + 1, last + 1))
     return torch.tensor(index, dtype=torch.int64), spans
 
 

@@ -57,9 +57,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] fp32 -> token id."""
-        p = self.params
-        if p.temperature == 0:
+        if self.params.temperature == 0:
             return int(torch.argmax(logits))
+        return int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> the distribution [V] fp32 a temperature > 0 draw is made from (temperature, top-k, top-p)."""
+        p = self.params
         logits = logits.to(torch.float32).cpu() / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
@@ -69,4 +73,4 @@ class Sampler:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # always keeps the first
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs

@@ -1,9 +1,10 @@
 """Continuous batching as planning: which sequences run in the next step, and how many tokens each.
 
 The scheduler never runs the model. `plan()` admits waiting requests, then lays out one step: every running
-decode first (one token each), then prefill chunks (prompt tokens, first come first served) within the step's
-token budget. A runner executes the plan; `commit()` takes its results (a sampled token, or position scores)
-and finishes requests.
+decode first (one token each, or 1 + the draft its MTP layer proposed last step, to verify), then prefill chunks
+(prompt tokens, first come first served) within the step's token budget. A runner executes the plan; `commit()`
+takes its results (the sampled token, or the accepted tokens and the next draft, or position scores) and
+finishes requests.
 
 It is the one owner of the latent cache's blocks: a request is admitted only when the cache can hold its whole
 prompt plus max_tokens, reserved at once (so a running request never runs out); otherwise it waits, first come
@@ -15,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.attention.kv_cache import PagedLatentCache
 from services.errors import PoolUnavailableError, QueueFullError
@@ -28,6 +29,7 @@ from services.gateway.requests import PositionScore, Request, RequestEvent
 class PlannedChunk:
     request: Request
     token_ids: list[int]  # new tokens, at positions request.seq.length, +1, ...
+    draft: list[int] = field(default_factory=list)  # MTP: the last len(draft) of token_ids, to verify
 
     @property
     def completes_prompt(self) -> bool:
@@ -57,6 +59,10 @@ class ChunkResult:
 
     token: int | None = None  # sampled, when the chunk samples
     scores: list[PositionScore] | None = None  # score requests: the positions this chunk scored
+    extra: list[int] = field(default_factory=list)  # MTP: tokens after `token` (the accepted drafts' bonus)
+    accepted: int = 0  # MTP: drafts of the chunk accepted (token and the extras but the last are those drafts)
+    draft: list[int] = field(default_factory=list)  # MTP: the next proposal, verified next step
+    draft_probs: object | None = None  # MTP, temperature > 0: the distribution [V] the draft was drawn from
 
 
 class Scheduler:
@@ -72,6 +78,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.closed: BaseException | None = None  # set when serving stopped for good: submit refuses
         self.on_finish: Callable[[Request], None] | None = None  # told of every request that leaves (metrics)
+        self.draft_tokens = self.accepted_tokens = 0  # MTP drafts verified and accepted, all requests (metrics)
         self._lock = threading.Lock()
         self._work = threading.Event()
 
@@ -111,6 +118,11 @@ class Scheduler:
         self._admit()
         chunks = [PlannedChunk(r, [r.output[-1]]) for r in self.running if not r.prefilling]
         budget = self.max_step_tokens - len(chunks)
+        for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, where the budget allows
+            draft = chunk.request.draft
+            if draft and len(draft) <= budget and chunk.request.params.max_tokens - len(chunk.request.output) > 1:
+                chunk.token_ids, chunk.draft = chunk.token_ids + draft, list(draft)
+                budget -= len(draft)
         for req in self.running:
             if req.prefilling and budget > 0:
                 take = req.prompt[req.fed : req.fed + budget]
@@ -132,7 +144,7 @@ class Scheduler:
                 continue
             if result.token is None:
                 continue  # mid-prompt chunk: nothing sampled yet
-            self._accept_token(req, result.token)
+            self._commit_tokens(req, chunk, result)
 
     def fail(self, plan: StepPlan, error: BaseException) -> None:
         """A step that could not run fails its requests; the others go on."""
@@ -151,6 +163,22 @@ class Scheduler:
             req.emit(RequestEvent(error=error))
 
     # ---- internals -------------------------------------------------------------------------------------
+    def _commit_tokens(self, req: Request, chunk: PlannedChunk, result: ChunkResult) -> None:
+        """The step's tokens (1, or up to 1 + drafts with MTP) in order, until the request finishes; then the next
+        draft, for a request that goes on."""
+        req.draft, req.draft_probs = [], None
+        if chunk.draft:
+            req.draft_tokens += len(chunk.draft)
+            req.accepted_tokens += result.accepted
+            self.draft_tokens += len(chunk.draft)
+            self.accepted_tokens += result.accepted
+        for token in [result.token, *result.extra]:
+            self._accept_token(req, token)
+            if req.done:
+                del req.token_logprobs[len(req.output):]  # logprobs of tokens after the end are not the output's
+                return
+        req.draft, req.draft_probs = list(result.draft), result.draft_probs
+
     def _accept_token(self, req: Request, token: int) -> None:
         req.output.append(token)
         p = req.params

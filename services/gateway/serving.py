@@ -20,10 +20,12 @@ from services.format.config import ModelConfig
 from services.format.tokenizer import load_tokenizer
 from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS, DEFAULT_MAX_WAITING
 from services.gateway.model import GatewayModel
+from services.gateway.mtp import MTPModule
 from services.gateway.requests import Request
 from services.gateway.runner import ModelRunner
 from services.gateway.sampling import SamplingParams
 from services.gateway.scheduler import Scheduler
+from services.gateway.speculative import MTPDrafter
 from services.math.experts import ExpertsBackend
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class ServingCore:
     def __init__(self, model: GatewayModel, cache: PagedLatentCache, tokenizer=None, *,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
                  max_waiting: int = DEFAULT_MAX_WAITING, micro_batches: int = 1, before_step: Callable[[], None] | None = None,
-                 on_finish: Callable[[Request], None] | None = None):
+                 on_finish: Callable[[Request], None] | None = None, drafter: MTPDrafter | None = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
@@ -41,19 +43,27 @@ class ServingCore:
         self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
         self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting)
         self.scheduler.on_finish = on_finish  # e.g. count finished requests and their tokens
-        self.runner = ModelRunner(model, cache, micro_batches)
+        self.runner = ModelRunner(model, cache, micro_batches, drafter)
         self.before_step = before_step  # e.g. switch to a new placement at a step boundary
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, experts: ExpertsBackend, *, dtype: torch.dtype = torch.float32,
                  device: str = "cpu", cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                 absorb: bool = True, routing_observer=None, progress=None, **core_options) -> "ServingCore":
-        """Load the gateway's part of the checkpoint (everything but the routed experts, reached via `experts`)."""
+                 absorb: bool = True, routing_observer=None, progress=None, mtp: bool = False,
+                 num_speculative_tokens: int = 1, **core_options) -> ServingCore:
+        """Load the gateway's part of the checkpoint (everything but the routed experts, reached via `experts`);
+        with `mtp`, its MTP layer too, which drafts for speculative decoding (its experts through `experts` as well,
+        layer num_hidden_layers)."""
         reader = CheckpointReader(model_dir)
         model = GatewayModel.load(reader, experts, dtype=dtype, device=device, absorb=absorb,
                                   routing_observer=routing_observer, progress=progress)
-        cache = PagedLatentCache(reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device)
-        return cls(model, cache, load_tokenizer(model_dir), **core_options)
+        cache = PagedLatentCache(reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device,
+                                 mtp=mtp)
+        drafter = None
+        if mtp:
+            module = MTPModule.load(reader, model, dtype=dtype, device=device, absorb=absorb)
+            drafter = MTPDrafter(module, model, cache, num_speculative_tokens)
+        return cls(model, cache, load_tokenizer(model_dir), drafter=drafter, **core_options)
 
     # ---- requests in ----------------------------------------------------------------------------------
     def check_tokens(self, token_ids: list[int], extra: int = 0) -> None:

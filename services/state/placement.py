@@ -38,7 +38,8 @@ class Placement:
 
     @classmethod
     def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> "Placement":
-        """Every MoE layer's experts dealt round-robin over the pools, `replicas` copies each on distinct pools."""
+        """Every MoE layer's experts (cfg.moe_layers: the MTP layer's too, placed, load-tracked and rebalanced like
+        the others) dealt round-robin over the pools, `replicas` copies each on distinct pools."""
         if not pools:
             raise InvalidRequestError("a placement needs at least one pool")
         if not 1 <= replicas <= len(pools):
