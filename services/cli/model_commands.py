@@ -114,7 +114,7 @@ def _model_vocab(model: Path) -> int:
         raise InvalidRequestError(f"{model / 'config.json'}: malformed ({type(exc).__name__}: {exc})") from None
 
 
-def _load_engine(model: Path, quiet: bool, device: str = "auto"):
+def _load_engine(model: Path, quiet: bool, device: str = "auto", mtp: bool = False):
     """The in-process engine; a missing, truncated or corrupt checkpoint is an ExpertmeshError naming the file, a
     missing GPU (--device cuda) a DeviceUnavailableError naming the flag (before any weight is read)."""
     if not model.is_dir():
@@ -122,7 +122,7 @@ def _load_engine(model: Path, quiet: bool, device: str = "auto"):
     from services.gateway.engine import Engine
 
     with progress_reporter(not quiet) as progress:
-        return Engine.from_dir(model, device=device, progress=progress)
+        return Engine.from_dir(model, device=device, progress=progress, mtp=mtp)
 
 
 DEVICE_OPTION_HELP = "With --model: where to compute, auto (cuda when torch sees a GPU), cpu or cuda."
@@ -239,6 +239,8 @@ def generate(
                                           help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
     tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
+    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="With --model: speculative decoding with the checkpoint's "
+                             "MTP layer (the same tokens at temperature 0); --json reports its drafts."),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
     if (prompt is None) == (tokens is None):
@@ -246,6 +248,8 @@ def generate(
     _one_backend(model, target)
     try:
         check_device_option(device, target)
+        if mtp and target:
+            raise InvalidRequestError("--mtp applies to --model (in process); a gateway drafts when its own --mtp says")
         ids = parse_token_ids(tokens) if tokens is not None else None
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
@@ -258,7 +262,7 @@ def generate(
             out = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0)
-            engine = _load_engine(model, as_json, device)
+            engine = _load_engine(model, as_json, device, mtp)
             from services.gateway.sampling import SamplingParams  # torch: only once a model is to be run
 
             ids = engine.encode(prompt) if ids is None else ids
@@ -267,6 +271,8 @@ def generate(
             result = engine.generate([ids], params)[0]
             out = {"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
                    "text": engine.decode(result.token_ids), "finish_reason": result.finish_reason}
+            if mtp:
+                out["mtp"] = {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens}
     except ExpertmeshError as exc:
         fail(str(exc), _exit_code(exc))
     if as_json:

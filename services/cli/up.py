@@ -72,6 +72,7 @@ def up(
     tls_dir: Path = typer.Option(None, "--tls-dir", help=_help(GatewayConfig, "tls_dir") + " Every service uses it."),
     max_pools: int = typer.Option(8, "--max-pools", min=1, help=_help(AutoscalerConfig, "max_pools")),
     device: str = typer.Option(_G.device, "--device", help=_help(GatewayConfig, "device") + " The pools too."),
+    mtp: bool = typer.Option(_G.mtp, "--mtp/--no-mtp", help=_help(GatewayConfig, "mtp")),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
@@ -89,9 +90,8 @@ def up(
         http_port = _port_or_free(http_port, "--http-port")
     try:
         gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, http_port=http_port,
-                                dispatch_dtype=dispatch_dtype,
-                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s,
-                                device=_checked_device(device))
+                                dispatch_dtype=dispatch_dtype, device=_checked_device(device), mtp=mtp,
+                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s)
         autoscaler = AutoscalerConfig(autoscale_interval_s=autoscale_interval_s, load_window_s=load_window_s,
                                       rebalance_threshold=rebalance_threshold, pool_capacity=pool_capacity,
                                       rebalance_min_interval_s=rebalance_min_interval_s, max_pools=max_pools)

@@ -38,6 +38,9 @@ class GatewayConfig:
     max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
     max_waiting: int = setting(DEFAULT_MAX_WAITING, "Most requests waiting for admission; more are refused.")
     micro_batches: int = setting(1, "Split each step so attention of one part overlaps the pools' work.")
+    mtp: bool = setting(False, "Speculative decoding with the checkpoint's multi-token-prediction layer: each decode "
+                               "step verifies the draft it proposed (greedy output unchanged).")
+    num_speculative_tokens: int = setting(1, "Draft tokens per step with --mtp (1: DeepSeek-V3's one MTP layer).")
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
@@ -59,6 +62,9 @@ class GatewayConfig:
         for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens != 1:
+            raise ValueError(f"num_speculative_tokens must be 1 (one MTP layer, one draft per step), got "
+                             f"{self.num_speculative_tokens}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:

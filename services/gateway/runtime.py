@@ -44,6 +44,7 @@ class ServingLoop:
                  on_death: Callable[[BaseException], None] | None = None):
         self.core, self.metrics, self.recorder, self.on_death = core, metrics, recorder, on_death
         self.error: BaseException | None = None
+        self._spec_exported = (0, 0)  # MTP drafts verified and accepted, as counted so far
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
 
@@ -71,6 +72,11 @@ class ServingLoop:
         m.running.set(len(sched.running))
         m.waiting.set(sched.num_waiting)
         m.kv_cache_usage.set(self.core.cache.usage())
+        drafted, accepted = self._spec_exported
+        if sched.draft_tokens > drafted:
+            m.spec_draft_tokens.inc(sched.draft_tokens - drafted)
+            m.spec_accepted_tokens.inc(sched.accepted_tokens - accepted)
+            self._spec_exported = (sched.draft_tokens, sched.accepted_tokens)
         if self.recorder:
             m.load_store_outage.set(self.recorder.outage_seconds)
             m.load_buckets_dropped.set(self.recorder.dropped_buckets)
@@ -179,6 +185,7 @@ class GatewayRuntime:
             cache_tokens=config.cache_tokens, block_size=config.block_size,
             routing_observer=on_host(recorder.observe) if recorder else None, max_step_tokens=config.max_step_tokens,
             max_running=config.max_running, max_waiting=config.max_waiting, micro_batches=config.micro_batches,
+            mtp=config.mtp, num_speculative_tokens=config.num_speculative_tokens,
             before_step=follower.apply_pending if follower else None,
             on_finish=metrics.request_finished if metrics else None)
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)

@@ -60,6 +60,10 @@ class GatewayMetrics:
                                        registry=r)
         self.load_buckets_dropped = Gauge("moe_load_store_dropped_buckets", "Load buckets dropped during outages.",
                                           registry=r)
+        self.spec_draft_tokens = Counter("moe_spec_decode_draft_tokens", "MTP draft tokens verified (--mtp).",
+                                         registry=r)
+        self.spec_accepted_tokens = Counter("moe_spec_decode_accepted_tokens", "MTP draft tokens the main model "
+                                            "accepted (--mtp).", registry=r)
         self.set_model_name(model_name)
 
     def set_model_name(self, model_name: str) -> None:
