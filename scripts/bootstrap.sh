@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install expertmesh into .venv (from nothing: Python 3.11 + pip) and run the main job.
-# Usage: bash scripts/bootstrap.sh            install, then make a tiny model and generate from it
+# Usage: bash scripts/bootstrap.sh            install, then the main job (scripts/main_job.sh: train a tiny
+#                                             demo model once, serve it, one completion over HTTP)
 #        SKIP_MAIN_JOB=1 bash scripts/bootstrap.sh   install only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,5 @@ pip_install -e ".[kernels,test]"
 bash scripts/install_helm.sh >/dev/null  # the real helm binary, for the chart tests
 
 if [ -z "${SKIP_MAIN_JOB:-}" ]; then
-  MODEL=.cache/models/tiny
-  [ -f "$MODEL/config.json" ] || .venv/bin/expertmesh init-model "$MODEL" --preset tiny --seed 0
-  .venv/bin/expertmesh generate --model "$MODEL" "The gateway runs attention" --max-tokens 16 --json
+  bash scripts/main_job.sh  # the demo model (trained once, cached), served by `expertmesh up`, one HTTP completion
 fi

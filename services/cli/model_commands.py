@@ -68,16 +68,19 @@ def check_not_empty(text: str | None) -> None:
 
 def init_model(
     directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
-    preset: str = typer.Option("tiny", help="tiny (tests) or small (benchmarks)."),
-    seed: int = typer.Option(0, help="Random seed for the weights."),
+    preset: str = typer.Option("tiny", help="tiny (tests) or small (benchmarks): random weights; demo: the tiny "
+                               "architecture trained about a minute on Python source."),
+    seed: int = typer.Option(0, help="Random seed for the weights (and, for demo, the training batches)."),
     fp8: bool = typer.Option(True, "--fp8/--no-fp8", help="FP8 block-scaled projections (as DeepSeek ships) or BF16."),
     force: bool = typer.Option(False, help="Replace an existing directory."),
 ) -> None:
-    """Write a random DeepSeek-V3-architecture model in the real Hugging Face checkpoint layout."""
+    """Write a DeepSeek-V3-architecture model in the real Hugging Face checkpoint layout: random weights, or
+    (--preset demo) trained on the Python standard library's source."""
     from services.format.presets import PRESETS, preset_config
+    from services.training.demo import DEMO_PRESET
 
-    if preset not in PRESETS:
-        fail(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if preset not in PRESETS and preset != DEMO_PRESET:
+        fail(f"unknown preset {preset!r} (choose from {', '.join([*PRESETS, DEMO_PRESET])})")
     if not 0 <= seed < SEED_LIMIT:
         fail(f"--seed must lie in [0, 2**64), got {seed}")
     if directory.exists() and not directory.is_dir():
@@ -87,6 +90,9 @@ def init_model(
             if not force:
                 fail(f"{directory} exists and is not empty (use --force to replace it)")
             shutil.rmtree(directory)
+        if preset == DEMO_PRESET:
+            _write_demo(directory, seed, fp8)
+            return
         from services.format.model_writer import write_random_model  # torch: only once there is a model to write
 
         cfg = preset_config(preset, fp8=fp8)
@@ -97,6 +103,28 @@ def init_model(
         where = f": {exc.filename}" if exc.filename else ""
         fail(f"cannot write the model to {directory}: {exc.strerror or exc}{where}")
     typer.echo(f"wrote {preset} model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}")
+
+
+def _write_demo(directory: Path, seed: int, fp8: bool) -> None:
+    """Train the demo model (about a minute on 2 cores), saying what it is; progress on stderr (a bar on a
+    terminal, else a line every quarter)."""
+    from services.training.demo import DEMO_STEPS, demo_description, write_demo_model
+
+    typer.echo(f"training the demo model: the tiny DeepSeek-V3 architecture, {DEMO_STEPS} steps on the Python "
+               "standard library's source (about a minute on 2 cores)")
+    with progress_reporter(True) as progress:
+        def on_step(step: int, steps: int, loss: float) -> None:
+            if progress:
+                progress("training", step, steps)
+            elif step == 1 or step % max(1, steps // 4) == 0:
+                typer.echo(f"  step {step}/{steps}: loss {loss:.3f}", err=True)
+
+        result = write_demo_model(directory, seed=seed, fp8=fp8, steps=DEMO_STEPS, on_step=on_step)
+    first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {first:.2f} at the first step, "
+               f"{last:.2f} over the last 10 (nats per token)")
+    typer.echo(f"wrote demo model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}: "
+               f"{demo_description(result.steps)}")
 
 
 def _model_vocab(model: Path) -> int:
