@@ -23,6 +23,7 @@ VALUE_SETS = {
     "hostpath-gpu": ["--set", "model.volume.type=hostPath", "--set", "pools.gpu=1", "--set", "gateway.gpu=1",
                      "--set", "gateway.autoscaling.enabled=false", "--set", "autoscaler.enabled=false"],
     "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.count=8"],
+    "mutual-tls": ["--set", "tls.secretName=expertmesh-tls"],
     "queue-keda-monitors": ["--set", "gateway.autoscaling.waitingRequests.enabled=true", "--set",
                             "gateway.service.headless=true", "--set", "metrics.serviceMonitor.enabled=true",
                             "--set", "metrics.podMonitor.enabled=true",
@@ -93,11 +94,14 @@ def test_labels_and_selectors(rendered):
 
 
 def test_grpc_probes_and_security(rendered):
-    _, _, docs = rendered
+    name, _, docs = rendered
     gateway = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
     pools = one(docs, "StatefulSet", "-pools")["spec"]["template"]["spec"]
     for spec, service in ((gateway, "expertmesh.v1.GatewayService"), (pools, "expertmesh.v1.ExpertPoolService")):
         c = spec["containers"][0]
+        if name == "mutual-tls":  # exec probes over the pod's certificate: test_mutual_tls_mounts_...
+            assert c["readinessProbe"]["exec"]["command"][-2:] == [f"127.0.0.1:{c['ports'][0]['containerPort']}", service]
+            continue
         assert c["readinessProbe"]["grpc"]["service"] == service
         assert c["readinessProbe"]["grpc"]["port"] == c["ports"][0]["containerPort"]
         assert "grpc" in c["livenessProbe"] and "grpc" in c["startupProbe"]
@@ -344,3 +348,20 @@ def test_autoscaler_replicas_comment_is_true():
     elector = LeaseElector(None, "ns", "lease", "me")
     assert f"renewed on a thread of its own every {elector.retry_period:g} s" in text
     assert f"within {elector.renew_deadline:g} s" in text and f"the {elector.duration:g} s Lease" in text
+
+
+def test_mutual_tls_mounts_the_secret_and_probes_over_it(rendered):
+    name, _, docs = rendered
+    if name != "mutual-tls":
+        return
+    for kind, suffix in [("Deployment", "-gateway"), ("StatefulSet", "-pools"), ("Deployment", "-autoscaler")]:
+        spec = one(docs, kind, suffix)["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["EXPERTMESH_TLS_DIR"] == "/etc/expertmesh/tls"
+        assert {"name": "tls", "mountPath": "/etc/expertmesh/tls", "readOnly": True} in container["volumeMounts"]
+        assert any(v.get("secret", {}).get("secretName") == "expertmesh-tls" for v in spec["volumes"])
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if probe in container and suffix != "-autoscaler":
+                assert "grpc" not in container[probe], f"{suffix} {probe}: the kubelet's gRPC probe cannot speak TLS"
+                assert container[probe]["exec"]["command"][:3] == ["python", "-m", "services.rpc.health_probe"]

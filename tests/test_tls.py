@@ -109,3 +109,30 @@ def test_up_with_tls_end_to_end(tiny_fp8, tmp_path):
         assert plain.returncode == 2 and "UNAVAILABLE" in plain.stderr and "Traceback" not in plain.stderr
     finally:
         up.stop()
+
+
+def test_health_probe_command_follows_serving_over_tls(tls_dirs, tiny_fp8):
+    """The probe the chart runs when TLS is on: exit 1 while NOT_SERVING or unreachable, 0 once SERVING."""
+    from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.gateway.grpc_servicer import SERVICE_NAME, GatewayServicer
+    from services.rpc.grpc_server import ManagedServer
+    from services.rpc.health_probe import main as probe
+
+    async def serve():
+        server = ManagedServer([SERVICE_NAME], "127.0.0.1", 0)  # made on the loop that runs it
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway_pb2.GetModelInfoResponse()),
+                                                              server.server)
+        await server.start()
+        return server
+
+    loop = asyncio.new_event_loop()
+    managed = loop.run_until_complete(serve())
+    try:
+        check = lambda: loop.run_until_complete(asyncio.to_thread(probe, [managed.address, SERVICE_NAME]))  # noqa: E731
+        assert check() == 1
+        loop.run_until_complete(managed.set_serving())
+        assert check() == 0
+    finally:
+        loop.run_until_complete(managed.server.stop(0))
+        loop.close()
+    assert probe(["127.0.0.1:1"]) == 1

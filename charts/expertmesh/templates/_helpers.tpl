@@ -64,6 +64,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{- define "expertmesh.modelMounts" -}}
@@ -72,6 +78,27 @@ app.kubernetes.io/component: {{ .component }}
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/expertmesh/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A gRPC health check: the kubelet's own gRPC probe, or with mutual TLS (which kubelet probes cannot speak)
+the project's probe command over the pod's certificate. Takes (dict "ctx" . "port" N "service" NAME). */}}
+{{- define "expertmesh.grpcCheck" -}}
+{{- if .ctx.Values.tls.secretName }}
+exec:
+  command: ["python", "-m", "services.rpc.health_probe", "127.0.0.1:{{ .port }}"{{ if .service }}, {{ .service | quote }}{{ end }}]
+timeoutSeconds: 5
+{{- else }}
+grpc:
+  port: {{ .port }}
+  {{- if .service }}
+  service: {{ .service }}
+  {{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Environment every service shares. */}}
@@ -80,6 +107,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ include "expertmesh.redisUrl" . | quote }}
 - name: HOME
   value: /tmp
+{{- if .Values.tls.secretName }}
+- name: EXPERTMESH_TLS_DIR
+  value: /etc/expertmesh/tls
+{{- end }}
 {{- if .Values.tracing.otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .Values.tracing.otlpEndpoint | quote }}
