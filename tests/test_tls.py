@@ -83,14 +83,13 @@ def test_pool_serves_only_peers_with_a_certificate_of_its_ca(tls_dirs, tiny_fp8)
         loop.close()
 
 
-def test_missing_tls_files_are_named(tmp_path, monkeypatch):
+def test_missing_tls_files_are_named_and_change_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv(tls.TLS_DIR_ENV, raising=False)
     from services.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ca.crt"):
         tls.configure(tmp_path)
-    monkeypatch.delenv(tls.TLS_DIR_ENV)
-    tls.configure(None)
+    assert tls.TLS_DIR_ENV not in os.environ and tls.tls_files() is None  # still plain text
 
 
 @pytest.mark.slow

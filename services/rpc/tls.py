@@ -30,10 +30,11 @@ class TlsFiles:
 
 def configure(tls_dir: str | Path | None) -> None:
     """Use `tls_dir` for every server and channel of this process (None: keep $EXPERTMESH_TLS_DIR or plain text)."""
-    if tls_dir:
-        os.environ[TLS_DIR_ENV] = str(tls_dir)
     _files.cache_clear()
-    tls_files()  # a missing or unreadable file is an error now, not at the first call
+    if tls_dir:
+        _files(str(tls_dir))  # a missing or unreadable file is an error now (and the setting is left as it was)
+        os.environ[TLS_DIR_ENV] = str(tls_dir)
+    tls_files()
 
 
 def tls_files() -> TlsFiles | None:
