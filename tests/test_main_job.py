@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli.app import app
+from services.format.tokenizer import load_tokenizer
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
 
@@ -41,9 +42,13 @@ def short_demo(tmp_path_factory):
 def test_demo_preset_trains_and_says_what_it_is(short_demo):
     directory, output = short_demo
     assert "trained 4 steps on the Python standard library's source; it completes Python-like text" in output
-    assert re.search(r"loss \d+\.\d\d at the first step, \d+\.\d\d over the last 10", output), output
+    assert re.search(
+        r"loss \d+\.\d\d at the first step, \d+\.\d\d over the last 10, \d+\.\d\d on modules held out", output
+    )
     cfg = json.loads((directory / "config.json").read_text())
     assert cfg["hidden_size"] == 320 and "quantization_config" in cfg  # the tiny architecture, FP8 as DeepSeek ships
+    tok = load_tokenizer(directory)  # learned from the Python source: indentation in one token
+    assert tok.get_vocab_size() == 1024 and len(tok.encode("\n        return self", add_special_tokens=False).ids) == 3
 
 
 def test_demo_model_is_served(short_demo):

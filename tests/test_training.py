@@ -116,3 +116,30 @@ def test_routing_bias_follows_load(tiny_fp8):
 
 def test_the_corpus_holds_modules_out():
     assert not set(TRAIN_MODULES) & set(HELD_OUT_MODULES)
+
+
+def test_a_tokenizer_learned_from_the_corpus(tmp_path, tiny_fp8):
+    """The demo's tokenizer: init-model's special tokens in their places, merges from the stdlib source."""
+    import shutil
+
+    from services.format.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, load_tokenizer
+    from services.training.corpus import module_source
+    from services.training.tokenizer import replace_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_fp8 / name, tmp_path / name)
+    tok = replace_tokenizer(tmp_path, 1024, [module_source(m) for m in TRAIN_MODULES])
+    assert load_tokenizer(tmp_path).to_str() == tok.to_str()
+    assert tok.get_vocab_size() == 1024
+    assert [tok.token_to_id(t) for t in (BOS_TOKEN, EOS_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)] == [0, 1, 1022, 1023]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert {int(i): e["content"] for i, e in config["added_tokens_decoder"].items()} == {
+        0: BOS_TOKEN,
+        1: EOS_TOKEN,
+        1022: USER_TOKEN,
+        1023: ASSISTANT_TOKEN,
+    }
+    held_out = module_source(HELD_OUT_MODULES[1])
+    ids = tok.encode(held_out, add_special_tokens=False).ids
+    assert len(held_out) / len(ids) > 2.5  # init-model's tokenizer: about 1.3 characters per token
+    assert tok.decode(ids) == held_out and tok.encode("x").ids[0] == 0  # round trip; BOS first

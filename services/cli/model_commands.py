@@ -122,7 +122,8 @@ def _write_demo(directory: Path, seed: int, fp8: bool) -> None:
         result = write_demo_model(directory, seed=seed, fp8=fp8, steps=DEMO_STEPS, on_step=on_step)
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {first:.2f} at the first step, "
-               f"{last:.2f} over the last 10 (nats per token)")
+               f"{last:.2f} over the last 10, {result.held_out_loss:.2f} on modules held out of training "
+               "(nats per token)")
     typer.echo(f"wrote demo model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}: "
                f"{demo_description(result.steps)}")
 

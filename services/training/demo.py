@@ -1,5 +1,6 @@
 """The demo model (`expertmesh init-model DIR --preset demo`, the README's main job): the tiny preset's
-architecture, trained about a minute on a 2-core machine on the Python standard library's source."""
+architecture, trained about a minute on a 2-core machine on the Python standard library's source, with a tokenizer
+learned from that source (services/training/tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -23,4 +24,5 @@ def write_demo_model(directory: str | Path, seed: int = 0, fp8: bool = True, ste
     """-> trainer.TrainResult. `on_step(step, steps, loss)` after every step."""
     from services.training.trainer import TrainConfig, write_trained_model
 
-    return write_trained_model(directory, DEMO_ARCHITECTURE, TrainConfig(steps=steps, seed=seed), on_step, fp8=fp8)
+    tc = TrainConfig(steps=steps, seed=seed, learn_tokenizer=True)
+    return write_trained_model(directory, DEMO_ARCHITECTURE, tc, on_step, fp8=fp8)

@@ -4,7 +4,8 @@ The random start is the project's own (`write_random_model`: FP8 projections, th
 read back dequantized to float32; AdamW trains every tensor but the routing biases, which follow DeepSeek-V3's
 auxiliary-loss-free balancing instead (after each step, each layer's bias rises by `bias_rate` for the experts
 that got fewer tokens than average and falls for those that got more). The result is written in the real
-checkpoint layout, projections as FP8 blocks (`model_writer.checkpoint_tensors`), with the start's tokenizer.
+checkpoint layout, projections as FP8 blocks (`model_writer.checkpoint_tensors`), with the start's tokenizer, or
+with `learn_tokenizer` one whose merges are learned from the training modules (services/training/tokenizer.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 
 from services.format.model_writer import checkpoint_tensors, write_checkpoint, write_random_model
 from services.format.presets import preset_config
-from services.training.corpus import TRAIN_MODULES, corpus_ids
+from services.training.corpus import TRAIN_MODULES, corpus_ids, held_out_windows, module_source
 from services.training.forward import TrainingModel, bias_name
+from services.training.tokenizer import replace_tokenizer
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 # (step, steps, loss) after every step
@@ -37,6 +39,7 @@ class TrainConfig:
     warmup: int = 20
     seed: int = 0
     bias_rate: float = 1e-3  # DeepSeek-V3's gamma for the routing biases (0: keep them as they are)
+    learn_tokenizer: bool = False  # merges learned from the training modules instead of init-model's tokenizer
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TrainResult:
     steps: int
     losses: list[float]  # per step
     seconds: float  # training alone (no writing)
+    held_out_loss: float | None = None  # mean next-token loss on HELD_OUT_MODULES' opening windows, after training
 
 
 def learning_rate(tc: TrainConfig, step: int) -> float:
@@ -114,10 +118,19 @@ def write_trained_model(
     directory = Path(directory)
     with tempfile.TemporaryDirectory(prefix="expertmesh-train-") as tmp:
         start = write_random_model(Path(tmp) / "start", preset_config(preset, fp8=fp8), seed=tc.seed)
+        if tc.learn_tokenizer:
+            replace_tokenizer(start, preset_config(preset).vocab_size, [module_source(m) for m in TRAIN_MODULES])
         model = TrainingModel.from_checkpoint(start)
         ids = torch.tensor([t for module in corpus_ids(start, TRAIN_MODULES) for t in module])  # [N]
         began = time.perf_counter()
         losses = train(model, ids, tc, on_step)
         seconds = time.perf_counter() - began
+        held_out = held_out_loss(model, held_out_windows(start))
         write_model(model, directory, start)
-    return TrainResult(directory, tc.steps, losses, seconds)
+    return TrainResult(directory, tc.steps, losses, seconds, held_out)
+
+
+@torch.no_grad()
+def held_out_loss(model: TrainingModel, windows: list[list[int]]) -> float:
+    """Mean next-token cross-entropy (nats) over equal-length token windows."""
+    return model.loss(torch.tensor(windows)).item()
