@@ -44,9 +44,11 @@ def main() -> None:
             t = time.perf_counter()
             client.generate(None, [5, 17, 300], 1)
             py.append(time.perf_counter() - t)
-        print(f"expertmesh generate --target (1 token), {args.runs} runs: median {statistics.median(cli):.3f} s, "
-              f"min {min(cli):.3f}, max {max(cli):.3f}; the same request from an open Python client: median "
-              f"{statistics.median(py) * 1000:.1f} ms")
+        print(
+            f"expertmesh generate --target (1 token), {args.runs} runs: median {statistics.median(cli):.3f} s, "
+            f"min {min(cli):.3f}, max {max(cli):.3f}; the same request from an open Python client: median "
+            f"{statistics.median(py) * 1000:.1f} ms"
+        )
     finally:
         dep.close()
 

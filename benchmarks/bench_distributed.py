@@ -11,8 +11,9 @@ the first step admits only some of them and the others' prefill runs while those
 engine gets all C before its first step. Both figures are printed.) Inter-token latency is the gap between
 consecutive tokens of a request (p50, p99). The in-process engine runs the same scheduler with the same
 requests. Each figure is the best of `--repeats` runs, the in-process and distributed runs interleaved so that
-both see the same state of a machine whose speed drifts; every run's ratio is printed too. Also: wire bytes sent to pools per token per MoE layer (whole ForwardRequest
-messages), fp8 against bf16 dispatch, on the same routed batches.
+both see the same state of a machine whose speed drifts; every run's ratio is printed too. Also: wire bytes
+sent to pools per token per MoE layer (whole ForwardRequest messages), fp8 against bf16 dispatch, on the same
+routed batches.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.attention.batch import SequenceChunk, StepBatch  # noqa: E402
 from services.attention.kv_cache import SequenceBlocks  # noqa: E402
 from services.cli.gateway_client import GatewayClient  # noqa: E402
-from tests.local_deployment import UpProcess  # noqa: E402
 from services.format.model_writer import write_random_model  # noqa: E402
-from services.state.placement_store import RedisPlacementStore  # noqa: E402
 from services.format.presets import preset_config  # noqa: E402
 from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.remote_experts import RemoteExperts  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
 from services.gateway.scheduler import Request  # noqa: E402
+from services.state.placement_store import RedisPlacementStore  # noqa: E402
+from tests.local_deployment import UpProcess  # noqa: E402
 
 PROMPT_LEN = 32
 
@@ -55,17 +56,25 @@ def summarize(stamps: list[list[float]]) -> dict:
     in_window = sum(1 for s in stamps for t in s if all_in < t <= first_out)
     gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]))
     pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3  # noqa: E731
-    return {"decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else float("nan"),
-            "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
-            "itl_p50_ms": pick(0.50), "itl_p99_ms": pick(0.99)}
+    return {
+        "decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else float("nan"),
+        "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
+        "itl_p50_ms": pick(0.50),
+        "itl_p99_ms": pick(0.99),
+    }
 
 
 def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
     stamps: list[list[float]] = [[] for _ in range(concurrency)]
     requests = []
     for i, p in enumerate(prompts(concurrency, engine.cfg.vocab_size)):
-        requests.append(Request(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True),
-                                on_event=lambda ev, i=i: stamps[i].append(time.perf_counter())))
+        requests.append(
+            Request(
+                p,
+                SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                on_event=lambda ev, i=i: stamps[i].append(time.perf_counter()),
+            )
+        )
     for r in requests:
         engine.scheduler.submit(r)
     engine.core.run_until_idle()
@@ -79,8 +88,9 @@ def run_distributed(gateway: str, concurrency: int, new_tokens: int, vocab: int)
     client = GatewayClient(gateway, timeout_s=600)
 
     def one(i: int, prompt: list[int]) -> None:
-        request = gateway_pb2.GenerateRequest(token_ids=prompt, sampling=gateway_pb2.SamplingParams(
-            max_tokens=new_tokens, ignore_eos=True))
+        request = gateway_pb2.GenerateRequest(
+            token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        )
         for msg in client.stub.Generate(request, timeout=600):
             if msg.token_ids:
                 stamps[i].append(time.perf_counter())
@@ -128,8 +138,12 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/bench")
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                    help="the in-process engine, the gateway and the pools on this device")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "auto"),
+        help="the in-process engine, the gateway and the pools on this device",
+    )
     args = ap.parse_args()
     model = Path(args.cache_dir) / f"{args.preset}-fp8"
     if not (model / "config.json").exists():
@@ -140,15 +154,25 @@ def main() -> None:
     engine = Engine.from_dir(model, cache_tokens=cache_tokens, device=args.device)
     runs: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # per level: (in-process, distributed)
     with tempfile.TemporaryDirectory() as home:
-        up = UpProcess(model, args.pools, "fp8", Path(home), cache_tokens=cache_tokens,
-                       extra=["--micro-batches", str(args.micro_batches), "--device", args.device])
+        up = UpProcess(
+            model,
+            args.pools,
+            "fp8",
+            Path(home),
+            cache_tokens=cache_tokens,
+            extra=["--micro-batches", str(args.micro_batches), "--device", args.device],
+        )
         try:
             run_in_process(engine, 4, 4)  # warm-ups
             run_distributed(up.gateway, 4, 4, engine.cfg.vocab_size)
             for _ in range(args.repeats):
                 for c in levels:
-                    runs[c].append((run_in_process(engine, c, args.new_tokens),
-                                    run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size)))
+                    runs[c].append(
+                        (
+                            run_in_process(engine, c, args.new_tokens),
+                            run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size),
+                        )
+                    )
             wire = dispatch_bytes(engine, up.redis)
         finally:
             up.stop()
@@ -156,20 +180,35 @@ def main() -> None:
     local = {c: best([l for l, _ in runs[c]]) for c in levels}
     remote = {c: best([r for _, r in runs[c]]) for c in levels}
 
-    print(f"preset {args.preset} on {engine.model.device}, {args.pools} pools, {args.micro_batches} micro-batches, fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads in process, best of {args.repeats} interleaved runs")
-    print("| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms | distributed / in-process "
-          "| whole run: in-process, distributed tok/s, ratio |")
+    print(
+        f"preset {args.preset} on {engine.model.device}, {args.pools} pools, {args.micro_batches} micro-batches, "
+        f"fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads in process, best of {args.repeats} interleaved runs"
+    )
+    print(
+        "| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms "
+        "| distributed / in-process | whole run: in-process, distributed tok/s, ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for c in levels:
         l, r = local[c], remote[c]
-        print(f"| {c} | {l['decode_tok_s']:.1f} | {l['itl_p50_ms']:.1f} / {l['itl_p99_ms']:.1f} | {r['decode_tok_s']:.1f} | "
-              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
-              f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, {r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |")
-    print("\nevery run's distributed / in-process ratio: " + "; ".join(
-        f"{c}: " + ", ".join(f"{r['decode_tok_s'] / l['decode_tok_s']:.2f}x" for l, r in runs[c]) for c in levels))
-    print(f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
-          f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}")
+        print(
+            f"| {c} | {l['decode_tok_s']:.1f} | {l['itl_p50_ms']:.1f} / {l['itl_p99_ms']:.1f} | "
+            f"{r['decode_tok_s']:.1f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
+            f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, "
+            f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |"
+        )
+    print(
+        "\nevery run's distributed / in-process ratio: "
+        + "; ".join(
+            f"{c}: " + ", ".join(f"{r['decode_tok_s'] / l['decode_tok_s']:.2f}x" for l, r in runs[c]) for c in levels
+        )
+    )
+    print(
+        f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
+        f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}"
+    )
 
 
 if __name__ == "__main__":

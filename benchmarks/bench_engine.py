@@ -5,8 +5,9 @@
 Makes the preset model (FP8, seed 0) if needed; transformers gets the dequantized float32 copy (its FP8 path
 needs a GPU, and its CPU dequantization gets partial blocks wrong), so both compute the same numbers in fp32.
 Prefill tokens/s = B * prompt_len / t(generate 1 token); decode tokens/s = B * (N - 1) / (t(N) - t(1)), the
-same method for both, each time the best of `--repeats` runs with the two engines interleaved. Also measures this machine's float32 matmul throughput and the fraction of it that the
-engine's decode reaches (FLOPs per token counted from the config: the active parameters plus attention).
+same method for both, each time the best of `--repeats` runs with the two engines interleaved. Also measures
+this machine's float32 matmul throughput and the fraction of it that the engine's decode reaches (FLOPs per
+token counted from the config: the active parameters plus attention).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def matmul_gflops(n: int = 1024, reps: int = 20, device: str = "cpu") -> float:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def sync(device) -> None:
@@ -55,7 +56,9 @@ def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
     absorb = nh * cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # W_UK into q, W_UV after
     scores = nh * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # q.k over latent+rope, p.v over latent
     dense = 3 * h * cfg.intermediate_size
-    moe = 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts) + cfg.n_routed_experts * h
+    moe = (
+        3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts) + cfg.n_routed_experts * h
+    )
     per_layer = [attn + absorb + scores + (moe if cfg.is_moe_layer(i) else dense) for i in range(cfg.num_hidden_layers)]
     return 2.0 * (sum(per_layer) + cfg.vocab_size * h)
 
@@ -80,8 +83,14 @@ def hf_runner(model, batch: int, prompt_len: int, vocab: int):
 
     def run(n):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+            return model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     return run
 
@@ -95,8 +104,8 @@ def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats
     tn = dict(t1)
     for _ in range(repeats):
         for name, run in runners.items():
-            t1[name] = min(t1[name], timed(lambda: run(1)))
-            tn[name] = min(tn[name], timed(lambda: run(new_tokens)))
+            t1[name] = min(t1[name], timed(lambda run=run: run(1)))
+            tn[name] = min(tn[name], timed(lambda run=run: run(new_tokens)))
     return {name: (batch * prompt_len / t1[name], batch * (new_tokens - 1) / (tn[name] - t1[name])) for name in runners}
 
 
@@ -107,13 +116,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--cache-dir", default=".cache/bench")
-    ap.add_argument("--dtypes", default="float32,bfloat16",
-                    help="compute dtypes to run, both engines alike (float32: the parity dtype; bfloat16: the checkpoint's)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="compute dtypes to run, both engines alike (float32: the parity dtype; bfloat16: the checkpoint's)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
     ap.add_argument("--json", dest="json_out", help="also write the figures to this file")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                    help="both engines on this device (cuda: the engine's experts stay FP8 in bfloat16; float32 "
-                         "dequantizes them per call)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "auto"),
+        help="both engines on this device (cuda: the engine's experts stay FP8 in bfloat16; float32 "
+        "dequantizes them per call)",
+    )
     args = ap.parse_args()
     from services.math.device import resolve_device
 
@@ -135,35 +151,60 @@ def main() -> None:
     results = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        engine = Engine.from_dir(src, dtype=dtype, device=device,
-                                 cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens)))
+        engine = Engine.from_dir(
+            src, dtype=dtype, device=device, cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens))
+        )
         hf = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=dtype).to(device).eval()
         n_params = sum(p.numel() for p in hf.parameters())
         rows = []
         for b in (int(x) for x in args.batches.split(",")):
-            got = measure({"engine": engine_runner(engine, b, args.prompt_len),
-                           "transformers": hf_runner(hf, b, args.prompt_len, cfg.vocab_size)},
-                          b, args.prompt_len, args.new_tokens, args.repeats)
+            got = measure(
+                {
+                    "engine": engine_runner(engine, b, args.prompt_len),
+                    "transformers": hf_runner(hf, b, args.prompt_len, cfg.vocab_size),
+                },
+                b,
+                args.prompt_len,
+                args.new_tokens,
+                args.repeats,
+            )
             (e_pre, e_dec), (h_pre, h_dec) = got["engine"], got["transformers"]
             context = args.prompt_len + args.new_tokens // 2
             frac = e_dec * decode_flops_per_token(cfg, context) / 1e9 / peak
-            rows.append(dict(batch=b, engine_prefill_tok_s=e_pre, hf_prefill_tok_s=h_pre, engine_decode_tok_s=e_dec,
-                             hf_decode_tok_s=h_dec, decode_speedup=e_dec / h_dec, prefill_speedup=e_pre / h_pre,
-                             engine_decode_fraction_of_matmul_peak=frac))
+            rows.append(
+                dict(
+                    batch=b,
+                    engine_prefill_tok_s=e_pre,
+                    hf_prefill_tok_s=h_pre,
+                    engine_decode_tok_s=e_dec,
+                    hf_decode_tok_s=h_dec,
+                    decode_speedup=e_dec / h_dec,
+                    prefill_speedup=e_pre / h_pre,
+                    engine_decode_fraction_of_matmul_peak=frac,
+                )
+            )
         del engine, hf
         results.append({"dtype": dtype_name, "rows": rows})
-        print(f"\npreset {args.preset}, {dtype_name} on {device}: {n_params / 1e6:.1f}M parameters, prompt {args.prompt_len}, "
-              f"{args.new_tokens} new tokens, {threads} threads; float32 matmul peak {peak:.1f} GFLOP/s (1024^3)")
-        print("| batch | prefill tok/s engine | transformers | ratio | decode tok/s engine | transformers | ratio "
-              "| engine decode, % of fp32 matmul peak |")
+        print(
+            f"\npreset {args.preset}, {dtype_name} on {device}: {n_params / 1e6:.1f}M parameters, "
+            f"prompt {args.prompt_len}, "
+            f"{args.new_tokens} new tokens, {threads} threads; float32 matmul peak {peak:.1f} GFLOP/s (1024^3)"
+        )
+        print(
+            "| batch | prefill tok/s engine | transformers | ratio | decode tok/s engine | transformers | ratio "
+            "| engine decode, % of fp32 matmul peak |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['batch']} | {r['engine_prefill_tok_s']:.0f} | {r['hf_prefill_tok_s']:.0f} | "
-                  f"{r['prefill_speedup']:.2f}x | {r['engine_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
-                  f"{r['decode_speedup']:.2f}x | {100 * r['engine_decode_fraction_of_matmul_peak']:.1f}% |")
+            print(
+                f"| {r['batch']} | {r['engine_prefill_tok_s']:.0f} | {r['hf_prefill_tok_s']:.0f} | "
+                f"{r['prefill_speedup']:.2f}x | {r['engine_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | "
+                f"{r['decode_speedup']:.2f}x | {100 * r['engine_decode_fraction_of_matmul_peak']:.1f}% |"
+            )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"matmul_gflops": peak, "threads": threads, "device": str(device),
-                                                   "results": results}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps({"matmul_gflops": peak, "threads": threads, "device": str(device), "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -51,10 +51,14 @@ def summarize(sent: list[float], stamps: list[list[float]]) -> dict:
     in_window = sum(1 for s in stamps for t in s if all_in < t <= first_out)
     ttft = [s[0] - t0 for t0, s in zip(sent, stamps)]
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    return {"decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else float("nan"),
-            "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
-            "ttft_p50_ms": _pick(ttft, 0.50), "ttft_p99_ms": _pick(ttft, 0.99),
-            "itl_p50_ms": _pick(gaps, 0.50), "itl_p99_ms": _pick(gaps, 0.99)}
+    return {
+        "decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else float("nan"),
+        "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
+        "ttft_p50_ms": _pick(ttft, 0.50),
+        "ttft_p99_ms": _pick(ttft, 0.99),
+        "itl_p50_ms": _pick(gaps, 0.50),
+        "itl_p99_ms": _pick(gaps, 0.99),
+    }
 
 
 GATEWAY_PID: int | None = None  # set once `up` runs: the gateway's CPU time is reported per run
@@ -92,8 +96,9 @@ def run_grpc(gateway: str, batch: list[list[int]], new_tokens: int) -> dict:
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
 
     def one(i: int, prompt: list[int], sent: list[float], stamps: list[float]) -> None:
-        request = gateway_pb2.GenerateRequest(token_ids=prompt, sampling=gateway_pb2.SamplingParams(
-            max_tokens=new_tokens, ignore_eos=True))
+        request = gateway_pb2.GenerateRequest(
+            token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        )
         sent[i] = time.perf_counter()
         for msg in stub.Generate(request, timeout=600):
             now = time.perf_counter()
@@ -112,8 +117,14 @@ def run_http(base_url: str, model: str, batch: list[list[int]], new_tokens: int)
 
     def one(i: int, prompt: list[int], sent: list[float], stamps: list[float]) -> None:
         sent[i] = time.perf_counter()
-        stream = client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        stream = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=new_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
         for chunk in stream:
             now = time.perf_counter()
             stamps.extend([now] * len(chunk.choices[0].token_ids or ()))
@@ -159,21 +170,32 @@ def main() -> None:
             up.stop()
     best = lambda rs: max(rs, key=lambda r: r["decode_tok_s"])  # noqa: E731
     g, h = best([g for g, _ in runs]), best([h for _, h in runs])
-    print(f"preset {args.preset}, {args.pools} pools, fp8 dispatch, {args.concurrency} concurrent streams, prompt "
-          f"{PROMPT_LEN}, {args.new_tokens} new tokens, best of {args.repeats} interleaved runs")
-    print("| protocol | decode tok/s | whole run tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
-          "| CPU s: gateway, client |")
+    print(
+        f"preset {args.preset}, {args.pools} pools, fp8 dispatch, {args.concurrency} concurrent streams, prompt "
+        f"{PROMPT_LEN}, {args.new_tokens} new tokens, best of {args.repeats} interleaved runs"
+    )
+    print(
+        "| protocol | decode tok/s | whole run tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | CPU s: gateway, client |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in (("gRPC", g), ("HTTP (openai client, SSE)", h)):
-        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['whole_run_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['gateway_cpu_s']:.2f}, "
-              f"{r['client_cpu_s']:.2f} |")
+        print(
+            f"| {name} | {r['decode_tok_s']:.1f} | {r['whole_run_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
+            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['gateway_cpu_s']:.2f}, "
+            f"{r['client_cpu_s']:.2f} |"
+        )
     print(f"\nHTTP / gRPC decode tok/s (best of each): {h['decode_tok_s'] / g['decode_tok_s']:.2f}x")
-    print("every run (gRPC, HTTP decode tok/s, ratio): " + "; ".join(
-        f"{g['decode_tok_s']:.1f}, {h['decode_tok_s']:.1f}, {h['decode_tok_s'] / g['decode_tok_s']:.2f}x"
-        for g, h in runs))
-    print("every run's TTFT p50 ms (gRPC, HTTP): " + "; ".join(
-        f"{g['ttft_p50_ms']:.0f}, {h['ttft_p50_ms']:.0f}" for g, h in runs))
+    print(
+        "every run (gRPC, HTTP decode tok/s, ratio): "
+        + "; ".join(
+            f"{g['decode_tok_s']:.1f}, {h['decode_tok_s']:.1f}, {h['decode_tok_s'] / g['decode_tok_s']:.2f}x"
+            for g, h in runs
+        )
+    )
+    print(
+        "every run's TTFT p50 ms (gRPC, HTTP): "
+        + "; ".join(f"{g['ttft_p50_ms']:.0f}, {h['ttft_p50_ms']:.0f}" for g, h in runs)
+    )
 
 
 if __name__ == "__main__":

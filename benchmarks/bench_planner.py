@@ -33,8 +33,10 @@ from services.autoscaler.planner import moves, plan, replica_counts  # noqa: E40
 LAYERS, EXPERTS = 58, 256
 SHAPES = [(64, 5), (144, 2), (288, 1), (320, 1)]  # pools x slots per pool: 320, 288, 288, 320 slots
 # (name, layers, experts, [(pools, slots)], [zipf s]): V3 scale, and the test scale (a quarter of the experts)
-SCALES = [("V3", LAYERS, EXPERTS, [(72, 4), *SHAPES], [1.1, 1.0, 0.6]),
-          ("test", 6, 64, [(18, 4), (16, 5)], [1.1, 1.0, 0.6])]
+SCALES = [
+    ("V3", LAYERS, EXPERTS, [(72, 4), *SHAPES], [1.1, 1.0, 0.6]),
+    ("test", 6, 64, [(18, 4), (16, 5)], [1.1, 1.0, 0.6]),
+]
 
 
 def zipf(s: float, seed: int, layers: int = LAYERS, experts: int = EXPERTS) -> np.ndarray:
@@ -85,9 +87,11 @@ def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
 
 def compare() -> None:
     print(f"planner vs EPLB's greedy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print("| scale | zipf s | pools x slots | planner (mean / min layer) | plan s wall / CPU "
-          "| EPLB greedy (mean / min) | greedy s | pools doubled by the greedy | planner before its search "
-          "| bound: heaviest / slot-aware / any count |")
+    print(
+        "| scale | zipf s | pools x slots | planner (mean / min layer) | plan s wall / CPU "
+        "| EPLB greedy (mean / min) | greedy s | pools doubled by the greedy | planner before its search "
+        "| bound: heaviest / slot-aware / any count |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, layers, experts, shapes, exponents in SCALES:
         for s in exponents:
@@ -102,10 +106,12 @@ def compare() -> None:
                 eplb = [g.mean() / g.max() for g, _ in greedy]
                 start = np.mean([greedy_start(layer, pools, slots) for layer in load])
                 bound = np.mean([bounds(layer, pools, slots) for layer in load], axis=0)
-                print(f"| {name} {layers}x{experts} | {s} | {pools} x {slots} | {np.mean(planned):.3f} / "
-                      f"{min(planned):.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / {min(eplb):.3f} "
-                      f"| {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} | {start:.3f} "
-                      f"| {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} |")
+                print(
+                    f"| {name} {layers}x{experts} | {s} | {pools} x {slots} | {np.mean(planned):.3f} / "
+                    f"{min(planned):.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / {min(eplb):.3f} "
+                    f"| {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} | {start:.3f} "
+                    f"| {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} |"
+                )
 
 
 def spread_balancedness(load: np.ndarray, pools: int) -> float:
@@ -154,16 +160,20 @@ def rebalance_wall_time() -> None:
             total = time.perf_counter() - started
         finally:
             up.stop()
-    print(f"\nlive rebalance on the small preset (2 pools x 40 slots, 6 MoE layers x 64 experts): "
-          f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}; "
-          f"{result.loaded} replicas loaded, {result.unloaded} dropped; plan {planned:.2f} s, "
-          f"total {total:.2f} s including the 2.0 s grace before old replicas are dropped")
+    print(
+        f"\nlive rebalance on the small preset (2 pools x 40 slots, 6 MoE layers x 64 experts): "
+        f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}; "
+        f"{result.loaded} replicas loaded, {result.unloaded} dropped; plan {planned:.2f} s, "
+        f"total {total:.2f} s including the 2.0 s grace before old replicas are dropped"
+    )
 
 
 def replans() -> None:
     print(f"\nre-plans at {LAYERS} layers x {EXPERTS} experts")
-    print("| zipf s | pools x slots | redundant | plan s wall / CPU | balancedness before | after (mean / min layer) "
-          "| re-plan s wall / CPU | re-plan balancedness | replicas moved after 5% drift |")
+    print(
+        "| zipf s | pools x slots | redundant | plan s wall / CPU | balancedness before | after (mean / min layer) "
+        "| re-plan s wall / CPU | re-plan balancedness | replicas moved after 5% drift |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for s in (1.1, 1.0, 0.6):
         load = zipf(s, seed=0)
@@ -177,10 +187,12 @@ def replans() -> None:
             again = plan(drift, pools, slots, current=[lp.pools for lp in layers])
             rewall, recpu = time.perf_counter() - rewall, time.process_time() - recpu
             moved = sum(moves(a.pools, b.pools) for a, b in zip(layers, again))
-            print(f"| {s} | {pools} x {slots} | {pools * slots - EXPERTS} | {wall:.3f} / {cpu:.3f} "
-                  f"| {spread_balancedness(load, pools):.3f} | {np.mean(after):.3f} / {min(after):.3f} "
-                  f"| {rewall:.3f} / {recpu:.3f} | {np.mean([lp.balancedness for lp in again]):.3f} "
-                  f"| {moved} of {pools * slots * LAYERS} |")
+            print(
+                f"| {s} | {pools} x {slots} | {pools * slots - EXPERTS} | {wall:.3f} / {cpu:.3f} "
+                f"| {spread_balancedness(load, pools):.3f} | {np.mean(after):.3f} / {min(after):.3f} "
+                f"| {rewall:.3f} / {recpu:.3f} | {np.mean([lp.balancedness for lp in again]):.3f} "
+                f"| {moved} of {pools * slots * LAYERS} |"
+            )
 
 
 def main() -> None:

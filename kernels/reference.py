@@ -69,8 +69,13 @@ def act_dequant(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch
     return (y.to(torch.float32) * per_channel).to(dtype)
 
 
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """c[m, n] = sum_kb (sum_{k in kb} a[m,k] b[n,k]) * a_scale[m,kb] * b_scale[n//128, kb], fp32 accumulation.
 
     a: [..., K] e4m3 with a_scale [..., ceil(K/128)]; b: [N, K] e4m3 weight with b_scale [ceil(N/128), ceil(K/128)].
@@ -100,8 +105,15 @@ def _groups(counts: list[int], rows: list[int]):
         offset += count
 
 
-def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                     counts: list[int], rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Rows of `a` [P, K] (e4m3, scales [P, ceil(K/128)]) sorted into groups: group g is the next counts[g] rows,
     through stacked weight w[rows[g]] ([R, N, K] e4m3, scales [R, ceil(N/128), ceil(K/128)]). -> [P, N]."""
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
@@ -110,18 +122,35 @@ def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     return out.to(out_dtype)
 
 
-def grouped_fp8_swiglu(a: torch.Tensor, a_scale: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor,
-                       up: torch.Tensor, up_scale: torch.Tensor, counts: list[int], rows: list[int],
-                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_swiglu(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """silu(gate product) * up product per group, in fp32 from the fp32 accumulations. -> [P, I]."""
     g = grouped_fp8_gemm(a, a_scale, gate, gate_scale, counts, rows)
     u = grouped_fp8_gemm(a, a_scale, up, up_scale, counts, rows)
     return (torch.nn.functional.silu(g) * u).to(out_dtype)
 
 
-def grouped_fp8_mlp(x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor, up: torch.Tensor,
-                    up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, counts: list[int],
-                    rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_mlp(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    down: torch.Tensor,
+    down_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Routed experts' SwiGLU over x [P, H] (rows sorted by expert) -> [P, H], DeepSeek's inference path: x and the
     down projection's input are quantized to e4m3 per token per 128 channels (act_quant); gate/up [R, I, H] and
     down [R, H, I] are e4m3 stacks with 128x128 block scales; fp32 accumulation."""

@@ -25,8 +25,7 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, y_ptr, s_ptr, K, KB, AMAX_FLOOR: tl.constexpr, FMAX: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+def _act_quant_kernel(x_ptr, y_ptr, s_ptr, K, KB, AMAX_FLOOR: tl.constexpr, FMAX: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     kb = tl.program_id(1)
     offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -76,8 +75,20 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype 
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    M,
+    N,
+    K,
+    KB,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,8 +109,15 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, KB,
     tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], c, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.float32, block_m: int = 32, block_n: int = 64) -> torch.Tensor:
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    block_m: int = 32,
+    block_n: int = 64,
+) -> torch.Tensor:
     """[..., K] e4m3 activations x [N, K] e4m3 weight -> [..., N], block scales applied per 128 of K."""
     k = a.shape[-1]
     n = b.shape[0]
@@ -108,7 +126,18 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     m = a2.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _fp8_gemm_kernel[grid](a2, b.contiguous(), c, a_scale.reshape(m, kb).contiguous().float(),
-                           b_scale.contiguous().float(), m, n, k, kb,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK)
+    _fp8_gemm_kernel[grid](
+        a2,
+        b.contiguous(),
+        c,
+        a_scale.reshape(m, kb).contiguous().float(),
+        b_scale.contiguous().float(),
+        m,
+        n,
+        k,
+        kb,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=BLOCK,
+    )
     return c.reshape(*a.shape[:-1], n)

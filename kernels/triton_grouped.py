@@ -32,9 +32,26 @@ def _scaled_block(a, a_s, w_ptr, w_s_ptr, offs_n, n_mask, k_idx, k_mask, K, KB, 
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, a_s_ptr, w_ptr, w_s_ptr, w2_ptr, w2_s_ptr, c_ptr, tile_row_ptr, tile_start_ptr,
-                    tile_end_ptr, N, K, KB, NB, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_kernel(
+    a_ptr,
+    a_s_ptr,
+    w_ptr,
+    w_s_ptr,
+    w2_ptr,
+    w2_s_ptr,
+    c_ptr,
+    tile_row_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    N,
+    K,
+    KB,
+    NB,
+    SWIGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     row = tl.load(tile_row_ptr + tile).to(tl.int64)  # which stacked expert: int64, the stack passes 2**31 bytes
@@ -71,8 +88,9 @@ def block_m_for(counts: list[int]) -> int:
     return 16 if largest <= 16 else 32 if largest <= 32 else 64
 
 
-def tile_schedule(counts: list[int], rows: list[int], block_m: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_schedule(
+    counts: list[int], rows: list[int], block_m: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group counts and stacked rows -> per tile (stacked row, first row of a, end row of a), int32 on `device`."""
     tile_row, tile_start, tile_end = [], [], []
     offset = 0
@@ -86,8 +104,9 @@ def tile_schedule(counts: list[int], rows: list[int], block_m: int,
     return as_tensor(tile_row), as_tensor(tile_start), as_tensor(tile_end)
 
 
-def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, counts: list[int],
-           rows: list[int]) -> None:
+def _check(
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, counts: list[int], rows: list[int]
+) -> None:
     r, n, k = w.shape
     kb, nb = triton.cdiv(k, BLOCK), triton.cdiv(n, BLOCK)
     if a.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE:
@@ -112,31 +131,72 @@ def _launch(a, a_scale, w, w_scale, w2, w2_scale, counts, rows, out_dtype, swigl
     if tile_row.numel() == 0:
         return c
     grid = (tile_row.numel(), triton.cdiv(n, BLOCK_N))
-    _grouped_kernel[grid](a.contiguous(), a_scale.contiguous().float(), w.contiguous(), w_scale.contiguous().float(),
-                          w2.contiguous(), w2_scale.contiguous().float(), c, tile_row, tile_start, tile_end,
-                          n, k, kb, nb, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK)
+    _grouped_kernel[grid](
+        a.contiguous(),
+        a_scale.contiguous().float(),
+        w.contiguous(),
+        w_scale.contiguous().float(),
+        w2.contiguous(),
+        w2_scale.contiguous().float(),
+        c,
+        tile_row,
+        tile_start,
+        tile_end,
+        n,
+        k,
+        kb,
+        nb,
+        SWIGLU=swiglu,
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK,
+    )
     return c
 
 
-def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                     counts: list[int], rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """a [P, K] e4m3 (rows sorted by group), a_scale [P, ceil(K/128)]; w [R, N, K] e4m3 stacked experts with
     w_scale [R, ceil(N/128), ceil(K/128)]; group g: counts[g] rows through w[rows[g]]. -> [P, N]."""
     return _launch(a, a_scale, w, w_scale, w, w_scale, counts, rows, out_dtype, swiglu=False)
 
 
-def grouped_fp8_swiglu(a: torch.Tensor, a_scale: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor,
-                       up: torch.Tensor, up_scale: torch.Tensor, counts: list[int], rows: list[int],
-                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_swiglu(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """silu(a @ gate[g]^T) * (a @ up[g]^T) per group: gate and up [R, I, K] e4m3 with their block scales. -> [P, I]."""
     if gate.shape != up.shape or gate_scale.shape != up_scale.shape:
         raise ValueError(f"gate {list(gate.shape)} and up {list(up.shape)} must have one shape")
     return _launch(a, a_scale, gate, gate_scale, up, up_scale, counts, rows, out_dtype, swiglu=True)
 
 
-def grouped_fp8_mlp(x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor, up: torch.Tensor,
-                    up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, counts: list[int],
-                    rows: list[int], out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grouped_fp8_mlp(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    down: torch.Tensor,
+    down_scale: torch.Tensor,
+    counts: list[int],
+    rows: list[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """reference.grouped_fp8_mlp with the Triton act_quant and grouped kernels: three launches and two act_quants
     per MoE layer, whatever the number of experts."""
     if x.shape[0] == 0:

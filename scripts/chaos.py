@@ -66,7 +66,7 @@ class Load:
                     self.errors.append(f"{type(exc).__name__}: {details}")
             i += len(self.threads)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -105,9 +105,17 @@ def main() -> None:
     write_random_model(model, preset_config("tiny"), seed=0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 1024, (12,), generator=g).tolist() for _ in range(64)]
-    expected = [r.token_ids for r in Engine.from_dir(model).generate(prompts, SamplingParams(NEW_TOKENS, ignore_eos=True))]
-    up = UpProcess(model, pools=3, dispatch="fp32", home=home / "home", autoscale=True,
-                   extra=["--replicas-per-expert", "2", "--autoscale-interval-s", "0.5"])
+    expected = [
+        r.token_ids for r in Engine.from_dir(model).generate(prompts, SamplingParams(NEW_TOKENS, ignore_eos=True))
+    ]
+    up = UpProcess(
+        model,
+        pools=3,
+        dispatch="fp32",
+        home=home / "home",
+        autoscale=True,
+        extra=["--replicas-per-expert", "2", "--autoscale-interval-s", "0.5"],
+    )
     store = RedisPlacementStore(up.redis)
     report = []
     try:
@@ -116,13 +124,17 @@ def main() -> None:
         time.sleep(args.duration * 0.15)
         killed = time.monotonic()
         os.kill(up.child_pid("pool-id pool-0"), signal.SIGKILL)
-        report.append(f"pool-0 SIGKILLed at {killed - t0:.0f} s: two replicas of every expert on 3 serving pools again "
-                      f"after {_fmt(wait_restored(store, 3, killed))}")
+        report.append(
+            f"pool-0 SIGKILLed at {killed - t0:.0f} s: two replicas of every expert on 3 serving pools again "
+            f"after {_fmt(wait_restored(store, 3, killed))}"
+        )
         time.sleep(max(0.0, t0 + args.duration * 0.4 - time.monotonic()))
         killed = time.monotonic()
         os.kill(up.child_pid("services.autoscaler"), signal.SIGKILL)
-        report.append(f"autoscaler SIGKILLed at {killed - t0:.0f} s: placement intact after "
-                      f"{_fmt(wait_restored(store, 3, killed))}")
+        report.append(
+            f"autoscaler SIGKILLed at {killed - t0:.0f} s: placement intact after "
+            f"{_fmt(wait_restored(store, 3, killed))}"
+        )
         time.sleep(max(0.0, t0 + args.duration * 0.6 - time.monotonic()))
         redis_pid = up.child_pid("redis-server")
         stopped = time.monotonic()
@@ -130,16 +142,22 @@ def main() -> None:
         time.sleep(15)
         os.kill(redis_pid, signal.SIGCONT)
         resumed = time.monotonic()
-        report.append(f"Redis stopped {stopped - t0:.0f}-{resumed - t0:.0f} s: {load.served_between(stopped, resumed)} "
-                      f"requests completed meanwhile ({load.served_between(stopped - 15, stopped)} in the 15 s before)")
+        report.append(
+            f"Redis stopped {stopped - t0:.0f}-{resumed - t0:.0f} s: {load.served_between(stopped, resumed)} "
+            f"requests completed meanwhile ({load.served_between(stopped - 15, stopped)} in the 15 s before)"
+        )
         time.sleep(max(0.0, t0 + args.duration - time.monotonic()))
         load.stop()
     finally:
         up.stop()
-    print(f"chaos: {args.concurrency} concurrent greedy streams of {NEW_TOKENS} tokens for {args.duration:.0f} s, "
-          "3 pools, 2 replicas per expert, fp32 dispatch")
-    print(f"requests: {load.ok + load.wrong + load.failed} done, {load.failed} failed, {load.wrong} differing from "
-          "the in-process engine")
+    print(
+        f"chaos: {args.concurrency} concurrent greedy streams of {NEW_TOKENS} tokens for {args.duration:.0f} s, "
+        "3 pools, 2 replicas per expert, fp32 dispatch"
+    )
+    print(
+        f"requests: {load.ok + load.wrong + load.failed} done, {load.failed} failed, {load.wrong} differing from "
+        "the in-process engine"
+    )
     for line in report:
         print(line)
     for err in sorted(set(load.errors))[:5]:

@@ -36,20 +36,32 @@ def main() -> None:
     dep = InProcessDeployment(model, dispatch_dtype="fp32")
     failed = False
     try:
-        for name, run in [("pool Forward", lambda: fuzz_pool(dep.pool_addresses[0], args.examples, cfg.hidden_size,
-                                                              cfg.num_hidden_layers, cfg.n_routed_experts)),
-                          ("gateway Generate+Score", lambda: fuzz_gateway(dep.gateway, args.examples))]:
+        for name, run in [
+            (
+                "pool Forward",
+                lambda: fuzz_pool(
+                    dep.pool_addresses[0], args.examples, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts
+                ),
+            ),
+            ("gateway Generate+Score", lambda: fuzz_gateway(dep.gateway, args.examples)),
+        ]:
             started = time.monotonic()
             codes = run()
             bad = {c.name: n for c, n in codes.items() if c not in ACCEPTABLE}
             failed |= bool(bad)
-            print(f"{name}: {sum(codes.values())} calls in {time.monotonic() - started:.1f} s: "
-                  + ", ".join(f"{c.name} {n}" for c, n in codes.most_common()) + (f"  UNACCEPTABLE {bad}" if bad else ""))
+            print(
+                f"{name}: {sum(codes.values())} calls in {time.monotonic() - started:.1f} s: "
+                + ", ".join(f"{c.name} {n}" for c, n in codes.most_common())
+                + (f"  UNACCEPTABLE {bad}" if bad else "")
+            )
         prompt = [5, 17, 300, 42]
         got = GatewayClient(dep.gateway).generate(None, prompt, max_tokens=16, ignore_eos=True)["token_ids"]
         want = Engine.from_dir(model).generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
         blocks = dep.runtime.core.cache
-        print(f"afterwards: valid request exact: {got == want}; cache blocks free {blocks.free_blocks}/{blocks.num_blocks}")
+        print(
+            f"afterwards: valid request exact: {got == want}; "
+            f"cache blocks free {blocks.free_blocks}/{blocks.num_blocks}"
+        )
         failed |= got != want
     finally:
         dep.close()

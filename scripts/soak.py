@@ -38,8 +38,11 @@ THREAD_GROWTH_BOUND = 8
 def proc_sample(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     field = {line.split(":")[0]: line.split(":")[1].split() for line in status}
-    return {"rss_mib": int(field["VmRSS"][0]) / 1024, "threads": int(field["Threads"][0]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {
+        "rss_mib": int(field["VmRSS"][0]) / 1024,
+        "threads": int(field["Threads"][0]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
 
 
 def one_request(client: GatewayClient, http: str, rng: random.Random) -> str:
@@ -50,8 +53,12 @@ def one_request(client: GatewayClient, http: str, rng: random.Random) -> str:
     elif kind == "sampled":
         client.generate(None, prompt, rng.randrange(1, 64), temperature=0.8, top_p=0.9, seed=rng.randrange(1000))
     elif kind == "cancel":
-        stream = client.stub.Generate(gateway_pb2.GenerateRequest(
-            token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=500, ignore_eos=True)), timeout=60)
+        stream = client.stub.Generate(
+            gateway_pb2.GenerateRequest(
+                token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=500, ignore_eos=True)
+            ),
+            timeout=60,
+        )
         for i, _ in enumerate(stream):
             if i == rng.randrange(1, 6):
                 stream.cancel()
@@ -101,24 +108,37 @@ def main() -> None:
         for t in threads:
             t.join(120)
         gateway_metrics = up.metrics_url("gateway")
-        idle = wait_until(lambda: metric(gateway_metrics, "kv_cache_usage_perc") == 0.0
-                          and metric(gateway_metrics, "num_requests_running") == 0.0, 60, "the gateway to be idle")
+        idle = wait_until(
+            lambda: (
+                metric(gateway_metrics, "kv_cache_usage_perc") == 0.0
+                and metric(gateway_metrics, "num_requests_running") == 0.0
+            ),
+            60,
+            "the gateway to be idle",
+        )
         end = {name: proc_sample(pid) for name, pid in pids.items()}
     finally:
         up.stop()
-    print(f"soak: {args.duration:.0f} s after a warm-up, {args.concurrency} clients, mixed load: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; {len(errors)} failed")
+    print(
+        f"soak: {args.duration:.0f} s after a warm-up, {args.concurrency} clients, mixed load: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + f"; {len(errors)} failed"
+    )
     failed = bool(errors) or not idle
-    print(f"  bounds, the second half of the run: RSS +{RSS_GROWTH_BOUND_MIB} MiB, threads +{THREAD_GROWTH_BOUND}, "
-          f"fds +{FD_GROWTH_BOUND} per process")
+    print(
+        f"  bounds, the second half of the run: RSS +{RSS_GROWTH_BOUND_MIB} MiB, threads +{THREAD_GROWTH_BOUND}, "
+        f"fds +{FD_GROWTH_BOUND} per process"
+    )
     for name in sorted(start):
         a, m, b = start[name], middle[name], end[name]
         growth = (b["rss_mib"] - m["rss_mib"], b["threads"] - m["threads"], b["fds"] - m["fds"])
         bad = growth[0] > RSS_GROWTH_BOUND_MIB or growth[1] > THREAD_GROWTH_BOUND or growth[2] > FD_GROWTH_BOUND
         failed |= bad
-        print(f"  {name:10} RSS {a['rss_mib']:.0f} -> {m['rss_mib']:.0f} -> {b['rss_mib']:.0f} MiB, threads "
-              f"{a['threads']} -> {m['threads']} -> {b['threads']}, fds {a['fds']} -> {m['fds']} -> {b['fds']}"
-              + ("  OVER BOUND" if bad else ""))
+        print(
+            f"  {name:10} RSS {a['rss_mib']:.0f} -> {m['rss_mib']:.0f} -> {b['rss_mib']:.0f} MiB, threads "
+            f"{a['threads']} -> {m['threads']} -> {b['threads']}, fds {a['fds']} -> {m['fds']} -> {b['fds']}"
+            + ("  OVER BOUND" if bad else "")
+        )
     print(f"  gateway cache usage and running requests back to 0 when idle: {bool(idle)}")
     for err in sorted(set(errors))[:5]:
         print("  error:", err)

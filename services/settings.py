@@ -52,11 +52,19 @@ def add_flags(parser: argparse.ArgumentParser, cls, required: tuple[str, ...] = 
         kind = _type_of(f, default)
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
-        parser.add_argument(flag_name(f.name), dest=f.name, type=kind, default=default, help=help_text,
-                            choices=f.metadata.get("choices"), required=f.name in required)
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=kind,
+            default=default,
+            help=help_text,
+            choices=f.metadata.get("choices"),
+            required=f.name in required,
+        )
 
 
 def from_flags(cls, args: argparse.Namespace, **overrides):

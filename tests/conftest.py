@@ -21,7 +21,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory):
     """The tiny preset, FP8, sharded small so that single tensors live in different files."""
-    return write_random_model(tmp_path_factory.mktemp("tiny-fp8"), preset_config("tiny"), seed=0, shard_bytes=256 * 1024)
+    return write_random_model(
+        tmp_path_factory.mktemp("tiny-fp8"), preset_config("tiny"), seed=0, shard_bytes=256 * 1024
+    )
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +67,20 @@ class RedisServer:
 
         self.port = port if port is not None else free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port)
 
         def answers() -> bool:

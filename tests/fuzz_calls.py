@@ -14,13 +14,17 @@ from hypothesis import strategies as st
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tensor_pb2
 
 # answers that mean "your request is wrong" (or, by chance, a valid request served)
-ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
+ACCEPTABLE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
 CALL_TIMEOUT_S = 20.0  # a call that takes longer counts as a hang (DEADLINE_EXCEEDED)
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
 U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
-_SETTINGS = dict(deadline=None, database=None, derandomize=True,
-                 suppress_health_check=list(HealthCheck))
+_SETTINGS = dict(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def _tensor(shape_max: int = 6, data_max: int = 4096):
@@ -34,32 +38,48 @@ def _tensor(shape_max: int = 6, data_max: int = 4096):
 
 def _hidden(hidden_size: int):
     """Mostly well-shaped hidden states, some with NaN/inf, some of a wrong dtype or width."""
+
     def build(rows, dtype, nan, width_off):
         x = torch.randn(rows, hidden_size + width_off)
         if nan:
             x[0, 0] = float(nan)
         x = x.to({1: torch.float32, 2: torch.bfloat16, 3: torch.float8_e4m3fn}[dtype])
-        return tensor_pb2.Tensor(dtype=dtype, shape=list(x.shape), data=x.contiguous().view(torch.uint8).numpy().tobytes())
+        return tensor_pb2.Tensor(
+            dtype=dtype, shape=list(x.shape), data=x.contiguous().view(torch.uint8).numpy().tobytes()
+        )
 
-    return st.builds(build, st.integers(1, 8), st.sampled_from([1, 2, 3]),
-                     st.sampled_from([0, 0, 0, "nan", "inf"]), st.sampled_from([0, 0, 0, -1, 7]))
+    return st.builds(
+        build,
+        st.integers(1, 8),
+        st.sampled_from([1, 2, 3]),
+        st.sampled_from([0, 0, 0, "nan", "inf"]),
+        st.sampled_from([0, 0, 0, -1, 7]),
+    )
 
 
 def _pairs(n_experts: int):
     def build(rows, count, expert_max, weight):
         pairs = torch.stack((torch.randint(0, rows, (count,)), torch.randint(-1, expert_max, (count,))), 1)
         weights = torch.full((count,), weight, dtype=torch.float32)
-        return (tensor_pb2.Tensor(dtype=4, shape=[count, 2], data=pairs.to(torch.int32).numpy().tobytes()),
-                tensor_pb2.Tensor(dtype=1, shape=[count], data=weights.numpy().tobytes()))
+        return (
+            tensor_pb2.Tensor(dtype=4, shape=[count, 2], data=pairs.to(torch.int32).numpy().tobytes()),
+            tensor_pb2.Tensor(dtype=1, shape=[count], data=weights.numpy().tobytes()),
+        )
 
-    return st.builds(build, st.integers(1, 10), st.integers(0, 16), st.sampled_from([n_experts, n_experts * 3]),
-                     st.sampled_from([0.5, float("nan"), float("inf"), -1.0]))
+    return st.builds(
+        build,
+        st.integers(1, 10),
+        st.integers(0, 16),
+        st.sampled_from([n_experts, n_experts * 3]),
+        st.sampled_from([0.5, float("nan"), float("inf"), -1.0]),
+    )
 
 
 def forward_requests(hidden_size: int, n_layers: int, n_experts: int):
     def build(layer, hidden, scale, pairs, reply, version, raw):
-        req = expert_pool_pb2.ForwardRequest(layer=layer, hidden=hidden, response_dtype=reply,
-                                             placement_version=version)
+        req = expert_pool_pb2.ForwardRequest(
+            layer=layer, hidden=hidden, response_dtype=reply, placement_version=version
+        )
         if scale is not None:
             req.hidden_scale.CopyFrom(scale)
         if raw is not None:  # wholly random tensors instead of plausible ones
@@ -70,28 +90,43 @@ def forward_requests(hidden_size: int, n_layers: int, n_experts: int):
             req.pair_weights.CopyFrom(pairs[1])
         return req
 
-    return st.builds(build, st.one_of(st.integers(0, n_layers + 2), U32),
-                     st.one_of(_hidden(hidden_size), _tensor()), st.one_of(st.none(), _tensor()),
-                     _pairs(n_experts), st.integers(0, 6), U64,
-                     st.one_of(st.none(), st.tuples(_tensor(), _tensor())))
+    return st.builds(
+        build,
+        st.one_of(st.integers(0, n_layers + 2), U32),
+        st.one_of(_hidden(hidden_size), _tensor()),
+        st.one_of(st.none(), _tensor()),
+        _pairs(n_experts),
+        st.integers(0, 6),
+        U64,
+        st.one_of(st.none(), st.tuples(_tensor(), _tensor())),
+    )
 
 
 def sampling():
-    return st.builds(gateway_pb2.SamplingParams, max_tokens=st.one_of(st.integers(0, 8), U32), temperature=FLOATS,
-                     top_p=FLOATS, top_k=st.one_of(st.integers(0, 50), U32), seed=st.one_of(st.none(), U64),
-                     stop_token_ids=st.lists(U32, max_size=5), ignore_eos=st.booleans())
+    return st.builds(
+        gateway_pb2.SamplingParams,
+        max_tokens=st.one_of(st.integers(0, 8), U32),
+        temperature=FLOATS,
+        top_p=FLOATS,
+        top_k=st.one_of(st.integers(0, 50), U32),
+        seed=st.one_of(st.none(), U64),
+        stop_token_ids=st.lists(U32, max_size=5),
+        ignore_eos=st.booleans(),
+    )
 
 
 def generate_requests():
-    tokens = st.one_of(st.lists(st.one_of(st.integers(0, 600), U32), max_size=24),
-                       st.just(list(range(50_000))))  # a huge repeated field
+    tokens = st.one_of(
+        st.lists(st.one_of(st.integers(0, 600), U32), max_size=24), st.just(list(range(50_000)))
+    )  # a huge repeated field
     return st.builds(gateway_pb2.GenerateRequest, text=st.text(max_size=40), token_ids=tokens, sampling=sampling())
 
 
 def score_requests():
     tokens = st.lists(st.one_of(st.integers(0, 600), U32), max_size=24)
-    return st.builds(gateway_pb2.ScoreRequest, text=st.text(max_size=40), token_ids=tokens,
-                     top_k=st.one_of(st.integers(0, 20), U32))
+    return st.builds(
+        gateway_pb2.ScoreRequest, text=st.text(max_size=40), token_ids=tokens, top_k=st.one_of(st.integers(0, 20), U32)
+    )
 
 
 def _first_two(stream) -> None:

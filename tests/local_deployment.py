@@ -28,15 +28,44 @@ def metric(url: str, name: str) -> float:
 
 
 class UpProcess:
-    def __init__(self, model: Path, pools: int, dispatch: str, home: Path, extra: list[str] | None = None,
-                 cache_tokens: int = 8192, autoscale: bool = False):
+    def __init__(
+        self,
+        model: Path,
+        pools: int,
+        dispatch: str,
+        home: Path,
+        extra: list[str] | None = None,
+        cache_tokens: int = 8192,
+        autoscale: bool = False,
+    ):
         env = dict(os.environ, EXPERTMESH_HOME=str(home), PYTHONUNBUFFERED="1")
         self.home = home
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.app", "up", "--model", str(model), "--pools", str(pools),
-             "--grpc-port", "0", "--http-port", "0", "--dispatch-dtype", dispatch, "--cache-tokens", str(cache_tokens),
-             "--autoscale" if autoscale else "--no-autoscale", *(extra or [])],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "services.cli.app",
+                "up",
+                "--model",
+                str(model),
+                "--pools",
+                str(pools),
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--dispatch-dtype",
+                dispatch,
+                "--cache-tokens",
+                str(cache_tokens),
+                "--autoscale" if autoscale else "--no-autoscale",
+                *(extra or []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.lines: list[str] = []
         self.endpoints: dict[str, str] = {}
         deadline = time.monotonic() + 180
@@ -100,8 +129,12 @@ class UpProcess:
         """Wait until the gateway has switched to placement `version` (it follows the stored version)."""
         from tests.waiting import wait_until
 
-        wait_until(lambda: self.gateway_on(version), timeout_s,
-                   f"the gateway to switch to placement version {version}", interval_s=0.1)
+        wait_until(
+            lambda: self.gateway_on(version),
+            timeout_s,
+            f"the gateway to switch to placement version {version}",
+            interval_s=0.1,
+        )
 
     def wait_rolled_out(self, timeout_s: float = 60):
         """Wait until a rollout has finished: every pool of the stored placement holds exactly its share (old
@@ -118,8 +151,9 @@ class UpProcess:
                     return None
             return placement if self.gateway_on(placement.version) else None
 
-        return wait_until(finished, timeout_s, "the placement rollout to finish on every pool and the gateway",
-                          interval_s=0.1)
+        return wait_until(
+            finished, timeout_s, "the placement rollout to finish on every pool and the gateway", interval_s=0.1
+        )
 
     def routed_pairs(self, layer: int = 1) -> int:
         """The (token, expert) pairs of one MoE layer that Redis holds for the last hour (the gateway's counts)."""
@@ -132,8 +166,9 @@ class UpProcess:
         """routed_pairs once the gateway has flushed what it counted (no change over four of its 0.25 s flushes)."""
         from tests.waiting import wait_until_stable
 
-        return wait_until_stable(lambda: self.routed_pairs(layer), 1.0, timeout_s,
-                                 "the gateway's routed-token counts in Redis to settle")
+        return wait_until_stable(
+            lambda: self.routed_pairs(layer), 1.0, timeout_s, "the gateway's routed-token counts in Redis to settle"
+        )
 
     def logs(self) -> str:
         out = []
@@ -173,7 +208,8 @@ def held_experts(address: str) -> set[tuple[int, int]] | None:
     with grpc.insecure_channel(address) as channel:
         try:
             status = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).GetStatus(
-                expert_pool_pb2.GetStatusRequest(), timeout=5)
+                expert_pool_pb2.GetStatusRequest(), timeout=5
+            )
         except grpc.RpcError:
             return None
     return {(r.layer, r.expert) for r in status.experts}

@@ -17,8 +17,10 @@ from services.gateway.sampling import SamplingParams
 from tests.local_deployment import UpProcess
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
 runner = CliRunner()
 PROMPT = [7, 100, 33, 512, 9, 64]
 
@@ -65,14 +67,20 @@ def test_replicate_move_pin_and_their_errors(deployment, engine_tiny):
     assert out["loads"] == 1 and out["version"] == shown["version"] + 1
     still_correct(deployment, engine_tiny)
     cli(deployment, "placement", "pin", "--layer", "1", "--expert", "0", "--pool", other)
-    refused = cli(deployment, "placement", "move", "--layer", "1", "--expert", "0", "--from", other, "--to", third, code=2)
+    refused = cli(
+        deployment, "placement", "move", "--layer", "1", "--expert", "0", "--from", other, "--to", third, code=2
+    )
     assert "pinned" in refused.output
     cli(deployment, "placement", "unpin", "--layer", "1", "--expert", "0", "--pool", other)
     moved = cli_json(deployment, "placement", "move", "--layer", "1", "--expert", "0", "--from", other, "--to", third)
     assert moved["loads"] == 1 and moved["unloads"] == 1
     still_correct(deployment, engine_tiny)
-    assert "unknown pool" in cli(deployment, "placement", "replicate", "--layer", "1", "--expert", "0",
-                                 "--pool", "pool-99", code=2).output
+    assert (
+        "unknown pool"
+        in cli(
+            deployment, "placement", "replicate", "--layer", "1", "--expert", "0", "--pool", "pool-99", code=2
+        ).output
+    )
     assert "not an MoE layer" in cli(deployment, "placement", "show", "--layer", "0", code=2).output
 
 

@@ -27,22 +27,28 @@ def test_keys_from_flag_or_environment(monkeypatch):
 def test_gateway_refuses_calls_without_a_valid_key():
     async def scenario():
         managed = ManagedServer([SERVICE_NAME], "127.0.0.1", 0, api_keys=frozenset({"s3cret", "next"}))
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway_pb2.GetModelInfoResponse()),
-                                                              managed.server)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            GatewayServicer(gateway_pb2.GetModelInfoResponse()), managed.server
+        )
         await managed.start()
         try:
             async with grpc.aio.insecure_channel(managed.address) as channel:
                 stub = gateway_pb2_grpc.GatewayServiceStub(channel)
                 codes = {}
-                for name, metadata in [("none", []), ("wrong", bearer_metadata("nope")),
-                                       ("good", bearer_metadata("s3cret")), ("rotated", bearer_metadata("next"))]:
+                for name, metadata in [
+                    ("none", []),
+                    ("wrong", bearer_metadata("nope")),
+                    ("good", bearer_metadata("s3cret")),
+                    ("rotated", bearer_metadata("next")),
+                ]:
                     try:
                         await stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), metadata=metadata, timeout=5)
                     except grpc.aio.AioRpcError as err:
                         codes[name] = (err.code(), err.details())
                     try:
-                        async for _ in stub.Generate(gateway_pb2.GenerateRequest(token_ids=[1]), metadata=metadata,
-                                                     timeout=5):
+                        async for _ in stub.Generate(
+                            gateway_pb2.GenerateRequest(token_ids=[1]), metadata=metadata, timeout=5
+                        ):
                             pass
                     except grpc.aio.AioRpcError as err:
                         codes[name + "-stream"] = err.code()

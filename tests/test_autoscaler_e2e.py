@@ -13,17 +13,19 @@ import pytest
 import torch
 
 from services.cli.gateway_client import GatewayClient
-from tests.local_deployment import UpProcess
 from services.format.checkpoint import CheckpointReader
-from services.state.load_store import RedisLoadStore
 from services.format.model_writer import write_checkpoint
-from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
+from services.state.load_store import RedisLoadStore
+from services.state.placement_store import RedisPlacementStore
+from tests.local_deployment import UpProcess
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
 HOT = (0, 5)  # experts of groups 0 and 1 that every token will pick
 
 
@@ -32,6 +34,7 @@ def skewed_model(tiny_fp8, tmp_path_factory):
     """The tiny model with a large correction bias on two experts per layer: they take every token."""
     dst = tmp_path_factory.mktemp("skewed")
     with CheckpointReader(tiny_fp8) as reader:
+
         def tensors():
             for name in reader.names():
                 t = reader.get(name)
@@ -39,6 +42,7 @@ def skewed_model(tiny_fp8, tmp_path_factory):
                     t = t.clone()
                     t[list(HOT)] += 1.0
                 yield name, t
+
         write_checkpoint(dst, tensors())
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(tiny_fp8 / f, dst / f)
@@ -81,9 +85,25 @@ def _prompts(n, seed):
 
 def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory):
     """4 pools x 5 slots for 16 experts: 25% redundant slots. Balancedness under load, before and after."""
-    up = UpProcess(skewed_model, pools=4, dispatch="fp32", home=tmp_path_factory.mktemp("skew"), autoscale=True,
-                   extra=["--slots-per-pool", "5", "--autoscale-interval-s", "0.5", "--rebalance-min-interval-s", "1",
-                          "--load-window-s", "600", "--rebalance-threshold", "0.9"])
+    up = UpProcess(
+        skewed_model,
+        pools=4,
+        dispatch="fp32",
+        home=tmp_path_factory.mktemp("skew"),
+        autoscale=True,
+        extra=[
+            "--slots-per-pool",
+            "5",
+            "--autoscale-interval-s",
+            "0.5",
+            "--rebalance-min-interval-s",
+            "1",
+            "--load-window-s",
+            "600",
+            "--rebalance-threshold",
+            "0.9",
+        ],
+    )
     try:
         store = RedisPlacementStore(up.redis)
         first = store.get()
@@ -102,30 +122,45 @@ def test_skewed_load_is_rebalanced_automatically(skewed_model, tmp_path_factory)
         after_out = _load(up, prompts)
         delta = _wait_counted(up, rebalanced, baseline, pairs, engine.cfg) - baseline
         after = rebalanced.balancedness({l: delta[i].tolist() for i, l in enumerate(rebalanced.layers)})
-        print(f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
-              f"(placement v{first.version} -> v{rebalanced.version})")
+        print(
+            f"\nskewed load: balancedness {before:.3f} before, {after:.3f} after the automatic rebalance "
+            f"(placement v{first.version} -> v{rebalanced.version})"
+        )
         assert before < 0.8
         assert after >= 0.9
         served = [l for l in rebalanced.layers if l < engine.cfg.num_hidden_layers]  # not an idle MTP layer
         hot_replicas = [len(rebalanced.replicas[l][e]) for l in served for e in HOT]
         assert min(hot_replicas) >= 2
         expected = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
-        assert [o["token_ids"] for o in after_out] == [o["token_ids"] for o in before_out] == [g.token_ids for g in expected]
+        assert (
+            [o["token_ids"] for o in after_out]
+            == [o["token_ids"] for o in before_out]
+            == [g.token_ids for g in expected]
+        )
     finally:
         up.stop()
 
 
 def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory, engine_tiny):
-    up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("replace"), autoscale=True,
-                   extra=["--replicas-per-expert", "2", "--slots-per-pool", "16", "--autoscale-interval-s", "0.5"])
+    up = UpProcess(
+        tiny_fp8,
+        pools=3,
+        dispatch="fp32",
+        home=tmp_path_factory.mktemp("replace"),
+        autoscale=True,
+        extra=["--replicas-per-expert", "2", "--slots-per-pool", "16", "--autoscale-interval-s", "0.5"],
+    )
     try:
         store = RedisPlacementStore(up.redis)
         prompts = _prompts(4, 2)
         client = GatewayClient(up.gateway, timeout_s=120)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(client.generate, None, p, 30, ignore_eos=True) for p in prompts]
-            wait_until(lambda: up.metric("gateway", "num_requests_running") >= len(prompts), 60,
-                       "the requests to be generating")
+            wait_until(
+                lambda: up.metric("gateway", "num_requests_running") >= len(prompts),
+                60,
+                "the requests to be generating",
+            )
             killed = time.monotonic()
             os.kill(up.child_pid("pool-id pool-0"), signal.SIGKILL)
             results = [f.result(timeout=120) for f in futures]  # no request fails
@@ -150,9 +185,27 @@ def test_failover_re_placement_restores_two_replicas(tiny_fp8, tmp_path_factory,
 def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
     """Local actuator: sustained load above the per-pool capacity starts a pool process; idleness drains and
     stops it again."""
-    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path_factory.mktemp("scale"), autoscale=True,
-                   extra=["--pool-capacity", "20", "--max-pools", "3", "--autoscale-interval-s", "0.5",
-                          "--load-window-s", "3", "--rebalance-threshold", "0", "--slots-per-pool", "16"])
+    up = UpProcess(
+        tiny_fp8,
+        pools=2,
+        dispatch="fp32",
+        home=tmp_path_factory.mktemp("scale"),
+        autoscale=True,
+        extra=[
+            "--pool-capacity",
+            "20",
+            "--max-pools",
+            "3",
+            "--autoscale-interval-s",
+            "0.5",
+            "--load-window-s",
+            "3",
+            "--rebalance-threshold",
+            "0",
+            "--slots-per-pool",
+            "16",
+        ],
+    )
     try:
         store = RedisPlacementStore(up.redis)
         prompts = _prompts(4, 3)
@@ -182,9 +235,27 @@ def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
 def test_replica_floor_survives_a_skewed_rebalance_and_a_pool_kill(skewed_model, tmp_path_factory):
     """`--replicas-per-expert 2` is a floor, not only the start: after the autoscaler rebalances a skewed load,
     every expert still has two replicas, so killing a pool mid-generation fails no request."""
-    up = UpProcess(skewed_model, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("floor"), autoscale=True,
-                   extra=["--replicas-per-expert", "2", "--slots-per-pool", "13", "--autoscale-interval-s", "0.5",
-                          "--rebalance-min-interval-s", "1", "--load-window-s", "600", "--rebalance-threshold", "0.95"])
+    up = UpProcess(
+        skewed_model,
+        pools=3,
+        dispatch="fp32",
+        home=tmp_path_factory.mktemp("floor"),
+        autoscale=True,
+        extra=[
+            "--replicas-per-expert",
+            "2",
+            "--slots-per-pool",
+            "13",
+            "--autoscale-interval-s",
+            "0.5",
+            "--rebalance-min-interval-s",
+            "1",
+            "--load-window-s",
+            "600",
+            "--rebalance-threshold",
+            "0.95",
+        ],
+    )
     try:
         store = RedisPlacementStore(up.redis)
         first = store.get()

@@ -32,8 +32,9 @@ class RecordingActuator:
 
 def test_sustained_utilisation_scales_up_and_idle_scales_down(redis_server, tiny_fp8):
     cfg = ModelConfig.from_file(tiny_fp8)
-    RedisPlacementStore(redis_server.url).publish(Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"),
-                                                                         Pool("pool-1", "127.0.0.1:2")]))
+    RedisPlacementStore(redis_server.url).publish(
+        Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"), Pool("pool-1", "127.0.0.1:2")])
+    )
     actuator = RecordingActuator()
     config = AutoscalerConfig(load_window_s=10, pool_capacity=100, scale_patience=2, min_pools=1, max_pools=3)
     scaler = Autoscaler(redis_server.url, config, actuator=actuator)
@@ -61,7 +62,9 @@ def test_rebalance_needs_enough_tokens(redis_server, tiny_fp8, monkeypatch):
     store.publish(Placement.spread(cfg, [Pool("pool-0", "127.0.0.1:1"), Pool("pool-1", "127.0.0.1:2")]))
     counts = np.zeros((len(cfg.moe_layers), cfg.n_routed_experts), np.int64)
     counts[:, 0] = 10  # skewed, but only 20 tokens
-    RedisLoadStore.from_url(redis_server.url, cfg.moe_layers, cfg.n_routed_experts).write({int(time.time() // 5): counts})
+    RedisLoadStore.from_url(redis_server.url, cfg.moe_layers, cfg.n_routed_experts).write(
+        {int(time.time() // 5): counts}
+    )
     import services.autoscaler.service as service
 
     monkeypatch.setattr(service, "is_serving", lambda address, timeout_s=1.0: True)  # these pools are addresses only

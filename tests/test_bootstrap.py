@@ -18,10 +18,27 @@ pytestmark = pytest.mark.slow  # real pool processes and redis-server
 
 def test_bootstrap_spreads_experts_over_fresh_pools(redis_server, tiny_fp8):
     pools = [(f"pools-{i}", f"127.0.0.1:{free_port()}") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8),
-                               "--pool-id", pool_id, "--redis", redis_server.url, "--port", address.rsplit(":", 1)[1]],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for pool_id, address in pools]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.expert.server",
+                "--model",
+                str(tiny_fp8),
+                "--pool-id",
+                pool_id,
+                "--redis",
+                redis_server.url,
+                "--port",
+                address.rsplit(":", 1)[1],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for pool_id, address in pools
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().startswith("READY")  # serving, holding nothing yet

@@ -10,19 +10,23 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from kernels.reference import weight_quant
-from services.format.checkpoint import CheckpointReader
 from services.errors import CheckpointError
+from services.expert.store import ExpertStore
+from services.format.checkpoint import CheckpointReader
 from services.format.model_writer import write_random_model
 from services.format.presets import preset_config
 from services.format.tensor_names import expert_specs, model_specs, stored_name
 from services.format.weights import read_linear
-from services.expert.store import ExpertStore
 
 
 def test_init_model_layout(tiny_fp8):
     cfg = json.loads((tiny_fp8 / "config.json").read_text())
-    assert cfg["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                          "weight_block_size": [128, 128]}
+    assert cfg["quantization_config"] == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     index = json.loads((tiny_fp8 / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 3 and all((tiny_fp8 / s).exists() for s in shards)
@@ -51,7 +55,9 @@ def test_loading_two_experts_reads_nothing_else(tiny_fp8):
     reader.get = lambda name, *a, **k: (reads.append(name), original(name, *a, **k))[1]
     store.load(1, 3)
     store.load(1, 7)
-    wanted = {stored_name(s) + sfx for e in (3, 7) for s in expert_specs(reader.config, 1, e) for sfx in ("", "_scale_inv")}
+    wanted = {
+        stored_name(s) + sfx for e in (3, 7) for s in expert_specs(reader.config, 1, e) for sfx in ("", "_scale_inv")
+    }
     assert set(reads) == wanted and len(reads) == len(wanted)
     index = json.loads((tiny_fp8 / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(reader.opened_files) == {index[n] for n in wanted}
@@ -73,6 +79,7 @@ def test_partial_block_dequant_multiplies_scale_per_block():
     q, s = weight_quant(w)
     assert s.shape == (1, 3)
     from kernels.reference import weight_dequant
+
     deq = weight_dequant(q, s)
     for j, (lo, hi) in enumerate([(0, 128), (128, 256), (256, 320)]):
         assert torch.equal(deq[:, lo:hi], q[:, lo:hi].float() * s[0, j])  # multiply, per own block

@@ -67,23 +67,30 @@ def test_truncated_shard_named_on_first_use_and_other_shards_still_read(tiny_fp8
     assert shard not in reader.opened_files
 
 
-@pytest.mark.parametrize("content,words", [
-    (b"", ["0 bytes", "too short"]),
-    (b"\x01\x02\x03", ["3 bytes", "too short"]),
-    (struct.pack("<Q", 10_000) + b"{}", ["header length 10000", "past the end of the file"]),
-    (struct.pack("<Q", 2**63) + b"x" * 64, ["header length", "past the end of the file"]),
-    (_raw_safetensors(b"\xff\xfe not json"), ["header is not JSON"]),
-    (_raw_safetensors(b"{\"a\": "), ["header is not JSON"]),
-    (_raw_safetensors([1, 2]), ["header is a JSON list"]),
-    (_raw_safetensors({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
-     ["'t'", "data [0, 16) lies outside the file", "8 bytes"]),
-    (_raw_safetensors({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16),
-     ["'t'", "12 bytes of data for shape [4] of F32"]),
-    (_raw_safetensors({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), ["'t'", "shape"]),
-    (_raw_safetensors({"t": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, b"\0" * 8), ["data_offsets"]),
-    (_raw_safetensors({"t": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ["no dtype"]),
-    (_raw_safetensors({"t": [1, 2]}), ["'t'", "not an object"]),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"", ["0 bytes", "too short"]),
+        (b"\x01\x02\x03", ["3 bytes", "too short"]),
+        (struct.pack("<Q", 10_000) + b"{}", ["header length 10000", "past the end of the file"]),
+        (struct.pack("<Q", 2**63) + b"x" * 64, ["header length", "past the end of the file"]),
+        (_raw_safetensors(b"\xff\xfe not json"), ["header is not JSON"]),
+        (_raw_safetensors(b'{"a": '), ["header is not JSON"]),
+        (_raw_safetensors([1, 2]), ["header is a JSON list"]),
+        (
+            _raw_safetensors({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+            ["'t'", "data [0, 16) lies outside the file", "8 bytes"],
+        ),
+        (
+            _raw_safetensors({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16),
+            ["'t'", "12 bytes of data for shape [4] of F32"],
+        ),
+        (_raw_safetensors({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), ["'t'", "shape"]),
+        (_raw_safetensors({"t": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, b"\0" * 8), ["data_offsets"]),
+        (_raw_safetensors({"t": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), ["no dtype"]),
+        (_raw_safetensors({"t": [1, 2]}), ["'t'", "not an object"]),
+    ],
+)
 def test_corrupt_single_file_named_when_the_reader_opens(tiny_fp8, tmp_path, content, words):
     (tmp_path / "config.json").write_text((tiny_fp8 / "config.json").read_text())
     path = tmp_path / "model.safetensors"
@@ -96,8 +103,9 @@ def test_random_bytes_for_a_shard(tiny_fp8, tmp_path):
     name, shard, _ = _victim(d)
     path = d / shard
     size = path.stat().st_size
-    path.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     _raises_naming(path, lambda: CheckpointReader(d).get(name), "not a safetensors file")
 
 

@@ -39,7 +39,9 @@ def test_no_fp8_writes_bf16(tmp_path):
 
 
 def test_score_json_shape(model_dir):
-    result = runner.invoke(app, ["score", "--model", str(model_dir), "--tokens", "5,17,300,2", "--top-k", "3", "--json"])
+    result = runner.invoke(
+        app, ["score", "--model", str(model_dir), "--tokens", "5,17,300,2", "--top-k", "3", "--json"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["token_ids"] == [5, 17, 300, 2]
@@ -47,7 +49,9 @@ def test_score_json_shape(model_dir):
     assert first == {"token_id": 5, "logprob": None, "top": []}
     for pos, tok in zip(rest, [17, 300, 2]):
         assert pos["token_id"] == tok and pos["logprob"] < 0 and len(pos["top"]) == 3
-        assert pos["top"][0]["logprob"] >= pos["top"][1]["logprob"] >= pos["logprob"] or pos["top"][0]["token_id"] == tok
+        assert (
+            pos["top"][0]["logprob"] >= pos["top"][1]["logprob"] >= pos["logprob"] or pos["top"][0]["token_id"] == tok
+        )
 
 
 def test_generate_json_greedy_is_deterministic(model_dir):
@@ -63,21 +67,40 @@ def test_generate_json_greedy_is_deterministic(model_dir):
 
 
 def test_generate_from_tokens_matches_score_top1(model_dir):
-    gen = json.loads(runner.invoke(app, ["generate", "--model", str(model_dir), "--tokens", "5,17,300",
-                                         "--max-tokens", "1", "--json"]).stdout)
-    sc = json.loads(runner.invoke(app, ["score", "--model", str(model_dir), "--tokens",
-                                        ",".join(map(str, [5, 17, 300, gen["token_ids"][0]])), "--top-k", "1", "--json"]).stdout)
+    gen = json.loads(
+        runner.invoke(
+            app, ["generate", "--model", str(model_dir), "--tokens", "5,17,300", "--max-tokens", "1", "--json"]
+        ).stdout
+    )
+    sc = json.loads(
+        runner.invoke(
+            app,
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--tokens",
+                ",".join(map(str, [5, 17, 300, gen["token_ids"][0]])),
+                "--top-k",
+                "1",
+                "--json",
+            ],
+        ).stdout
+    )
     assert sc["positions"][-1]["top"][0]["token_id"] == gen["token_ids"][0]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["generate", "--model", "{m}", "--tokens", "5,99999"], "outside the vocabulary"),
-    (["generate", "--model", "{m}", ""], "empty"),
-    (["generate", "--model", "/nonexistent/model", "--tokens", "5"], "no model directory"),
-    (["score", "--model", "{m}", "--tokens", "a,b"], "comma-separated integers"),
-    (["score", "--model", "{m}"], "exactly one of"),
-    (["generate", "--model", "{m}", "--tokens", "5", "--max-tokens", "0"], "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--model", "{m}", "--tokens", "5,99999"], "outside the vocabulary"),
+        (["generate", "--model", "{m}", ""], "empty"),
+        (["generate", "--model", "/nonexistent/model", "--tokens", "5"], "no model directory"),
+        (["score", "--model", "{m}", "--tokens", "a,b"], "comma-separated integers"),
+        (["score", "--model", "{m}"], "exactly one of"),
+        (["generate", "--model", "{m}", "--tokens", "5", "--max-tokens", "0"], "max_tokens"),
+    ],
+)
 def test_bad_arguments_one_line_error(model_dir, args, message):
     result = runner.invoke(app, [a.replace("{m}", str(model_dir)) for a in args])
     assert result.exit_code == 2
@@ -87,8 +110,11 @@ def test_bad_arguments_one_line_error(model_dir, args, message):
 
 @pytest.mark.slow  # the CLI as a process of its own
 def test_console_script_error_has_no_traceback(model_dir):
-    proc = subprocess.run([sys.executable, "-m", "services.cli.app", "generate", "--model", str(model_dir),
-                           "--tokens", "5,99999"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli.app", "generate", "--model", str(model_dir), "--tokens", "5,99999"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "expertmesh: error: token id 99999 is outside the vocabulary [0, 1024)"
     assert proc.stdout == ""

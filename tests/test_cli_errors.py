@@ -70,13 +70,17 @@ def files(tiny_fp8, tmp_path_factory) -> dict[str, str]:
     out["configlist"] = str(listed)
     (root / "empty").mkdir()
     out["empty"] = str(root / "empty")
-    for name, content in [("rand.bin", os.urandom(512)), ("invalid.json", b'{"version": 1, "pools": ['),
-                          ("list.json", b"[1, 2, 3]"), ("wrongshape.json", b'{"version": 1, "pools": 5, "layers": []}'),
-                          ("noaddress.json", b'{"version": 1, "pools": [{"pool_id": "a"}], "layers": {"1": [["a"]]}}'),
-                          ("badlayer.json", b'{"version": 1, "pools": [{"pool_id": "a", "address": "h:1"}], '
-                                            b'"layers": {"one": [["a"]]}}'),
-                          ("load1d.json", b'{"load": [1, 2, 3]}'), ("loadneg.json", b'{"load": [[1, -2]]}'),
-                          ("plain.txt", b"hello")]:
+    for name, content in [
+        ("rand.bin", os.urandom(512)),
+        ("invalid.json", b'{"version": 1, "pools": ['),
+        ("list.json", b"[1, 2, 3]"),
+        ("wrongshape.json", b'{"version": 1, "pools": 5, "layers": []}'),
+        ("noaddress.json", b'{"version": 1, "pools": [{"pool_id": "a"}], "layers": {"1": [["a"]]}}'),
+        ("badlayer.json", b'{"version": 1, "pools": [{"pool_id": "a", "address": "h:1"}], "layers": {"one": [["a"]]}}'),
+        ("load1d.json", b'{"load": [1, 2, 3]}'),
+        ("loadneg.json", b'{"load": [[1, -2]]}'),
+        ("plain.txt", b"hello"),
+    ]:
         (root / name).write_bytes(content)
         out[name.split(".")[0]] = str(root / name)
     out["dir"] = str(root)
@@ -89,37 +93,57 @@ TOKENS = ["--tokens", "5,17"]
 # (args with {placeholders} from `files`, a piece of the one error line)
 OFFLINE = {
     # the model verbs, in process
-    "generate-negative-token": (["generate", "--model", "{m}", "--tokens", "-1,5"],
-                                "token id -1 is outside the vocabulary"),
-    "generate-token-past-uint32": (["generate", "--model", "{m}", "--tokens", "5,4294967296"],
-                                   "outside the vocabulary"),
-    "generate-max-tokens-huge": (["generate", "--model", "{m}", *TOKENS, "--max-tokens", "5000000000"],
-                                 "max_tokens must lie in"),
-    "generate-max-tokens-negative": (["generate", "--model", "{m}", *TOKENS, "--max-tokens", "-5"],
-                                     "max_tokens must be at least 1"),
-    "generate-temperature-nan": (["generate", "--model", "{m}", *TOKENS, "--temperature", "nan"],
-                                 "temperature must be a finite number"),
-    "generate-temperature-inf": (["generate", "--model", "{m}", *TOKENS, "--temperature", "inf"],
-                                 "temperature must be a finite number"),
+    "generate-negative-token": (
+        ["generate", "--model", "{m}", "--tokens", "-1,5"],
+        "token id -1 is outside the vocabulary",
+    ),
+    "generate-token-past-uint32": (
+        ["generate", "--model", "{m}", "--tokens", "5,4294967296"],
+        "outside the vocabulary",
+    ),
+    "generate-max-tokens-huge": (
+        ["generate", "--model", "{m}", *TOKENS, "--max-tokens", "5000000000"],
+        "max_tokens must lie in",
+    ),
+    "generate-max-tokens-negative": (
+        ["generate", "--model", "{m}", *TOKENS, "--max-tokens", "-5"],
+        "max_tokens must be at least 1",
+    ),
+    "generate-temperature-nan": (
+        ["generate", "--model", "{m}", *TOKENS, "--temperature", "nan"],
+        "temperature must be a finite number",
+    ),
+    "generate-temperature-inf": (
+        ["generate", "--model", "{m}", *TOKENS, "--temperature", "inf"],
+        "temperature must be a finite number",
+    ),
     "generate-temperature-negative": (["generate", "--model", "{m}", *TOKENS, "--temperature", "-1"], "temperature"),
     "generate-top-p-nan": (["generate", "--model", "{m}", *TOKENS, "--top-p", "nan"], "top_p must lie in (0, 1]"),
     "generate-top-p-zero": (["generate", "--model", "{m}", *TOKENS, "--top-p", "0"], "top_p must lie in (0, 1]"),
     "generate-top-p-above-one": (["generate", "--model", "{m}", *TOKENS, "--top-p", "1.5"], "top_p must lie in (0, 1]"),
     "generate-top-k-negative": (["generate", "--model", "{m}", *TOKENS, "--top-k", "-3"], "top_k"),
     "generate-seed-negative": (["generate", "--model", "{m}", *TOKENS, "--seed", "-1"], "seed must lie in"),
-    "generate-seed-huge": (["generate", "--model", "{m}", *TOKENS, "--seed", "99999999999999999999999"],
-                           "seed must lie in"),
+    "generate-seed-huge": (
+        ["generate", "--model", "{m}", *TOKENS, "--seed", "99999999999999999999999"],
+        "seed must lie in",
+    ),
     "generate-empty-prompt": (["generate", "--model", "{m}", ""], "the prompt is empty"),
     "generate-bad-tokens": (["generate", "--model", "{m}", "--tokens", "5,x"], "comma-separated integers"),
     "generate-no-prompt": (["generate", "--model", "{m}"], "exactly one of PROMPT and --tokens"),
     "generate-no-backend": (["generate", *TOKENS], "exactly one of --model and --target"),
-    "generate-two-backends": (["generate", "--model", "{m}", "--target", CLOSED, *TOKENS],
-                              "exactly one of --model and --target"),
-    "score-top-k-past-vocab": (["score", "--model", "{m}", *TOKENS, "--top-k", "100000"],
-                               "top_k must lie in [0, 1024]"),
+    "generate-two-backends": (
+        ["generate", "--model", "{m}", "--target", CLOSED, *TOKENS],
+        "exactly one of --model and --target",
+    ),
+    "score-top-k-past-vocab": (
+        ["score", "--model", "{m}", *TOKENS, "--top-k", "100000"],
+        "top_k must lie in [0, 1024]",
+    ),
     "score-top-k-negative": (["score", "--model", "{m}", *TOKENS, "--top-k", "-1"], "--top-k"),
-    "score-text-and-tokens": (["score", "--model", "{m}", "--text", "hi", *TOKENS],
-                              "exactly one of --text and --tokens"),
+    "score-text-and-tokens": (
+        ["score", "--model", "{m}", "--text", "hi", *TOKENS],
+        "exactly one of --text and --tokens",
+    ),
     # model directories
     "missing-model-dir": (["generate", "--model", "{missing}", *TOKENS], "no model directory"),
     "model-dir-is-a-file": (["score", "--model", "{plain}", *TOKENS], "no model directory"),
@@ -128,8 +152,10 @@ OFFLINE = {
     "config-json-a-list": (["score", "--model", "{configlist}", *TOKENS], "config.json"),
     "truncated-shard": (["generate", "--model", "{truncated}", *TOKENS], "{truncated_shard}"),
     "random-bytes-shard": (["score", "--model", "{random}", *TOKENS], "{random_shard}"),
-    "non-json-shard-header": (["generate", "--model", "{badheader}", *TOKENS],
-                              "{badheader_shard}: the header is not JSON"),
+    "non-json-shard-header": (
+        ["generate", "--model", "{badheader}", *TOKENS],
+        "{badheader_shard}: the header is not JSON",
+    ),
     # --target without a gateway
     "target-closed-port": (["generate", "--target", CLOSED, *TOKENS], f"gateway at {CLOSED} is unreachable"),
     "score-target-closed-port": (["score", "--target", CLOSED, *TOKENS], f"gateway at {CLOSED} is unreachable"),
@@ -145,31 +171,47 @@ OFFLINE = {
     "apply-invalid-json": (["placement", "apply", "{invalid}"], "not valid JSON"),
     "apply-json-list": (["placement", "apply", "{list}"], "not a placement"),
     "apply-json-wrong-shape": (["placement", "apply", "{wrongshape}"], "not a placement"),
-    "apply-pool-without-address": (["placement", "apply", "{noaddress}"],
-                                   'pools[0] is not an object with "pool_id" and "address"'),
+    "apply-pool-without-address": (
+        ["placement", "apply", "{noaddress}"],
+        'pools[0] is not an object with "pool_id" and "address"',
+    ),
     "apply-bad-layer-key": (["placement", "apply", "{badlayer}"], "malformed placement"),
     "apply-missing-file": (["placement", "apply", "{dir}/nothing.json"], "no placement file at"),
     "apply-a-directory": (["placement", "apply", "{dir}"], "cannot read"),
-    "plan-random-bytes": (["placement", "plan", "--load", "{rand}", "--pools", "2", "--slots-per-pool", "2"],
-                          "not UTF-8"),
+    "plan-random-bytes": (
+        ["placement", "plan", "--load", "{rand}", "--pools", "2", "--slots-per-pool", "2"],
+        "not UTF-8",
+    ),
     "plan-1d-load": (["placement", "plan", "--load", "{load1d}", "--pools", "2", "--slots-per-pool", "2"], "shape [3]"),
-    "plan-negative-load": (["placement", "plan", "--load", "{loadneg}", "--pools", "2", "--slots-per-pool", "2"],
-                           "non-negative"),
-    "plan-missing-file": (["placement", "plan", "--load", "{dir}/x.json", "--pools", "2", "--slots-per-pool", "2"],
-                          "no load file"),
-    "plan-zero-pools": (["placement", "plan", "--load", "{load1d}", "--pools", "0", "--slots-per-pool", "2"],
-                        "--pools"),
+    "plan-negative-load": (
+        ["placement", "plan", "--load", "{loadneg}", "--pools", "2", "--slots-per-pool", "2"],
+        "non-negative",
+    ),
+    "plan-missing-file": (
+        ["placement", "plan", "--load", "{dir}/x.json", "--pools", "2", "--slots-per-pool", "2"],
+        "no load file",
+    ),
+    "plan-zero-pools": (
+        ["placement", "plan", "--load", "{load1d}", "--pools", "0", "--slots-per-pool", "2"],
+        "--pools",
+    ),
     # Redis URLs
     "redis-not-a-url": (["placement", "show", "--redis", "notaurl"], "invalid Redis URL 'notaurl'"),
-    "redis-closed-port": (["placement", "show", "--redis", "redis://127.0.0.1:1"],
-                          "Redis at redis://127.0.0.1:1 is unreachable"),
+    "redis-closed-port": (
+        ["placement", "show", "--redis", "redis://127.0.0.1:1"],
+        "Redis at redis://127.0.0.1:1 is unreachable",
+    ),
     "redis-bad-port": (["pools", "list", "--redis", "redis://127.0.0.1:notaport"], "invalid Redis URL"),
     "redis-port-out-of-range": (["rebalance", "--redis", "redis://127.0.0.1:99999"], "invalid Redis URL"),
-    "redis-password-hidden": (["load", "top", "--redis", "redis://u:hunter2@127.0.0.1:1/0"],
-                              "redis://u:***@127.0.0.1:1/0"),
+    "redis-password-hidden": (
+        ["load", "top", "--redis", "redis://u:hunter2@127.0.0.1:1/0"],
+        "redis://u:***@127.0.0.1:1/0",
+    ),
     "redis-none-configured": (["placement", "export", "{dir}/out.json"], "no Redis"),
-    "export-closed-redis": (["placement", "export", "{dir}/out.json", "--redis", "redis://127.0.0.1:1"],
-                            "is unreachable"),
+    "export-closed-redis": (
+        ["placement", "export", "{dir}/out.json", "--redis", "redis://127.0.0.1:1"],
+        "is unreachable",
+    ),
     # click's own usage errors, as one line
     "negative-window": (["load", "top", "--window", "-5"], "Invalid value for '--window'"),
     "rebalance-window-zero": (["rebalance", "--window", "0"], "--window"),
@@ -205,9 +247,14 @@ def test_ctrl_c_is_one_line_exit_130(files):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         env = dict(os.environ, EXPERTMESH_HOME=files["home"])
-        proc = subprocess.Popen([*COMMAND, "generate", "--target", f"127.0.0.1:{silent.getsockname()[1]}", *TOKENS],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [*COMMAND, "generate", "--target", f"127.0.0.1:{silent.getsockname()[1]}", *TOKENS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         time.sleep(3.0)  # past the imports, into the call
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

@@ -70,7 +70,8 @@ def test_request_round_trip_per_dispatch_dtype(dispatch):
 def test_response_round_trip(reply_dtype):
     partial = torch.randn(4, H)
     response = expert_pool_pb2.ForwardResponse.FromString(
-        codec.encode_response(partial, reply_dtype).SerializeToString())
+        codec.encode_response(partial, reply_dtype).SerializeToString()
+    )
     assert response.partial.dtype == wire.ELEMENT_TYPES[reply_dtype]
     got = codec.decode_partial(response, 4, H)
     assert got.dtype == torch.float32
@@ -82,8 +83,9 @@ def test_malformed_answer_is_named():
     with pytest.raises(InvalidRequestError, match=r"^partial: expected FLOAT32 or BFLOAT16 \[5, 320\]"):
         codec.decode_partial(response, 5, H)
     with pytest.raises(InvalidRequestError, match="^partial: expected"):
-        codec.decode_partial(expert_pool_pb2.ForwardResponse(partial=wire.encode(torch.zeros(4, H, dtype=torch.int32))),
-                             4, H)
+        codec.decode_partial(
+            expert_pool_pb2.ForwardResponse(partial=wire.encode(torch.zeros(4, H, dtype=torch.int32))), 4, H
+        )
 
 
 def test_unknown_dispatch_dtype_is_named():
@@ -119,8 +121,10 @@ MALFORMED = {
     "hidden of a non-dispatch element type": (dict(hidden=_i32([[1] * H] * 2)), "^hidden: element type INT32"),
     "hidden of the wrong width": (dict(hidden=wire.encode(torch.randn(2, 100))), r"^hidden: expected shape \[N, 320\]"),
     "hidden of one dimension": (dict(hidden=wire.encode(torch.randn(H))), r"^hidden: expected shape"),
-    "hidden short of bytes": (dict(hidden=tensor_pb2.Tensor(dtype=1, shape=[2, H], data=b"xx")),
-                              "^hidden: 2 bytes do not hold"),
+    "hidden short of bytes": (
+        dict(hidden=tensor_pb2.Tensor(dtype=1, shape=[2, H], data=b"xx")),
+        "^hidden: 2 bytes do not hold",
+    ),
     "hidden holding NaN": (dict(hidden=wire.encode(torch.full((2, H), float("nan")))), "^hidden: holds a non-finite"),
     "a scale beside float32 hidden": (dict(hidden_scale=wire.encode(torch.ones(2, 3))), "^hidden_scale: only with"),
     "pairs as float32": (dict(pairs=wire.encode(torch.tensor([[0.0, 1.0], [1.0, 5.0]]))), "^pairs: expected INT32"),
@@ -129,14 +133,22 @@ MALFORMED = {
     "negative token row": (dict(pairs=_i32([[-1, 1], [1, 5]])), r"^pairs: token row -1 out of range"),
     "expert out of range": (dict(pairs=_i32([[0, 1], [1, 16]])), r"^pairs: expert 16 out of range \[0, 16\)"),
     "pairs missing": (dict(pairs=None, pair_weights=None), "^pairs: missing, with 2 rows"),
-    "no pairs for the rows sent": (dict(pairs=wire.encode(torch.empty(0, 2, dtype=torch.int32)),
-                                        pair_weights=wire.encode(torch.empty(0))), "^pairs: none, with 2 rows"),
-    "fewer weights than pairs": (dict(pair_weights=wire.encode(torch.tensor([0.5]))),
-                                 r"^pair_weights: expected FLOAT32 \[2\] \(one per pair\), got FLOAT32 \[1\]"),
-    "weights as bfloat16": (dict(pair_weights=wire.encode(torch.tensor([0.5, 0.5], dtype=torch.bfloat16))),
-                            "^pair_weights: expected FLOAT32"),
-    "a NaN weight": (dict(pair_weights=wire.encode(torch.tensor([0.5, float("nan")]))),
-                     "^pair_weights: holds a non-finite"),
+    "no pairs for the rows sent": (
+        dict(pairs=wire.encode(torch.empty(0, 2, dtype=torch.int32)), pair_weights=wire.encode(torch.empty(0))),
+        "^pairs: none, with 2 rows",
+    ),
+    "fewer weights than pairs": (
+        dict(pair_weights=wire.encode(torch.tensor([0.5]))),
+        r"^pair_weights: expected FLOAT32 \[2\] \(one per pair\), got FLOAT32 \[1\]",
+    ),
+    "weights as bfloat16": (
+        dict(pair_weights=wire.encode(torch.tensor([0.5, 0.5], dtype=torch.bfloat16))),
+        "^pair_weights: expected FLOAT32",
+    ),
+    "a NaN weight": (
+        dict(pair_weights=wire.encode(torch.tensor([0.5, float("nan")]))),
+        "^pair_weights: holds a non-finite",
+    ),
     "an infinite weight": (dict(pair_weights=wire.encode(torch.tensor([float("inf"), 0.5]))), "^pair_weights: holds"),
     "answer in float8": (dict(response_dtype=tensor_pb2.ELEMENT_TYPE_FLOAT8_E4M3), "^response_dtype: must be"),
 }

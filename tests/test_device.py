@@ -91,11 +91,14 @@ def test_pool_refuses_a_missing_gpu(tiny_fp8, no_cuda):
     assert pool_argv("m", "p", "redis://x", 1, device="cuda")[-2:] == ["--device", "cuda"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["score", "--tokens", "1,2", "--device", "cuda"], NO_CUDA),
-    (["score", "--tokens", "1,2", "--device", "tpu"], "--device must be one of auto, cpu, cuda, got 'tpu'"),
-    (["generate", "--target", "127.0.0.1:1", "--tokens", "1,2", "--device", "cpu"], "--device applies to --model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["score", "--tokens", "1,2", "--device", "cuda"], NO_CUDA),
+        (["score", "--tokens", "1,2", "--device", "tpu"], "--device must be one of auto, cpu, cuda, got 'tpu'"),
+        (["generate", "--target", "127.0.0.1:1", "--tokens", "1,2", "--device", "cpu"], "--device applies to --model"),
+    ],
+)
 def test_model_verbs_refuse_in_one_line(tiny_fp8, no_cuda, args, message):
     if "--target" not in args:
         args = [*args, "--model", str(tiny_fp8)]
@@ -108,17 +111,33 @@ def test_model_verbs_refuse_in_one_line(tiny_fp8, no_cuda, args, message):
 @no_gpu_here
 def test_generate_and_up_with_cuda_exit_2_on_this_machine(tiny_fp8, tmp_path):
     """The real console script, as a user runs it."""
-    assert_one_line_error(run_cli(["generate", "--model", str(tiny_fp8), "--tokens", "1,2", "--device", "cuda"],
-                                  tmp_path), NO_CUDA)
-    up = run_cli(["up", "--model", str(tiny_fp8), "--device", "cuda", "--grpc-port", "0", "--http-port", "-1"],
-                 tmp_path)
+    assert_one_line_error(
+        run_cli(["generate", "--model", str(tiny_fp8), "--tokens", "1,2", "--device", "cuda"], tmp_path), NO_CUDA
+    )
+    up = run_cli(
+        ["up", "--model", str(tiny_fp8), "--device", "cuda", "--grpc-port", "0", "--http-port", "-1"], tmp_path
+    )
     assert_one_line_error(up, NO_CUDA)
     assert not (tmp_path / "up.json").exists()
 
 
 @no_gpu_here
 def test_pool_process_with_cuda_is_a_startup_error(tiny_fp8):
-    proc = subprocess.run([sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8), "--pool-id", "p",
-                           "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.expert.server",
+            "--model",
+            str(tiny_fp8),
+            "--pool-id",
+            "p",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"expertmesh pool: {NO_CUDA}"), proc.stderr

@@ -37,8 +37,14 @@ async def _serve():
         return b"x" * ANSWER_BYTES
 
     managed = ManagedServer([SERVICE])
-    handler = grpc.method_handlers_generic_handler(SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(
-        slow, request_deserializer=_identity, response_serializer=_identity)})
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Call": grpc.unary_unary_rpc_method_handler(
+                slow, request_deserializer=_identity, response_serializer=_identity
+            )
+        },
+    )
     managed.server.add_generic_rpc_handlers((handler,))
     await managed.start()
     await managed.set_serving()

@@ -17,17 +17,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.cli.gateway_client import GatewayClient
 from services.dispatch import wire
-from services.state.placement_store import RedisPlacementStore
 from services.gateway.engine import Engine
 from services.gateway.sampling import SamplingParams
+from services.state.placement_store import RedisPlacementStore
 from tests.local_deployment import UpProcess, metric
 from tests.trained_model import held_out_windows
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
-                                         for p in os.environ.get("PATH", "").split(os.pathsep)),
-                                 reason="redis-server is not installed (scripts/bootstrap.sh installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not any(
+            os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)
+        ),
+        reason="redis-server is not installed (scripts/bootstrap.sh installs it)",
+    ),
+]
 
 PROMPT_LENGTHS = [3, 7, 12, 20, 33, 5, 16, 9]
 
@@ -62,9 +67,14 @@ def _generate_all(gateway, prompts, max_tokens=12):
 
 def _wait_generating(up, n):
     """Until `n` requests are running on the gateway and tokens are being decoded: mid-generation."""
-    wait_until(lambda: up.metric("gateway", "num_requests_running") >= n
-               and up.metric("gateway", "inter_token_latency_seconds_count") > 0,
-               60, f"{n} requests generating on the gateway")
+    wait_until(
+        lambda: (
+            up.metric("gateway", "num_requests_running") >= n
+            and up.metric("gateway", "inter_token_latency_seconds_count") > 0
+        ),
+        60,
+        f"{n} requests generating on the gateway",
+    )
 
 
 def test_fp32_dispatch_greedy_equals_in_process(fp32_up, engine_tiny):
@@ -118,14 +128,17 @@ def test_fp8_dispatch_top1_agreement(fp8_up, tiny_trained_fp8):
     assert worst < 0.5
 
 
-@pytest.mark.parametrize("request_kwargs,message", [
-    (dict(token_ids=[]), "empty"),
-    (dict(token_ids=[5, 1024]), "outside the vocabulary"),
-    (dict(token_ids=[5], max_tokens=0), "max_tokens"),
-    (dict(token_ids=[5], max_tokens=10**6), "max_tokens"),
-    (dict(token_ids=[5] * 9000, max_tokens=4), "exceeds the context"),
-    (dict(token_ids=[5], text="both"), "not both"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,message",
+    [
+        (dict(token_ids=[]), "empty"),
+        (dict(token_ids=[5, 1024]), "outside the vocabulary"),
+        (dict(token_ids=[5], max_tokens=0), "max_tokens"),
+        (dict(token_ids=[5], max_tokens=10**6), "max_tokens"),
+        (dict(token_ids=[5] * 9000, max_tokens=4), "exceeds the context"),
+        (dict(token_ids=[5], text="both"), "not both"),
+    ],
+)
 def test_bad_generate_requests_are_invalid_argument(fp32_up, request_kwargs, message):
     kw = dict(request_kwargs)
     sampling = gateway_pb2.SamplingParams(max_tokens=kw.pop("max_tokens", 4))
@@ -136,7 +149,12 @@ def test_bad_generate_requests_are_invalid_argument(fp32_up, request_kwargs, mes
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in exc.value.details()
         # and the gateway goes on serving
-        ok = list(stub.Generate(gateway_pb2.GenerateRequest(token_ids=[5, 6], sampling=gateway_pb2.SamplingParams(max_tokens=2)), timeout=30))
+        ok = list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(token_ids=[5, 6], sampling=gateway_pb2.SamplingParams(max_tokens=2)),
+                timeout=30,
+            )
+        )
         assert ok[-1].finish_reason in ("length", "stop")
 
 
@@ -166,13 +184,20 @@ def test_malformed_batches_sent_to_a_pool(fp32_up, engine_tiny):
     cases = [
         (dict(good, layer=0), grpc.StatusCode.INVALID_ARGUMENT, "not an MoE layer"),
         (dict(good, hidden=wire.encode(torch.randn(2, 100))), grpc.StatusCode.INVALID_ARGUMENT, "hidden"),
-        (dict(good, hidden=expert_pool_pb2.ForwardRequest().hidden.__class__(dtype=1, shape=[2, 320], data=b"xx")),
-         grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        (
+            dict(good, hidden=expert_pool_pb2.ForwardRequest().hidden.__class__(dtype=1, shape=[2, 320], data=b"xx")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bytes",
+        ),
         (dict(good, pairs=_pairs([0, 7], [expert, expert])), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
         (dict(good, pair_weights=_weights([0.5])), grpc.StatusCode.INVALID_ARGUMENT, "one per pair"),
         (dict(good, pairs=_pairs([0, 1], [expert, 99])), grpc.StatusCode.INVALID_ARGUMENT, "expert 99"),
         (dict(good, pairs=_pairs([0, 1], [expert, not_held])), grpc.StatusCode.FAILED_PRECONDITION, "does not hold"),
-        (dict(good, hidden=wire.encode(torch.randn(2, 320).to(torch.float8_e4m3fn))), grpc.StatusCode.INVALID_ARGUMENT, "hidden_scale"),
+        (
+            dict(good, hidden=wire.encode(torch.randn(2, 320).to(torch.float8_e4m3fn))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "hidden_scale",
+        ),
     ]
     for kwargs, code, message in cases:
         with pytest.raises(grpc.RpcError) as exc:
@@ -183,6 +208,7 @@ def test_malformed_batches_sent_to_a_pool(fp32_up, engine_tiny):
     out = wire.decode(_pool_call(address, expert_pool_pb2.ForwardRequest(**good, response_dtype=1)).partial, "partial")
     hidden = wire.decode(h, "hidden")
     from services.math.layers import swiglu
+
     ref = 0.5 * swiglu(hidden, *engine_tiny.model.experts.store.compute_weights(layer, expert))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with grpc.insecure_channel(address) as channel:
@@ -224,12 +250,16 @@ def test_pool_sigkill_fails_requests_promptly_then_serves_after_replacement(tiny
             refs = [expert_pool_pb2.ExpertRef(layer=l, expert=e) for l, e in placement.experts_on(pool_id)]
             with grpc.insecure_channel(placement.pools[pool_id].address) as channel:
                 expert_pool_pb2_grpc.ExpertPoolServiceStub(channel).LoadExperts(
-                    expert_pool_pb2.LoadExpertsRequest(experts=refs), timeout=60)
+                    expert_pool_pb2.LoadExpertsRequest(experts=refs), timeout=60
+                )
         store.publish(placement)
         up.wait_gateway_on(store.version())  # it follows the stored version and switches at a step boundary
         prompt = _prompts()[2]
         again = client.generate(None, prompt, 8, ignore_eos=True)
-        assert again["token_ids"] == engine_tiny.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+        assert (
+            again["token_ids"]
+            == engine_tiny.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+        )
         client.close()
     finally:
         up.stop()
@@ -242,8 +272,12 @@ def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
     children = up.child_pids()
     assert len(children) == 5  # redis, 2 pools, gateway, autoscaler
     with grpc.insecure_channel(up.gateway) as channel:
-        stream = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
-            token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(max_tokens=150, ignore_eos=True)), timeout=60)
+        stream = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(
+            gateway_pb2.GenerateRequest(
+                token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(max_tokens=150, ignore_eos=True)
+            ),
+            timeout=60,
+        )
         first = [next(stream) for _ in range(2)]  # it is running...
         started = time.monotonic()
         up.proc.send_signal(signal.SIGTERM)  # ...when the whole deployment is told to stop
@@ -254,8 +288,11 @@ def test_up_stops_everything_on_sigterm(tiny_fp8, tmp_path_factory):
     assert time.monotonic() - started < 15
 
     def alive():
-        return [pid for pid in children if os.path.exists(f"/proc/{pid}") and
-                open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        return [
+            pid
+            for pid in children
+            if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        ]
 
     wait_until(lambda: alive() == [], 10, "every child of `up` to exit")
 
@@ -272,8 +309,13 @@ def test_gateway_records_routed_tokens_in_redis(fp32_up):
 
 def test_failover_with_two_replicas_loses_nothing(tiny_fp8, tmp_path_factory, engine_tiny):
     """Every expert on two of 3 pools; SIGKILL one pool under load: no request fails, outputs unchanged."""
-    up = UpProcess(tiny_fp8, pools=3, dispatch="fp32", home=tmp_path_factory.mktemp("up-failover"),
-                   extra=["--replicas-per-expert", "2"])
+    up = UpProcess(
+        tiny_fp8,
+        pools=3,
+        dispatch="fp32",
+        home=tmp_path_factory.mktemp("up-failover"),
+        extra=["--replicas-per-expert", "2"],
+    )
     try:
         prompts = _prompts()
         expected = engine_tiny.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
@@ -296,9 +338,12 @@ def test_metrics_endpoints(fp32_up, tiny_fp8):
     state = _json.loads((fp32_up.home / "up.json").read_text())
     url = state["metrics"]["gateway"]
     model = f'model_name="{tiny_fp8.name}"'  # vLLM's label: the served model's name (its directory's)
-    counters = [f"prompt_tokens_total{{{model}}}", f"generation_tokens_total{{{model}}}",
-                f'request_success_total{{finished_reason="length",{model}}}',  # as exported: labels sorted
-                f"e2e_request_latency_seconds_count{{{model}}}"]
+    counters = [
+        f"prompt_tokens_total{{{model}}}",
+        f"generation_tokens_total{{{model}}}",
+        f'request_success_total{{finished_reason="length",{model}}}',  # as exported: labels sorted
+        f"e2e_request_latency_seconds_count{{{model}}}",
+    ]
     before = [_exported(url, name) for name in counters]
     client = GatewayClient(fp32_up.gateway)
     client.generate(None, [5, 6, 7], 3, ignore_eos=True)
@@ -311,9 +356,14 @@ def test_metrics_endpoints(fp32_up, tiny_fp8):
     assert "time_to_first_token_seconds_count" in gateway
     ttft = [l for l in gateway.splitlines() if l.startswith("time_to_first_token_seconds_count")]
     assert float(ttft[0].split()[-1]) >= 1
-    for name in ("inter_token_latency_seconds_bucket", "num_requests_running",
-                 "kv_cache_usage_perc", 'moe_routed_tokens_total{pool="pool-0"}',
-                 'moe_expert_rpc_duration_seconds_count{pool="pool-1"}', "moe_placement_version 1.0"):
+    for name in (
+        "inter_token_latency_seconds_bucket",
+        "num_requests_running",
+        "kv_cache_usage_perc",
+        'moe_routed_tokens_total{pool="pool-0"}',
+        'moe_expert_rpc_duration_seconds_count{pool="pool-1"}',
+        "moe_placement_version 1.0",
+    ):
         assert name in gateway, name
     pool = urllib.request.urlopen(state["metrics"]["pool-0"], timeout=5).read().decode()
     pairs = [l for l in pool.splitlines() if l.startswith("moe_pool_routed_pairs_total")]
@@ -324,8 +374,12 @@ def test_client_going_away_cancels_its_request(fp32_up):
     metrics = fp32_up.metrics_url("gateway")
     with grpc.insecure_channel(fp32_up.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-        call = stub.Generate(gateway_pb2.GenerateRequest(token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(
-            max_tokens=5000, ignore_eos=True)), timeout=60)
+        call = stub.Generate(
+            gateway_pb2.GenerateRequest(
+                token_ids=[5, 6, 7], sampling=gateway_pb2.SamplingParams(max_tokens=5000, ignore_eos=True)
+            ),
+            timeout=60,
+        )
         for _, _ in zip(range(4), call):  # a few tokens arrive...
             pass
         assert metric(metrics, "num_requests_running") >= 1
@@ -355,19 +409,38 @@ def test_pool_finishes_in_flight_calls_on_sigterm(tiny_fp8, tmp_path):
     port, metrics_port = free_port(), free_port()
     placement = Placement.spread(cfg, [Pool("pool-0", f"127.0.0.1:{port}")])
     placement.save(tmp_path / "placement.json")
-    proc = subprocess.Popen([_sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8), "--pool-id",
-                             "pool-0", "--placement", str(tmp_path / "placement.json"), "--port", str(port),
-                             "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            _sys.executable,
+            "-m",
+            "services.expert.server",
+            "--model",
+            str(tiny_fp8),
+            "--pool-id",
+            "pool-0",
+            "--placement",
+            str(tmp_path / "placement.json"),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("READY")
         in_flight = f'moe_grpc_calls_in_flight{{service="{SERVICE_NAME}"}}'
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         n = 40000  # a long call (seconds on a CPU), so that it is seen in flight before it ends
         request = expert_pool_pb2.ForwardRequest(
-            layer=1, hidden=wire.encode(torch.randn(n, cfg.hidden_size)),
+            layer=1,
+            hidden=wire.encode(torch.randn(n, cfg.hidden_size)),
             pairs=_pairs(list(range(n)) * 2, [0] * n + [1] * n),
-            pair_weights=_weights([0.5] * (2 * n)), response_dtype=1)
+            pair_weights=_weights([0.5] * (2 * n)),
+            response_dtype=1,
+        )
         limits = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)]
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=limits) as channel:
             stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)

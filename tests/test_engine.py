@@ -7,8 +7,7 @@ import torch
 
 from services.attention.batch import SequenceChunk
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
-from services.errors import CacheFullError
-from services.errors import InvalidRequestError
+from services.errors import CacheFullError, InvalidRequestError
 from services.gateway.sampling import SamplingParams
 from tests.model_steps import build_step
 
@@ -60,9 +59,15 @@ def test_batched_logits_equal_single(engine_tiny):
     a, b, c = _ids(20, 5), _ids(7, 6), _ids(12, 7)
     seqs = [SequenceBlocks() for _ in range(3)]
     try:
-        engine_tiny.model.forward(build_step([SequenceChunk(seqs[0], a[:-1]), SequenceChunk(seqs[1], b[:-1])], cache), cache)
-        mixed = engine_tiny.model.forward(build_step(
-            [SequenceChunk(seqs[0], a[-1:]), SequenceChunk(seqs[1], b[-1:]), SequenceChunk(seqs[2], c)], cache), cache)
+        engine_tiny.model.forward(
+            build_step([SequenceChunk(seqs[0], a[:-1]), SequenceChunk(seqs[1], b[:-1])], cache), cache
+        )
+        mixed = engine_tiny.model.forward(
+            build_step(
+                [SequenceChunk(seqs[0], a[-1:]), SequenceChunk(seqs[1], b[-1:]), SequenceChunk(seqs[2], c)], cache
+            ),
+            cache,
+        )
     finally:
         for s in seqs:
             cache.release(s)
@@ -91,6 +96,7 @@ def test_score_is_consistent_with_generate(engine_tiny):
 
 def test_cache_refuses_when_full(tiny_fp8):
     from services.format.config import ModelConfig
+
     cache = PagedLatentCache(ModelConfig.from_file(tiny_fp8), num_blocks=2, block_size=4)
     seq = SequenceBlocks()
     cache.reserve(seq, 8)
@@ -110,14 +116,17 @@ def test_seeded_sampling_reproducible_and_distinct(engine_tiny):
     assert b[1].token_ids != a
 
 
-@pytest.mark.parametrize("prompt,params,match", [
-    ([], SamplingParams(), "empty"),
-    ([5, 1024], SamplingParams(), "outside the vocabulary"),
-    ([5, -1], SamplingParams(), "outside the vocabulary"),
-    ([5], SamplingParams(max_tokens=0), "max_tokens"),
-    ([5], SamplingParams(top_p=0.0), "top_p"),
-    ([5] * 4000, SamplingParams(max_tokens=200), "exceeds the context"),
-])
+@pytest.mark.parametrize(
+    "prompt,params,match",
+    [
+        ([], SamplingParams(), "empty"),
+        ([5, 1024], SamplingParams(), "outside the vocabulary"),
+        ([5, -1], SamplingParams(), "outside the vocabulary"),
+        ([5], SamplingParams(max_tokens=0), "max_tokens"),
+        ([5], SamplingParams(top_p=0.0), "top_p"),
+        ([5] * 4000, SamplingParams(max_tokens=200), "exceeds the context"),
+    ],
+)
 def test_bad_requests_rejected(engine_tiny, prompt, params, match):
     with pytest.raises(InvalidRequestError, match=match):
         engine_tiny.generate([prompt], params)

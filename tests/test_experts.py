@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.format.checkpoint import CheckpointReader
 from services.errors import ExpertNotHeldError, InvalidRequestError
-from services.math.layers import swiglu
-from services.math.packed_linear import packing_available
 from services.expert.grouped import grouped_expert_forward
 from services.expert.store import ExpertStore, LayerWeights
+from services.format.checkpoint import CheckpointReader
+from services.math.layers import swiglu
+from services.math.packed_linear import packing_available
 
 
 class _Source(LayerWeights):

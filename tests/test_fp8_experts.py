@@ -35,7 +35,7 @@ def _one_pair_at_a_time(store: ExpertStore, hidden: torch.Tensor, pairs: RoutedP
     for t, e, w in zip(pairs.token.tolist(), pairs.expert.tolist(), pairs.weight.tolist()):
         ew = store.load(LAYER, e)
         pieces = [p[None] for lw in (ew.gate, ew.up, ew.down) for p in (lw.weight, lw.scale_inv)]
-        out[t] += w * reference.grouped_fp8_mlp(hidden[t:t + 1], *pieces, [1], [0])[0]
+        out[t] += w * reference.grouped_fp8_mlp(hidden[t : t + 1], *pieces, [1], [0])[0]
     return out
 
 
@@ -44,8 +44,9 @@ def test_fp8_grouped_forward_equals_each_pair_alone(store, experts):
     idx = torch.tensor(experts)
     w = torch.rand(idx.shape)
     hidden = torch.randn(idx.shape[0], store.cfg.hidden_size).to(torch.bfloat16)
-    got = grouped_pairs_forward(hidden, RoutedPairs.from_topk(idx, w), LayerWeights(store, LAYER, torch.bfloat16),
-                                store.cfg.n_routed_experts)
+    got = grouped_pairs_forward(
+        hidden, RoutedPairs.from_topk(idx, w), LayerWeights(store, LAYER, torch.bfloat16), store.cfg.n_routed_experts
+    )
     assert got.dtype == torch.bfloat16 and LayerWeights(store, LAYER, torch.bfloat16).stacked() is None
     expect = _one_pair_at_a_time(store, hidden, RoutedPairs.from_topk(idx, w))
     torch.testing.assert_close(got.float(), expect.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
@@ -76,8 +77,12 @@ def test_the_stack_holds_the_fp8_bytes_once_and_follows_loads(store):
     assert store.held_mask(LAYER).nonzero().flatten().tolist() == [0, 7, 8]
     hidden = torch.randn(1, store.cfg.hidden_size, dtype=torch.bfloat16)
     with pytest.raises(ExpertNotHeldError, match="expert 3"):
-        grouped_pairs_forward(hidden, RoutedPairs.from_topk(torch.tensor([[3]]), torch.ones(1, 1)),
-                              LayerWeights(store, LAYER, torch.bfloat16), 16)
+        grouped_pairs_forward(
+            hidden,
+            RoutedPairs.from_topk(torch.tensor([[3]]), torch.ones(1, 1)),
+            LayerWeights(store, LAYER, torch.bfloat16),
+            16,
+        )
 
 
 def test_a_cuda_store_keeps_no_dense_copy(tiny_fp8):

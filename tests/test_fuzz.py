@@ -33,8 +33,9 @@ def _serving(address: str) -> bool:
 
 def test_pool_survives_malformed_forward_calls(deployment, tiny_fp8):
     cfg = ModelConfig.from_file(tiny_fp8)
-    codes = fuzz_pool(deployment.pool_addresses[0], EXAMPLES, cfg.hidden_size, cfg.num_hidden_layers,
-                      cfg.n_routed_experts)
+    codes = fuzz_pool(
+        deployment.pool_addresses[0], EXAMPLES, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts
+    )
     assert sum(codes.values()) >= 2 * EXAMPLES
     assert set(codes) <= ACCEPTABLE, dict(codes)
     assert codes[grpc.StatusCode.INVALID_ARGUMENT] > EXAMPLES // 2

@@ -20,26 +20,57 @@ pytestmark = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is not ins
 VALUE_SETS = {
     "default": [],
     "external-redis": ["--set", "redis.external.url=redis://redis.example:6379/0"],
-    "hostpath-gpu": ["--set", "model.volume.type=hostPath", "--set", "pools.gpu=1", "--set", "gateway.gpu=1",
-                     "--set", "gateway.autoscaling.enabled=false", "--set", "autoscaler.enabled=false"],
+    "hostpath-gpu": [
+        "--set",
+        "model.volume.type=hostPath",
+        "--set",
+        "pools.gpu=1",
+        "--set",
+        "gateway.gpu=1",
+        "--set",
+        "gateway.autoscaling.enabled=false",
+        "--set",
+        "autoscaler.enabled=false",
+    ],
     "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.count=8"],
     "mutual-tls": ["--set", "tls.secretName=expertmesh-tls"],
-    "queue-keda-monitors": ["--set", "gateway.autoscaling.waitingRequests.enabled=true", "--set",
-                            "gateway.service.headless=true", "--set", "metrics.serviceMonitor.enabled=true",
-                            "--set", "metrics.podMonitor.enabled=true",
-                            "--set", "metrics.serviceMonitor.labels.release=prom",
-                            "--set", "pools.count=4", "--set", "pools.replicasPerExpert=2"],
-    "queue-hpa": ["--set", "gateway.autoscaling.waitingRequests.enabled=true", "--set",
-                  "gateway.autoscaling.waitingRequests.provider=hpa", "--set", "pools.count=3", "--set",
-                  "pools.replicasPerExpert=3", "--set", "autoscaler.replicas=2"],
+    "queue-keda-monitors": [
+        "--set",
+        "gateway.autoscaling.waitingRequests.enabled=true",
+        "--set",
+        "gateway.service.headless=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=prom",
+        "--set",
+        "pools.count=4",
+        "--set",
+        "pools.replicasPerExpert=2",
+    ],
+    "queue-hpa": [
+        "--set",
+        "gateway.autoscaling.waitingRequests.enabled=true",
+        "--set",
+        "gateway.autoscaling.waitingRequests.provider=hpa",
+        "--set",
+        "pools.count=3",
+        "--set",
+        "pools.replicasPerExpert=3",
+        "--set",
+        "autoscaler.replicas=2",
+    ],
 }
 # what a process is told to listen on, by flag: every port a probe or a Service reaches must be one of these
 LISTEN_FLAGS = ("--grpc-port", "--port", "--http-port", "--metrics-port")
 
 
 def render(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HELM, "template", "demo", str(CHART), "--namespace", "serving", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [HELM, "template", "demo", str(CHART), "--namespace", "serving", *args], capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="module", params=list(VALUE_SETS))
@@ -78,7 +109,12 @@ def test_labels_and_selectors(rendered):
     _, _, docs = rendered
     for d in docs:
         labels = d["metadata"]["labels"]
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart"):
+        for key in (
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/managed-by",
+            "helm.sh/chart",
+        ):
             assert key in labels, (d["kind"], d["metadata"]["name"], key)
     workloads = by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
     for w in workloads:
@@ -100,7 +136,10 @@ def test_grpc_probes_and_security(rendered):
     for spec, service in ((gateway, "expertmesh.v1.GatewayService"), (pools, "expertmesh.v1.ExpertPoolService")):
         c = spec["containers"][0]
         if name == "mutual-tls":  # exec probes over the pod's certificate: test_mutual_tls_mounts_...
-            assert c["readinessProbe"]["exec"]["command"][-2:] == [f"127.0.0.1:{c['ports'][0]['containerPort']}", service]
+            assert c["readinessProbe"]["exec"]["command"][-2:] == [
+                f"127.0.0.1:{c['ports'][0]['containerPort']}",
+                service,
+            ]
             continue
         assert c["readinessProbe"]["grpc"]["service"] == service
         assert c["readinessProbe"]["grpc"]["port"] == c["ports"][0]["containerPort"]
@@ -169,21 +208,27 @@ def test_value_specific_fields(rendered):
     if name == "tracing":
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
         assert one(docs, "StatefulSet", "-pools")["spec"]["replicas"] == 8
-        assert "--bootstrap-pools=8" in one(docs, "Deployment", "-autoscaler")["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert (
+            "--bootstrap-pools=8"
+            in one(docs, "Deployment", "-autoscaler")["spec"]["template"]["spec"]["containers"][0]["args"]
+        )
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("gateway.dispatchDtype=fp16", "dispatchDtype"),
-    ("pools.count=0", "count"),
-    ("model.volume.type=nfs", "type"),
-    ("autoscaler.rebalanceThreshold=1.5", "rebalanceThreshold"),
-    ("redis.external.url=http://nope", "url"),
-    ("gateway.unknownKey=1", "unknownKey"),
-    ("gateway.pdb.minAvailable=1", "minAvailable"),  # blocked every drain with one replica
-    ("gateway.pdb.maxUnavailable=0", "maxUnavailable"),
-    ("gateway.autoscaling.waitingRequests.provider=nope", "provider"),
-    ("metrics.serviceMonitor.interval=often", "interval"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("gateway.dispatchDtype=fp16", "dispatchDtype"),
+        ("pools.count=0", "count"),
+        ("model.volume.type=nfs", "type"),
+        ("autoscaler.rebalanceThreshold=1.5", "rebalanceThreshold"),
+        ("redis.external.url=http://nope", "url"),
+        ("gateway.unknownKey=1", "unknownKey"),
+        ("gateway.pdb.minAvailable=1", "minAvailable"),  # blocked every drain with one replica
+        ("gateway.pdb.maxUnavailable=0", "maxUnavailable"),
+        ("gateway.autoscaling.waitingRequests.provider=nope", "provider"),
+        ("metrics.serviceMonitor.interval=often", "interval"),
+    ],
+)
 def test_schema_rejects_bad_values(setting, message):
     result = render("--set", setting)
     assert result.returncode != 0
@@ -191,8 +236,11 @@ def test_schema_rejects_bad_values(setting, message):
 
 
 def test_notes_render():
-    result = subprocess.run([HELM, "install", "demo", str(CHART), "--dry-run=client", "--namespace", "serving"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [HELM, "install", "demo", str(CHART), "--dry-run=client", "--namespace", "serving"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "expertmesh generate --target 127.0.0.1:50051" in result.stdout
 
@@ -248,21 +296,25 @@ def test_disruption_budgets_never_block_the_gateway_nor_lose_experts(rendered):
         assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
-@pytest.mark.parametrize("settings,message", [
-    (["pools.pdb.maxUnavailable=1"], "must stay below pools.replicasPerExpert (1)"),
-    (["pools.count=4", "pools.replicasPerExpert=2", "pools.pdb.maxUnavailable=2"], "must stay below"),
-    (["pools.replicasPerExpert=3"], "needs at least as many pools"),
-    (["gateway.autoscaling.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
-    (["gateway.autoscaling.enabled=false", "gateway.autoscaling.waitingRequests.enabled=true"], "needs gateway"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (["pools.pdb.maxUnavailable=1"], "must stay below pools.replicasPerExpert (1)"),
+        (["pools.count=4", "pools.replicasPerExpert=2", "pools.pdb.maxUnavailable=2"], "must stay below"),
+        (["pools.replicasPerExpert=3"], "needs at least as many pools"),
+        (["gateway.autoscaling.minReplicas=5"], "minReplicas (5) is above maxReplicas (4)"),
+        (["gateway.autoscaling.enabled=false", "gateway.autoscaling.waitingRequests.enabled=true"], "needs gateway"),
+    ],
+)
 def test_combinations_that_lose_experts_or_cannot_work_are_refused(settings, message):
     result = render(*[a for s in settings for a in ("--set", s)])
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
 def test_explicit_pool_budget_below_the_copies_is_taken():
-    result = render("--set", "pools.count=4", "--set", "pools.replicasPerExpert=3",
-                    "--set", "pools.pdb.maxUnavailable=1")
+    result = render(
+        "--set", "pools.count=4", "--set", "pools.replicasPerExpert=3", "--set", "pools.pdb.maxUnavailable=1"
+    )
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert one(docs, "PodDisruptionBudget", "-pools")["spec"]["maxUnavailable"] == 1
@@ -324,10 +376,16 @@ def test_headless_gateway_service_and_prometheus_monitors(rendered):
     assert scraped == {"demo-expertmesh-gateway", "demo-expertmesh-pools"}
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
     (pm,) = by_kind(docs, "PodMonitor")
-    pods = [w for w in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
-            if _selects(pm["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
-    assert {w["metadata"]["name"] for w in pods} == {"demo-expertmesh-gateway", "demo-expertmesh-pools",
-                                                     "demo-expertmesh-autoscaler"}
+    pods = [
+        w
+        for w in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+        if _selects(pm["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert {w["metadata"]["name"] for w in pods} == {
+        "demo-expertmesh-gateway",
+        "demo-expertmesh-pools",
+        "demo-expertmesh-autoscaler",
+    }
     for w in pods:
         assert "metrics" in [p["name"] for p in w["spec"]["template"]["spec"]["containers"][0]["ports"]]
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"

@@ -22,7 +22,7 @@ def test_act_quant_matches_reference(rows, k):
     y_ref, s_ref = reference.act_quant(x.cpu())
     assert s.shape == s_ref.shape == (rows, -(-k // 128))
     torch.testing.assert_close(s.cpu(), s_ref, rtol=0, atol=0)
-    normal = y_ref.float().abs() >= 2 ** -6  # outside e4m3's subnormal range codes must agree exactly
+    normal = y_ref.float().abs() >= 2**-6  # outside e4m3's subnormal range codes must agree exactly
     assert torch.equal(y.cpu().float()[normal], y_ref.float()[normal])
     rel = (reference.act_dequant(y.cpu(), s.cpu()) - x.cpu()).abs().max() / x.abs().max()
     assert rel < 0.07
@@ -119,8 +119,9 @@ def test_grouped_kernels_take_no_rows():
     a, a_s = reference.act_quant(torch.randn(0, 200))
     assert triton_grouped.grouped_fp8_gemm(*_dev(a, a_s, w, w_s), [0, 0], [0, 1]).shape == (0, 96)
     x = torch.zeros(0, 200, device=DEVICE)
-    assert triton_grouped.grouped_fp8_mlp(x, *_dev(*_stack(2, 96, 200), *_stack(2, 96, 200), *_stack(2, 200, 96)),
-                                          [], []).shape == (0, 200)
+    assert triton_grouped.grouped_fp8_mlp(
+        x, *_dev(*_stack(2, 96, 200), *_stack(2, 96, 200), *_stack(2, 200, 96)), [], []
+    ).shape == (0, 200)
 
 
 def test_grouped_gemm_refuses_counts_that_do_not_fit():

@@ -77,9 +77,22 @@ class FakeStatefulSetController:
             for i in range(replicas):
                 if i not in self.procs:
                     self.procs[i] = subprocess.Popen(
-                        [sys.executable, "-m", "services.expert.server", "--model", str(self.model), "--pool-id",
-                         f"{STS}-{i}", "--redis", self.redis_url, "--port", str(self.ports[i])],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        [
+                            sys.executable,
+                            "-m",
+                            "services.expert.server",
+                            "--model",
+                            str(self.model),
+                            "--pool-id",
+                            f"{STS}-{i}",
+                            "--redis",
+                            self.redis_url,
+                            "--port",
+                            str(self.ports[i]),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
             for i in [i for i in self.procs if i >= replicas]:
                 self.procs.pop(i).terminate()
 
@@ -94,18 +107,32 @@ class FakeStatefulSetController:
 @pytest.mark.slow  # real pool processes and redis-server
 def test_scale_up_then_drain_then_scale_down(kube, redis_server, tiny_fp8):
     apps = client.AppsV1Api(kube)
-    apps.create_namespaced_stateful_set(NS, {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": STS, "namespace": NS},
-        "spec": {"replicas": 2, "serviceName": "pools", "selector": {"matchLabels": {"c": "pool"}},
-                 "template": {"metadata": {"labels": {"c": "pool"}}, "spec": {"containers": [{"name": "p", "image": "x"}]}}}})
+    apps.create_namespaced_stateful_set(
+        NS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": STS, "namespace": NS},
+            "spec": {
+                "replicas": 2,
+                "serviceName": "pools",
+                "selector": {"matchLabels": {"c": "pool"}},
+                "template": {
+                    "metadata": {"labels": {"c": "pool"}},
+                    "spec": {"containers": [{"name": "p", "image": "x"}]},
+                },
+            },
+        },
+    )
     ports = [free_port() for _ in range(3)]
     controller = FakeStatefulSetController(apps, tiny_fp8, redis_server.url, ports)
     controller.thread.start()
     try:
         store = RedisPlacementStore(redis_server.url)
         bootstrap(store, str(tiny_fp8), [(f"{STS}-{i}", f"127.0.0.1:{ports[i]}") for i in range(2)], timeout_s=60)
-        actuator = KubernetesActuator(apps, NS, STS, store, lambda i: f"{STS}-{i}", lambda i: f"127.0.0.1:{ports[i]}",
-                                      grace_s=0.2)
+        actuator = KubernetesActuator(
+            apps, NS, STS, store, lambda i: f"{STS}-{i}", lambda i: f"127.0.0.1:{ports[i]}", grace_s=0.2
+        )
         actuator.scale_up(3, timeout_s=60)
         assert actuator.replicas() == 3
         placement = store.get()

@@ -77,8 +77,9 @@ def test_the_latent_cache_has_one_more_layer_for_mtp():
 def test_mtp_asked_of_a_checkpoint_without_its_weights_names_the_missing_tensor(tiny_fp8, tmp_path):
     n = preset_config("tiny").num_hidden_layers
     with CheckpointReader(tiny_fp8) as reader:
-        write_checkpoint(tmp_path, ((name, reader.get(name)) for name in reader.names()
-                                    if not name.startswith(f"model.layers.{n}.")))
+        write_checkpoint(
+            tmp_path, ((name, reader.get(name)) for name in reader.names() if not name.startswith(f"model.layers.{n}."))
+        )
         reader.config.write(tmp_path)
     with pytest.raises(CheckpointError) as err:
         Engine.from_dir(tmp_path, cache_tokens=256, block_size=16, mtp=True)
@@ -173,10 +174,16 @@ def _rope(x, positions, cfg):
 
 def _attention(cfg, w, x):
     """Naive MLA over the whole sequence, causal: positions 0..T-1."""
-    t, nh, dn, dr, dv, c = x.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
-        cfg.v_head_dim, cfg.kv_lora_rank
+    t, nh, dn, dr, dv, c = (
+        x.shape[0],
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
     pos = torch.arange(t)
-    q = (_rms(x @ w("self_attn.q_a_proj").T, w("self_attn.q_a_layernorm")) @ w("self_attn.q_b_proj").T)
+    q = _rms(x @ w("self_attn.q_a_proj").T, w("self_attn.q_a_layernorm")) @ w("self_attn.q_b_proj").T
     q = q.view(t, nh, dn + dr)
     kv_a = x @ w("self_attn.kv_a_proj_with_mqa").T  # [T, C + R]
     kv = (_rms(kv_a[:, :c], w("self_attn.kv_a_layernorm")) @ w("self_attn.kv_b_proj").T).view(t, nh, dn + dv)
@@ -184,7 +191,7 @@ def _attention(cfg, w, x):
     k = torch.cat((kv[..., :dn], k_pe[:, None, :].expand(t, nh, dr)), dim=-1)  # [T, nh, dn + dr]
     q = torch.cat((q[..., :dn], _rope(q[..., dn:], pos, cfg)), dim=-1)
     mscale = 0.1 * cfg.yarn.mscale_all_dim * math.log(cfg.yarn.factor) + 1
-    scores = torch.einsum("shd,lhd->hsl", q, k) * (dn + dr) ** -0.5 * mscale ** 2
+    scores = torch.einsum("shd,lhd->hsl", q, k) * (dn + dr) ** -0.5 * mscale**2
     scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
     out = torch.einsum("hsl,lhd->shd", scores.softmax(-1), kv[..., dn:])  # [T, nh, dv]
     return out.reshape(t, nh * dv) @ w("self_attn.o_proj").T
@@ -195,8 +202,9 @@ def _moe(cfg, reader, p, x):
         return reader.get(p + name + ".weight").float()
 
     def mlp(prefix, v):
-        return (torch.nn.functional.silu(v @ lin(prefix + ".gate_proj").T) * (v @ lin(prefix + ".up_proj").T)) \
-            @ lin(prefix + ".down_proj").T
+        return (torch.nn.functional.silu(v @ lin(prefix + ".gate_proj").T) * (v @ lin(prefix + ".up_proj").T)) @ lin(
+            prefix + ".down_proj"
+        ).T
 
     scores = (x @ lin("mlp.gate").T).sigmoid()  # [T, E]
     choice = scores + reader.get(p + "mlp.gate.e_score_correction_bias").float()

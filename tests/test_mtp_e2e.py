@@ -15,10 +15,15 @@ from services.format.presets import preset_config
 from services.gateway.sampling import SamplingParams
 from tests.local_deployment import UpProcess
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
-                                         for p in os.environ.get("PATH", "").split(os.pathsep)),
-                                 reason="redis-server is not installed (scripts/bootstrap.sh installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not any(
+            os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)
+        ),
+        reason="redis-server is not installed (scripts/bootstrap.sh installs it)",
+    ),
+]
 
 PROMPT_LENGTHS = [3, 7, 12, 20, 33, 5]
 

@@ -34,8 +34,22 @@ def _prompts():
 
 def test_generate_json_reports_the_drafts(tiny_fp8):
     def run(*extra):
-        result = CliRunner().invoke(app, ["generate", "--model", str(tiny_fp8), "--tokens", "5,9,300,41",
-                                          "--max-tokens", "12", "--json", "--device", "cpu", *extra])
+        result = CliRunner().invoke(
+            app,
+            [
+                "generate",
+                "--model",
+                str(tiny_fp8),
+                "--tokens",
+                "5,9,300,41",
+                "--max-tokens",
+                "12",
+                "--json",
+                "--device",
+                "cpu",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -31,11 +31,13 @@ def test_only_the_mtp_layer_trains_and_its_loss_falls(mtp_trained, tiny_fp8):
         for name in before.names():
             same = torch.equal(before.get(name), after.get(name))
             mtp_own = name.startswith(f"model.layers.{n}.") and not name.startswith(
-                (f"model.layers.{n}.embed_tokens", f"model.layers.{n}.shared_head.head"))
+                (f"model.layers.{n}.embed_tokens", f"model.layers.{n}.shared_head.head")
+            )
             if not mtp_own:
                 assert same, f"{name} changed"
-        assert not torch.equal(before.get(f"model.layers.{n}.eh_proj.weight"),
-                               after.get(f"model.layers.{n}.eh_proj.weight"))
+        assert not torch.equal(
+            before.get(f"model.layers.{n}.eh_proj.weight"), after.get(f"model.layers.{n}.eh_proj.weight")
+        )
 
 
 def test_trained_mtp_layer_is_what_gets_served(mtp_trained):

@@ -22,10 +22,15 @@ from services.gateway.sampling import SamplingParams
 from tests.local_deployment import UpProcess
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not any(os.access(os.path.join(p, "redis-server"), os.X_OK)
-                                         for p in os.environ.get("PATH", "").split(os.pathsep)),
-                                 reason="redis-server is not installed (scripts/bootstrap.sh installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not any(
+            os.access(os.path.join(p, "redis-server"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)
+        ),
+        reason="redis-server is not installed (scripts/bootstrap.sh installs it)",
+    ),
+]
 
 KEY = "test-key-1"
 PROMPTS = [[5, 17, 300, 42], [9, 8, 7, 6, 5, 4, 3], [100, 200], [511, 2, 77, 13, 40, 41]]
@@ -72,8 +77,13 @@ def test_models_and_health(up, client, model):
 
 
 def test_greedy_completions_equal_the_in_process_engine(client, model, engine_tiny):
-    out = client.completions.create(model=model, prompt=PROMPTS, max_tokens=12, temperature=0,
-                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    out = client.completions.create(
+        model=model,
+        prompt=PROMPTS,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     local = engine_tiny.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     assert [c.index for c in out.choices] == list(range(len(PROMPTS)))
     for choice, expected in zip(out.choices, local):
@@ -97,10 +107,12 @@ def test_streamed_text_equals_the_non_streamed_text(client, model):
         assert streamed == whole
         assert chunks[-1].choices[0].finish_reason == "length"
         non_ascii += any(ord(ch) > 127 for ch in whole)
-        completion = client.completions.create(model=model, prompt=text, max_tokens=16, temperature=0,
-                                               extra_body={"ignore_eos": True})
-        pieces = client.completions.create(model=model, prompt=text, max_tokens=16, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+        completion = client.completions.create(
+            model=model, prompt=text, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        pieces = client.completions.create(
+            model=model, prompt=text, max_tokens=16, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         assert "".join(c.choices[0].text for c in pieces) == completion.choices[0].text
     assert non_ascii, "no output held a non-ASCII character: the check would prove nothing"
 
@@ -109,44 +121,84 @@ def test_chat_usage_counts_the_rendered_prompt(client, model, tiny_fp8):
     template, tok = ChatTemplate.from_dir(tiny_fp8), load_tokenizer(tiny_fp8)
     messages = _chat("How are you?")
     expected = len(tok.encode(template.render(messages), add_special_tokens=False).ids)
-    out = client.chat.completions.create(model=model, messages=messages, max_tokens=5, temperature=0,
-                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    out = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     assert out.usage.prompt_tokens == expected == len(out.choices[0].prompt_token_ids)
     assert out.usage.completion_tokens == 5 == len(out.choices[0].token_ids)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
 
 
 def test_include_usage_in_the_stream(client, model):
-    chunks = list(client.chat.completions.create(model=model, messages=_chat("Hi"), max_tokens=6, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=_chat("Hi"),
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert all(c.usage is None for c in chunks[:-1])
-    plain = list(client.chat.completions.create(model=model, messages=_chat("Hi"), max_tokens=6, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True}))
+    plain = list(
+        client.chat.completions.create(
+            model=model, messages=_chat("Hi"), max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
 
 
 def test_logprobs_are_the_models(client, model, engine_tiny):
     prompt = PROMPTS[0]
-    out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
-                                    extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+    out = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0]
     lp = out.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
-    scores = engine_tiny.score(prompt + out.token_ids, top_k=3)[len(prompt):]
+    scores = engine_tiny.score(prompt + out.token_ids, top_k=3)[len(prompt) :]
     for got, top, s in zip(lp.token_logprobs, lp.top_logprobs, scores):
         assert got == pytest.approx(s.logprob, abs=1e-4)
         assert len(top) <= 3 and max(top.values()) == pytest.approx(got, abs=1e-6)  # greedy: the best token
-    chat = client.chat.completions.create(model=model, messages=_chat("Hi"), max_tokens=4, temperature=0,
-                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=model,
+        messages=_chat("Hi"),
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)
     assert all(isinstance(c.bytes, list) for c in content)
-    streamed = [c for chunk in client.chat.completions.create(
-        model=model, messages=_chat("Hi"), max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True,
-        extra_body={"ignore_eos": True}) if chunk.choices and chunk.choices[0].logprobs
-        for c in chunk.choices[0].logprobs.content]
+    streamed = [
+        c
+        for chunk in client.chat.completions.create(
+            model=model,
+            messages=_chat("Hi"),
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for c in chunk.choices[0].logprobs.content
+    ]
     assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
 
 
@@ -160,14 +212,25 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, engine_tiny):
 
 
 def test_stop_strings_end_the_text_before_them(up, client, model):
-    base = client.completions.create(model=model, prompt="The quick brown", max_tokens=24, temperature=0,
-                                     extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+    base = client.completions.create(
+        model=model,
+        prompt="The quick brown",
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0]
     text = base.text
-    start = next(i for i in range(4, len(text) - 3) if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i)
-    stop = text[start:start + 3]
+    start = next(i for i in range(4, len(text) - 3) if text[i : i + 3].strip() and text.find(text[i : i + 3]) == i)
+    stop = text[start : start + 3]
     for stream in (False, True):
-        kwargs = dict(model=model, prompt="The quick brown", max_tokens=24, temperature=0, stop=[stop, "never-seen"],
-                      extra_body={"ignore_eos": True})
+        kwargs = dict(
+            model=model,
+            prompt="The quick brown",
+            max_tokens=24,
+            temperature=0,
+            stop=[stop, "never-seen"],
+            extra_body={"ignore_eos": True},
+        )
         if stream:
             chunks = list(client.completions.create(**kwargs, stream=True))
             got, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
@@ -176,8 +239,7 @@ def test_stop_strings_end_the_text_before_them(up, client, model):
             got, finish = out.choices[0].text, out.choices[0].finish_reason
             assert out.usage.completion_tokens < 24  # cancelled once the stop string was seen
         assert got == text[:start] and stop not in got and finish == "stop"
-    wait_until(lambda: up.metric("gateway", "kv_cache_usage_perc") == 0, 30,
-               "the stopped requests' cache to be freed")
+    wait_until(lambda: up.metric("gateway", "kv_cache_usage_perc") == 0, 30, "the stopped requests' cache to be freed")
 
 
 def test_n_choices_use_seed_plus_i(client, model):
@@ -196,35 +258,47 @@ def test_n_choices_use_seed_plus_i(client, model):
 
 def test_32_concurrent_streaming_chats(client, model):
     def one(i: int) -> tuple[str, str | None]:
-        chunks = list(client.chat.completions.create(model=model, messages=_chat(f"Request {i}"), max_tokens=10,
-                                                     temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=_chat(f"Request {i}"),
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )
         return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
 
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(32)))
     assert all(finish == "length" for _, finish in results)
     for i in (0, 17, 31):
-        alone = client.chat.completions.create(model=model, messages=_chat(f"Request {i}"), max_tokens=10,
-                                               temperature=0, extra_body={"ignore_eos": True})
+        alone = client.chat.completions.create(
+            model=model, messages=_chat(f"Request {i}"), max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert alone.choices[0].message.content == results[i][0]
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(extra_body={"temperature": "NaN"}),
-    dict(extra_body={"temperature": "inf"}),
-    dict(temperature=-1),
-    dict(top_p=0),
-    dict(extra_body={"temperature": "hot"}),
-    dict(max_tokens=10**7),
-    dict(n=0),
-    dict(logprobs=21),
-    dict(stop=["a", "b", "c", "d", "e"]),
-    dict(stop=[""]),
-    dict(model="no-such-model"),
-    dict(prompt=[]),
-    dict(prompt=[10**6]),
-    dict(seed=-1),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(extra_body={"temperature": "NaN"}),
+        dict(extra_body={"temperature": "inf"}),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(extra_body={"temperature": "hot"}),
+        dict(max_tokens=10**7),
+        dict(n=0),
+        dict(logprobs=21),
+        dict(stop=["a", "b", "c", "d", "e"]),
+        dict(stop=[""]),
+        dict(model="no-such-model"),
+        dict(prompt=[]),
+        dict(prompt=[10**6]),
+        dict(seed=-1),
+    ],
+)
 def test_bad_parameters_are_bad_requests(client, model, kwargs):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(**{"model": model, "prompt": "x", "max_tokens": 2, **kwargs})
@@ -244,12 +318,24 @@ def test_other_errors_raise_the_clients_matching_exception(up, client, model):
             stranger.models.list()
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "m", "prompt": "x", "temperature": NaN}',
-                                  b'{"model": "m", "prompt": "x", "temperature": Infinity}', b""])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "m", "prompt": "x", "temperature": NaN}',
+        b'{"model": "m", "prompt": "x", "temperature": Infinity}',
+        b"",
+    ],
+)
 def test_bad_bodies_are_400(up, model, body):
     body = body.replace(b'"m"', json.dumps(model).encode())
-    request = urllib.request.Request(f"{up.http}/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    request = urllib.request.Request(
+        f"{up.http}/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 400
@@ -258,32 +344,57 @@ def test_bad_bodies_are_400(up, model, body):
 
 def test_grpc_honours_stop_and_logprobs(up, client, model):
     """The same sampling model over gRPC: stop strings cut the text, logprobs come with each token."""
-    http = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=10, temperature=0, logprobs=2,
-                                     extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]
+    http = client.completions.create(
+        model=model,
+        prompt=PROMPTS[3],
+        max_tokens=10,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0]
     with grpc.insecure_channel(up.gateway) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         sampling = gateway_pb2.SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2)
-        replies = list(stub.Generate(gateway_pb2.GenerateRequest(token_ids=PROMPTS[3], sampling=sampling),
-                                     metadata=[("authorization", f"Bearer {KEY}")], timeout=60))
+        replies = list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(token_ids=PROMPTS[3], sampling=sampling),
+                metadata=[("authorization", f"Bearer {KEY}")],
+                timeout=60,
+            )
+        )
         tokens = [t for r in replies for t in r.token_ids]
         logprobs = [lp.logprob for r in replies for lp in r.logprobs]
         assert tokens == http.token_ids and "".join(r.text for r in replies) == http.text
         assert logprobs == pytest.approx(http.logprobs.token_logprobs, abs=1e-6)
-        stop = next(http.text[i:i + 2] for i in range(2, len(http.text) - 2) if http.text.find(http.text[i:i + 2]) == i
-                    and http.text[i:i + 2].strip())
+        stop = next(
+            http.text[i : i + 2]
+            for i in range(2, len(http.text) - 2)
+            if http.text.find(http.text[i : i + 2]) == i and http.text[i : i + 2].strip()
+        )
         cut = http.text.find(stop)
         sampling = gateway_pb2.SamplingParams(max_tokens=10, ignore_eos=True, stop=[stop])
-        replies = list(stub.Generate(gateway_pb2.GenerateRequest(token_ids=PROMPTS[3], sampling=sampling),
-                                     metadata=[("authorization", f"Bearer {KEY}")], timeout=60))
+        replies = list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(token_ids=PROMPTS[3], sampling=sampling),
+                metadata=[("authorization", f"Bearer {KEY}")],
+                timeout=60,
+            )
+        )
         assert "".join(r.text for r in replies) == http.text[:cut] and replies[-1].finish_reason == "stop"
 
 
 def test_stopping_drains_running_streams_and_refuses_new_calls(up, client, model):
     """Last in the module: it stops the deployment. SIGTERM: /health turns 503, a new call is refused with 503,
     a stream already running still finishes (within the drain time), then everything stops."""
-    stream = client.chat.completions.create(model=model, messages=_chat("long"), max_tokens=300, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=_chat("long"),
+        max_tokens=300,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = [next(stream), next(stream)]  # the role, then a first token: running
     root = up.http.removesuffix("/v1")
     assert up.metric("gateway", "num_requests_running") == 1

@@ -38,15 +38,18 @@ from services.gateway.sampling import SamplingParams
 # ---- SamplingParams ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(stop=("a", "b", "c", "d", "e")), "at most 4"),
-    (dict(stop=("",)), "non-empty"),
-    (dict(logprobs=21), "logprobs"),
-    (dict(logprobs=-1), "logprobs"),
-    (dict(seed=-1), "seed"),
-    (dict(seed=2**64), "seed"),
-    (dict(temperature=math.nan), "temperature"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(stop=("a", "b", "c", "d", "e")), "at most 4"),
+        (dict(stop=("",)), "non-empty"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
+        (dict(temperature=math.nan), "temperature"),
+    ],
+)
 def test_sampling_params_refuse_bad_new_fields(fields, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(max_tokens=4, **fields).validate(100)
@@ -70,10 +73,17 @@ def model_files(tmp_path_factory):
 def test_chat_template_renders_deepseek_v3_turns(model_files):
     directory, tok = model_files
     template = ChatTemplate.from_dir(directory)
-    text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "中文?"}])
-    assert text == (f"{BOS_TOKEN}Be brief.{USER_TOKEN}Hi{ASSISTANT_TOKEN}Hello{EOS_TOKEN}"
-                    f"{USER_TOKEN}中文?{ASSISTANT_TOKEN}")
+    text = template.render(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "中文?"},
+        ]
+    )
+    assert text == (
+        f"{BOS_TOKEN}Be brief.{USER_TOKEN}Hi{ASSISTANT_TOKEN}Hello{EOS_TOKEN}{USER_TOKEN}中文?{ASSISTANT_TOKEN}"
+    )
     ids = tok.encode(text, add_special_tokens=False).ids
     assert ids[0] == tok.token_to_id(BOS_TOKEN) and ids.count(tok.token_to_id(BOS_TOKEN)) == 1
     assert tok.token_to_id(USER_TOKEN) in ids and ids[-1] == tok.token_to_id(ASSISTANT_TOKEN)
@@ -145,13 +155,15 @@ def test_runner_logprobs_are_the_models(engine_tiny):
     from: they equal a score of prompt + output at the same positions."""
     core = engine_tiny.core
     prompt = [5, 17, 300, 42, 7]
-    for params in (SamplingParams(max_tokens=6, logprobs=3, ignore_eos=True),
-                   SamplingParams(max_tokens=6, logprobs=0, temperature=0.8, seed=3, ignore_eos=True)):
+    for params in (
+        SamplingParams(max_tokens=6, logprobs=3, ignore_eos=True),
+        SamplingParams(max_tokens=6, logprobs=0, temperature=0.8, seed=3, ignore_eos=True),
+    ):
         req = Request(list(prompt), params)
         core.submit(req)
         core.run_until_idle()
         assert len(req.token_logprobs) == len(req.output) == 6
-        scores = engine_tiny.score(prompt + req.output, top_k=3)[len(prompt):]
+        scores = engine_tiny.score(prompt + req.output, top_k=3)[len(prompt) :]
         for (logprob, top), s, token in zip(req.token_logprobs, scores, req.output):
             assert s.token_id == token and logprob == pytest.approx(s.logprob, abs=1e-4)
             assert len(top) == params.logprobs
@@ -165,17 +177,20 @@ def test_runner_logprobs_are_the_models(engine_tiny):
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("exc,status,kind", [
-    (InvalidRequestError("bad"), 400, "invalid_request_error"),
-    (ParamError("bad", "temperature"), 400, "invalid_request_error"),
-    (AuthenticationError("key"), 401, "authentication_error"),
-    (RouteNotFoundError("no"), 404, "not_found_error"),
-    (QueueFullError("full"), 429, "rate_limit_error"),
-    (CacheFullError("full"), 429, "rate_limit_error"),
-    (ServerStoppingError("stopping"), 503, "service_unavailable_error"),
-    (PoolUnavailableError("gateway", "still loading the model"), 503, "service_unavailable_error"),
-    (RuntimeError("boom"), 500, "server_error"),
-])
+@pytest.mark.parametrize(
+    "exc,status,kind",
+    [
+        (InvalidRequestError("bad"), 400, "invalid_request_error"),
+        (ParamError("bad", "temperature"), 400, "invalid_request_error"),
+        (AuthenticationError("key"), 401, "authentication_error"),
+        (RouteNotFoundError("no"), 404, "not_found_error"),
+        (QueueFullError("full"), 429, "rate_limit_error"),
+        (CacheFullError("full"), 429, "rate_limit_error"),
+        (ServerStoppingError("stopping"), 503, "service_unavailable_error"),
+        (PoolUnavailableError("gateway", "still loading the model"), 503, "service_unavailable_error"),
+        (RuntimeError("boom"), 500, "server_error"),
+    ],
+)
 def test_error_mapping(exc, status, kind):
     got, body = error_body(exc)
     assert got == status
@@ -203,14 +218,23 @@ def test_http_errors_before_the_model_is_loaded(loading_app):
         (client.get("/v1/models"), 401, "authentication_error"),
         (client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, "authentication_error"),
         (client.get("/v1/models", headers=auth), 503, "service_unavailable_error"),
-        (client.post("/v1/completions", headers=auth, json={"model": "m", "prompt": "x"}), 503,
-         "service_unavailable_error"),
+        (
+            client.post("/v1/completions", headers=auth, json={"model": "m", "prompt": "x"}),
+            503,
+            "service_unavailable_error",
+        ),
         (client.post("/v1/completions", headers=auth, content=b"{not json"), 400, "invalid_request_error"),
-        (client.post("/v1/completions", headers=auth, json={"model": "m", "prompt": "x", "temperature": "hot"}), 400,
-         "invalid_request_error"),
+        (
+            client.post("/v1/completions", headers=auth, json={"model": "m", "prompt": "x", "temperature": "hot"}),
+            400,
+            "invalid_request_error",
+        ),
         (client.post("/v1/completions", headers=auth, json=[1, 2]), 400, "invalid_request_error"),
-        (client.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": []}), 400,
-         "invalid_request_error"),
+        (
+            client.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": []}),
+            400,
+            "invalid_request_error",
+        ),
         (client.post("/v1/chat/completions", headers=auth, json={"model": "m"}), 400, "invalid_request_error"),
         (client.get("/v1/nope", headers=auth), 404, "not_found_error"),
         (client.get("/v1/completions", headers=auth), 405, "invalid_request_error"),
@@ -243,8 +267,14 @@ def test_a_full_queue_is_429(tiny_fp8):
     try:
         sched = dep.runtime.core.scheduler
         client = openai.OpenAI(base_url=f"http://{dep.runtime.http.address}/v1", api_key="x", max_retries=0)
-        kwargs = dict(model=tiny_fp8.name, prompt="Hello", max_tokens=400, temperature=0, stream=True,
-                      extra_body={"ignore_eos": True})
+        kwargs = dict(
+            model=tiny_fp8.name,
+            prompt="Hello",
+            max_tokens=400,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         running = client.completions.create(**kwargs)
         next(running)
         waiting = client.completions.create(**kwargs)  # the response starts once it is submitted

@@ -14,13 +14,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from services.format.presets import preset_config
-from services.format.model_writer import write_random_model
-from services.format.convert import dequantize_checkpoint
-from services.gateway.engine import Engine
-from services.gateway.sampling import SamplingParams
 from services.attention.batch import SequenceChunk
 from services.attention.kv_cache import SequenceBlocks
+from services.format.convert import dequantize_checkpoint
+from services.format.model_writer import write_random_model
+from services.format.presets import preset_config
+from services.gateway.engine import Engine
+from services.gateway.sampling import SamplingParams
 from tests.conftest import load_hf
 from tests.model_steps import build_step
 
@@ -28,8 +28,15 @@ PREFILL, DECODE = 40, 16
 
 
 def _variant_dir(tmp_path_factory):
-    cfg = replace(preset_config("tiny", fp8=False), q_lora_rank=None, n_group=1, topk_group=1, yarn=None,
-                  first_k_dense_replace=0, n_shared_experts=1)
+    cfg = replace(
+        preset_config("tiny", fp8=False),
+        q_lora_rank=None,
+        n_group=1,
+        topk_group=1,
+        yarn=None,
+        first_k_dense_replace=0,
+        n_shared_experts=1,
+    )
     return write_random_model(tmp_path_factory.mktemp("variant"), cfg, seed=7, spelling="transformers")
 
 
@@ -54,6 +61,7 @@ def _experts_quantized_copy(src, dst):
     from services.format.weights import read_linear
 
     with CheckpointReader(src) as reader:
+
         def tensors():
             for spec in model_specs(reader.config):
                 name = stored_name(spec)
@@ -101,9 +109,15 @@ def test_greedy_tokens_identical_over_32_steps(pair):
     prompt = _tokens(12, seed=1)
     ours = engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0].token_ids
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                          pad_token_id=0, min_new_tokens=32)
-    theirs = out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            min_new_tokens=32,
+        )
+    theirs = out[0, len(prompt) :].tolist()
     assert len(ours) == 32
     assert ours == theirs
 

@@ -88,11 +88,14 @@ def test_placement_plan_cli_json(tmp_path):
     assert sorted({e for pool in out["layers"][0]["pools"] for e in pool}) == list(range(16))
 
 
-@pytest.mark.parametrize("content,args,message", [
-    (None, ["--pools", "4", "--slots-per-pool", "5"], "no load file"),
-    ("{not json", ["--pools", "4", "--slots-per-pool", "5"], "not valid JSON"),
-    ('{"load": [[1, 2, 3, 4]]}', ["--pools", "1", "--slots-per-pool", "2"], "cannot hold"),
-])
+@pytest.mark.parametrize(
+    "content,args,message",
+    [
+        (None, ["--pools", "4", "--slots-per-pool", "5"], "no load file"),
+        ("{not json", ["--pools", "4", "--slots-per-pool", "5"], "not valid JSON"),
+        ('{"load": [[1, 2, 3, 4]]}', ["--pools", "1", "--slots-per-pool", "2"], "cannot hold"),
+    ],
+)
 def test_placement_plan_cli_errors(tmp_path, content, args, message):
     path = tmp_path / "load.json"
     if content is not None:

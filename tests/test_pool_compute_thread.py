@@ -15,9 +15,9 @@ import torch
 
 from expertmesh.v1 import expert_pool_pb2
 from services.dispatch import codec, wire
-from services.format.checkpoint import CheckpointReader
 from services.expert import server as pool_server
 from services.expert.store import ExpertStore
+from services.format.checkpoint import CheckpointReader
 from services.math.routed_pairs import RoutedPairs
 
 LAYER = 1
@@ -61,7 +61,7 @@ def _expected(servicer, request) -> torch.Tensor:
     out = torch.zeros_like(hidden)
     pairs = wire.decode(request.pairs, "pairs").tolist()  # [P, 2]
     for (t, e), w in zip(pairs, wire.decode(request.pair_weights, "pair_weights").tolist()):
-        out[t] += w * swiglu(hidden[t:t + 1], *servicer.store.compute_weights(LAYER, e))[0]
+        out[t] += w * swiglu(hidden[t : t + 1], *servicer.store.compute_weights(LAYER, e))[0]
     return out
 
 
@@ -106,5 +106,6 @@ def test_a_batch_waits_for_a_store_change_in_progress(servicer):
     response = asyncio.run(run())
     assert order == ["change", "forward"]
     assert servicer.threads == ["expert-compute_0"]
-    torch.testing.assert_close(wire.decode(response.partial, "partial"), _expected(servicer, small),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        wire.decode(response.partial, "partial"), _expected(servicer, small), rtol=1e-5, atol=1e-5
+    )

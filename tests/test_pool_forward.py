@@ -44,11 +44,14 @@ def _forward(servicer, request):
     return asyncio.run(servicer.Forward(request, _Context()))
 
 
-@pytest.mark.parametrize("layer,experts,code,message", [
-    (0, [2, 5], grpc.StatusCode.INVALID_ARGUMENT, "layer 0 is not an MoE layer"),
-    (1, [2, 9], grpc.StatusCode.FAILED_PRECONDITION, "pool pool-0 does not hold expert 9 of layer 1"),
-    (1, [2, 16], grpc.StatusCode.INVALID_ARGUMENT, "pairs: expert 16 out of range [0, 16)"),
-])
+@pytest.mark.parametrize(
+    "layer,experts,code,message",
+    [
+        (0, [2, 5], grpc.StatusCode.INVALID_ARGUMENT, "layer 0 is not an MoE layer"),
+        (1, [2, 9], grpc.StatusCode.FAILED_PRECONDITION, "pool pool-0 does not hold expert 9 of layer 1"),
+        (1, [2, 16], grpc.StatusCode.INVALID_ARGUMENT, "pairs: expert 16 out of range [0, 16)"),
+    ],
+)
 def test_refusals_name_the_problem(servicer, layer, experts, code, message):
     with pytest.raises(_Aborted) as exc:
         _forward(servicer, _request(layer, experts, torch.randn(2, 320)))
@@ -62,6 +65,6 @@ def test_a_valid_request_equals_the_in_process_expert(servicer):
     got = codec.decode_partial(response, 2, 320)
     assert response.partial.dtype == wire.ELEMENT_TYPES[torch.float32]
     for row, expert in enumerate([2, 5]):
-        ref = 0.5 * swiglu(hidden[row:row + 1], *servicer.store.compute_weights(1, expert))[0]
+        ref = 0.5 * swiglu(hidden[row : row + 1], *servicer.store.compute_weights(1, expert))[0]
         torch.testing.assert_close(got[row], ref, rtol=1e-6, atol=1e-6)
     assert (servicer.forward_calls, servicer.routed_pairs) == (1, 2)

@@ -17,8 +17,19 @@ PROTOS = ROOT / "protos"
 def test_generated_stubs_are_current(tmp_path):
     pytest.importorskip("grpc_tools")
     sources = sorted(p.relative_to(PROTOS) for p in (PROTOS / "expertmesh" / "v1").glob("*.proto"))
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"--python_out={tmp_path}",
-                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *map(str, sources)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *map(str, sources),
+        ],
+        check=True,
+    )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated, "protoc generated nothing"
     stale = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, PROTOS / p, shallow=False)]

@@ -28,8 +28,22 @@ PASSWORD = "s3cret-pass"
 @pytest.fixture(scope="module")
 def protected_redis():
     port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--requirepass", PASSWORD], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            PASSWORD,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port, password=PASSWORD)
 
     def answers():
@@ -55,8 +69,12 @@ def test_stores_work_through_a_password_url(protected_redis, tiny_fp8):
     counts = np.ones((len(cfg.moe_layers), cfg.n_routed_experts), np.int64)
     loads.write({int(time.time() // 5): counts})
     assert loads.window(60).sum() == counts.sum()
-    show = subprocess.run([sys.executable, "-m", "services.cli.app", "placement", "show", "--redis", url, "--json"],
-                          capture_output=True, text=True, timeout=120)
+    show = subprocess.run(
+        [sys.executable, "-m", "services.cli.app", "placement", "show", "--redis", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert show.returncode == 0 and '"pool-0"' in show.stdout, show.stderr
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from expertmesh.v1 import expert_pool_pb2
+from services.errors import PoolUnavailableError
 from services.expert.local import LocalExperts
 from services.expert.server import ExpertPoolServicer
 from services.expert.store import ExpertStore
 from services.format.checkpoint import CheckpointReader
 from services.format.config import ModelConfig
-from services.errors import PoolUnavailableError
-from services.state.placement import Placement, Pool
 from services.gateway.remote_experts import RemoteExperts
+from services.state.placement import Placement, Pool
 
 
 @pytest.fixture

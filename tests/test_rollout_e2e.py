@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 
 from services.cli.app import app
 from services.cli.gateway_client import GatewayClient
-from tests.local_deployment import UpProcess
-from services.rpc.processes import free_port
 from services.gateway.sampling import SamplingParams
+from services.rpc.processes import free_port
+from tests.local_deployment import UpProcess
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
 
 
 def test_rebalances_and_pool_changes_under_load(tiny_fp8, tmp_path_factory, engine_tiny):
@@ -30,7 +32,10 @@ def test_rebalances_and_pool_changes_under_load(tiny_fp8, tmp_path_factory, engi
     try:
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(2, 1024, (int(n),), generator=g).tolist() for n in (4, 9, 15, 6)]
-        expected = {i: g.token_ids for i, g in enumerate(engine_tiny.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True)))}
+        expected = {
+            i: g.token_ids
+            for i, g in enumerate(engine_tiny.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True)))
+        }
         failures, outputs, stop = [], [], threading.Event()
 
         def loop(i):
@@ -64,13 +69,38 @@ def test_rebalances_and_pool_changes_under_load(tiny_fp8, tmp_path_factory, engi
         holder = shown["layers"]["1"][3][0]
         others = [p["pool_id"] for p in shown["pools"] if p["pool_id"] != holder]
         cli("placement", "replicate", "--layer", "1", "--expert", "3", "--pool", others[0])
-        cli("placement", "move", "--layer", "2", "--expert", "4", "--from", shown["layers"]["2"][4][0],
-            "--to", next(p["pool_id"] for p in shown["pools"] if p["pool_id"] != shown["layers"]["2"][4][0]))
+        cli(
+            "placement",
+            "move",
+            "--layer",
+            "2",
+            "--expert",
+            "4",
+            "--from",
+            shown["layers"]["2"][4][0],
+            "--to",
+            next(p["pool_id"] for p in shown["pools"] if p["pool_id"] != shown["layers"]["2"][4][0]),
+        )
         # a fourth pool joins: started by hand, registered, then filled by a rebalance
         port = free_port()
-        extra_pool = subprocess.Popen([sys.executable, "-m", "services.expert.server", "--model", str(tiny_fp8),
-                                       "--pool-id", "pool-3", "--redis", up.redis, "--port", str(port)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        extra_pool = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.expert.server",
+                "--model",
+                str(tiny_fp8),
+                "--pool-id",
+                "pool-3",
+                "--redis",
+                up.redis,
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert extra_pool.stdout.readline().startswith("READY")
         cli("pools", "add", f"127.0.0.1:{port}", "--id", "pool-3")
         cli("rebalance", "--window", "600")

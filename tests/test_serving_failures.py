@@ -16,16 +16,19 @@ from services.gateway.serving import ServingCore
 from services.rpc.grpc_status import status_of
 
 
-@pytest.mark.parametrize("params,field", [
-    (SamplingParams(temperature=float("nan")), "temperature"),
-    (SamplingParams(temperature=float("inf")), "temperature"),
-    (SamplingParams(temperature=-1.0), "temperature"),
-    (SamplingParams(top_p=float("nan")), "top_p"),
-    (SamplingParams(top_p=0.0), "top_p"),
-    (SamplingParams(top_k=-1), "top_k"),
-    (SamplingParams(max_tokens=0), "max_tokens"),
-    (SamplingParams(max_tokens=5_000_000_000), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(temperature=float("inf")), "temperature"),
+        (SamplingParams(temperature=-1.0), "temperature"),
+        (SamplingParams(top_p=float("nan")), "top_p"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_k=-1), "top_k"),
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(max_tokens=5_000_000_000), "max_tokens"),
+    ],
+)
 def test_bad_sampling_parameters_are_refused_by_name(engine_tiny, params, field):
     with pytest.raises(InvalidRequestError, match=field) as err:
         engine_tiny.check_request([5, 6, 7], params)

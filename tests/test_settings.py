@@ -37,10 +37,13 @@ def _flags(parser):
     return {opt for action in parser._actions for opt in action.option_strings}
 
 
-@pytest.mark.parametrize("cls,section,suffix,parser", [
-    (GatewayConfig, "gateway", "-gateway", gateway_parser),
-    (AutoscalerConfig, "autoscaler", "-autoscaler", autoscaler_parser),
-])
+@pytest.mark.parametrize(
+    "cls,section,suffix,parser",
+    [
+        (GatewayConfig, "gateway", "-gateway", gateway_parser),
+        (AutoscalerConfig, "autoscaler", "-autoscaler", autoscaler_parser),
+    ],
+)
 def test_chart_values_and_args_are_the_config_fields(chart, cls, section, suffix, parser):
     docs, values = chart
     known = _flags(parser())
@@ -53,8 +56,12 @@ def test_chart_values_and_args_are_the_config_fields(chart, cls, section, suffix
         if key not in values[section] or f.name in DEPLOYMENT_CHOICES:
             continue
         matched += 1
-        assert values[section][key] == f.default, f"{section}.{key} defaults to {values[section][key]}, {f.name} to {f.default}"
-        assert any(a.startswith(flag_name(f.name) + "=") for a in args), f"{section}.{key} is not passed as {flag_name(f.name)}"
+        assert values[section][key] == f.default, (
+            f"{section}.{key} defaults to {values[section][key]}, {f.name} to {f.default}"
+        )
+        assert any(a.startswith(flag_name(f.name) + "=") for a in args), (
+            f"{section}.{key} is not passed as {flag_name(f.name)}"
+        )
     assert matched >= 3
 
 
@@ -66,15 +73,18 @@ def test_up_options_share_the_services_flag_names_and_defaults():
         for f in dataclasses.fields(cls):
             flag = flag_name(f.name)
             if flag in params and f.name not in {"max_pools"}:  # up runs few pools on one machine
-                assert params[flag] == f.default, f"up's {flag} defaults to {params[flag]}, the service's to {f.default}"
+                assert params[flag] == f.default, (
+                    f"up's {flag} defaults to {params[flag]}, the service's to {f.default}"
+                )
     assert {"--rebalance-threshold", "--load-window-s", "--cache-tokens", "--dispatch-dtype"} <= set(params)
 
 
 def test_config_round_trips_through_its_command_line():
     config = GatewayConfig(model="/m", redis="redis://x:1/0", cache_tokens=4096, micro_batches=2, dispatch_dtype="fp32")
     args = gateway_parser().parse_args(to_argv(config))
-    assert GatewayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GatewayConfig)}) == \
-        dataclasses.replace(config, model=args.model)
+    assert GatewayConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(GatewayConfig)}
+    ) == dataclasses.replace(config, model=args.model)
     assert str(args.model) == "/m"
 
 

@@ -13,7 +13,7 @@ from services.gateway.stop_strings import OutputText, StopStringMatcher
 
 def _expected(text: str, stops: list[str]) -> tuple[str, bool]:
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 def _run(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
@@ -27,15 +27,18 @@ def _run(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
     return "".join(out), matcher.stopped
 
 
-@pytest.mark.parametrize("deltas,stops,text,stopped", [
-    (["Hello", " wor", "ld"], ["world"], "Hello ", True),
-    (["ab", "c"], ["abc", "b"], "a", True),  # the earliest match wins, whichever stop string it is
-    (["x", "y", "z"], ["yy"], "xyz", False),  # held back while it could start "yy", then released
-    (["aa", "ab"], ["aab"], "a", True),  # a stop string that starts inside a held-back tail
-    (["END"], ["END"], "", True),
-    (["中文", "é", "!"], ["é!"], "中文", True),
-    (["no stops"], [], "no stops", False),
-])
+@pytest.mark.parametrize(
+    "deltas,stops,text,stopped",
+    [
+        (["Hello", " wor", "ld"], ["world"], "Hello ", True),
+        (["ab", "c"], ["abc", "b"], "a", True),  # the earliest match wins, whichever stop string it is
+        (["x", "y", "z"], ["yy"], "xyz", False),  # held back while it could start "yy", then released
+        (["aa", "ab"], ["aab"], "a", True),  # a stop string that starts inside a held-back tail
+        (["END"], ["END"], "", True),
+        (["中文", "é", "!"], ["é!"], "中文", True),
+        (["no stops"], [], "no stops", False),
+    ],
+)
 def test_cases(deltas, stops, text, stopped):
     assert _run(deltas, stops) == (text, stopped)
 
@@ -49,9 +52,11 @@ def test_releases_what_cannot_start_a_stop_string_at_once():
     assert matcher.feed("more") == "" and matcher.flush() == ""
 
 
-@given(st.text(alphabet="ab中\n", max_size=30),
-       st.lists(st.text(alphabet="ab中\n", min_size=1, max_size=4), max_size=4),
-       st.lists(st.integers(0, 30), max_size=8))
+@given(
+    st.text(alphabet="ab中\n", max_size=30),
+    st.lists(st.text(alphabet="ab中\n", min_size=1, max_size=4), max_size=4),
+    st.lists(st.integers(0, 30), max_size=8),
+)
 def test_any_split_gives_the_truncated_text(text, stops, cuts):
     cuts = sorted({min(c, len(text)) for c in cuts})
     deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]

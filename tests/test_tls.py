@@ -52,20 +52,24 @@ def test_pool_serves_only_peers_with_a_certificate_of_its_ca(tls_dirs, tiny_fp8)
             read = lambda d, n: (d / n).read_bytes()  # noqa: E731
             if cert_dir is None:
                 return grpc.ssl_channel_credentials(read(ca_dir, "ca.crt"))
-            return grpc.ssl_channel_credentials(read(ca_dir, "ca.crt"), read(cert_dir, "tls.key"),
-                                                read(cert_dir, "tls.crt"))
+            return grpc.ssl_channel_credentials(
+                read(ca_dir, "ca.crt"), read(cert_dir, "tls.key"), read(cert_dir, "tls.crt")
+            )
 
         results = {}
 
         async def check():
-            for name, make in [("ours", lambda: tls.aio_channel(address)),
-                               ("plain", lambda: grpc.aio.insecure_channel(address)),
-                               ("no client cert", lambda: grpc.aio.secure_channel(address, creds(good))),
-                               ("other CA's cert", lambda: grpc.aio.secure_channel(address, creds(good, other)))]:
+            for name, make in [
+                ("ours", lambda: tls.aio_channel(address)),
+                ("plain", lambda: grpc.aio.insecure_channel(address)),
+                ("no client cert", lambda: grpc.aio.secure_channel(address, creds(good))),
+                ("other CA's cert", lambda: grpc.aio.secure_channel(address, creds(good, other))),
+            ]:
                 async with make() as channel:
                     try:
-                        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                                                timeout=5)
+                        reply = await health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(), timeout=5
+                        )
                         results[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                     except grpc.aio.AioRpcError as err:
                         results[name] = err.code().name
@@ -73,6 +77,7 @@ def test_pool_serves_only_peers_with_a_certificate_of_its_ca(tls_dirs, tiny_fp8)
         loop.run_until_complete(check())
         assert results["ours"] == "SERVING"
         assert results["plain"] == results["no client cert"] == results["other CA's cert"] == "UNAVAILABLE", results
+
         def blocking():  # the blocking channel every service uses, while the server's loop runs
             with tls.channel(address) as channel:
                 return _health(channel)
@@ -98,8 +103,19 @@ def test_up_with_tls_end_to_end(tiny_fp8, tmp_path):
     certs = make_certs(tmp_path / "certs")
     up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path / "home", extra=["--tls-dir", str(certs)])
     try:
-        cli = [sys.executable, "-m", "services.cli.app", "generate", "--target", up.gateway, "--tokens", "5,17,300",
-               "--max-tokens", "4", "--json"]
+        cli = [
+            sys.executable,
+            "-m",
+            "services.cli.app",
+            "generate",
+            "--target",
+            up.gateway,
+            "--tokens",
+            "5,17,300",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]
         env = {k: v for k, v in os.environ.items() if k != tls.TLS_DIR_ENV}
         secure = subprocess.run([*cli, "--tls-dir", str(certs)], capture_output=True, text=True, env=env, timeout=120)
         assert secure.returncode == 0, secure.stderr
@@ -119,8 +135,9 @@ def test_health_probe_command_follows_serving_over_tls(tls_dirs, tiny_fp8):
 
     async def serve():
         server = ManagedServer([SERVICE_NAME], "127.0.0.1", 0)  # made on the loop that runs it
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway_pb2.GetModelInfoResponse()),
-                                                              server.server)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            GatewayServicer(gateway_pb2.GetModelInfoResponse()), server.server
+        )
         await server.start()
         return server
 

@@ -15,12 +15,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from services.cli.gateway_client import GatewayClient
-from services.format.config import ModelConfig
-from services.state.placement import Placement, Pool
-from services.rpc.telemetry import setup_tracing
 from services.expert.server import start_pool
+from services.format.config import ModelConfig
 from services.gateway.config import GatewayConfig
 from services.gateway.runtime import GatewayRuntime
+from services.rpc.telemetry import setup_tracing
+from services.state.placement import Placement, Pool
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,11 @@ def traced_deployment(tiny_fp8):
         managed, _ = run(start_pool(tiny_fp8, f"pool-{i}", experts))
         managed_pools.append(managed)
         placement_pools.append(Pool(f"pool-{i}", managed.address))
-    runtime = run(GatewayRuntime.start(GatewayConfig(model=tiny_fp8, grpc_port=0, http_port=-1), Placement.spread(cfg, placement_pools)))
+    runtime = run(
+        GatewayRuntime.start(
+            GatewayConfig(model=tiny_fp8, grpc_port=0, http_port=-1), Placement.spread(cfg, placement_pools)
+        )
+    )
     yield runtime.managed.address, exporter
     runtime.close()
     for m in [runtime.managed, *managed_pools]:

@@ -17,8 +17,10 @@ from services.state.placement_store import RedisPlacementStore
 from tests.local_deployment import UpProcess
 from tests.waiting import wait_until
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+]
 PROMPT = [5, 17, 300, 42, 7]
 
 
@@ -34,8 +36,9 @@ def _restarted(up: UpProcess, pattern: str, old: int) -> int:
 
 
 def test_crashed_children_are_restarted_and_serving_goes_on(tiny_fp8, tmp_path, engine_tiny):
-    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path, autoscale=True,
-                   extra=["--autoscale-interval-s", "0.5"])
+    up = UpProcess(
+        tiny_fp8, pools=2, dispatch="fp32", home=tmp_path, autoscale=True, extra=["--autoscale-interval-s", "0.5"]
+    )
     try:
         want = engine_tiny.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
         client = GatewayClient(up.gateway, timeout_s=60)
@@ -52,8 +55,11 @@ def test_crashed_children_are_restarted_and_serving_goes_on(tiny_fp8, tmp_path, 
         os.kill(old, signal.SIGKILL)
         _restarted(up, "pool-id pool-0", old)
         address = store.get().pools["pool-0"].address if "pool-0" in store.get().pools else None
-        wait_until(lambda: "pool-0" in store.get().pools and is_serving(store.get().pools["pool-0"].address), 60,
-                   "pool-0 to serve and be in the placement again")
+        wait_until(
+            lambda: "pool-0" in store.get().pools and is_serving(store.get().pools["pool-0"].address),
+            60,
+            "pool-0 to serve and be in the placement again",
+        )
         assert address is None or address == store.get().pools["pool-0"].address
         assert client.generate(None, PROMPT, 8, ignore_eos=True)["token_ids"] == want
 

@@ -24,8 +24,9 @@ def test_mixed_steps_equal_each_sequence_alone(engine_tiny, monkeypatch):
     seqs = [SequenceBlocks() for _ in history]
     for seq, ids in zip(seqs, history):
         model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)
-    mixed = model.forward(build_step([SequenceChunk(s, c) for s, c in zip(seqs, chunks)], cache), cache,
-                          all_logits=True)  # [T, V]
+    mixed = model.forward(
+        build_step([SequenceChunk(s, c) for s, c in zip(seqs, chunks)], cache), cache, all_logits=True
+    )  # [T, V]
     for s in seqs:
         cache.release(s)
     offset = 0
@@ -47,7 +48,10 @@ def test_naive_form_agrees_on_a_mixed_step(engine_tiny, monkeypatch):
         cache = PagedLatentCache(cfg, num_blocks=64, block_size=16)
         a, b = SequenceBlocks(), SequenceBlocks()
         model.forward(build_step([SequenceChunk(a, _ids(20, 1))], cache), cache)
-        outs.append(model.forward(build_step([SequenceChunk(a, [7]), SequenceChunk(b, _ids(33, 2))], cache), cache,
-                                  all_logits=True))
+        outs.append(
+            model.forward(
+                build_step([SequenceChunk(a, [7]), SequenceChunk(b, _ids(33, 2))], cache), cache, all_logits=True
+            )
+        )
     model.set_absorb(True)
     assert (outs[0].log_softmax(-1) - outs[1].log_softmax(-1)).abs().max().item() < 1e-4

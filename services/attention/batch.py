@@ -48,7 +48,7 @@ class StepBatch:
         return key_pos[None, None, :] <= query_pos[:, :, None]
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk], cache: PagedLatentCache) -> "StepBatch":
+    def build(cls, chunks: list[SequenceChunk], cache: PagedLatentCache) -> StepBatch:
         """Advances each sequence's length by its chunk. Blocks must be reserved already (the scheduler does)."""
         if not chunks:
             raise ValueError("empty step")
@@ -58,7 +58,9 @@ class StepBatch:
         starts_list = [c.seq.length for c in chunks]
         for chunk, n in zip(chunks, lengths):
             if cache.blocks_needed(chunk.seq, n):
-                raise ValueError(f"a sequence needs {cache.blocks_needed(chunk.seq, n)} more cache blocks: reserve first")
+                raise ValueError(
+                    f"a sequence needs {cache.blocks_needed(chunk.seq, n)} more cache blocks: reserve first"
+                )
             chunk.seq.length += n
         b = len(chunks)
         n = torch.tensor(lengths)  # [B]
@@ -76,8 +78,11 @@ class StepBatch:
         seq_of = torch.repeat_interleave(torch.arange(b), n)  # [T]
         positions = start[seq_of] + torch.arange(int(n.sum())) - offset[seq_of]  # [T]
         key_pos = torch.arange(l_max)
-        key_slots = torch.where(key_pos[None, :] < end[:, None],
-                                slot(torch.arange(b)[:, None], key_pos[None, :].clamp(max=width * cache.block_size - 1)), 0)
+        key_slots = torch.where(
+            key_pos[None, :] < end[:, None],
+            slot(torch.arange(b)[:, None], key_pos[None, :].clamp(max=width * cache.block_size - 1)),
+            0,
+        )
         return cls(
             token_ids=torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64),
             positions=positions,
@@ -90,7 +95,7 @@ class StepBatch:
             uniform=min(lengths) == max(lengths),
         )
 
-    def to(self, device: torch.device | str) -> "StepBatch":
+    def to(self, device: torch.device | str) -> StepBatch:
         for name in ("token_ids", "positions", "slots", "key_slots", "last_index"):
             setattr(self, name, getattr(self, name).to(device))
         return self

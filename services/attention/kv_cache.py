@@ -23,8 +23,15 @@ class SequenceBlocks:
 
 
 class PagedLatentCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", mtp: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        mtp: bool = False,
+    ):
         """`mtp`: one more layer slot per MTP layer (index num_hidden_layers + k), at the same slots as the main
         layers: the MTP block's entry for position i sits where the main layers' entries for position i do."""
         self.kv_lora_rank = cfg.kv_lora_rank

@@ -43,7 +43,12 @@ class MLA:
         self.cfg = cfg
         self.w = w
         self.absorb = absorb
-        self.nh, self.dn, self.dr, self.dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.nh, self.dn, self.dr, self.dv = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
         self.c = cfg.kv_lora_rank
         kv_b = w.kv_b.view(self.nh, self.dn + self.dv, self.c)
         self.w_uk = kv_b[:, : self.dn].contiguous()  # [nh, nope, C]
@@ -55,8 +60,15 @@ class MLA:
         self.q_lora = w.q_a.shape[0] if w.q_a is not None else 0
         w.q_a = w.kv_a = None  # in_proj is their one copy
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        layer: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. Writes the new tokens' latents to the cache, then attends."""
         t = x.shape[0]
         w, eps = self.w, self.cfg.rms_norm_eps
@@ -71,8 +83,9 @@ class MLA:
         out = self._attend(q_nope, q_pe, batch, cache, layer)  # [T, nh, v]
         return linear(out.reshape(t, self.nh * self.dv), w.o)
 
-    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: StepBatch, cache: PagedLatentCache,
-                layer: int) -> torch.Tensor:
+    def _attend(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int
+    ) -> torch.Tensor:
         """q_nope [T, nh, nope], q_pe [T, nh, R] -> [T, nh, v]. A uniform step attends as one padded batch; a
         mixed one batches its decodes over their own keys and runs each longer chunk alone, in query blocks over
         the keys those queries can see (the cost is what the tokens need: new tokens x context)."""
@@ -80,8 +93,9 @@ class MLA:
         if batch.uniform and batch.lengths[0] <= QUERY_BLOCK:  # decode steps, short equal chunks
             b, s = len(batch.lengths), batch.lengths[0]
             rows = cache.gather(layer, batch.key_slots).to(dtype)  # [B, L, C + R]: latent | roped k_pe
-            out = self._attend_padded(q_nope.view(b, s, self.nh, self.dn), q_pe.view(b, s, self.nh, self.dr), rows,
-                                      batch.attn_mask)
+            out = self._attend_padded(
+                q_nope.view(b, s, self.nh, self.dn), q_pe.view(b, s, self.nh, self.dr), rows, batch.attn_mask
+            )
             return out.reshape(b * s, self.nh, self.dv)
         out = q_nope.new_empty(q_nope.shape[0], self.nh, self.dv)
         decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
@@ -101,11 +115,14 @@ class MLA:
                     visible = length - n + q1  # keys up to the block's last query (causal)
                     query_pos = torch.arange(length - n + q0, visible, device=device)  # [q]
                     mask = torch.arange(visible, device=device)[None, None, :] <= query_pos[None, :, None]  # [1, q, L]
-                    out[o + q0 : o + q1] = self._attend_padded(q_nope[None, o + q0 : o + q1], q_pe[None, o + q0 : o + q1],
-                                                               rows[:, :visible], mask)[0]
+                    out[o + q0 : o + q1] = self._attend_padded(
+                        q_nope[None, o + q0 : o + q1], q_pe[None, o + q0 : o + q1], rows[:, :visible], mask
+                    )[0]
         return out
 
-    def _attend_padded(self, qn: torch.Tensor, qp: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_padded(
+        self, qn: torch.Tensor, qp: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """qn [B, S, nh, nope], qp [B, S, nh, R], rows [B, L, C + R], mask [B, S, L] -> [B, S, nh, v]."""
         b, s = qn.shape[:2]
         keys = rows[..., : self.c]  # [B, L, C]
@@ -115,7 +132,9 @@ class MLA:
             scores = torch.bmm(q_cat, rows.transpose(1, 2)).view(b, s, self.nh, -1)  # [B, S, nh, L]
         else:
             k_nope = torch.einsum("blc,hdc->blhd", keys, self.w_uk)  # [B, L, nh, nope]
-            scores = torch.einsum("bshd,blhd->bshl", qn, k_nope) + torch.einsum("bshr,blr->bshl", qp, rows[..., self.c :])
+            scores = torch.einsum("bshd,blhd->bshl", qn, k_nope) + torch.einsum(
+                "bshr,blr->bshl", qp, rows[..., self.c :]
+            )
         scores = (scores * self.scale).masked_fill_(~mask[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(qn.dtype)  # [B, S, nh, L]
         if self.absorb:

@@ -32,7 +32,9 @@ def add_pools(store: RedisPlacementStore, pools: list[Pool], window_s: float, gr
     for pool in pools:
         new.pools[pool.pool_id] = pool
     registered = store.publish(new, placement.version)
-    rollout(store, propose(registered, planning_load(store, registered, window_s)).proposed, registered.version, grace_s)
+    rollout(
+        store, propose(registered, planning_load(store, registered, window_s)).proposed, registered.version, grace_s
+    )
 
 
 def drain_pools(store: RedisPlacementStore, leaving: set[str], window_s: float, grace_s: float) -> None:
@@ -41,4 +43,6 @@ def drain_pools(store: RedisPlacementStore, leaving: set[str], window_s: float, 
     leaving = leaving & set(placement.pools)
     if leaving:
         remaining = without_pools(placement, leaving)
-        rollout(store, propose(remaining, planning_load(store, placement, window_s)).proposed, placement.version, grace_s)
+        rollout(
+            store, propose(remaining, planning_load(store, placement, window_s)).proposed, placement.version, grace_s
+        )

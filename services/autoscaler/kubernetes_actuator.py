@@ -33,9 +33,18 @@ log = logging.getLogger(__name__)
 
 
 class KubernetesActuator:
-    def __init__(self, apps: client.AppsV1Api, namespace: str, statefulset: str, store: RedisPlacementStore,
-                 pool_id_of: Callable[[int], str], address_of: Callable[[int], str], window_s: float = 30.0,
-                 grace_s: float = 2.0, leadership: Leadership | None = None):
+    def __init__(
+        self,
+        apps: client.AppsV1Api,
+        namespace: str,
+        statefulset: str,
+        store: RedisPlacementStore,
+        pool_id_of: Callable[[int], str],
+        address_of: Callable[[int], str],
+        window_s: float = 30.0,
+        grace_s: float = 2.0,
+        leadership: Leadership | None = None,
+    ):
         self.apps, self.namespace, self.statefulset = apps, namespace, statefulset
         self.store, self.leadership = store, leadership  # with leadership: a LeaderOnlyStore too
         self.pool_id_of, self.address_of = pool_id_of, address_of
@@ -46,7 +55,9 @@ class KubernetesActuator:
 
     def _patch_scale(self, replicas: int) -> None:
         require_leader(self.leadership, f"scaling {self.statefulset} to {replicas}")
-        self.apps.patch_namespaced_stateful_set_scale(self.statefulset, self.namespace, {"spec": {"replicas": replicas}})
+        self.apps.patch_namespaced_stateful_set_scale(
+            self.statefulset, self.namespace, {"spec": {"replicas": replicas}}
+        )
 
     def scale_up(self, replicas: int, timeout_s: float = 600.0) -> None:
         current = self.replicas()
@@ -81,17 +92,27 @@ class LeaseElector:
     `start()` runs the renewals on a thread; `is_leader()` is what actuations check. Times come from `clock`
     (monotonic); the Lease's own timestamps are wall-clock, as every client of a Lease reads them."""
 
-    def __init__(self, coordination: client.CoordinationV1Api, namespace: str, name: str, identity: str,
-                 lease_duration_s: int = 15, renew_deadline_s: float | None = None,
-                 retry_period_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        coordination: client.CoordinationV1Api,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration_s: int = 15,
+        renew_deadline_s: float | None = None,
+        retry_period_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.api, self.namespace, self.name = coordination, namespace, name
         self.identity, self.duration = identity, lease_duration_s
         # client-go's defaults in proportion: 15 s lease, renewed within 10 s, tried every 2 s
         self.renew_deadline = renew_deadline_s if renew_deadline_s is not None else lease_duration_s * 2 / 3
         self.retry_period = retry_period_s if retry_period_s is not None else lease_duration_s * 2 / 15
         if not 0 < self.retry_period < self.renew_deadline < self.duration:
-            raise ValueError(f"need 0 < retry period ({self.retry_period}) < renew deadline ({self.renew_deadline}) "
-                             f"< lease duration ({self.duration})")
+            raise ValueError(
+                f"need 0 < retry period ({self.retry_period}) < renew deadline ({self.renew_deadline}) "
+                f"< lease duration ({self.duration})"
+            )
         self.clock = clock
         self.valid_until = float("-inf")  # on `clock`: leading until then, unless a renewal moves it on
         self.leading_since: float | None = None
@@ -140,7 +161,7 @@ class LeaseElector:
 
     @staticmethod
     def _now() -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
 
     def _acquire(self) -> bool:
         now = self._now()
@@ -157,8 +178,13 @@ class LeaseElector:
         expired = renewed is None or (now - renewed).total_seconds() > (spec.lease_duration_seconds or self.duration)
         if spec.holder_identity != self.identity and not expired:
             return False
-        patch = {"spec": {"holderIdentity": self.identity, "renewTime": now.isoformat(),
-                          "leaseDurationSeconds": self.duration}}
+        patch = {
+            "spec": {
+                "holderIdentity": self.identity,
+                "renewTime": now.isoformat(),
+                "leaseDurationSeconds": self.duration,
+            }
+        }
         if spec.holder_identity != self.identity:
             patch["spec"].update(acquireTime=now.isoformat(), leaseTransitions=(spec.lease_transitions or 0) + 1)
         if lease.metadata.resource_version:  # a real API server: only if nobody wrote it since we read it
@@ -172,8 +198,13 @@ class LeaseElector:
         return True
 
     def _create(self, now: dt.datetime) -> bool:
-        spec = client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.duration,
-                                  acquire_time=now, renew_time=now, lease_transitions=0)
+        spec = client.V1LeaseSpec(
+            holder_identity=self.identity,
+            lease_duration_seconds=self.duration,
+            acquire_time=now,
+            renew_time=now,
+            lease_transitions=0,
+        )
         body = client.V1Lease(metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace), spec=spec)
         try:
             self.api.create_namespaced_lease(self.namespace, body)

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from services.autoscaler.actuation import add_pools, drain_pools
+from services.expert.server import pool_argv
 from services.rpc.health import is_serving
+from services.rpc.processes import die_with_parent, free_port
 from services.state.placement import Pool
 from services.state.placement_store import RedisPlacementStore
-from services.rpc.processes import die_with_parent, free_port
-from services.expert.server import pool_argv
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,15 @@ def _ordinal(pool_id: str) -> int:
 
 
 class LocalActuator:
-    def __init__(self, store: RedisPlacementStore, model_dir: str, threads: int = 1, window_s: float = 30.0,
-                 grace_s: float = 2.0, log_dir: Path | None = None):
+    def __init__(
+        self,
+        store: RedisPlacementStore,
+        model_dir: str,
+        threads: int = 1,
+        window_s: float = 30.0,
+        grace_s: float = 2.0,
+        log_dir: Path | None = None,
+    ):
         self.store, self.model_dir, self.threads = store, model_dir, threads
         self.window_s, self.grace_s, self.log_dir = window_s, grace_s, log_dir
         self.started: dict[str, subprocess.Popen] = {}
@@ -44,7 +51,12 @@ class LocalActuator:
             pool_id, port = f"pool-{next_ordinal + k}", free_port()
             out = open(self.log_dir / f"{pool_id}.log", "ab") if self.log_dir else subprocess.DEVNULL
             self.started[pool_id] = subprocess.Popen(
-                pool_argv(self.model_dir, pool_id, self.store.url, port, self.threads), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                pool_argv(self.model_dir, pool_id, self.store.url, port, self.threads),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
             new.append(Pool(pool_id, f"127.0.0.1:{port}", slots))
         deadline = time.monotonic() + timeout_s
         for pool in new:

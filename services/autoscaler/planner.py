@@ -62,8 +62,15 @@ def replica_counts(load: np.ndarray, slots: int, max_per_expert: int, min_per_ex
     return counts
 
 
-def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[int]] | None = None,
-               pinned: set[tuple[int, int]] | None = None, slack: float = 0.05, min_replicas: int = 1) -> LayerPlan:
+def plan_layer(
+    load: np.ndarray,
+    num_pools: int,
+    slots_per_pool: int,
+    current: list[list[int]] | None = None,
+    pinned: set[tuple[int, int]] | None = None,
+    slack: float = 0.05,
+    min_replicas: int = 1,
+) -> LayerPlan:
     """load [E]; current: pool -> experts now; pinned: {(expert, pool)} that must stay.
 
     With a current placement, the plan that keeps replicas in place is taken unless a fresh packing balances
@@ -83,9 +90,16 @@ def plan_layer(load: np.ndarray, num_pools: int, slots_per_pool: int, current: l
     return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
 
 
-def _pack(per_replica: np.ndarray, counts: np.ndarray, num_pools: int, slots_per_pool: int,
-          current: list[list[int]] | None, pinned: set[tuple[int, int]] | None, slack: float,
-          reach: float = 0.0) -> LayerPlan:
+def _pack(
+    per_replica: np.ndarray,
+    counts: np.ndarray,
+    num_pools: int,
+    slots_per_pool: int,
+    current: list[list[int]] | None,
+    pinned: set[tuple[int, int]] | None,
+    slack: float,
+    reach: float = 0.0,
+) -> LayerPlan:
     """Fresh (no `current`): greedy, then local search to within _CLOSE_ENOUGH of the bound. Sticky: replicas
     stay on their current pools while those stay within `slack` of `reach` (the fresh plan's maximum), then
     greedy for the rest, then local search only down to within `slack` / 2 of `reach`."""
@@ -106,8 +120,7 @@ def _pack(per_replica: np.ndarray, counts: np.ndarray, num_pools: int, slots_per
     return LayerPlan(pack.pools(), pack.pool_load())
 
 
-def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], order: np.ndarray,
-                  target: float) -> None:
+def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], order: np.ndarray, target: float) -> None:
     """Replicas already on a pool stay there, heaviest first, while that pool's load stays within `target`."""
     pools_of: dict[int, list[int]] = {}
     for pool, experts in enumerate(current[: pack.load.shape[0]]):
@@ -118,8 +131,12 @@ def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], ord
     placed = []
     for expert in order.tolist():
         for pool in pools_of.get(expert, ()):
-            if (still[expert] > 0 and free[pool] > 0 and expert not in held[pool]
-                    and loads[pool] + weight[expert] <= target):
+            if (
+                still[expert] > 0
+                and free[pool] > 0
+                and expert not in held[pool]
+                and loads[pool] + weight[expert] <= target
+            ):
                 placed.append((expert, pool))
                 held[pool].add(expert)
                 free[pool] -= 1
@@ -129,8 +146,14 @@ def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], ord
     left[:] = still
 
 
-def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[list[list[int]]] | None = None,
-         pinned: set[tuple[int, int, int]] | None = None, min_replicas: int = 1) -> list[LayerPlan]:
+def plan(
+    load: np.ndarray,
+    num_pools: int,
+    slots_per_pool: int,
+    current: list[list[list[int]]] | None = None,
+    pinned: set[tuple[int, int, int]] | None = None,
+    min_replicas: int = 1,
+) -> list[LayerPlan]:
     """load [layers, E] -> one LayerPlan per layer. current[layer][pool] -> experts; pinned {(layer, expert, pool)}."""
     load = np.asarray(load, dtype=np.float64)
     if load.ndim != 2:
@@ -138,9 +161,17 @@ def plan(load: np.ndarray, num_pools: int, slots_per_pool: int, current: list[li
     if (load < 0).any() or not np.isfinite(load).all():
         raise InvalidRequestError("load must be finite and non-negative")
     pinned = pinned or set()
-    return [plan_layer(load[i], num_pools, slots_per_pool, current[i] if current else None,
-                       {(e, p) for (l, e, p) in pinned if l == i}, min_replicas=min_replicas)
-            for i in range(load.shape[0])]
+    return [
+        plan_layer(
+            load[i],
+            num_pools,
+            slots_per_pool,
+            current[i] if current else None,
+            {(e, p) for (l, e, p) in pinned if l == i},
+            min_replicas=min_replicas,
+        )
+        for i in range(load.shape[0])
+    ]
 
 
 def moves(before: list[list[int]], after: list[list[int]]) -> int:

@@ -23,8 +23,9 @@ def propose(placement: Placement, load: np.ndarray) -> Proposal:
     layers = placement.layers
     pool_ids = sorted(placement.pools)
     slots = min((placement.pools[p].slots or placement.num_experts) for p in pool_ids)
-    current = [[[e for e in range(placement.num_experts) if p in placement.replicas[l][e]] for p in pool_ids]
-               for l in layers]
+    current = [
+        [[e for e in range(placement.num_experts) if p in placement.replicas[l][e]] for p in pool_ids] for l in layers
+    ]
     index = {p: i for i, p in enumerate(pool_ids)}
     row = {l: i for i, l in enumerate(layers)}
     pinned = {(row[l], e, index[p]) for l, e, p in placement.pinned if p in index}
@@ -37,5 +38,9 @@ def propose(placement: Placement, load: np.ndarray) -> Proposal:
                 replicas[e].append(pool_ids[i])
         proposed.replicas[l] = replicas
     by_layer = {l: load[i].tolist() for i, l in enumerate(layers)}
-    return Proposal(proposed, placement.balancedness(by_layer), proposed.balancedness(by_layer),
-                    sum(moves(c, lp.pools) for c, lp in zip(current, plans)))
+    return Proposal(
+        proposed,
+        placement.balancedness(by_layer),
+        proposed.balancedness(by_layer),
+        sum(moves(c, lp.pools) for c, lp in zip(current, plans)),
+    )

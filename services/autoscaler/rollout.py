@@ -16,10 +16,10 @@ import grpc
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
 from services.errors import PoolUnavailableError
+from services.rpc import tls
 from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.state.placement import Placement
 from services.state.placement_store import RedisPlacementStore
-from services.rpc import tls
 
 DEFAULT_GRACE_S = 2.0
 
@@ -43,7 +43,9 @@ def diff(old: Placement, new: Placement) -> tuple[dict[str, set], dict[str, set]
 
 
 def _call(address: str, method: str, refs: set, timeout: float) -> None:
-    request_type = expert_pool_pb2.LoadExpertsRequest if method == "LoadExperts" else expert_pool_pb2.UnloadExpertsRequest
+    request_type = (
+        expert_pool_pb2.LoadExpertsRequest if method == "LoadExperts" else expert_pool_pb2.UnloadExpertsRequest
+    )
     request = request_type(experts=[expert_pool_pb2.ExpertRef(layer=l, expert=e) for l, e in sorted(refs)])
     with tls.channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = expert_pool_pb2_grpc.ExpertPoolServiceStub(channel)
@@ -59,8 +61,13 @@ def load_on_pool(address: str, refs: set, timeout_s: float = 120.0) -> None:
         _call(address, "LoadExperts", refs, timeout_s)
 
 
-def rollout(store: RedisPlacementStore, new: Placement, expected_version: int, grace_s: float = DEFAULT_GRACE_S,
-            timeout_s: float = 120.0) -> RolloutResult:
+def rollout(
+    store: RedisPlacementStore,
+    new: Placement,
+    expected_version: int,
+    grace_s: float = DEFAULT_GRACE_S,
+    timeout_s: float = 120.0,
+) -> RolloutResult:
     started = time.monotonic()
     old = store.get()
     if old is None:
@@ -77,5 +84,6 @@ def rollout(store: RedisPlacementStore, new: Placement, expected_version: int, g
                 _call(new.pools[pool].address, "UnloadExperts", refs, timeout_s)
             except PoolUnavailableError:
                 pass  # a pool that died meanwhile holds nothing anyway
-    return RolloutResult(published.version, sum(map(len, gains.values())), sum(map(len, losses.values())),
-                         time.monotonic() - started)
+    return RolloutResult(
+        published.version, sum(map(len, gains.values())), sum(map(len, losses.values())), time.monotonic() - started
+    )

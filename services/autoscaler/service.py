@@ -2,7 +2,8 @@
 
 - Dead pools (health check fails) are taken out of the placement at once: their experts are re-packed onto
   the live pools (failover re-placement).
-- Below `rebalance_threshold` balancedness, and no sooner than `rebalance_min_interval_s` after the last rebalance, it plans for
+- Below `rebalance_threshold` balancedness, and no sooner than `rebalance_min_interval_s` after the last
+  rebalance, it plans for
   the window's load and rolls the plan out in two phases, if the plan improves balancedness by at least
   `hysteresis` (so it does not flap on noise).
 
@@ -24,16 +25,16 @@ import time
 import numpy as np
 
 from services.autoscaler.actuation import without_pools
+from services.autoscaler.config import AutoscalerConfig
 from services.autoscaler.leadership import LeaderOnlyStore
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.errors import ExpertmeshError
-from services.autoscaler.config import AutoscalerConfig
-from services.settings import add_flags, from_flags
 from services.rpc import tls
 from services.rpc.health import is_serving
-from services.state.load_store import RedisLoadStore
 from services.rpc.metrics import AutoscalerMetrics, serve_metrics
+from services.settings import add_flags, from_flags
+from services.state.load_store import RedisLoadStore
 from services.state.placement import Placement
 from services.state.placement_store import RedisPlacementStore
 
@@ -41,8 +42,14 @@ log = logging.getLogger(__name__)
 
 
 class Autoscaler:
-    def __init__(self, redis_url: str, config: AutoscalerConfig | None = None, metrics: AutoscalerMetrics | None = None,
-                 actuator=None, elector=None):
+    def __init__(
+        self,
+        redis_url: str,
+        config: AutoscalerConfig | None = None,
+        metrics: AutoscalerMetrics | None = None,
+        actuator=None,
+        elector=None,
+    ):
         self.config = config or AutoscalerConfig()
         self.metrics = metrics
         self.actuator = actuator
@@ -60,7 +67,9 @@ class Autoscaler:
         placement = self.store.get()
         if placement is None:
             return None
-        load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(cfg.load_window_s)
+        load = RedisLoadStore.from_url(self.redis_url, placement.layers, placement.num_experts).window(
+            cfg.load_window_s
+        )
         dead = {p for p, pool in placement.pools.items() if not is_serving(pool.address)}
         if dead and len(dead) < len(placement.pools):
             log.warning("pools %s are down: re-placing their experts", sorted(dead))
@@ -83,8 +92,13 @@ class Autoscaler:
         proposal = propose(placement, np.asarray(load, dtype=np.float64))
         if proposal.balancedness_after < self.last_balancedness + cfg.hysteresis:
             return None
-        log.info("balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)", self.last_balancedness,
-                 cfg.rebalance_threshold, proposal.balancedness_after, proposal.moves)
+        log.info(
+            "balancedness %.3f below %.2f: rebalancing to %.3f (%d replicas to load)",
+            self.last_balancedness,
+            cfg.rebalance_threshold,
+            proposal.balancedness_after,
+            proposal.moves,
+        )
         return self._roll(proposal.proposed, placement, "rebalance")
 
     def _keep_floor(self, placement: Placement, load: np.ndarray) -> RolloutResult | None:
@@ -97,11 +111,19 @@ class Autoscaler:
         proposal = propose(placement, load + 1 if load.sum() == 0 else np.asarray(load, dtype=np.float64))
         still = len(proposal.proposed.below_floor())
         if still >= len(short):
-            log.warning("%d experts have fewer than %d replicas and the pools have no room for more (%d pools)",
-                        len(short), placement.min_replicas, len(placement.pools))
+            log.warning(
+                "%d experts have fewer than %d replicas and the pools have no room for more (%d pools)",
+                len(short),
+                placement.min_replicas,
+                len(placement.pools),
+            )
             return None
-        log.info("restoring the replica floor of %d: %d experts below it, %d after", placement.min_replicas,
-                 len(short), still)
+        log.info(
+            "restoring the replica floor of %d: %d experts below it, %d after",
+            placement.min_replicas,
+            len(short),
+            still,
+        )
         return self._roll(proposal.proposed, placement, "redundancy")
 
     def _scale(self, placement: Placement, load: np.ndarray) -> bool:
@@ -141,8 +163,14 @@ class Autoscaler:
             self.metrics.rebalances.labels(why).inc()
             self.metrics.rebalance_duration.observe(result.seconds)
             self.metrics.placement_version.set(result.version)
-        log.info("%s: placement version %d in %.2f s (%d loads, %d unloads)", why, result.version, result.seconds,
-                 result.loaded, result.unloaded)
+        log.info(
+            "%s: placement version %d in %.2f s (%d loads, %d unloads)",
+            why,
+            result.version,
+            result.seconds,
+            result.loaded,
+            result.unloaded,
+        )
         return result
 
     def run(self) -> None:
@@ -156,8 +184,14 @@ class Autoscaler:
             time.sleep(max(0.0, self.config.autoscale_interval_s - (time.monotonic() - started)))
 
 
-def bootstrap(store: RedisPlacementStore, model_dir: str, pools: list[tuple[str, str]], slots_per_pool: int = 0,
-              replicas: int = 1, timeout_s: float = 600.0) -> Placement | None:
+def bootstrap(
+    store: RedisPlacementStore,
+    model_dir: str,
+    pools: list[tuple[str, str]],
+    slots_per_pool: int = 0,
+    replicas: int = 1,
+    timeout_s: float = 600.0,
+) -> Placement | None:
     """With no placement in Redis yet (a fresh cluster): spread the experts over the (pool id, address) pools,
     have each pool load its share once it serves, then publish version 1. Does nothing if one exists."""
     from services.autoscaler.rollout import load_on_pool
@@ -184,13 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="expertmesh-autoscaler", description="expertmesh autoscaler")
     ap.add_argument("--redis", required=True)
     ap.add_argument("--model", help="checkpoint directory (for --bootstrap-pools)")
-    ap.add_argument("--bootstrap-pools", type=int, default=0,
-                    help="with no placement yet, spread the experts over this many pools and publish it")
+    ap.add_argument(
+        "--bootstrap-pools",
+        type=int,
+        default=0,
+        help="with no placement yet, spread the experts over this many pools and publish it",
+    )
     ap.add_argument("--pool-id-template", default="pool-{i}")
     ap.add_argument("--pool-address-template", default="127.0.0.1:{i}")
     ap.add_argument("--slots-per-pool", type=int, default=0)
     ap.add_argument("--replicas-per-expert", type=int, default=1)
-    ap.add_argument("--kubernetes", action="store_true", help="in a cluster: scale the pool StatefulSet, elect a leader")
+    ap.add_argument(
+        "--kubernetes", action="store_true", help="in a cluster: scale the pool StatefulSet, elect a leader"
+    )
     ap.add_argument("--local-pools", action="store_true", help="scale pools as local processes (expertmesh up)")
     ap.add_argument("--pool-threads", type=int, default=1)
     ap.add_argument("--log-dir", help="where local pool processes log")
@@ -213,13 +253,20 @@ def _kubernetes(args, config: AutoscalerConfig):
     from services.autoscaler.kubernetes_actuator import KubernetesActuator, LeaseElector
 
     kube_config.load_incluster_config()
-    elector = LeaseElector(client.CoordinationV1Api(), args.namespace, args.lease or "expertmesh-autoscaler",
-                           args.identity).start()
-    actuator = KubernetesActuator(client.AppsV1Api(), args.namespace, args.statefulset,
-                                  LeaderOnlyStore(RedisPlacementStore(args.redis), elector),
-                                  lambda i: args.pool_id_template.format(i=i),
-                                  lambda i: args.pool_address_template.format(i=i), config.load_window_s,
-                                  config.grace_s, leadership=elector)
+    elector = LeaseElector(
+        client.CoordinationV1Api(), args.namespace, args.lease or "expertmesh-autoscaler", args.identity
+    ).start()
+    actuator = KubernetesActuator(
+        client.AppsV1Api(),
+        args.namespace,
+        args.statefulset,
+        LeaderOnlyStore(RedisPlacementStore(args.redis), elector),
+        lambda i: args.pool_id_template.format(i=i),
+        lambda i: args.pool_address_template.format(i=i),
+        config.load_window_s,
+        config.grace_s,
+        leadership=elector,
+    )
     return actuator, elector
 
 
@@ -232,8 +279,9 @@ def _bootstrap(args, elector) -> None:
         if store.get() is not None:
             return
         time.sleep(1.0)
-    pools = [(args.pool_id_template.format(i=i), args.pool_address_template.format(i=i))
-             for i in range(args.bootstrap_pools)]  # StatefulSet ordinals: stable names
+    pools = [
+        (args.pool_id_template.format(i=i), args.pool_address_template.format(i=i)) for i in range(args.bootstrap_pools)
+    ]  # StatefulSet ordinals: stable names
     store = LeaderOnlyStore(store, elector) if elector is not None else store
     bootstrap(store, args.model, pools, args.slots_per_pool, args.replicas_per_expert)
 
@@ -259,8 +307,14 @@ def main(argv: list[str] | None = None) -> None:
 
         from services.autoscaler.local_actuator import LocalActuator
 
-        actuator = LocalActuator(RedisPlacementStore(args.redis), args.model, args.pool_threads, config.load_window_s,
-                                 config.grace_s, Path(args.log_dir) if args.log_dir else None)
+        actuator = LocalActuator(
+            RedisPlacementStore(args.redis),
+            args.model,
+            args.pool_threads,
+            config.load_window_s,
+            config.grace_s,
+            Path(args.log_dir) if args.log_dir else None,
+        )
     Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
 
 

@@ -90,8 +90,10 @@ def _find_redis(option: str | None) -> str:
         if not _alive(saved.get("pid")):
             started = saved.get("started")
             when = f" started at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
-            fail(f"no running deployment: the one `expertmesh up`{when} (pid {saved.get('pid')}) is gone; "
-                 "start one with `expertmesh up` or pass --redis URL")
+            fail(
+                f"no running deployment: the one `expertmesh up`{when} (pid {saved.get('pid')}) is gone; "
+                "start one with `expertmesh up` or pass --redis URL"
+            )
         return url
     fail(f"no Redis: pass --redis URL, set {REDIS_ENV}, or start a deployment with `expertmesh up`")
     raise AssertionError  # fail() exits

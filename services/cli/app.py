@@ -24,8 +24,12 @@ except KeyboardInterrupt:  # pragma: no cover - timing
     sys.stderr.write(f"{PROG}: interrupted\n")
     raise SystemExit(130) from None
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="expertmesh: DeepSeek-V3-class MoE serving with experts as services.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="expertmesh: DeepSeek-V3-class MoE serving with experts as services.",
+)
 app.command("init-model")(model_commands.init_model)
 app.command("score")(model_commands.score)
 app.command("generate")(model_commands.generate)

@@ -14,8 +14,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Certificates
 @app.command("make")
 def make(
     directory: Path = typer.Argument(..., help="Where to write ca.crt, tls.crt, tls.key."),
-    hosts: list[str] = typer.Option([], "--hosts", help="Names and addresses the services are reached by "
-                                                        "(repeatable; localhost and 127.0.0.1 are always in)."),
+    hosts: list[str] = typer.Option(
+        [],
+        "--hosts",
+        help="Names and addresses the services are reached by (repeatable; localhost and 127.0.0.1 are always in).",
+    ),
     days: int = typer.Option(365, "--days", min=1, max=3650, help="Validity."),
     force: bool = typer.Option(False, "--force", help="Replace existing files."),
 ) -> None:
@@ -31,5 +34,8 @@ def make(
         fail(f"cannot write certificates to {directory}: {exc.strerror or exc}")
     except ValueError as exc:
         fail(f"bad --hosts: {exc}")
-    typer.echo(f"wrote ca.crt, tls.crt, tls.key to {directory} (valid {days} days for localhost, 127.0.0.1"
-               + "".join(f", {h}" for h in hosts) + ")")
+    typer.echo(
+        f"wrote ca.crt, tls.crt, tls.key to {directory} (valid {days} days for localhost, 127.0.0.1"
+        + "".join(f", {h}" for h in hosts)
+        + ")"
+    )

@@ -8,15 +8,16 @@ import grpc
 
 from expertmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.errors import InvalidRequestError
-from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.rpc import tls
 from services.rpc.auth import API_KEY_ENV, bearer_metadata
+from services.rpc.grpc_server import CHANNEL_OPTIONS
 
 MODEL_INFO_TIMEOUT_S = 10.0
 # gRPC codes that mean the request (or the address) was wrong: exit 2, like every bad argument; the rest are
 # failures of the service (exit 1)
-USAGE_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNAVAILABLE",
-                         "UNIMPLEMENTED"})
+USAGE_CODES = frozenset(
+    {"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNAVAILABLE", "UNIMPLEMENTED"}
+)
 
 
 def check_target(target: str) -> None:
@@ -48,17 +49,34 @@ class GatewayClient:
 
     def model_info(self) -> dict:
         """The served model's limits: {"vocab_size", "max_context", ...} (0 where the gateway does not say)."""
-        r = self.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=min(self.timeout_s, MODEL_INFO_TIMEOUT_S),
-                                   metadata=self.metadata)
-        return {"model_dir": r.model_dir, "vocab_size": r.vocab_size, "max_context": r.max_context,
-                "num_hidden_layers": r.num_hidden_layers, "n_routed_experts": r.n_routed_experts,
-                "pools": list(r.pools), "dispatch_dtype": r.dispatch_dtype}
+        r = self.stub.GetModelInfo(
+            gateway_pb2.GetModelInfoRequest(), timeout=min(self.timeout_s, MODEL_INFO_TIMEOUT_S), metadata=self.metadata
+        )
+        return {
+            "model_dir": r.model_dir,
+            "vocab_size": r.vocab_size,
+            "max_context": r.max_context,
+            "num_hidden_layers": r.num_hidden_layers,
+            "n_routed_experts": r.n_routed_experts,
+            "pools": list(r.pools),
+            "dispatch_dtype": r.dispatch_dtype,
+        }
 
-    def generate(self, text: str | None, token_ids: list[int] | None, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, ignore_eos: bool = False) -> dict:
+    def generate(
+        self,
+        text: str | None,
+        token_ids: list[int] | None,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> dict:
         """-> the JSON object of `expertmesh generate --json`."""
-        sampling = gateway_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                              ignore_eos=ignore_eos)
+        sampling = gateway_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=ignore_eos
+        )
         if seed is not None:
             sampling.seed = seed
         request = gateway_pb2.GenerateRequest(text=text or "", token_ids=token_ids or [], sampling=sampling)
@@ -72,11 +90,22 @@ class GatewayClient:
 
     def score(self, text: str | None, token_ids: list[int] | None, top_k: int) -> dict:
         """-> the JSON object of `expertmesh score --json`."""
-        r = self.stub.Score(gateway_pb2.ScoreRequest(text=text or "", token_ids=token_ids or [], top_k=top_k),
-                            timeout=self.timeout_s, metadata=self.metadata)
-        return {"token_ids": list(r.token_ids), "positions": [
-            {"token_id": p.token_id, "logprob": p.logprob if p.HasField("logprob") else None,
-             "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in p.top]} for p in r.positions]}
+        r = self.stub.Score(
+            gateway_pb2.ScoreRequest(text=text or "", token_ids=token_ids or [], top_k=top_k),
+            timeout=self.timeout_s,
+            metadata=self.metadata,
+        )
+        return {
+            "token_ids": list(r.token_ids),
+            "positions": [
+                {
+                    "token_id": p.token_id,
+                    "logprob": p.logprob if p.HasField("logprob") else None,
+                    "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in p.top],
+                }
+                for p in r.positions
+            ],
+        }
 
     def close(self) -> None:
         self.channel.close()

@@ -40,8 +40,11 @@ def load_report(redis_url: str, window_s: float, layer: Optional[int] = None, li
     for l, row in rows.items():
         for p, v in placement.pool_loads(l, row).items():
             per_pool_total[p] += v
-        experts += [{"layer": l, "expert": e, "tokens": int(t), "replicas": len(placement.pools_for(l, e))}
-                    for e, t in enumerate(row) if t]
+        experts += [
+            {"layer": l, "expert": e, "tokens": int(t), "replicas": len(placement.pools_for(l, e))}
+            for e, t in enumerate(row)
+            if t
+        ]
     experts.sort(key=lambda r: -r["tokens"])
     return {
         "window_s": float(window_s),
@@ -65,8 +68,10 @@ def top(
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo(f"window {report['window_s']:.0f} s, balancedness {report['balancedness']:.3f}, "
-               f"placement version {report['placement_version']}")
+    typer.echo(
+        f"window {report['window_s']:.0f} s, balancedness {report['balancedness']:.3f}, "
+        f"placement version {report['placement_version']}"
+    )
     for p in report["pools"]:
         typer.echo(f"  {p['pool']:12} {p['tokens']:10d} tokens")
     typer.echo("  layer expert     tokens replicas")

@@ -11,8 +11,9 @@ UP_STATE = "up.json"
 
 def state_dir() -> Path:
     """$EXPERTMESH_HOME, else $XDG_CACHE_HOME/expertmesh, else ~/.cache/expertmesh (made if missing)."""
-    base = os.environ.get("EXPERTMESH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                             "expertmesh")
+    base = os.environ.get("EXPERTMESH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "expertmesh"
+    )
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path

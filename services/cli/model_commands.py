@@ -41,8 +41,13 @@ def check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int
         raise InvalidRequestError(f"seed must lie in [0, 2**64), got {seed}")
 
 
-def check_against_model(ids: list[int] | None, vocab_size: int, max_context: int, max_tokens: int | None = None,
-                        score_top_k: int | None = None) -> None:
+def check_against_model(
+    ids: list[int] | None,
+    vocab_size: int,
+    max_context: int,
+    max_tokens: int | None = None,
+    score_top_k: int | None = None,
+) -> None:
     """What needs the model's sizes (0: not known, then only what the wire format can carry)."""
     if ids is not None:
         limit = vocab_size or UINT32_LIMIT
@@ -57,8 +62,9 @@ def check_against_model(ids: list[int] | None, vocab_size: int, max_context: int
     if score_top_k is not None:
         limit = vocab_size or UINT32_LIMIT - 1
         if not 0 <= score_top_k <= limit:
-            raise InvalidRequestError(f"top_k must lie in [0, {limit}]" + (" (the vocabulary)" if vocab_size else "")
-                                      + f", got {score_top_k}")
+            raise InvalidRequestError(
+                f"top_k must lie in [0, {limit}]" + (" (the vocabulary)" if vocab_size else "") + f", got {score_top_k}"
+            )
 
 
 def check_not_empty(text: str | None) -> None:
@@ -68,8 +74,11 @@ def check_not_empty(text: str | None) -> None:
 
 def init_model(
     directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
-    preset: str = typer.Option("tiny", help="tiny (tests) or small (benchmarks): random weights; demo: the tiny "
-                               "architecture trained about a minute on Python source."),
+    preset: str = typer.Option(
+        "tiny",
+        help="tiny (tests) or small (benchmarks): random weights; demo: the tiny "
+        "architecture trained about a minute on Python source.",
+    ),
     seed: int = typer.Option(0, help="Random seed for the weights (and, for demo, the training batches)."),
     fp8: bool = typer.Option(True, "--fp8/--no-fp8", help="FP8 block-scaled projections (as DeepSeek ships) or BF16."),
     force: bool = typer.Option(False, help="Replace an existing directory."),
@@ -110,9 +119,12 @@ def _write_demo(directory: Path, seed: int, fp8: bool) -> None:
     terminal, else a line every quarter)."""
     from services.training.demo import DEMO_STEPS, demo_description, write_demo_model
 
-    typer.echo(f"training the demo model: the tiny DeepSeek-V3 architecture, {DEMO_STEPS} steps on the Python "
-               "standard library's source (about a minute on 2 cores)")
+    typer.echo(
+        f"training the demo model: the tiny DeepSeek-V3 architecture, {DEMO_STEPS} steps on the Python "
+        "standard library's source (about a minute on 2 cores)"
+    )
     with progress_reporter(True) as progress:
+
         def on_step(step: int, steps: int, loss: float) -> None:
             if progress:
                 progress("training", step, steps)
@@ -121,11 +133,14 @@ def _write_demo(directory: Path, seed: int, fp8: bool) -> None:
 
         result = write_demo_model(directory, seed=seed, fp8=fp8, steps=DEMO_STEPS, on_step=on_step)
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {first:.2f} at the first step, "
-               f"{last:.2f} over the last 10, {result.held_out_loss:.2f} on modules held out of training "
-               "(nats per token)")
-    typer.echo(f"wrote demo model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}: "
-               f"{demo_description(result.steps)}")
+    typer.echo(
+        f"trained {result.steps} steps in {result.seconds:.0f} s: loss {first:.2f} at the first step, "
+        f"{last:.2f} over the last 10, {result.held_out_loss:.2f} on modules held out of training "
+        "(nats per token)"
+    )
+    typer.echo(
+        f"wrote demo model ({'fp8' if fp8 else 'bf16'}, seed {seed}) to {directory}: {demo_description(result.steps)}"
+    )
 
 
 def _model_vocab(model: Path) -> int:
@@ -163,8 +178,9 @@ def check_device_option(device: str, target: Optional[str]) -> None:
 
     check_device_name(device)
     if target and device != "auto":
-        raise InvalidRequestError("--device applies to --model (in process); a gateway computes where its own "
-                                  "--device says")
+        raise InvalidRequestError(
+            "--device applies to --model (in process); a gateway computes where its own --device says"
+        )
 
 
 def _engine_limits(engine) -> tuple[int, int]:
@@ -178,9 +194,16 @@ def score(
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids, comma-separated."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Alternatives to list per position."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
-                                          help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
-    tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="EXPERTMESH_API_KEY",
+        show_envvar=False,
+        help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
+    ),
+    tls_dir: Optional[Path] = typer.Option(
+        None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."
+    ),
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
@@ -192,6 +215,7 @@ def score(
         ids = parse_token_ids(tokens) if tokens is not None else None
         check_not_empty(text)
         if target:
+
             def call(client):
                 info = client.model_info()
                 check_against_model(ids, info["vocab_size"], info["max_context"], score_top_k=top_k)
@@ -216,9 +240,13 @@ def score(
 
 
 def score_json(ids: list[int], positions) -> dict:
-    return {"token_ids": ids, "positions": [
-        {"token_id": p.token_id, "logprob": p.logprob, "top": [{"token_id": t, "logprob": v} for t, v in p.top]}
-        for p in positions]}
+    return {
+        "token_ids": ids,
+        "positions": [
+            {"token_id": p.token_id, "logprob": p.logprob, "top": [{"token_id": t, "logprob": v} for t, v in p.top]}
+            for p in positions
+        ],
+    }
 
 
 def _one_backend(model: Optional[Path], target: Optional[str]) -> None:
@@ -264,12 +292,23 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="0: no top-k cut."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXPERTMESH_API_KEY", show_envvar=False,
-                                          help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY)."),
-    tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="EXPERTMESH_API_KEY",
+        show_envvar=False,
+        help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
+    ),
+    tls_dir: Optional[Path] = typer.Option(
+        None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."
+    ),
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
-    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="With --model: speculative decoding with the checkpoint's "
-                             "MTP layer (the same tokens at temperature 0); --json reports its drafts."),
+    mtp: bool = typer.Option(
+        False,
+        "--mtp/--no-mtp",
+        help="With --model: speculative decoding with the checkpoint's "
+        "MTP layer (the same tokens at temperature 0); --json reports its drafts.",
+    ),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
     if (prompt is None) == (tokens is None):
@@ -283,6 +322,7 @@ def generate(
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
         if target:
+
             def call(client):
                 info = client.model_info()
                 check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
@@ -298,8 +338,12 @@ def generate(
             check_against_model(ids, *_engine_limits(engine), max_tokens)
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
             result = engine.generate([ids], params)[0]
-            out = {"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
-                   "text": engine.decode(result.token_ids), "finish_reason": result.finish_reason}
+            out = {
+                "prompt_token_ids": result.prompt_token_ids,
+                "token_ids": result.token_ids,
+                "text": engine.decode(result.token_ids),
+                "finish_reason": result.finish_reason,
+            }
             if mtp:
                 out["mtp"] = {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens}
     except ExpertmeshError as exc:

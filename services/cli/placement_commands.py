@@ -47,12 +47,16 @@ def plan_command(
     if as_json:
         typer.echo(json.dumps({"seconds": seconds, "layers": [{"pools": lp.pools} for lp in layers]}))
         return
-    typer.echo(f"planned {len(layers)} layers x {matrix.shape[1]} experts onto {pools} pools x {slots_per_pool} slots "
-               f"in {seconds:.3f} s")
+    typer.echo(
+        f"planned {len(layers)} layers x {matrix.shape[1]} experts onto {pools} pools x {slots_per_pool} slots "
+        f"in {seconds:.3f} s"
+    )
     for i, lp in enumerate(layers):
         replicas = sum(len(p) for p in lp.pools)
-        typer.echo(f"layer {i:3d}: balancedness {lp.balancedness:.3f}, {replicas} replicas, "
-                   f"max pool load {max(lp.pool_load):.0f} tokens")
+        typer.echo(
+            f"layer {i:3d}: balancedness {lp.balancedness:.3f}, {replicas} replicas, "
+            f"max pool load {max(lp.pool_load):.0f} tokens"
+        )
 
 
 def read_json_file(path: Path, what: str):
@@ -121,8 +125,13 @@ def apply_placement(store, new, expected_version: int, dry_run: bool, as_json: b
     except ExpertmeshError as exc:
         fail(str(exc))
     gains, losses = diff(old, new)
-    summary = {"what": what, "from_version": old.version, "loads": sum(map(len, gains.values())),
-               "unloads": sum(map(len, losses.values())), "dry_run": dry_run}
+    summary = {
+        "what": what,
+        "from_version": old.version,
+        "loads": sum(map(len, gains.values())),
+        "unloads": sum(map(len, losses.values())),
+        "dry_run": dry_run,
+    }
     if not dry_run:
         try:
             result = rollout(store, new, expected_version)
@@ -146,13 +155,17 @@ def _check_ref(placement, layer: int, expert: int, pool: Optional[str] = None) -
         fail(f"unknown pool {pool!r} (pools: {', '.join(sorted(placement.pools))})")
 
 
-RedisOption = typer.Option(None, "--redis",
-                           help="Redis URL (or EXPERTMESH_REDIS_URL; default: the last `expertmesh up`).")
+RedisOption = typer.Option(
+    None, "--redis", help="Redis URL (or EXPERTMESH_REDIS_URL; default: the last `expertmesh up`)."
+)
 
 
 @app.command("show")
-def show(layer: Optional[int] = typer.Option(None, "--layer"), redis_url: Optional[str] = RedisOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
+def show(
+    layer: Optional[int] = typer.Option(None, "--layer"),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """The current placement: pools and, per layer, each expert's replicas."""
     _, placement = current_placement(redis_url)
     if layer is not None:
@@ -187,8 +200,12 @@ def export(file: Path = typer.Argument(...), redis_url: Optional[str] = RedisOpt
 
 
 @app.command("apply")
-def apply(file: Path = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
-          redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def apply(
+    file: Path = typer.Argument(...),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Roll out a placement from a file (validated: every expert keeps a replica, budgets hold, pools exist)."""
     new = read_placement_file(file)
     store, placement = current_placement(redis_url)
@@ -208,8 +225,10 @@ def read_placement_file(file: Path):
 
     raw = read_json_file(file, "placement")
     if not (isinstance(raw, dict) and isinstance(raw.get("pools"), list) and isinstance(raw.get("layers"), dict)):
-        fail(f'{file}: not a placement: expected a JSON object with "version", "pools" (a list) and "layers" '
-             "(an object), as `placement export` writes")
+        fail(
+            f'{file}: not a placement: expected a JSON object with "version", "pools" (a list) and "layers" '
+            "(an object), as `placement export` writes"
+        )
     for i, pool in enumerate(raw["pools"]):
         if not (isinstance(pool, dict) and all(isinstance(pool.get(k), str) and pool[k] for k in _POOL_KEYS)):
             fail(f'{file}: pools[{i}] is not an object with "pool_id" and "address" strings')
@@ -222,9 +241,14 @@ def read_placement_file(file: Path):
 
 
 @app.command("replicate")
-def replicate(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
-              pool: str = typer.Option(..., "--pool"), dry_run: bool = typer.Option(False, "--dry-run"),
-              redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def replicate(
+    layer: int = typer.Option(..., "--layer"),
+    expert: int = typer.Option(..., "--expert"),
+    pool: str = typer.Option(..., "--pool"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Add a replica of one expert on a pool."""
     store, placement = current_placement(redis_url)
     _check_ref(placement, layer, expert, pool)
@@ -237,10 +261,15 @@ def replicate(layer: int = typer.Option(..., "--layer"), expert: int = typer.Opt
 
 
 @app.command("move")
-def move(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
-         from_pool: str = typer.Option(..., "--from"), to_pool: str = typer.Option(..., "--to"),
-         dry_run: bool = typer.Option(False, "--dry-run"), redis_url: Optional[str] = RedisOption,
-         as_json: bool = typer.Option(False, "--json")) -> None:
+def move(
+    layer: int = typer.Option(..., "--layer"),
+    expert: int = typer.Option(..., "--expert"),
+    from_pool: str = typer.Option(..., "--from"),
+    to_pool: str = typer.Option(..., "--to"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Move one replica of an expert from one pool to another."""
     store, placement = current_placement(redis_url)
     _check_ref(placement, layer, expert, from_pool)
@@ -271,22 +300,33 @@ def _pin(layer: int, expert: int, pool: str, redis_url: Optional[str], pinned: b
 
 
 @app.command("pin")
-def pin(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
-        pool: str = typer.Option(..., "--pool"), redis_url: Optional[str] = RedisOption) -> None:
+def pin(
+    layer: int = typer.Option(..., "--layer"),
+    expert: int = typer.Option(..., "--expert"),
+    pool: str = typer.Option(..., "--pool"),
+    redis_url: Optional[str] = RedisOption,
+) -> None:
     """Pin a replica: rebalancing keeps it where it is."""
     _pin(layer, expert, pool, redis_url, True)
 
 
 @app.command("unpin")
-def unpin(layer: int = typer.Option(..., "--layer"), expert: int = typer.Option(..., "--expert"),
-          pool: str = typer.Option(..., "--pool"), redis_url: Optional[str] = RedisOption) -> None:
+def unpin(
+    layer: int = typer.Option(..., "--layer"),
+    expert: int = typer.Option(..., "--expert"),
+    pool: str = typer.Option(..., "--pool"),
+    redis_url: Optional[str] = RedisOption,
+) -> None:
     """Let rebalancing move a pinned replica again."""
     _pin(layer, expert, pool, redis_url, False)
 
 
-def rebalance(dry_run: bool = typer.Option(False, "--dry-run"),
-              window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan for."),
-              redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def rebalance(
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan for."),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Plan a placement for the recent load and roll it out: the moves, and balancedness before and after."""
     from services.autoscaler.rebalance import propose
     from services.state.load_store import RedisLoadStore
@@ -295,15 +335,33 @@ def rebalance(dry_run: bool = typer.Option(False, "--dry-run"),
     load = RedisLoadStore.from_url(store.url, placement.layers, placement.num_experts).window(window)
     proposal = propose(placement, load)
     if not as_json:
-        typer.echo(f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}, "
-                   f"{proposal.moves} replicas to load")
+        typer.echo(
+            f"balancedness {proposal.balancedness_before:.3f} -> {proposal.balancedness_after:.3f}, "
+            f"{proposal.moves} replicas to load"
+        )
     if as_json and dry_run:
-        typer.echo(json.dumps({"balancedness_before": proposal.balancedness_before, "moves": proposal.moves,
-                               "balancedness_after": proposal.balancedness_after, "dry_run": True}))
+        typer.echo(
+            json.dumps(
+                {
+                    "balancedness_before": proposal.balancedness_before,
+                    "moves": proposal.moves,
+                    "balancedness_after": proposal.balancedness_after,
+                    "dry_run": True,
+                }
+            )
+        )
         return
     if proposal.moves == 0:
         if as_json:
-            typer.echo(json.dumps({"balancedness_before": proposal.balancedness_before, "moves": 0,
-                                   "balancedness_after": proposal.balancedness_after, "dry_run": dry_run}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "balancedness_before": proposal.balancedness_before,
+                        "moves": 0,
+                        "balancedness_after": proposal.balancedness_after,
+                        "dry_run": dry_run,
+                    }
+                )
+            )
         return
     apply_placement(store, proposal.proposed, placement.version, dry_run, as_json, "rebalance")

@@ -18,7 +18,6 @@ def pool_status(address: str) -> dict:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
-
     from services.rpc import tls
 
     with tls.channel(address) as channel:
@@ -28,9 +27,12 @@ def pool_status(address: str) -> dict:
             status = stub.GetStatus(expert_pool_pb2.GetStatusRequest(), timeout=2)
         except grpc.RpcError as exc:
             return {"health": exc.code().name}
-    return {"health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
-            "experts_loaded": len(status.experts), "seen_version": status.placement_version,
-            "forward_calls": status.forward_calls}
+    return {
+        "health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
+        "experts_loaded": len(status.experts),
+        "seen_version": status.placement_version,
+        "forward_calls": status.forward_calls,
+    }
 
 
 @app.command("list")
@@ -41,21 +43,34 @@ def list_pools(redis_url: Optional[str] = RedisOption, as_json: bool = typer.Opt
     for pool_id in sorted(placement.pools):
         pool = placement.pools[pool_id]
         used = max(sum(pool_id in r for r in placement.replicas[l]) for l in placement.layers)
-        rows.append({"pool": pool_id, "address": pool.address, "slots": pool.slots, "slots_used": used,
-                     **pool_status(pool.address)})
+        rows.append(
+            {
+                "pool": pool_id,
+                "address": pool.address,
+                "slots": pool.slots,
+                "slots_used": used,
+                **pool_status(pool.address),
+            }
+        )
     if as_json:
         typer.echo(json.dumps({"placement_version": placement.version, "pools": rows}))
         return
     typer.echo(f"placement version {placement.version}")
     for r in rows:
-        typer.echo(f"  {r['pool']:12} {r['address']:22} {r['health']:12} slots {r['slots_used']}/{r['slots'] or '-'}"
-                   f"  version seen {r.get('seen_version', '-')}")
+        typer.echo(
+            f"  {r['pool']:12} {r['address']:22} {r['health']:12} slots {r['slots_used']}/{r['slots'] or '-'}"
+            f"  version seen {r.get('seen_version', '-')}"
+        )
 
 
 @app.command("drain")
-def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "--dry-run"),
-          window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan the re-packing for."),
-          redis_url: Optional[str] = RedisOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def drain(
+    pool: str = typer.Argument(...),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan the re-packing for."),
+    redis_url: Optional[str] = RedisOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """Re-pack every replica onto the other pools (the planner, for the recent load) and take the pool out."""
     store, placement = current_placement(redis_url)
     if pool not in placement.pools:
@@ -75,10 +90,12 @@ def drain(pool: str = typer.Argument(...), dry_run: bool = typer.Option(False, "
 
 
 @app.command("add")
-def add(address: str = typer.Argument(..., help="HOST:PORT of a running expert pool."),
-        pool_id: str = typer.Option(..., "--id", help="Its pool id."),
-        slots: int = typer.Option(0, "--slots", min=0, help="Experts it may hold per layer (0: as the others)."),
-        redis_url: Optional[str] = RedisOption) -> None:
+def add(
+    address: str = typer.Argument(..., help="HOST:PORT of a running expert pool."),
+    pool_id: str = typer.Option(..., "--id", help="Its pool id."),
+    slots: int = typer.Option(0, "--slots", min=0, help="Experts it may hold per layer (0: as the others)."),
+    redis_url: Optional[str] = RedisOption,
+) -> None:
     """Register a running pool (it holds nothing yet); `expertmesh rebalance` then gives it experts."""
     from services.rpc.health import is_serving
     from services.state.placement import Pool

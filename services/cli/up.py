@@ -49,26 +49,58 @@ class LocalLayout:
 
 
 def up(
-    model: Path = typer.Option(None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."),
+    model: Path = typer.Option(
+        None, "--model", help="Model directory (default: the tiny preset, made once in the cache)."
+    ),
     pools: int = typer.Option(2, "--pools", min=1, help="Expert-pool processes."),
-    replicas_per_expert: int = typer.Option(1, "--replicas-per-expert", min=1, help="Copies of every expert, on distinct pools."),
-    slots_per_pool: int = typer.Option(0, "--slots-per-pool", min=0,
-                                       help="Experts a pool may hold per layer (0: 25% more than the initial share)."),
-    grpc_port: int = typer.Option(_G.grpc_port, "--grpc-port", min=0, max=65535, help=_help(GatewayConfig, "grpc_port")),
-    http_port: int = typer.Option(_G.http_port, "--http-port", min=-1, max=65535,
-                                  help=_help(GatewayConfig, "http_port")),
+    replicas_per_expert: int = typer.Option(
+        1, "--replicas-per-expert", min=1, help="Copies of every expert, on distinct pools."
+    ),
+    slots_per_pool: int = typer.Option(
+        0, "--slots-per-pool", min=0, help="Experts a pool may hold per layer (0: 25% more than the initial share)."
+    ),
+    grpc_port: int = typer.Option(
+        _G.grpc_port, "--grpc-port", min=0, max=65535, help=_help(GatewayConfig, "grpc_port")
+    ),
+    http_port: int = typer.Option(
+        _G.http_port, "--http-port", min=-1, max=65535, help=_help(GatewayConfig, "http_port")
+    ),
     redis_url: str = typer.Option(None, "--redis", help="Redis URL (default: start a private redis-server)."),
-    dispatch_dtype: str = typer.Option(_G.dispatch_dtype, "--dispatch-dtype", help=_help(GatewayConfig, "dispatch_dtype")),
-    cache_tokens: int = typer.Option(_G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")),
-    micro_batches: int = typer.Option(_G.micro_batches, "--micro-batches", min=1, help=_help(GatewayConfig, "micro_batches")),
-    drain_timeout_s: float = typer.Option(_G.drain_timeout_s, "--drain-timeout-s", min=0.0, help=_help(GatewayConfig, "drain_timeout_s")),
-    start_timeout_s: float = typer.Option(300.0, "--start-timeout-s", help="Seconds to wait for every service to serve."),
-    autoscale: bool = typer.Option(True, "--autoscale/--no-autoscale", help="Run the autoscaler (rebalancing, failover re-placement)."),
-    rebalance_threshold: float = typer.Option(_A.rebalance_threshold, "--rebalance-threshold", help=_help(AutoscalerConfig, "rebalance_threshold")),
-    rebalance_min_interval_s: float = typer.Option(_A.rebalance_min_interval_s, "--rebalance-min-interval-s", help=_help(AutoscalerConfig, "rebalance_min_interval_s")),
-    autoscale_interval_s: float = typer.Option(_A.autoscale_interval_s, "--autoscale-interval-s", help=_help(AutoscalerConfig, "autoscale_interval_s")),
-    load_window_s: float = typer.Option(_A.load_window_s, "--load-window-s", help=_help(AutoscalerConfig, "load_window_s")),
-    pool_capacity: float = typer.Option(_A.pool_capacity, "--pool-capacity", min=0.0, help=_help(AutoscalerConfig, "pool_capacity")),
+    dispatch_dtype: str = typer.Option(
+        _G.dispatch_dtype, "--dispatch-dtype", help=_help(GatewayConfig, "dispatch_dtype")
+    ),
+    cache_tokens: int = typer.Option(
+        _G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")
+    ),
+    micro_batches: int = typer.Option(
+        _G.micro_batches, "--micro-batches", min=1, help=_help(GatewayConfig, "micro_batches")
+    ),
+    drain_timeout_s: float = typer.Option(
+        _G.drain_timeout_s, "--drain-timeout-s", min=0.0, help=_help(GatewayConfig, "drain_timeout_s")
+    ),
+    start_timeout_s: float = typer.Option(
+        300.0, "--start-timeout-s", help="Seconds to wait for every service to serve."
+    ),
+    autoscale: bool = typer.Option(
+        True, "--autoscale/--no-autoscale", help="Run the autoscaler (rebalancing, failover re-placement)."
+    ),
+    rebalance_threshold: float = typer.Option(
+        _A.rebalance_threshold, "--rebalance-threshold", help=_help(AutoscalerConfig, "rebalance_threshold")
+    ),
+    rebalance_min_interval_s: float = typer.Option(
+        _A.rebalance_min_interval_s,
+        "--rebalance-min-interval-s",
+        help=_help(AutoscalerConfig, "rebalance_min_interval_s"),
+    ),
+    autoscale_interval_s: float = typer.Option(
+        _A.autoscale_interval_s, "--autoscale-interval-s", help=_help(AutoscalerConfig, "autoscale_interval_s")
+    ),
+    load_window_s: float = typer.Option(
+        _A.load_window_s, "--load-window-s", help=_help(AutoscalerConfig, "load_window_s")
+    ),
+    pool_capacity: float = typer.Option(
+        _A.pool_capacity, "--pool-capacity", min=0.0, help=_help(AutoscalerConfig, "pool_capacity")
+    ),
     tls_dir: Path = typer.Option(None, "--tls-dir", help=_help(GatewayConfig, "tls_dir") + " Every service uses it."),
     max_pools: int = typer.Option(8, "--max-pools", min=1, help=_help(AutoscalerConfig, "max_pools")),
     device: str = typer.Option(_G.device, "--device", help=_help(GatewayConfig, "device") + " The pools too."),
@@ -89,12 +121,26 @@ def up(
     if http_port >= 0:
         http_port = _port_or_free(http_port, "--http-port")
     try:
-        gateway = GatewayConfig(model=model, redis=redis_url, grpc_port=grpc_port, http_port=http_port,
-                                dispatch_dtype=dispatch_dtype, device=_checked_device(device), mtp=mtp,
-                                cache_tokens=cache_tokens, micro_batches=micro_batches, drain_timeout_s=drain_timeout_s)
-        autoscaler = AutoscalerConfig(autoscale_interval_s=autoscale_interval_s, load_window_s=load_window_s,
-                                      rebalance_threshold=rebalance_threshold, pool_capacity=pool_capacity,
-                                      rebalance_min_interval_s=rebalance_min_interval_s, max_pools=max_pools)
+        gateway = GatewayConfig(
+            model=model,
+            redis=redis_url,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            dispatch_dtype=dispatch_dtype,
+            device=_checked_device(device),
+            mtp=mtp,
+            cache_tokens=cache_tokens,
+            micro_batches=micro_batches,
+            drain_timeout_s=drain_timeout_s,
+        )
+        autoscaler = AutoscalerConfig(
+            autoscale_interval_s=autoscale_interval_s,
+            load_window_s=load_window_s,
+            rebalance_threshold=rebalance_threshold,
+            pool_capacity=pool_capacity,
+            rebalance_min_interval_s=rebalance_min_interval_s,
+            max_pools=max_pools,
+        )
     except ValueError as exc:
         fail(str(exc))
     if redis_url:
@@ -148,8 +194,9 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def run_deployment(home: Path, dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
-                   autoscaler: AutoscalerConfig) -> None:
+def run_deployment(
+    home: Path, dep: Deployment, layout: LocalLayout, gateway: GatewayConfig, autoscaler: AutoscalerConfig
+) -> None:
     stopping = False
 
     def on_signal(signum, frame):
@@ -162,8 +209,9 @@ def run_deployment(home: Path, dep: Deployment, layout: LocalLayout, gateway: Ga
         state = start_services(dep, layout, gateway, autoscaler)
         (home / UP_STATE).write_text(json.dumps(state, indent=2))
         _print_endpoints(state)
-        Supervisor(dep, state["redis"], state["pools"], state["slots"], autoscaler.load_window_s,
-                   autoscaler.grace_s).run(lambda: stopping)
+        Supervisor(
+            dep, state["redis"], state["pools"], state["slots"], autoscaler.load_window_s, autoscaler.grace_s
+        ).run(lambda: stopping)
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"expertmesh: error: {exc}", err=True)
         dep.stop()
@@ -178,30 +226,16 @@ def run_deployment(home: Path, dep: Deployment, layout: LocalLayout, gateway: Ga
 def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig, autoscaler: AutoscalerConfig) -> dict:
     """Redis (unless given), the first placement, the pools, the gateway, the autoscaler -> up.json's state."""
     from services.errors import ExpertmeshError
-    from services.expert.server import pool_argv  # imports torch: only when starting pools
-    from services.format.config import ModelConfig
-    from services.state.placement import Placement, Pool, default_slots
-    from services.state.placement_store import RedisPlacementStore
 
     try:
-        cfg = ModelConfig.from_file(gateway.model)
-    except ExpertmeshError as exc:
-        raise RuntimeError(str(exc)) from None
-    redis_url = gateway.redis or start_redis(dep)
-    slots = layout.slots_per_pool or default_slots(cfg.n_routed_experts, layout.replicas_per_expert, layout.pools)
-    pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}", slots) for i in range(layout.pools)]
-    try:
-        placement = RedisPlacementStore(redis_url).publish(
-            Placement.spread(cfg, pool_list, replicas=layout.replicas_per_expert))
+        redis_url, pool_list, version = _first_placement(dep, layout, gateway)
     except ExpertmeshError as exc:
         raise RuntimeError(str(exc)) from None
     # on one machine the gateway and the pools share the cores: half for the gateway, half split over the pools
     cores = os.cpu_count() or 1
     gateway_threads, pool_threads = max(1, cores // 2), max(1, cores // (2 * layout.pools))
     metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
-    for pool in pool_list:
-        dep.spawn(pool.pool_id, pool_argv(gateway.model, pool.pool_id, redis_url, int(pool.address.rsplit(":", 1)[1]),
-                                          pool_threads, metrics[pool.pool_id], gateway.device))
+    _spawn_pools(dep, pool_list, gateway, redis_url, pool_threads, metrics)
     gateway = dataclasses.replace(gateway, redis=redis_url, threads=gateway_threads, metrics_port=metrics["gateway"])
     dep.spawn("gateway", [sys.executable, "-m", "services.gateway.main", *to_argv(gateway)])
 
@@ -213,17 +247,51 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
     address = f"127.0.0.1:{gateway.grpc_port}"
     wait_serving(address, layout.start_timeout_s, "gateway", gone)
     if layout.autoscale:
+        local = ["--local-pools", "--pool-threads", str(pool_threads), "--log-dir", str(dep.logs)]
         dep.spawn("autoscaler", [sys.executable, "-m", "services.autoscaler.service", "--redis", redis_url,
                                  "--metrics-port", str(metrics["autoscaler"]), "--model", str(gateway.model),
-                                 "--local-pools", "--pool-threads", str(pool_threads), "--log-dir", str(dep.logs),
-                                 *to_argv(autoscaler)])
-    http = f"http://127.0.0.1:{gateway.http_port}/v1" if gateway.http_port >= 0 else None
-    return {"pid": os.getpid(), "started": time.time(), "gateway": address, "http": http, "redis": redis_url,
-            "model": str(gateway.model), "dispatch_dtype": gateway.dispatch_dtype,
-            "pools": {p.pool_id: p.address for p in pool_list}, "slots": slots, "placement_version": placement.version,
-            "logs": str(dep.logs),
-            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics.items()
-                        if layout.autoscale or name != "autoscaler"}}
+                                 *local, *to_argv(autoscaler)])  # fmt: skip
+    return {
+        "pid": os.getpid(),
+        "started": time.time(),
+        "gateway": address,
+        "http": f"http://127.0.0.1:{gateway.http_port}/v1" if gateway.http_port >= 0 else None,
+        "redis": redis_url,
+        "model": str(gateway.model),
+        "dispatch_dtype": gateway.dispatch_dtype,
+        "pools": {p.pool_id: p.address for p in pool_list},
+        "slots": pool_list[0].slots,
+        "placement_version": version,
+        "logs": str(dep.logs),
+        "metrics": {
+            n: f"http://127.0.0.1:{port}/metrics"
+            for n, port in metrics.items()
+            if layout.autoscale or n != "autoscaler"
+        },
+    }
+
+
+def _first_placement(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig):
+    """Redis (started unless given) holding the first placement over the pools to start -> (url, pools, version)."""
+    from services.format.config import ModelConfig
+    from services.state.placement import Placement, Pool, default_slots
+    from services.state.placement_store import RedisPlacementStore
+
+    cfg = ModelConfig.from_file(gateway.model)
+    redis_url = gateway.redis or start_redis(dep)
+    slots = layout.slots_per_pool or default_slots(cfg.n_routed_experts, layout.replicas_per_expert, layout.pools)
+    pool_list = [Pool(f"pool-{i}", f"127.0.0.1:{free_port()}", slots) for i in range(layout.pools)]
+    placement = Placement.spread(cfg, pool_list, replicas=layout.replicas_per_expert)
+    return redis_url, pool_list, RedisPlacementStore(redis_url).publish(placement).version
+
+
+def _spawn_pools(dep: Deployment, pools, gateway: GatewayConfig, redis_url: str, threads: int, metrics: dict) -> None:
+    from services.expert.server import pool_argv  # imports torch: only when starting pools
+
+    for pool in pools:
+        port = int(pool.address.rsplit(":", 1)[1])
+        argv = pool_argv(gateway.model, pool.pool_id, redis_url, port, threads, metrics[pool.pool_id], gateway.device)
+        dep.spawn(pool.pool_id, argv)
 
 
 def _print_endpoints(state: dict) -> None:

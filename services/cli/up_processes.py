@@ -33,8 +33,9 @@ class Deployment:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.log_of(name), "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+            )
         self.processes = [(n, p) for n, p in self.processes if n != name] + [(name, proc)]
         self.argv[name] = argv
         return proc
@@ -83,8 +84,26 @@ def start_redis(dep: Deployment, timeout_s: float = 10.0) -> str:
         raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pass --redis URL")
     port = free_port()
     # an append-only file in the run's log folder: a restarted redis-server has the placement back
-    dep.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                        "--appendfsync", "always", "--dir", str(dep.logs), "--appendfilename", "redis.aof"])
+    dep.spawn(
+        "redis",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(dep.logs),
+            "--appendfilename",
+            "redis.aof",
+        ],
+    )
     client = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + timeout_s
     while True:

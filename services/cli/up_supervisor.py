@@ -30,8 +30,15 @@ class _Restart:
 
 
 class Supervisor:
-    def __init__(self, dep: Deployment, redis_url: str, pools: dict[str, str], slots: int, load_window_s: float,
-                 grace_s: float = 2.0):
+    def __init__(
+        self,
+        dep: Deployment,
+        redis_url: str,
+        pools: dict[str, str],
+        slots: int,
+        load_window_s: float,
+        grace_s: float = 2.0,
+    ):
         self.dep, self.redis_url, self.pools, self.slots = dep, redis_url, pools, slots
         self.load_window_s, self.grace_s = load_window_s, grace_s
         self._started = {name: time.monotonic() for name, _ in dep.processes}
@@ -56,7 +63,9 @@ class Supervisor:
                 typer.echo(f"expertmesh: {self.dep.why_dead(name)}; stopping", err=True)
                 return True
             stable = now - self._started.get(name, now) > STABLE_AFTER_S
-            backoff = FIRST_BACKOFF_S if stable else min(MAX_BACKOFF_S, self._backoff.get(name, FIRST_BACKOFF_S / 2) * 2)
+            backoff = (
+                FIRST_BACKOFF_S if stable else min(MAX_BACKOFF_S, self._backoff.get(name, FIRST_BACKOFF_S / 2) * 2)
+            )
             self._backoff[name] = backoff
             self._pending[name] = _Restart(now + backoff, backoff)
             typer.echo(f"expertmesh: {self.dep.why_dead(name)}; restarting in {backoff:g} s", err=True)

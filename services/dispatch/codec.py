@@ -29,8 +29,11 @@ from services.math.routed_pairs import RoutedPairs
 
 MAX_TOKENS_PER_CALL = 65536  # rows of hidden a pool accepts in one call
 SCALE_BLOCK = 128  # channels per fp8 activation scale
-REPLY_DTYPES = {tensor_pb2.ELEMENT_TYPE_FLOAT32: torch.float32, tensor_pb2.ELEMENT_TYPE_BFLOAT16: torch.bfloat16,
-                tensor_pb2.ELEMENT_TYPE_UNSPECIFIED: torch.bfloat16}
+REPLY_DTYPES = {
+    tensor_pb2.ELEMENT_TYPE_FLOAT32: torch.float32,
+    tensor_pb2.ELEMENT_TYPE_BFLOAT16: torch.bfloat16,
+    tensor_pb2.ELEMENT_TYPE_UNSPECIFIED: torch.bfloat16,
+}
 HIDDEN_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
 
 
@@ -59,8 +62,9 @@ def reply_element_type(dispatch: str) -> int:
     return tensor_pb2.ELEMENT_TYPE_FLOAT32 if dispatch == "fp32" else tensor_pb2.ELEMENT_TYPE_BFLOAT16
 
 
-def encode_request(layer: int, rows: DispatchRows, pairs: RoutedPairs,
-                   placement_version: int = 0) -> tuple[torch.Tensor, expert_pool_pb2.ForwardRequest]:
+def encode_request(
+    layer: int, rows: DispatchRows, pairs: RoutedPairs, placement_version: int = 0
+) -> tuple[torch.Tensor, expert_pool_pb2.ForwardRequest]:
     """One pool's request: `pairs` name rows of `rows` (the whole batch). -> (tokens [N]: the batch rows sent,
     ascending, each once; the request, whose pairs name rows of its own hidden)."""
     tokens = torch.unique(pairs.token)  # [N]
@@ -68,19 +72,27 @@ def encode_request(layer: int, rows: DispatchRows, pairs: RoutedPairs,
     packed = torch.stack((local, pairs.expert), dim=1).to(torch.int32)  # [P, 2]
     hidden, scale = rows.encode(tokens)
     request = expert_pool_pb2.ForwardRequest(
-        layer=layer, hidden=hidden, hidden_scale=scale, pairs=wire.encode(packed),
-        pair_weights=wire.encode(pairs.weight.to(torch.float32)), response_dtype=reply_element_type(rows.dispatch),
-        placement_version=placement_version)
+        layer=layer,
+        hidden=hidden,
+        hidden_scale=scale,
+        pairs=wire.encode(packed),
+        pair_weights=wire.encode(pairs.weight.to(torch.float32)),
+        response_dtype=reply_element_type(rows.dispatch),
+        placement_version=placement_version,
+    )
     return tokens, request
 
 
-def decode_partial(response: expert_pool_pb2.ForwardResponse, rows: int, hidden_size: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode_partial(
+    response: expert_pool_pb2.ForwardResponse, rows: int, hidden_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A pool's answer -> partial sums [rows, H] in `dtype`; a malformed one raises InvalidRequestError."""
     partial = wire.decode(response.partial, "partial")
     if partial.dtype not in (torch.float32, torch.bfloat16) or tuple(partial.shape) != (rows, hidden_size):
-        raise InvalidRequestError(f"partial: expected FLOAT32 or BFLOAT16 [{rows}, {hidden_size}], "
-                                  f"got {wire.element_type_name(response.partial.dtype)} {list(partial.shape)}")
+        raise InvalidRequestError(
+            f"partial: expected FLOAT32 or BFLOAT16 [{rows}, {hidden_size}], "
+            f"got {wire.element_type_name(response.partial.dtype)} {list(partial.shape)}"
+        )
     return partial.to(dtype)
 
 
@@ -95,14 +107,16 @@ class PoolBatch:
     reply_dtype: torch.dtype  # of the partial sums to answer with
 
 
-def decode_request(request: expert_pool_pb2.ForwardRequest, hidden_size: int, n_experts: int,
-                   device_type: str = "cpu") -> PoolBatch:
+def decode_request(
+    request: expert_pool_pb2.ForwardRequest, hidden_size: int, n_experts: int, device_type: str = "cpu"
+) -> PoolBatch:
     """Decode and check a request against the model (hidden size, expert count). The hidden states come in the
     compute dtype of their dispatch format on this hardware (services.dispatch.precision)."""
     reply_dtype = REPLY_DTYPES.get(request.response_dtype)
     if reply_dtype is None:
-        raise InvalidRequestError(f"response_dtype: must be FLOAT32 or BFLOAT16, got "
-                                  f"{wire.element_type_name(request.response_dtype)}")
+        raise InvalidRequestError(
+            f"response_dtype: must be FLOAT32 or BFLOAT16, got {wire.element_type_name(request.response_dtype)}"
+        )
     hidden = _decode_hidden(request, hidden_size, device_type)
     pairs = _decode_pairs(request, hidden.shape[0], n_experts)
     return PoolBatch(request.layer, hidden, pairs, reply_dtype)
@@ -116,8 +130,10 @@ def encode_response(partial: torch.Tensor, reply_dtype: torch.dtype) -> expert_p
 def _decode_hidden(request: expert_pool_pb2.ForwardRequest, hidden_size: int, device_type: str) -> torch.Tensor:
     x = wire.decode(request.hidden, "hidden")
     if x.dtype not in HIDDEN_DTYPES:
-        raise InvalidRequestError(f"hidden: element type {wire.element_type_name(request.hidden.dtype)} is not a "
-                                  f"dispatch format (FLOAT8_E4M3, BFLOAT16 or FLOAT32)")
+        raise InvalidRequestError(
+            f"hidden: element type {wire.element_type_name(request.hidden.dtype)} is not a "
+            f"dispatch format (FLOAT8_E4M3, BFLOAT16 or FLOAT32)"
+        )
     if x.dim() != 2 or x.shape[1] != hidden_size:
         raise InvalidRequestError(f"hidden: expected shape [N, {hidden_size}], got {list(x.shape)}")
     if x.shape[0] > MAX_TOKENS_PER_CALL:
@@ -134,8 +150,10 @@ def _decode_hidden(request: expert_pool_pb2.ForwardRequest, hidden_size: int, de
         s = wire.decode(request.hidden_scale, "hidden_scale")
         expect = (x.shape[0], -(-hidden_size // SCALE_BLOCK))
         if tuple(s.shape) != expect or s.dtype != torch.float32:
-            raise InvalidRequestError(f"hidden_scale: expected FLOAT32 {list(expect)}, got "
-                                      f"{wire.element_type_name(request.hidden_scale.dtype)} {list(s.shape)}")
+            raise InvalidRequestError(
+                f"hidden_scale: expected FLOAT32 {list(expect)}, got "
+                f"{wire.element_type_name(request.hidden_scale.dtype)} {list(s.shape)}"
+            )
         x = kernels.act_dequant(x, s, dtype)
     if not bool(torch.isfinite(x).all()):
         raise InvalidRequestError("hidden: holds a non-finite value")
@@ -149,12 +167,15 @@ def _decode_pairs(request: expert_pool_pb2.ForwardRequest, n_rows: int, n_expert
         return RoutedPairs.empty()
     packed = wire.decode(request.pairs, "pairs")  # [P, 2]
     if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != 2:
-        raise InvalidRequestError(f"pairs: expected INT32 [P, 2], got "
-                                  f"{wire.element_type_name(request.pairs.dtype)} {list(packed.shape)}")
+        raise InvalidRequestError(
+            f"pairs: expected INT32 [P, 2], got {wire.element_type_name(request.pairs.dtype)} {list(packed.shape)}"
+        )
     weight = wire.decode(request.pair_weights, "pair_weights")  # [P]
     if weight.dtype != torch.float32 or tuple(weight.shape) != (packed.shape[0],):
-        raise InvalidRequestError(f"pair_weights: expected FLOAT32 [{packed.shape[0]}] (one per pair), got "
-                                  f"{wire.element_type_name(request.pair_weights.dtype)} {list(weight.shape)}")
+        raise InvalidRequestError(
+            f"pair_weights: expected FLOAT32 [{packed.shape[0]}] (one per pair), got "
+            f"{wire.element_type_name(request.pair_weights.dtype)} {list(weight.shape)}"
+        )
     if packed.shape[0] == 0:
         if n_rows:
             raise InvalidRequestError(f"pairs: none, with {n_rows} rows of hidden")

@@ -26,7 +26,9 @@ def native_bf16(device_type: str = "cpu") -> bool:
     if device_type == "cuda":
         return True
     cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def reduced_compute_dtype(device_type: str = "cpu") -> torch.dtype:

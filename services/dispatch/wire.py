@@ -29,8 +29,9 @@ def element_type_name(element_type: int) -> str:
 
 def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
     t = t.detach().contiguous().cpu()
-    return tensor_pb2.Tensor(dtype=ELEMENT_TYPES[t.dtype], shape=list(t.shape),
-                             data=t.view(torch.uint8).numpy().tobytes())
+    return tensor_pb2.Tensor(
+        dtype=ELEMENT_TYPES[t.dtype], shape=list(t.shape), data=t.view(torch.uint8).numpy().tobytes()
+    )
 
 
 def decode(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
@@ -46,8 +47,9 @@ def decode(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         numel *= d
     itemsize = dtype.itemsize
     if len(msg.data) != numel * itemsize:
-        raise InvalidRequestError(f"{field}: {len(msg.data)} bytes do not hold shape {list(shape)} of "
-                                  f"{itemsize}-byte elements")
+        raise InvalidRequestError(
+            f"{field}: {len(msg.data)} bytes do not hold shape {list(shape)} of {itemsize}-byte elements"
+        )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(shape)  # a writable copy of the bytes

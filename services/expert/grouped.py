@@ -55,13 +55,17 @@ class StackedExperts:
     down_all: Linear | None = None  # [H, R * I] packed, columns expert-major
 
     @classmethod
-    def build(cls, row_of_expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> "StackedExperts":
+    def build(cls, row_of_expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> StackedExperts:
         if gate_up.device.type != "cpu" or not packing_available():
             return cls(row_of_expert, gate_up, down)
         r, h, i = down.shape
-        return cls(row_of_expert, gate_up, down,  # the plain stacks stay for the other paths; the packed are extra
-                   Linear(gate_up.reshape(r * 2 * i, h), pack=True, keep_plain=False),
-                   Linear(down.permute(1, 0, 2).reshape(h, r * i), pack=True, keep_plain=False))
+        return cls(
+            row_of_expert,
+            gate_up,
+            down,  # the plain stacks stay for the other paths; the packed are extra
+            Linear(gate_up.reshape(r * 2 * i, h), pack=True, keep_plain=False),
+            Linear(down.permute(1, 0, 2).reshape(h, r * i), pack=True, keep_plain=False),
+        )
 
 
 @dataclass
@@ -78,8 +82,18 @@ class Fp8Experts:
 
     def mlp(self, x_sorted: torch.Tensor, counts: list[int], rows: list[int]) -> torch.Tensor:
         """x_sorted [P, H] sorted by expert (counts[g] rows through stack row rows[g]) -> [P, H] fp32."""
-        return kernels.grouped_fp8_mlp(x_sorted, self.gate, self.gate_scale, self.up, self.up_scale, self.down,
-                                       self.down_scale, counts, rows, torch.float32)
+        return kernels.grouped_fp8_mlp(
+            x_sorted,
+            self.gate,
+            self.gate_scale,
+            self.up,
+            self.up_scale,
+            self.down,
+            self.down_scale,
+            counts,
+            rows,
+            torch.float32,
+        )
 
 
 class ExpertWeightsSource(Protocol):
@@ -87,22 +101,23 @@ class ExpertWeightsSource(Protocol):
         """-> gate_up [2I, H], down [H, I]."""
         ...
 
-    def stacked(self) -> StackedExperts | None:
-        ...
+    def stacked(self) -> StackedExperts | None: ...
 
     def fp8(self) -> Fp8Experts | None:
         """The FP8 stack, when this source computes its experts as FP8 GEMMs."""
         ...
 
 
-def grouped_expert_forward(hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                           weights: ExpertWeightsSource, num_experts: int) -> torch.Tensor:
+def grouped_expert_forward(
+    hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, weights: ExpertWeightsSource, num_experts: int
+) -> torch.Tensor:
     """hidden [T, H], topk_idx [T, K], topk_w [T, K] -> [T, H] = sum_k w[t,k] * expert_{idx[t,k]}(hidden[t])."""
     return grouped_pairs_forward(hidden, RoutedPairs.from_topk(topk_idx, topk_w), weights, num_experts)
 
 
-def grouped_pairs_forward(hidden: torch.Tensor, pairs: RoutedPairs, weights: ExpertWeightsSource,
-                          num_experts: int) -> torch.Tensor:
+def grouped_pairs_forward(
+    hidden: torch.Tensor, pairs: RoutedPairs, weights: ExpertWeightsSource, num_experts: int
+) -> torch.Tensor:
     """The same over flat (token, expert, weight) pairs (a pool's share of a batch): hidden [N, H] -> [N, H]."""
     if len(pairs) == 0:
         return torch.zeros_like(hidden)
@@ -148,8 +163,7 @@ def _all_experts_pays(hidden: torch.Tensor, stacked: StackedExperts, active: int
     r, h, i = stacked.down.shape
     expert_bytes = 3 * h * i * hidden.element_size()
     flops = PACKED_FLOPS_PER_THREAD.get(hidden.dtype, PACKED_FLOPS_PER_THREAD[torch.float32])
-    all_experts = max(t * r * 6.0 * h * i / (flops * torch.get_num_threads()),
-                      r * expert_bytes / MEMORY_BYTES_PER_S)
+    all_experts = max(t * r * 6.0 * h * i / (flops * torch.get_num_threads()), r * expert_bytes / MEMORY_BYTES_PER_S)
     per_expert = active * (EXPERT_CALL_S + expert_bytes / ONE_CALL_BYTES_PER_S)
     return all_experts < per_expert
 
@@ -172,8 +186,9 @@ def _all_experts(hidden: torch.Tensor, pairs: RoutedPairs, stacked: StackedExper
     return stacked.down_all(act.reshape(t, r * i))  # [T, H]
 
 
-def _batched(x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, cap: int,
-             stacked: StackedExperts) -> torch.Tensor:
+def _batched(
+    x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, cap: int, stacked: StackedExperts
+) -> torch.Tensor:
     rows = _rows(stacked, experts_sorted)  # [P]
     starts = torch.cumsum(counts, 0) - counts  # [E]
     pos = torch.arange(x_sorted.shape[0]) - starts[experts_sorted]  # [P] position within its group

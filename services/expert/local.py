@@ -13,7 +13,7 @@ class LocalExperts:
         self.store = store
 
     @classmethod
-    def load_all(cls, store: ExpertStore, progress=None, layers: list[int] | None = None) -> "LocalExperts":
+    def load_all(cls, store: ExpertStore, progress=None, layers: list[int] | None = None) -> LocalExperts:
         """Every expert of `layers` (default: every MoE layer, the MTP layers' included)."""
         cfg = store.cfg
         layers = cfg.moe_layers if layers is None else layers
@@ -29,6 +29,7 @@ class LocalExperts:
         return cls(store)
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor):
-        out = grouped_expert_forward(hidden, topk_idx, topk_w, LayerWeights(self.store, layer),
-                                     self.store.cfg.n_routed_experts)
+        out = grouped_expert_forward(
+            hidden, topk_idx, topk_w, LayerWeights(self.store, layer), self.store.cfg.n_routed_experts
+        )
         return lambda: out

@@ -19,15 +19,15 @@ import torch
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
 from services.dispatch import codec
 from services.dispatch.precision import reduced_compute_dtype
-from services.rpc import grpc_status
-from services.format.checkpoint import CheckpointReader
 from services.errors import ExpertNotHeldError, InvalidRequestError
+from services.expert.grouped import grouped_pairs_forward
+from services.expert.store import ExpertStore, LayerWeights
+from services.format.checkpoint import CheckpointReader
+from services.math.device import DEVICE_CHOICES, DEVICE_HELP, DeviceUnavailableError, resolve_device
+from services.rpc import grpc_status
 from services.rpc.grpc_server import ManagedServer
 from services.rpc.metrics import PoolMetrics, serve_metrics
 from services.rpc.telemetry import setup_tracing, tracer
-from services.expert.grouped import grouped_pairs_forward
-from services.expert.store import ExpertStore, LayerWeights
-from services.math.device import DEVICE_CHOICES, DEVICE_HELP, DeviceUnavailableError, resolve_device
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
@@ -59,8 +59,12 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             span.set_attribute("expertmesh.layer", batch.layer)
             span.set_attribute("expertmesh.tokens", batch.hidden.shape[0])
             span.set_attribute("expertmesh.pairs", n_pairs)
-            args = (batch.hidden.to(self.store.device), batch.pairs,
-                    LayerWeights(self.store, batch.layer, batch.hidden.dtype), self.cfg.n_routed_experts)
+            args = (
+                batch.hidden.to(self.store.device),
+                batch.pairs,
+                LayerWeights(self.store, batch.layer, batch.hidden.dtype),
+                self.cfg.n_routed_experts,
+            )
             if n_pairs <= INLINE_MAX_PAIRS and not self._managing:
                 out = grouped_pairs_forward(*args)
             else:
@@ -80,8 +84,9 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         if len(batch.pairs):
             missing = batch.pairs.expert[~self.store.held_mask(batch.layer)[batch.pairs.expert]]
             if missing.numel():
-                raise ExpertNotHeldError(f"pool {self.pool_id} does not hold expert {int(missing.min())} "
-                                         f"of layer {batch.layer}")
+                raise ExpertNotHeldError(
+                    f"pool {self.pool_id} does not hold expert {int(missing.min())} of layer {batch.layer}"
+                )
         return batch
 
     # ---- management ------------------------------------------------------------------------------------
@@ -90,8 +95,11 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         return expert_pool_pb2.GetStatusResponse(
             pool_id=self.pool_id,
             experts=[expert_pool_pb2.ExpertRef(layer=l, expert=e) for l, e in self.store.loaded()],
-            weight_bytes=self.store.nbytes(), forward_calls=self.forward_calls, routed_pairs=self.routed_pairs,
-            placement_version=self.placement_version)
+            weight_bytes=self.store.nbytes(),
+            forward_calls=self.forward_calls,
+            routed_pairs=self.routed_pairs,
+            placement_version=self.placement_version,
+        )
 
     @grpc_status.unary
     async def LoadExperts(self, request, context):
@@ -130,13 +138,20 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         self._held_metrics()
 
 
-async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                     port: int = 0, metrics: PoolMetrics | None = None,
-                     device: str = "cpu") -> tuple[ManagedServer, ExpertPoolServicer]:
+async def start_pool(
+    model_dir: Path,
+    pool_id: str,
+    experts: list[tuple[int, int]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics: PoolMetrics | None = None,
+    device: str = "cpu",
+) -> tuple[ManagedServer, ExpertPoolServicer]:
     """Bind, report NOT_SERVING, load the assigned experts, then report SERVING. `device` (cpu, cuda, auto) is
     resolved first: asking for a missing GPU fails before anything binds. On cuda the experts stay FP8."""
-    store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True,
-                        device=resolve_device(device))
+    store = ExpertStore(
+        CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True, device=resolve_device(device)
+    )
     servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
@@ -147,8 +162,15 @@ async def start_pool(model_dir: Path, pool_id: str, experts: list[tuple[int, int
     return managed, servicer
 
 
-async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], host: str = "127.0.0.1",
-                port: int = 0, metrics_port: int = 0, device: str = "cpu") -> None:
+async def serve(
+    model_dir: Path,
+    pool_id: str,
+    experts: list[tuple[int, int]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics_port: int = 0,
+    device: str = "cpu",
+) -> None:
     setup_tracing(f"expertmesh-pool-{pool_id}")
     metrics = PoolMetrics()
     serve_metrics(metrics_port, host)
@@ -159,12 +181,34 @@ async def serve(model_dir: Path, pool_id: str, experts: list[tuple[int, int]], h
     servicer.compute.shutdown(wait=True)
 
 
-def pool_argv(model_dir: str | Path, pool_id: str, redis_url: str, port: int, threads: int = 1,
-              metrics_port: int = 0, device: str = "auto") -> list[str]:
+def pool_argv(
+    model_dir: str | Path,
+    pool_id: str,
+    redis_url: str,
+    port: int,
+    threads: int = 1,
+    metrics_port: int = 0,
+    device: str = "auto",
+) -> list[str]:
     """The command line of a local pool process (for `expertmesh up` and the local actuator)."""
-    return [sys.executable, "-m", "services.expert.server", "--model", str(model_dir), "--pool-id", pool_id,
-            "--redis", redis_url, "--port", str(port), "--threads", str(threads), "--metrics-port", str(metrics_port),
-            *(["--device", device] if device != "auto" else [])]
+    return [
+        sys.executable,
+        "-m",
+        "services.expert.server",
+        "--model",
+        str(model_dir),
+        "--pool-id",
+        pool_id,
+        "--redis",
+        redis_url,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--metrics-port",
+        str(metrics_port),
+        *(["--device", device] if device != "auto" else []),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for expert compute")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     ap.add_argument("--tls-dir", help="mutual TLS: ca.crt, tls.crt, tls.key (default $EXPERTMESH_TLS_DIR)")
-    ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                    help=DEVICE_HELP + " On cuda the routed experts stay FP8 (block-scaled FP8 grouped GEMMs).")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help=DEVICE_HELP + " On cuda the routed experts stay FP8 (block-scaled FP8 grouped GEMMs).",
+    )
     args = ap.parse_args(argv)
     try:
         resolve_device(args.device)  # a missing GPU is a one-line startup error, before Redis is read

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from services.format.checkpoint import CheckpointReader
+from services.dispatch.precision import fp8_experts
 from services.errors import ExpertNotHeldError, InvalidRequestError
+from services.expert.grouped import Fp8Experts, StackedExperts
+from services.format.checkpoint import CheckpointReader
 from services.format.tensor_names import expert_specs
 from services.format.weights import LinearWeight, read_linear
-from services.dispatch.precision import fp8_experts
-from services.expert.grouped import Fp8Experts, StackedExperts
 
 
 @dataclass
@@ -42,8 +42,14 @@ class ExpertWeights:
 
 
 class ExpertStore:
-    def __init__(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32, cache_dense: bool = False,
-                 device: torch.device | str = "cpu", fp8_compute: bool | None = None):
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        dtype: torch.dtype = torch.float32,
+        cache_dense: bool = False,
+        device: torch.device | str = "cpu",
+        fp8_compute: bool | None = None,
+    ):
         """`fp8_compute`: reduced-precision compute as FP8 grouped GEMMs (default: on CUDA; on CPU the torch
         references run, for tests). A CUDA store never keeps dense copies, whatever `cache_dense` says."""
         self.reader = reader
@@ -60,8 +66,9 @@ class ExpertStore:
     def check(self, layer: int, expert: int) -> None:
         """Raises InvalidRequestError for a (layer, expert) that the model does not have."""
         if layer not in self.cfg.moe_layers:  # the MTP layers' included
-            raise InvalidRequestError(f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}.."
-                                      f"{self.cfg.moe_layers[-1]})")
+            raise InvalidRequestError(
+                f"layer {layer} is not an MoE layer (MoE layers: {self.cfg.moe_layers[0]}..{self.cfg.moe_layers[-1]})"
+            )
         if not 0 <= expert < self.cfg.n_routed_experts:
             raise InvalidRequestError(f"expert {expert} out of range [0, {self.cfg.n_routed_experts})")
 
@@ -70,7 +77,9 @@ class ExpertStore:
         self.check(layer, expert)
         key = (layer, expert)
         if key not in self._fp8:
-            gate, up, down = (read_linear(self.reader, spec, quantize_fp8=True) for spec in expert_specs(self.cfg, layer, expert))
+            gate, up, down = (
+                read_linear(self.reader, spec, quantize_fp8=True) for spec in expert_specs(self.cfg, layer, expert)
+            )
             for lw in (gate, up, down):
                 lw.weight, lw.scale_inv = lw.weight.to(self.device), lw.scale_inv.to(self.device)
             self._fp8[key] = ExpertWeights(gate, up, down)
@@ -103,8 +112,9 @@ class ExpertStore:
         mask[[e for (l, e) in self._fp8 if l == layer]] = True
         return mask
 
-    def compute_weights(self, layer: int, expert: int,
-                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_weights(
+        self, layer: int, expert: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> gate_up [2I, H], down [H, I] in `dtype` (default: the store's)."""
         dtype = dtype or self.dtype
         stack = self._stacks.get((layer, dtype))
@@ -134,8 +144,9 @@ class ExpertStore:
             row_of_expert = torch.full((self.cfg.n_routed_experts,), -1, dtype=torch.int64)
             row_of_expert[held] = torch.arange(len(held))
             dense = [self.compute_weights(layer, e, dtype) for e in held]
-            self._stacks[(layer, dtype)] = StackedExperts.build(row_of_expert, torch.stack([g for g, _ in dense]),
-                                                                torch.stack([d for _, d in dense]))
+            self._stacks[(layer, dtype)] = StackedExperts.build(
+                row_of_expert, torch.stack([g for g, _ in dense]), torch.stack([d for _, d in dense])
+            )
             for e in held:  # the stack is the one dense copy
                 self._dense.pop((layer, e, dtype), None)
         return self._stacks[(layer, dtype)]

@@ -23,12 +23,33 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 _SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
 }
 # bytes per element of the safetensors dtypes, to check each tensor's byte range against its shape
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
@@ -55,8 +76,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict]:
             length = int.from_bytes(prefix, "little")
             if length > MAX_HEADER_BYTES or 8 + length > size:
                 raise CorruptCheckpointError(
-                    path, f"header length {length} runs past the end of the file ({size} bytes): truncated, or not a "
-                    "safetensors file")
+                    path,
+                    f"header length {length} runs past the end of the file ({size} bytes): truncated, or not a "
+                    "safetensors file",
+                )
             raw = f.read(length)
     except OSError as exc:
         raise CorruptCheckpointError(path, f"cannot read it: {exc.strerror or exc}") from exc
@@ -86,13 +109,18 @@ def _checked_entry(path: Path, name: str, entry, data_bytes: int) -> dict:
         raise bad(f"no dtype in the header (got {dtype!r})")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise bad(f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
     if end > data_bytes:
-        raise bad(f"data [{begin}, {end}) lies outside the file, which holds {data_bytes} bytes of tensor data: "
-                  "truncated?")
+        raise bad(
+            f"data [{begin}, {end}) lies outside the file, which holds {data_bytes} bytes of tensor data: truncated?"
+        )
     itemsize = _DTYPE_BYTES.get(dtype)
     needed = math.prod(shape) * (itemsize or 0)
     if itemsize is not None and end - begin != needed:
@@ -136,10 +164,13 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CorruptCheckpointError(index, f"malformed index: {type(exc).__name__}: {exc}") from None
-            if not (isinstance(weight_map, dict)
-                    and all(isinstance(n, str) and isinstance(f, str) and f for n, f in weight_map.items())):
-                raise CorruptCheckpointError(index, "malformed index: weight_map is not an object of tensor name -> "
-                                                    "shard file name")
+            if not (
+                isinstance(weight_map, dict)
+                and all(isinstance(n, str) and isinstance(f, str) and f for n, f in weight_map.items())
+            ):
+                raise CorruptCheckpointError(
+                    index, "malformed index: weight_map is not an object of tensor name -> shard file name"
+                )
             for name, file in weight_map.items():
                 if not (self.directory / file).is_file():
                     raise CheckpointError(name, f"index points at missing shard {file!r}")
@@ -190,8 +221,9 @@ class CheckpointReader:
             raise CheckpointError(name, f"unsupported safetensors dtype {sl.get_dtype()}")
         return TensorInfo(name, tuple(sl.get_shape()), dtype, file)
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None,
-            dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[torch.dtype, ...] | None = None
+    ) -> torch.Tensor:
         """Read one tensor, checking its shape and dtype when given. Errors name the tensor."""
         file = self._file_of(name)
         try:

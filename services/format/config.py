@@ -100,7 +100,7 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """qk_head_dim^-0.5, times mscale^2 under YaRN (mscale from mscale_all_dim, as HF and DeepSeek do)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.yarn is not None and self.yarn.mscale_all_dim:
             m = yarn_mscale(self.yarn.factor, self.yarn.mscale_all_dim)
             scale *= m * m
@@ -108,7 +108,7 @@ class ModelConfig:
 
     # ---- reading ---------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -121,7 +121,7 @@ class ModelConfig:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         r = _Reader(raw)
         model_type = r.get("model_type", str, None)
         if model_type != "deepseek_v3":
@@ -136,7 +136,9 @@ class ModelConfig:
         num_kv = r.get("num_key_value_heads", int, None)
         heads = r.get("num_attention_heads", int)
         if num_kv is not None and num_kv != heads:
-            raise ConfigError("num_key_value_heads", f"MLA needs num_key_value_heads == num_attention_heads ({heads}), got {num_kv}")
+            raise ConfigError(
+                "num_key_value_heads", f"MLA needs num_key_value_heads == num_attention_heads ({heads}), got {num_kv}"
+            )
 
         rope_theta, yarn = _read_rope(r)
         eos = raw.get("eos_token_id", 1)
@@ -179,8 +181,18 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                    "qk_nope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, f"must be positive, got {getattr(self, key)}")
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
@@ -188,19 +200,30 @@ class ModelConfig:
         if self.num_nextn_predict_layers < 0:
             raise ConfigError("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ConfigError("first_k_dense_replace", f"must lie in [0, num_hidden_layers], got {self.first_k_dense_replace}")
+            raise ConfigError(
+                "first_k_dense_replace", f"must lie in [0, num_hidden_layers], got {self.first_k_dense_replace}"
+            )
         if self.n_routed_experts % self.n_group:
-            raise ConfigError("n_group", f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            raise ConfigError(
+                "n_group", f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+            )
         if self.n_group > 1 and self.experts_per_group < 2:
-            raise ConfigError("n_group", "group scores sum each group's top 2 experts: need at least 2 experts per group")
+            raise ConfigError(
+                "n_group", "group scores sum each group's top 2 experts: need at least 2 experts per group"
+            )
         if not 1 <= self.topk_group <= self.n_group:
             raise ConfigError("topk_group", f"must lie in [1, n_group={self.n_group}], got {self.topk_group}")
         if self.topk_group * self.experts_per_group < self.num_experts_per_tok:
-            raise ConfigError("num_experts_per_tok", f"{self.num_experts_per_tok} experts cannot be chosen from "
-                              f"topk_group={self.topk_group} groups of {self.experts_per_group}")
+            raise ConfigError(
+                "num_experts_per_tok",
+                f"{self.num_experts_per_tok} experts cannot be chosen from "
+                f"topk_group={self.topk_group} groups of {self.experts_per_group}",
+            )
         if self.quantization is not None and tuple(self.quantization.weight_block_size) != (FP8_BLOCK, FP8_BLOCK):
-            raise ConfigError("quantization_config.weight_block_size", f"only [128, 128] is supported, got "
-                              f"{list(self.quantization.weight_block_size)}")
+            raise ConfigError(
+                "quantization_config.weight_block_size",
+                f"only [128, 128] is supported, got {list(self.quantization.weight_block_size)}",
+            )
 
     # ---- writing ---------------------------------------------------------------------------
     def to_hf_dict(self, spelling: str = "deepseek") -> dict[str, Any]:
@@ -336,9 +359,14 @@ def _read_quantization(q: Any) -> Fp8Quantization | None:
     if not isinstance(q, dict):
         raise ConfigError("quantization_config", f"expected an object, got {q!r}")
     if q.get("quant_method") != "fp8":
-        raise ConfigError("quantization_config.quant_method", f"unsupported {q.get('quant_method')!r} (supported: 'fp8')")
+        raise ConfigError(
+            "quantization_config.quant_method", f"unsupported {q.get('quant_method')!r} (supported: 'fp8')"
+        )
     if q.get("fmt", "e4m3") != "e4m3":
         raise ConfigError("quantization_config.fmt", f"unsupported {q.get('fmt')!r} (supported: 'e4m3')")
     block = q.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
-    return Fp8Quantization(weight_block_size=tuple(int(b) for b in block), fmt="e4m3",
-                           activation_scheme=q.get("activation_scheme", "dynamic"))
+    return Fp8Quantization(
+        weight_block_size=tuple(int(b) for b in block),
+        fmt="e4m3",
+        activation_scheme=q.get("activation_scheme", "dynamic"),
+    )

@@ -28,8 +28,9 @@ def dequantized_tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterato
         yield name, tensor.to(dtype)
 
 
-def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float32,
-                          spelling: str = "transformers") -> Path:
+def dequantize_checkpoint(
+    src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float32, spelling: str = "transformers"
+) -> Path:
     """Write a dense copy of `src` (every tensor in `dtype`, no quantization_config) to `dst`."""
     dst = Path(dst)
     with CheckpointReader(src) as reader:

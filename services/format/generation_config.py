@@ -49,9 +49,11 @@ def read_generation_defaults(directory: str | Path) -> GenerationDefaults:
         raise GenerationConfigError(f"{path}: not readable JSON: {exc}") from None
     if not isinstance(data, dict):
         raise GenerationConfigError(f"{path}: expected a JSON object")
-    defaults = GenerationDefaults(temperature=_number(data, "temperature", path, float),
-                                  top_p=_number(data, "top_p", path, float),
-                                  top_k=_number(data, "top_k", path, int))
+    defaults = GenerationDefaults(
+        temperature=_number(data, "temperature", path, float),
+        top_p=_number(data, "top_p", path, float),
+        top_k=_number(data, "top_k", path, int),
+    )
     if defaults.temperature is not None and defaults.temperature < 0:
         raise GenerationConfigError(f"{path}: temperature must be >= 0, got {defaults.temperature}")
     if defaults.top_p is not None and not 0 < defaults.top_p <= 1:

@@ -46,8 +46,9 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
-                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def write_checkpoint(
+    directory: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[str]:
     """Write named tensors into shards of at most ~`shard_bytes` each, plus the index. Returns the shard names."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,9 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, torch.T
     return files
 
 
-def random_tensors(cfg: ModelConfig, seed: int, fp8: bool,
-                   progress: ProgressFn | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def random_tensors(
+    cfg: ModelConfig, seed: int, fp8: bool, progress: ProgressFn | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights with O(1) activations (so logits are spread and routing is decisive), in checkpoint dtypes:
     FP8 projections with fp32 block scales (or BF16 without FP8), BF16 norms/embeddings/router, FP32 bias; the
     MTP layer's embedding and head are copies of the main model's, as DeepSeek-V3 stores them."""
@@ -131,16 +133,30 @@ def _random_value(spec: TensorSpec, gen: torch.Generator, residual_scale: float)
     return value
 
 
-def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0,
-                       shard_bytes: int = DEFAULT_SHARD_BYTES, progress: ProgressFn | None = None,
-                       spelling: str = "deepseek") -> Path:
+def write_random_model(
+    directory: str | Path,
+    cfg: ModelConfig,
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: ProgressFn | None = None,
+    spelling: str = "deepseek",
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg.write(directory, spelling)
     write_checkpoint(directory, random_tensors(cfg, seed, cfg.quantization is not None, progress), shard_bytes)
     write_tokenizer(directory, cfg.vocab_size, cfg.max_position_embeddings)
-    (directory / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
-        else cfg.eos_token_ids[0], "do_sample": True, "temperature": 0.6, "top_p": 0.95,
-    }, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_p": 0.95,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return directory

@@ -64,7 +64,9 @@ def attention_specs(cfg: ModelConfig, layer: int) -> list[TensorSpec]:
     specs += [
         TensorSpec(f"{p}.kv_a_proj_with_mqa", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h), Kind.LINEAR, layer),
         TensorSpec(f"{p}.kv_a_layernorm", (cfg.kv_lora_rank,), Kind.NORM, layer),
-        TensorSpec(f"{p}.kv_b_proj", (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), Kind.LINEAR, layer),
+        TensorSpec(
+            f"{p}.kv_b_proj", (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), Kind.LINEAR, layer
+        ),
         TensorSpec(f"{p}.o_proj", (h, nh * cfg.v_head_dim), Kind.LINEAR, layer),
     ]
     return specs

@@ -51,7 +51,9 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(  # room left for the chat markers, added after the merges (as DeepSeek's are)
-        vocab_size=vocab_size - len(CHAT_MARKERS), special_tokens=[BOS_TOKEN, EOS_TOKEN], show_progress=False,
+        vocab_size=vocab_size - len(CHAT_MARKERS),
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
@@ -66,15 +68,34 @@ def write_tokenizer(directory: str | Path, vocab_size: int, max_length: int) -> 
     directory = Path(directory)
     tok.save(str(directory / "tokenizer.json"))
     special = [BOS_TOKEN, EOS_TOKEN, *CHAT_MARKERS]
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-        "model_max_length": max_length, "tokenizer_class": "PreTrainedTokenizerFast",
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                                           "rstrip": False, "single_word": False, "special": True}
-                                 for t in special},
-        "chat_template": CHAT_TEMPLATE,
-    }, indent=2, ensure_ascii=False) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": BOS_TOKEN,
+                "eos_token": EOS_TOKEN,
+                "model_max_length": max_length,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "clean_up_tokenization_spaces": False,
+                "added_tokens_decoder": {
+                    str(tok.token_to_id(t)): {
+                        "content": t,
+                        "lstrip": False,
+                        "normalized": False,
+                        "rstrip": False,
+                        "single_word": False,
+                        "special": True,
+                    }
+                    for t in special
+                },
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     return tok
 
 

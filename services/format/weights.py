@@ -8,8 +8,8 @@ import torch
 
 import kernels
 from kernels.reference import BLOCK
-from services.format.checkpoint import CheckpointReader
 from services.errors import CheckpointError
+from services.format.checkpoint import CheckpointReader
 from services.format.tensor_names import Kind, TensorSpec, stored_name
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,7 +36,7 @@ class LinearWeight:
         return kernels.weight_dequant(self.weight, self.scale_inv, dtype)
 
     @classmethod
-    def quantized(cls, w: torch.Tensor) -> "LinearWeight":
+    def quantized(cls, w: torch.Tensor) -> LinearWeight:
         q, s = kernels.weight_quant(w)
         return cls(q, s)
 

@@ -39,8 +39,9 @@ def _token_text(value) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -65,8 +66,12 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text; a message the template refuses (or cannot render) is an InvalidRequestError."""
         try:
-            return self.template.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                        add_generation_prompt=add_generation_prompt)
+            return self.template.render(
+                messages=messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt,
+            )
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
         except (TypeError, KeyError, AttributeError, ValueError) as exc:

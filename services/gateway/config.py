@@ -26,32 +26,49 @@ class GatewayConfig:
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a pod).")
     grpc_port: int = setting(50051, "gRPC port (0: any free port).")
     metrics_port: int = setting(0, "Prometheus /metrics port (0: off).")
-    http_port: int = setting(8000, "OpenAI-compatible HTTP API port, /health and /metrics too (0: any free port; "
-                                   "-1: off).")
-    served_model_name: str | None = setting(None, "Model name of the OpenAI-compatible API (default: the model "
-                                                  "directory's name).")
-    dispatch_dtype: str = setting("fp8", "Activations sent to the pools: fp8, bf16 or fp32 (exact).",
-                                  choices=DISPATCH_DTYPES)
+    http_port: int = setting(
+        8000, "OpenAI-compatible HTTP API port, /health and /metrics too (0: any free port; -1: off)."
+    )
+    served_model_name: str | None = setting(
+        None, "Model name of the OpenAI-compatible API (default: the model directory's name)."
+    )
+    dispatch_dtype: str = setting(
+        "fp8", "Activations sent to the pools: fp8, bf16 or fp32 (exact).", choices=DISPATCH_DTYPES
+    )
     cache_tokens: int = setting(DEFAULT_CACHE_TOKENS, "Latent KV cache capacity, in tokens.")
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per latent cache block.")
-    max_step_tokens: int = setting(DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks).")
+    max_step_tokens: int = setting(
+        DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks)."
+    )
     max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
     max_waiting: int = setting(DEFAULT_MAX_WAITING, "Most requests waiting for admission; more are refused.")
     micro_batches: int = setting(1, "Split each step so attention of one part overlaps the pools' work.")
-    mtp: bool = setting(False, "Speculative decoding with the checkpoint's multi-token-prediction layer: each decode "
-                               "step verifies the draft it proposed (greedy output unchanged).")
+    mtp: bool = setting(
+        False,
+        "Speculative decoding with the checkpoint's multi-token-prediction layer: each decode "
+        "step verifies the draft it proposed (greedy output unchanged).",
+    )
     num_speculative_tokens: int = setting(1, "Draft tokens per step with --mtp (1: DeepSeek-V3's one MTP layer).")
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
-    api_key: str | None = setting(None, "API keys clients must send (comma-separated; default $EXPERTMESH_API_KEY; "
-                                        "none: no authentication).")
-    tls_dir: Path | None = setting(None, "Mutual TLS for gRPC: a directory with ca.crt, tls.crt, tls.key (default "
-                                          "$EXPERTMESH_TLS_DIR; none: plain text).")
-    drain_timeout_s: float = setting(60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused).")
+    api_key: str | None = setting(
+        None, "API keys clients must send (comma-separated; default $EXPERTMESH_API_KEY; none: no authentication)."
+    )
+    tls_dir: Path | None = setting(
+        None,
+        "Mutual TLS for gRPC: a directory with ca.crt, tls.crt, tls.key (default "
+        "$EXPERTMESH_TLS_DIR; none: plain text).",
+    )
+    drain_timeout_s: float = setting(
+        60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused)."
+    )
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
-    device: str = setting("auto", DEVICE_HELP + " On cuda the gateway computes in bfloat16 (FP8 projections "
-                                                "dequantized at load).", choices=DEVICE_CHOICES)
+    device: str = setting(
+        "auto",
+        DEVICE_HELP + " On cuda the gateway computes in bfloat16 (FP8 projections dequantized at load).",
+        choices=DEVICE_CHOICES,
+    )
 
     @property
     def model_name(self) -> str:
@@ -63,8 +80,10 @@ class GatewayConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens != 1:
-            raise ValueError(f"num_speculative_tokens must be 1 (one MTP layer, one draft per step), got "
-                             f"{self.num_speculative_tokens}")
+            raise ValueError(
+                f"num_speculative_tokens must be 1 (one MTP layer, one draft per step), got "
+                f"{self.num_speculative_tokens}"
+            )
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:

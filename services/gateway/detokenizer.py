@@ -35,5 +35,5 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
         emitted = "".join(self._emitted)
         if full.startswith(emitted):
-            return full[len(emitted):]
+            return full[len(emitted) :]
         return ""  # never seen: the stream and the full decode disagree on a prefix; keep what was sent

@@ -40,27 +40,52 @@ class Engine:
         self.scheduler, self.tokenizer, self.max_context = core.scheduler, core.tokenizer, core.max_context
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                 absorb: bool = True, cache_dense_experts: bool = True, progress=None,
-                 fp8_experts: bool | None = None, mtp: bool = False, **core_options) -> "Engine":
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        absorb: bool = True,
+        cache_dense_experts: bool = True,
+        progress=None,
+        fp8_experts: bool | None = None,
+        mtp: bool = False,
+        **core_options,
+    ) -> Engine:
         """`device`: cpu, cuda or auto (services.math.device); `dtype` defaults to the device's serving dtype
         (float32 on cpu, bfloat16 on cuda, where the experts stay FP8: `fp8_experts`, see ExpertStore). `mtp`:
         speculative decoding with the checkpoint's MTP layer (its experts are loaded only then)."""
         core_options.setdefault("max_waiting", 1 << 40)  # in process the caller holds every prompt already
         device = resolve_device(device)
         dtype = dtype or serving_dtype(device)
-        store = ExpertStore(CheckpointReader(model_dir), dtype=dtype, cache_dense=cache_dense_experts, device=device,
-                            fp8_compute=fp8_experts)
+        store = ExpertStore(
+            CheckpointReader(model_dir),
+            dtype=dtype,
+            cache_dense=cache_dense_experts,
+            device=device,
+            fp8_compute=fp8_experts,
+        )
         cfg = store.cfg
         if mtp:  # before any expert is read: a missing MTP tensor is named as such
             check_mtp_weights(store.reader)
         layers = cfg.moe_layers if mtp else [layer for layer in cfg.moe_layers if layer not in cfg.mtp_layers]
-        experts = LocalExperts.load_all(store, progress=progress and (lambda d, t: progress("experts", d, t)),
-                                        layers=layers)
-        core = ServingCore.from_dir(model_dir, experts, dtype=dtype, device=device, cache_tokens=cache_tokens,
-                                    block_size=block_size, absorb=absorb, mtp=mtp,
-                                    progress=progress and (lambda d, t: progress("layers", d, t)), **core_options)
+        experts = LocalExperts.load_all(
+            store, progress=progress and (lambda d, t: progress("experts", d, t)), layers=layers
+        )
+        core = ServingCore.from_dir(
+            model_dir,
+            experts,
+            dtype=dtype,
+            device=device,
+            cache_tokens=cache_tokens,
+            block_size=block_size,
+            absorb=absorb,
+            mtp=mtp,
+            progress=progress and (lambda d, t: progress("layers", d, t)),
+            **core_options,
+        )
         return cls(core)
 
     def encode(self, text: str) -> list[int]:

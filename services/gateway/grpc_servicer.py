@@ -19,10 +19,17 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 
 
 def sampling_params(s: gateway_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                          seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                          ignore_eos=s.ignore_eos, stop=tuple(s.stop),
-                          logprobs=s.logprobs if s.HasField("logprobs") else None)
+    return SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p or 1.0,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        stop=tuple(s.stop),
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+    )
 
 
 def _logprobs(req: Request, index: int) -> list[gateway_pb2.SampledLogprob]:
@@ -30,8 +37,11 @@ def _logprobs(req: Request, index: int) -> list[gateway_pb2.SampledLogprob]:
     if req.params.logprobs is None or index >= len(req.token_logprobs):
         return []
     logprob, top = req.token_logprobs[index]
-    return [gateway_pb2.SampledLogprob(logprob=logprob,
-                                       top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in top])]
+    return [
+        gateway_pb2.SampledLogprob(
+            logprob=logprob, top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in top]
+        )
+    ]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -99,8 +109,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 delta = text.step(ev.token_id, last=bool(ev.finish_reason))
                 finish = "stop" if text.stopped else ev.finish_reason or ""
                 tokens = [] if ev.token_id is None else [ev.token_id]
-                yield gateway_pb2.GenerateResponse(token_ids=tokens, text=delta, finish_reason=finish,
-                                                   logprobs=_logprobs(req, count) if tokens else [])
+                yield gateway_pb2.GenerateResponse(
+                    token_ids=tokens, text=delta, finish_reason=finish, logprobs=_logprobs(req, count) if tokens else []
+                )
                 count += len(tokens)
                 if text.stopped:  # a stop string: the request ends here and its cache is freed
                     self.core.cancel(req)
@@ -114,10 +125,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             req = Request(ids, score_top_k=request.top_k, span_context=span.get_span_context())
             async for _ in self._events(req):
                 pass
-        return gateway_pb2.ScoreResponse(token_ids=ids, positions=[
-            gateway_pb2.PositionScore(token_id=p.token_id, logprob=p.logprob,
-                                      top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in p.top])
-            for p in req.scores])
+        return gateway_pb2.ScoreResponse(
+            token_ids=ids,
+            positions=[
+                gateway_pb2.PositionScore(
+                    token_id=p.token_id,
+                    logprob=p.logprob,
+                    top=[gateway_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in p.top],
+                )
+                for p in req.scores
+            ],
+        )
 
     @grpc_status.unary
     async def GetModelInfo(self, request, context):

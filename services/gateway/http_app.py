@@ -82,9 +82,19 @@ class HttpFrontEnd:
         self.port = self.sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
         self.app = build_app(self)
-        self.server = _Server(uvicorn.Config(self.asgi, interface="asgi3", lifespan="off", log_config=None,
-                                             log_level="warning", access_log=False, proxy_headers=False,
-                                             timeout_graceful_shutdown=1, timeout_keep_alive=30))
+        self.server = _Server(
+            uvicorn.Config(
+                self.asgi,
+                interface="asgi3",
+                lifespan="off",
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                proxy_headers=False,
+                timeout_graceful_shutdown=1,
+                timeout_keep_alive=30,
+            )
+        )
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -162,8 +172,10 @@ def build_app(front: HttpFrontEnd) -> FastAPI:
     async def on_http(request, exc):
         if exc.status_code == 404:
             return error_response(RouteNotFoundError(f"no route {request.method} {request.url.path}"))
-        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                                       "code": None}}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}},
+            status_code=exc.status_code,
+        )
 
     @app.exception_handler(AuthenticationError)
     async def on_auth(request, exc):

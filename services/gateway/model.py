@@ -17,12 +17,12 @@ from services.attention.mla import MLA, MLAWeights
 from services.attention.rope import Rotary
 from services.format.checkpoint import CheckpointReader
 from services.format.config import ModelConfig
-from services.math.experts import ExpertsBackend
-from services.math.layers import linear, rms_norm, swiglu
-from services.math.packed_linear import Linear
 from services.format.tensor_names import Kind, TensorSpec, layer_specs
 from services.format.weights import read_linear, read_plain
 from services.gateway.router import Router
+from services.math.experts import ExpertsBackend
+from services.math.layers import linear, rms_norm, swiglu
+from services.math.packed_linear import Linear
 
 
 @dataclass
@@ -46,9 +46,17 @@ class DecoderLayer:
 
 
 class GatewayModel:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: Linear, experts: ExpertsBackend, device: torch.device | str = "cpu",
-                 routing_observer: Callable[[int, torch.Tensor], None] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[DecoderLayer],
+        norm: torch.Tensor,
+        lm_head: Linear,
+        experts: ExpertsBackend,
+        device: torch.device | str = "cpu",
+        routing_observer: Callable[[int, torch.Tensor], None] | None = None,
+    ):
         self.cfg = cfg
         self.embed = embed  # [V, H]
         self.layers = layers
@@ -62,9 +70,16 @@ class GatewayModel:
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, reader: CheckpointReader, experts: ExpertsBackend, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", absorb: bool = True, progress=None,
-             routing_observer: Callable[[int, torch.Tensor], None] | None = None) -> "GatewayModel":
+    def load(
+        cls,
+        reader: CheckpointReader,
+        experts: ExpertsBackend,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        absorb: bool = True,
+        progress=None,
+        routing_observer: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> GatewayModel:
         """Read every non-routed-expert tensor (FP8 projections dequantized into `dtype`)."""
         cfg = reader.config
 
@@ -74,7 +89,10 @@ class GatewayModel:
         embed = tensor(TensorSpec("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
         layers = []
         for i in range(cfg.num_hidden_layers):
-            w = {spec.name.removeprefix(f"model.layers.{i}."): tensor(spec) for spec in layer_specs(cfg, i, with_experts=False)}
+            w = {
+                spec.name.removeprefix(f"model.layers.{i}."): tensor(spec)
+                for spec in layer_specs(cfg, i, with_experts=False)
+            }
             layers.append(build_layer(cfg, i, w, absorb))
             if progress:
                 progress(i + 1, cfg.num_hidden_layers)
@@ -87,8 +105,14 @@ class GatewayModel:
             layer.attention.absorb = absorb
 
     # ---- forward -----------------------------------------------------------------------------------
-    def forward(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
-                routing_trace: list | None = None, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        all_logits: bool = False,
+        routing_trace: list | None = None,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One step. -> logits [B, V] at each sequence's last new token (or [T, V] with `all_logits`, or [N, V]
         at the flat token indices `logit_index` [N]), fp32.
 
@@ -97,9 +121,15 @@ class GatewayModel:
         return run_interleaved([self.forward_stages(batch, cache, all_logits, routing_trace, logit_index)])[0]
 
     @torch.inference_mode()
-    def forward_stages(self, batch: StepBatch, cache: PagedLatentCache, all_logits: bool = False,
-                       routing_trace: list | None = None, logit_index: torch.Tensor | None = None,
-                       hidden_index: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+    def forward_stages(
+        self,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        all_logits: bool = False,
+        routing_trace: list | None = None,
+        logit_index: torch.Tensor | None = None,
+        hidden_index: torch.Tensor | None = None,
+    ) -> Generator[None, None, torch.Tensor]:
         """The forward pass as a generator that pauses while each MoE layer's routed experts are computed
         elsewhere: another micro-batch's attention can run meanwhile (see `run_interleaved`).
 
@@ -120,9 +150,16 @@ class GatewayModel:
             x = x[batch.last_index]  # [B, H]
         return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
 
-    def layer_stages(self, layer: DecoderLayer, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache,
-                     cos: torch.Tensor, sin: torch.Tensor,
-                     routing_trace: list | None = None) -> Generator[None, None, torch.Tensor]:
+    def layer_stages(
+        self,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        routing_trace: list | None = None,
+    ) -> Generator[None, None, torch.Tensor]:
         """One decoder layer (x [T, H] -> [T, H]), pausing while its routed experts are computed elsewhere."""
         eps = self.cfg.rms_norm_eps
         x = x + layer.attention.forward(rms_norm(x, layer.input_norm, eps), batch, cache, layer.index, cos, sin)
@@ -140,9 +177,11 @@ class GatewayModel:
         return x + pending() + shared  # [T, H]
 
 
-def load_tensor(reader: CheckpointReader, spec: TensorSpec, dtype: torch.dtype,
-                device: torch.device | str) -> torch.Tensor:
-    """One non-expert tensor in the compute dtype on `device` (FP8 projections dequantized), checked against its spec."""
+def load_tensor(
+    reader: CheckpointReader, spec: TensorSpec, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """One non-expert tensor in the compute dtype on `device` (FP8 projections dequantized), checked against its
+    spec."""
     if spec.kind is Kind.LINEAR:
         return read_linear(reader, spec).dense(dtype).to(device)
     return read_plain(reader, spec, dtype).to(device)
@@ -165,15 +204,19 @@ def run_interleaved(stages: list[Generator[None, None, torch.Tensor]]) -> list[t
 
 def build_layer(cfg: ModelConfig, index: int, w: dict[str, torch.Tensor], absorb: bool) -> DecoderLayer:
     """A decoder layer from its tensors, keyed by name within the layer (`self_attn.q_a_proj`, `mlp.gate`, ...)."""
-    attn = MLA(cfg, MLAWeights(
-        q_a=w.get("self_attn.q_a_proj"),
-        q_a_norm=w.get("self_attn.q_a_layernorm"),
-        q_b=Linear(w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"]),
-        kv_a=w["self_attn.kv_a_proj_with_mqa"],
-        kv_a_norm=w["self_attn.kv_a_layernorm"],
-        kv_b=w["self_attn.kv_b_proj"],
-        o=Linear(w["self_attn.o_proj"]),
-    ), absorb=absorb)
+    attn = MLA(
+        cfg,
+        MLAWeights(
+            q_a=w.get("self_attn.q_a_proj"),
+            q_a_norm=w.get("self_attn.q_a_layernorm"),
+            q_b=Linear(w["self_attn.q_b_proj"] if cfg.q_lora_rank else w["self_attn.q_proj"]),
+            kv_a=w["self_attn.kv_a_proj_with_mqa"],
+            kv_a_norm=w["self_attn.kv_a_layernorm"],
+            kv_b=w["self_attn.kv_b_proj"],
+            o=Linear(w["self_attn.o_proj"]),
+        ),
+        absorb=absorb,
+    )
 
     def mlp(prefix: str) -> SwiGLUWeights:
         gate_up = torch.cat((w[f"{prefix}.gate_proj"], w[f"{prefix}.up_proj"]))

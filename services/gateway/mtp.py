@@ -39,8 +39,14 @@ class MTPModule:
     head: Linear  # [V, H] shared_head.head (the main lm_head when the stored copy equals it)
 
     @classmethod
-    def load(cls, reader: CheckpointReader, model: GatewayModel, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", absorb: bool = True) -> MTPModule:
+    def load(
+        cls,
+        reader: CheckpointReader,
+        model: GatewayModel,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        absorb: bool = True,
+    ) -> MTPModule:
         """Read the first MTP layer's tensors but its routed experts, checked like every layer's. A config without
         an MTP layer is a ConfigError; one that declares it while the checkpoint lacks a tensor of it, a
         CheckpointError naming that tensor."""
@@ -53,13 +59,26 @@ class MTPModule:
         head = w.pop("shared_head.head")
         main_head = model.lm_head.weight
         head = model.lm_head if main_head is not None and torch.equal(head, main_head) else Linear(head)
-        return cls(index=index, embed=embed, enorm=w.pop("enorm"), hnorm=w.pop("hnorm"),
-                   eh_proj=Linear(w.pop("eh_proj")), head_norm=w.pop("shared_head.norm"), head=head,
-                   block=build_layer(cfg, index, w, absorb))
+        return cls(
+            index=index,
+            embed=embed,
+            enorm=w.pop("enorm"),
+            hnorm=w.pop("hnorm"),
+            eh_proj=Linear(w.pop("eh_proj")),
+            head_norm=w.pop("shared_head.norm"),
+            head=head,
+            block=build_layer(cfg, index, w, absorb),
+        )
 
     @torch.inference_mode()
-    def forward_stages(self, model: GatewayModel, batch: StepBatch, cache: PagedLatentCache, hidden: torch.Tensor,
-                       logit_index: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def forward_stages(
+        self,
+        model: GatewayModel,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        hidden: torch.Tensor,
+        logit_index: torch.Tensor,
+    ) -> Generator[None, None, torch.Tensor]:
         """batch: the next tokens t_{i+1} at positions i; hidden [T, H]: the main model's final hidden states h_i
         at those positions. Writes the block's latent cache entries; -> logits [N, V] fp32 at `logit_index` [N]
         (the guesses at t_{i+2}). Pauses while the block's routed experts are computed, as the main layers do."""
@@ -77,15 +96,19 @@ def check_weights(reader: CheckpointReader, with_experts: bool = True) -> list[T
     declares no MTP layer, CheckpointError naming the first missing tensor when it declares one the weights lack."""
     cfg = reader.config
     if not cfg.mtp_layers:
-        raise ConfigError("num_nextn_predict_layers", "is 0: this model has no MTP layer to draft with (run without "
-                                                      "MTP)")
+        raise ConfigError(
+            "num_nextn_predict_layers", "is 0: this model has no MTP layer to draft with (run without MTP)"
+        )
     index = cfg.mtp_layers[0]
     specs = mtp_specs(cfg, index, with_experts)
     for spec in specs:
         if stored_name(spec) not in reader:
-            raise CheckpointError(stored_name(spec), f"missing: config.json declares an MTP layer "
-                                  f"(num_nextn_predict_layers {cfg.num_nextn_predict_layers}, layer {index}) but the "
-                                  f"checkpoint in {reader.directory} lacks its weights; run without MTP")
+            raise CheckpointError(
+                stored_name(spec),
+                f"missing: config.json declares an MTP layer "
+                f"(num_nextn_predict_layers {cfg.num_nextn_predict_layers}, layer {index}) but the "
+                f"checkpoint in {reader.directory} lacks its weights; run without MTP",
+            )
     return [spec for spec in specs if spec.expert is None]
 
 

@@ -83,14 +83,21 @@ def _chat_token(texts: TokenTexts, token: int, logprob: float) -> dict:
 
 
 def chat_logprobs(texts: TokenTexts, entries: list[LogprobEntry]) -> dict:
-    return {"content": [{**_chat_token(texts, token, logprob),
-                         "top_logprobs": [_chat_token(texts, t, v) for t, v in top]}
-                        for token, logprob, top in entries], "refusal": None}
+    return {
+        "content": [
+            {**_chat_token(texts, token, logprob), "top_logprobs": [_chat_token(texts, t, v) for t, v in top]}
+            for token, logprob, top in entries
+        ],
+        "refusal": None,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(obj: dict | str) -> str:
@@ -121,5 +128,11 @@ class Envelope:
     model: str
 
     def body(self, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }

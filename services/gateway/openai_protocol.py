@@ -41,12 +41,15 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text" or p.text is None]
             if bad:
-                raise ParamError(f"messages[{index}]: only text content parts are supported, got {bad[0]!r}",
-                                 f"messages.{index}.content")
+                raise ParamError(
+                    f"messages[{index}]: only text content parts are supported, got {bad[0]!r}",
+                    f"messages.{index}.content",
+                )
             content = "\n".join(p.text for p in content)
         if content is None and self.role != "assistant":
-            raise ParamError(f"messages[{index}]: content is required for role {self.role!r}",
-                             f"messages.{index}.content")
+            raise ParamError(
+                f"messages[{index}]: content is required for role {self.role!r}", f"messages.{index}.content"
+            )
         message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name

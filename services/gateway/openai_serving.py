@@ -52,8 +52,13 @@ def _first(*values):
 
 
 class OpenAIServing:
-    def __init__(self, model_name: str, defaults: GenerationDefaults = GenerationDefaults(),
-                 chat_template: ChatTemplate | None = None, metrics: GatewayMetrics | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        defaults: GenerationDefaults = GenerationDefaults(),
+        chat_template: ChatTemplate | None = None,
+        metrics: GatewayMetrics | None = None,
+    ):
         self.model_name, self.defaults, self.chat_template, self.metrics = model_name, defaults, chat_template, metrics
         self._core: ServingCore | None = None
         self.texts = TokenTexts(None)
@@ -69,35 +74,57 @@ class OpenAIServing:
         return self._core
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "expertmesh", "max_model_len": self.core.max_context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "expertmesh",
+                    "max_model_len": self.core.max_context,
+                }
+            ],
+        }
 
     # ---- requests in --------------------------------------------------------------------------------
     def _check_model(self, body: SamplingFields) -> ServingCore:
         core = self.core
         body.check()
         if body.model != self.model_name:
-            raise ParamError(f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                             "model", "model_not_found")
+            raise ParamError(
+                f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         return core
 
-    def _params(self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                offset: int) -> SamplingParams:
+    def _params(
+        self, body: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None, offset: int
+    ) -> SamplingParams:
         d = self.defaults
         if max_tokens is None:  # the rest of the context
             max_tokens = self.core.max_context - prompt_len
             if max_tokens < 1:
-                raise ParamError(f"the prompt of {prompt_len} tokens fills the context of {self.core.max_context} "
-                                 "tokens", "prompt")
+                raise ParamError(
+                    f"the prompt of {prompt_len} tokens fills the context of {self.core.max_context} tokens", "prompt"
+                )
         top_k = _first(body.top_k, d.top_k, 0)
         return SamplingParams(
-            max_tokens=max_tokens, temperature=_first(body.temperature, d.temperature, 1.0),
-            top_p=_first(body.top_p, d.top_p, 1.0), top_k=0 if top_k == -1 else top_k,  # vLLM's -1: no top-k cut
-            seed=None if body.seed is None else body.seed + offset, stop_token_ids=tuple(body.stop_token_ids or ()),
-            ignore_eos=body.ignore_eos, stop=body.stop_strings, logprobs=logprobs)
+            max_tokens=max_tokens,
+            temperature=_first(body.temperature, d.temperature, 1.0),
+            top_p=_first(body.top_p, d.top_p, 1.0),
+            top_k=0 if top_k == -1 else top_k,  # vLLM's -1: no top-k cut
+            seed=None if body.seed is None else body.seed + offset,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            stop=body.stop_strings,
+            logprobs=logprobs,
+        )
 
-    def _choices(self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-                 logprobs: int | None) -> list[Choice]:
+    def _choices(
+        self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
+    ) -> list[Choice]:
         """n choices per prompt, every one checked before any is submitted."""
         choices = []
         for ids in prompts:
@@ -129,9 +156,16 @@ class OpenAIServing:
         if body.stream:
             return Streamed(self._completion_stream(env, run, body, prompt_tokens), run.cancel)
         outputs = await _collect(run)
-        return env.body([self._completion_choice(body, o.index, o.text, o.logprobs, o.finish_reason,
-                                                 run.choices[o.index], o.token_ids, 0) for o in outputs],
-                        usage=usage(prompt_tokens, run.completion_tokens), system_fingerprint=None)
+        return env.body(
+            [
+                self._completion_choice(
+                    body, o.index, o.text, o.logprobs, o.finish_reason, run.choices[o.index], o.token_ids, 0
+                )
+                for o in outputs
+            ],
+            usage=usage(prompt_tokens, run.completion_tokens),
+            system_fingerprint=None,
+        )
 
     async def _echo(self, body: CompletionRequest, given: list, prompts: list[list[int]], choices: list[Choice]):
         """The prompt's text leads each choice; with logprobs, the prompt's own (a score of the prompt)."""
@@ -142,34 +176,50 @@ class OpenAIServing:
                 req = await finished(self.core, Request(ids, score_top_k=body.logprobs))
                 scored[i] = [(s.token_id, s.logprob, s.top) for s in req.scores]
             text = given[i] if isinstance(given[i], str) else self.core.decode(ids)
-            for choice in choices[i * body.n:(i + 1) * body.n]:
+            for choice in choices[i * body.n : (i + 1) * body.n]:
                 choice.echo_text, choice.echo_logprobs = text, scored.get(i, [])
                 choice.logprob_offset = len(text)
 
-    def _completion_choice(self, body: CompletionRequest, index: int, text: str, entries: list,
-                           finish: str | None, choice: Choice, token_ids: list[int], offset: int | None = None) -> dict:
+    def _completion_choice(
+        self,
+        body: CompletionRequest,
+        index: int,
+        text: str,
+        entries: list,
+        finish: str | None,
+        choice: Choice,
+        token_ids: list[int],
+        offset: int | None = None,
+    ) -> dict:
         out = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         if body.logprobs is not None:
-            out["logprobs"] = completion_logprobs(self.texts, entries, choice.logprob_offset if offset is None
-                                                  else offset)
+            out["logprobs"] = completion_logprobs(
+                self.texts, entries, choice.logprob_offset if offset is None else offset
+            )
         if body.return_token_ids:
             out["token_ids"] = token_ids
             out["prompt_token_ids"] = choice.prompt
         return out
 
-    async def _completion_stream(self, env: Envelope, run: ChoiceRun, body: CompletionRequest,
-                                 prompt_tokens: int) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self, env: Envelope, run: ChoiceRun, body: CompletionRequest, prompt_tokens: int
+    ) -> AsyncIterator[str]:
         extra = {"usage": None} if body.include_usage else {}
         try:
             if body.echo:
                 for c in run.choices:
-                    yield sse(env.body([self._completion_choice(body, c.index, c.echo_text, c.echo_logprobs, None,
-                                                                c, [], 0)], **extra))
+                    yield sse(
+                        env.body(
+                            [self._completion_choice(body, c.index, c.echo_text, c.echo_logprobs, None, c, [], 0)],
+                            **extra,
+                        )
+                    )
             async for u in run.updates():
                 if not (u.text or u.finish_reason or u.logprobs or (u.token_ids and body.return_token_ids)):
                     continue
-                chunk = self._completion_choice(body, u.choice.index, u.text, u.logprobs, u.finish_reason, u.choice,
-                                                u.token_ids)
+                chunk = self._completion_choice(
+                    body, u.choice.index, u.text, u.logprobs, u.finish_reason, u.choice, u.token_ids
+                )
                 u.choice.logprob_offset += sum(len(self.texts.text(t)) for t, _, _ in u.logprobs)
                 yield sse(env.body([chunk], **extra))
             if body.include_usage:
@@ -182,11 +232,15 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest) -> Answer:
         core = self._check_model(body)
         if self.chat_template is None or core.tokenizer is None:
-            raise ParamError("this model has no chat template (tokenizer_config.json chat_template): use "
-                             "/v1/completions", "messages", "no_chat_template")
+            raise ParamError(
+                "this model has no chat template (tokenizer_config.json chat_template): use /v1/completions",
+                "messages",
+                "no_chat_template",
+            )
         messages = [m.as_template_input(i) for i, m in enumerate(body.messages)]
-        prompt = core.tokenizer.encode(self.chat_template.render(messages, body.add_generation_prompt),
-                                       add_special_tokens=False).ids  # the template wrote the special tokens
+        prompt = core.tokenizer.encode(
+            self.chat_template.render(messages, body.add_generation_prompt), add_special_tokens=False
+        ).ids  # the template wrote the special tokens
         if body.new_tokens == 0:
             raise ParamError("max_tokens must be >= 1", "max_tokens")
         choices = self._choices(body, [prompt], body.new_tokens, body.sampled_logprobs)
@@ -196,32 +250,51 @@ class OpenAIServing:
             env.object = "chat.completion.chunk"
             return Streamed(self._chat_stream(env, run, body, len(prompt)), run.cancel)
         outputs = await _collect(run)
-        return env.body([self._chat_choice(body, o, {"role": "assistant", "content": o.text}, "message")
-                         for o in outputs], usage=usage(len(prompt), run.completion_tokens), system_fingerprint=None)
+        return env.body(
+            [self._chat_choice(body, o, {"role": "assistant", "content": o.text}, "message") for o in outputs],
+            usage=usage(len(prompt), run.completion_tokens),
+            system_fingerprint=None,
+        )
 
     def _chat_choice(self, body: ChatCompletionRequest, o: ChoiceOutput | Update, message: dict, key: str) -> dict:
         index = o.index if isinstance(o, ChoiceOutput) else o.choice.index
-        out = {"index": index, key: message,
-               "logprobs": chat_logprobs(self.texts, o.logprobs) if body.logprobs else None,
-               "finish_reason": o.finish_reason}
+        out = {
+            "index": index,
+            key: message,
+            "logprobs": chat_logprobs(self.texts, o.logprobs) if body.logprobs else None,
+            "finish_reason": o.finish_reason,
+        }
         if body.return_token_ids:
             out["token_ids"] = o.token_ids
             if isinstance(o, ChoiceOutput):
                 out["prompt_token_ids"] = o.prompt_token_ids
         return out
 
-    async def _chat_stream(self, env: Envelope, run: ChoiceRun, body: ChatCompletionRequest,
-                           prompt_tokens: int) -> AsyncIterator[str]:
+    async def _chat_stream(
+        self, env: Envelope, run: ChoiceRun, body: ChatCompletionRequest, prompt_tokens: int
+    ) -> AsyncIterator[str]:
         extra = {"usage": None} if body.include_usage else {}
         try:
             for c in run.choices:
-                yield sse(env.body([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}], **extra))
+                yield sse(
+                    env.body(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                        **extra,
+                    )
+                )
             async for u in run.updates():
                 if not (u.text or u.finish_reason or u.logprobs or (u.token_ids and body.return_token_ids)):
                     continue
-                yield sse(env.body([self._chat_choice(body, u, {"content": u.text} if u.text else {}, "delta")],
-                                   **extra))
+                yield sse(
+                    env.body([self._chat_choice(body, u, {"content": u.text} if u.text else {}, "delta")], **extra)
+                )
             if body.include_usage:
                 yield sse(env.body([], usage=usage(prompt_tokens, run.completion_tokens)))
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is its last event
@@ -231,8 +304,9 @@ class OpenAIServing:
 
 async def _collect(run: ChoiceRun) -> list[ChoiceOutput]:
     """A run's updates gathered per choice: what a non-streamed answer holds."""
-    outputs = [ChoiceOutput(c.index, c.echo_text, [], list(c.echo_logprobs), prompt_token_ids=c.prompt)
-               for c in run.choices]
+    outputs = [
+        ChoiceOutput(c.index, c.echo_text, [], list(c.echo_logprobs), prompt_token_ids=c.prompt) for c in run.choices
+    ]
     async for u in run.updates():
         o = outputs[u.choice.index]
         o.text += u.text

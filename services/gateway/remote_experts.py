@@ -31,10 +31,10 @@ from services.dispatch import DISPATCH_DTYPES, codec
 from services.errors import InvalidRequestError, PoolUnavailableError
 from services.math.experts import Pending
 from services.math.routed_pairs import RoutedPairs
-from services.rpc.grpc_server import CHANNEL_OPTIONS
-from services.state.placement import Placement
-from services.rpc.telemetry import tracer
 from services.rpc import tls
+from services.rpc.grpc_server import CHANNEL_OPTIONS
+from services.rpc.telemetry import tracer
+from services.state.placement import Placement
 
 log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0
@@ -53,8 +53,14 @@ class _Call:
 
 
 class RemoteExperts:
-    def __init__(self, placement: Placement, dispatch_dtype: str = "fp8", deadline_s: float = DEFAULT_DEADLINE_S,
-                 dead_for_s: float = DEAD_FOR_S, metrics=None):
+    def __init__(
+        self,
+        placement: Placement,
+        dispatch_dtype: str = "fp8",
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        dead_for_s: float = DEAD_FOR_S,
+        metrics=None,
+    ):
         if dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         self.dispatch_dtype = dispatch_dtype
@@ -95,8 +101,10 @@ class RemoteExperts:
                     # requests are serialized on the calling thread, before any call starts: the caller threads
                     # then hold the GIL only to hand bytes to grpc's core, not to build messages
                     self._forward[pool_id] = self._channels[pool_id].unary_unary(
-                        FORWARD_METHOD, request_serializer=None,
-                        response_deserializer=expert_pool_pb2.ForwardResponse.FromString)
+                        FORWARD_METHOD,
+                        request_serializer=None,
+                        response_deserializer=expert_pool_pb2.ForwardResponse.FromString,
+                    )
 
     # ---- routing ----------------------------------------------------------------------------------------------
     def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> torch.Tensor:
@@ -116,8 +124,9 @@ class RemoteExperts:
         count = (table >= 0).sum(1)[pair_expert]  # [P]
         if bool((count == 0).any()):
             expert = int(pair_expert[count == 0][0])
-            raise PoolUnavailableError(",".join(self.placement.pools_for(layer, expert)),
-                                       f"no live replica of layer {layer} expert {expert}")
+            raise PoolUnavailableError(
+                ",".join(self.placement.pools_for(layer, expert)), f"no live replica of layer {layer} expert {expert}"
+            )
         order = torch.argsort(pair_expert, stable=True)
         rank = torch.empty_like(order)
         sorted_e = pair_expert[order]
@@ -137,16 +146,18 @@ class RemoteExperts:
             self.bytes_sent += len(data)  # the whole message: activations, scales, pairs
             self.tokens_sent += call.tokens.numel()
             call.sent_at = time.monotonic()
-            call.future = self._callers.submit(contextvars.copy_context().run, self._forward[pool_id], data,
-                                               timeout=self.deadline_s)  # the caller's trace context goes along
+            call.future = self._callers.submit(
+                contextvars.copy_context().run, self._forward[pool_id], data, timeout=self.deadline_s
+            )  # the caller's trace context goes along
             calls.append(call)
             if self.metrics:
                 self.metrics.routed_tokens.labels(pool_id).inc(call.tokens.numel())
         return calls
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
-        span = tracer().start_span("moe.dispatch", attributes={"expertmesh.layer": layer,
-                                                               "expertmesh.tokens": topk_idx.shape[0]})
+        span = tracer().start_span(
+            "moe.dispatch", attributes={"expertmesh.layer": layer, "expertmesh.tokens": topk_idx.shape[0]}
+        )
         pairs = RoutedPairs.from_topk(topk_idx, topk_w)  # [T*K]
         token = otel_context.attach(trace.set_span_in_context(span))  # pool calls become children of the dispatch
         try:

@@ -22,8 +22,9 @@ from services.rpc.telemetry import tracer
 
 
 class ModelRunner:
-    def __init__(self, model: GatewayModel, cache: PagedLatentCache, micro_batches: int = 1,
-                 drafter: MTPDrafter | None = None):
+    def __init__(
+        self, model: GatewayModel, cache: PagedLatentCache, micro_batches: int = 1, drafter: MTPDrafter | None = None
+    ):
         self.model = model
         self.cache = cache
         # >1 with remote experts: each step is split into micro-batches whose attention runs while the others'
@@ -50,7 +51,7 @@ class ModelRunner:
         greedy_rows = [i for i, c in enumerate(chunks) if c.samples and c.request.params.temperature == 0]
         greedy = {}
         if greedy_rows:  # one argmax for every greedy request of the step (every position it verifies)
-            picked = torch.cat([rows[i][-1 - len(chunks[i].draft):] for i in greedy_rows]).argmax(-1).tolist()
+            picked = torch.cat([rows[i][-1 - len(chunks[i].draft) :] for i in greedy_rows]).argmax(-1).tolist()
             for i in greedy_rows:
                 n = 1 + len(chunks[i].draft)
                 greedy[i], picked = picked[:n], picked[n:]
@@ -69,18 +70,26 @@ class ModelRunner:
                 results.append(ChunkResult(token=tokens[0], extra=tokens[1:], accepted=accepted))
         return results
 
-    def _forward(self, chunks: list[PlannedChunk],
-                 drafting: list[bool]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    def _forward(
+        self, chunks: list[PlannedChunk], drafting: list[bool]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         groups = _split_by_tokens([len(c.token_ids) for c in chunks], self.micro_batches)
         stages, spans, device = [], [], self.model.device
         for group in groups:
-            batch = StepBatch.build([SequenceChunk(chunks[i].request.seq, chunks[i].token_ids) for i in group],
-                                    self.cache)
+            batch = StepBatch.build(
+                [SequenceChunk(chunks[i].request.seq, chunks[i].token_ids) for i in group], self.cache
+            )
             index, span = _logit_rows([chunks[i] for i in group], batch)
             hidden_index, hidden_span = _hidden_rows([chunks[i] for i in group], [drafting[i] for i in group], batch)
             spans.append((span, hidden_span))
-            stages.append(self.model.forward_stages(batch.to(device), self.cache, logit_index=index.to(device),
-                                                    hidden_index=hidden_index.to(device) if hidden_span else None))
+            stages.append(
+                self.model.forward_stages(
+                    batch.to(device),
+                    self.cache,
+                    logit_index=index.to(device),
+                    hidden_index=hidden_index.to(device) if hidden_span else None,
+                )
+            )
         outputs = run_interleaved(stages)
         rows: list[torch.Tensor | None] = [None] * len(chunks)
         hidden: list[torch.Tensor | None] = [None] * len(chunks)
@@ -105,8 +114,9 @@ def _logit_rows(chunks: list[PlannedChunk], batch: StepBatch) -> tuple[torch.Ten
     return torch.tensor(index, dtype=torch.int64), spans
 
 
-def _hidden_rows(chunks: list[PlannedChunk], drafting: list[bool],
-                 batch: StepBatch) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+def _hidden_rows(
+    chunks: list[PlannedChunk], drafting: list[bool], batch: StepBatch
+) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
     """Flat token indices whose final hidden states the MTP layer reads (every token of a drafting chunk) and
     each chunk's [start, stop) among them; (empty, None) when no chunk drafts."""
     if not any(drafting):

@@ -40,8 +40,13 @@ class ServingLoop:
     If the loop itself dies (not a failed step: those fail only their requests), every request fails at once
     and `on_death` is called (the runtime turns health NOT_SERVING)."""
 
-    def __init__(self, core: ServingCore, metrics: GatewayMetrics | None = None, recorder: LoadRecorder | None = None,
-                 on_death: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        core: ServingCore,
+        metrics: GatewayMetrics | None = None,
+        recorder: LoadRecorder | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
+    ):
         self.core, self.metrics, self.recorder, self.on_death = core, metrics, recorder, on_death
         self.error: BaseException | None = None
         self._spec_exported = (0, 0)  # MTP drafts verified and accepted, as counted so far
@@ -130,14 +135,17 @@ def start_http(config: GatewayConfig, metrics: GatewayMetrics | None, require: b
     port taken where it is not required)."""
     if config.http_port < 0:
         return None
-    serving = OpenAIServing(config.model_name, read_generation_defaults(config.model),
-                            ChatTemplate.from_dir(config.model), metrics)
+    serving = OpenAIServing(
+        config.model_name, read_generation_defaults(config.model), ChatTemplate.from_dir(config.model), metrics
+    )
     try:
         http = HttpFrontEnd(serving, config.host, config.http_port, parse_keys(config.api_key))
     except OSError as exc:
         if require:
-            raise OSError(f"cannot listen for HTTP on {config.host}:{config.http_port} (--http-port; 0: any free "
-                          f"port, -1: off): {exc}") from None
+            raise OSError(
+                f"cannot listen for HTTP on {config.host}:{config.http_port} (--http-port; 0: any free "
+                f"port, -1: off): {exc}"
+            ) from None
         log.error("HTTP API off: cannot listen on %s:%d: %s", config.host, config.http_port, exc)
         return None
     http.start()
@@ -147,16 +155,29 @@ def start_http(config: GatewayConfig, metrics: GatewayMetrics | None, require: b
 class GatewayRuntime:
     """A started gateway: its servers, serving core and loop, remote experts, placement follower, load recorder."""
 
-    def __init__(self, config: GatewayConfig, managed: ManagedServer, core: ServingCore, experts: RemoteExperts,
-                 loop: ServingLoop, follower: PlacementFollower | None, recorder: LoadRecorder | None,
-                 http: HttpFrontEnd | None = None):
+    def __init__(
+        self,
+        config: GatewayConfig,
+        managed: ManagedServer,
+        core: ServingCore,
+        experts: RemoteExperts,
+        loop: ServingLoop,
+        follower: PlacementFollower | None,
+        recorder: LoadRecorder | None,
+        http: HttpFrontEnd | None = None,
+    ):
         self.config, self.managed, self.core, self.experts = config, managed, core, experts
         self.loop, self.follower, self.recorder, self.http = loop, follower, recorder, http
         self._stopping = asyncio.Event()
 
     @classmethod
-    async def start(cls, config: GatewayConfig, placement: Placement, metrics: GatewayMetrics | None = None,
-                    require_http: bool = False) -> GatewayRuntime:
+    async def start(
+        cls,
+        config: GatewayConfig,
+        placement: Placement,
+        metrics: GatewayMetrics | None = None,
+        require_http: bool = False,
+    ) -> GatewayRuntime:
         """Bind (NOT_SERVING), load the non-expert weights, wait for every pool, then report SERVING.
 
         The gateway process requires its HTTP port (`require_http`); in-process harnesses that start gateways
@@ -165,29 +186,20 @@ class GatewayRuntime:
         device = resolve_device(config.device)  # a missing GPU fails here, naming --device, before anything binds
         if metrics is not None:
             metrics.set_model_name(config.model_name)  # request metrics carry the served model's name, as vLLM's
-        managed = ManagedServer([SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s,
-                                api_keys=parse_keys(config.api_key))
+        managed = ManagedServer(
+            [SERVICE_NAME], config.host, config.grpc_port, config.drain_timeout_s, api_keys=parse_keys(config.api_key)
+        )
         http = start_http(config, metrics, require_http)
-        servicer = GatewayServicer(gateway_pb2.GetModelInfoResponse(
-            model_dir=str(config.model), vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
-            n_routed_experts=cfg.n_routed_experts, pools=[p.address for p in placement.pools.values()],
-            dispatch_dtype=config.dispatch_dtype), metrics)
+        servicer = GatewayServicer(_model_info(config, cfg, placement), metrics)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
         await managed.start()
-        experts = RemoteExperts(placement, config.dispatch_dtype, config.pool_call_deadline_s,
-                                metrics=metrics)
+        experts = RemoteExperts(placement, config.dispatch_dtype, config.pool_call_deadline_s, metrics=metrics)
         follower = recorder = None
         if config.redis:
             follower = PlacementFollower(RedisPlacementStore(config.redis), experts).start()
             recorder = LoadRecorder(RedisLoadStore.from_url(config.redis, cfg.moe_layers, cfg.n_routed_experts)).start()
-        core = await asyncio.to_thread(
-            ServingCore.from_dir, config.model, experts_on(experts, device), device=device, dtype=serving_dtype(device),
-            cache_tokens=config.cache_tokens, block_size=config.block_size,
-            routing_observer=on_host(recorder.observe) if recorder else None, max_step_tokens=config.max_step_tokens,
-            max_running=config.max_running, max_waiting=config.max_waiting, micro_batches=config.micro_batches,
-            mtp=config.mtp, num_speculative_tokens=config.num_speculative_tokens,
-            before_step=follower.apply_pending if follower else None,
-            on_finish=metrics.request_finished if metrics else None)
+        core = await asyncio.to_thread(_load_core, config, experts_on(experts, device), device, follower, recorder,
+                                       metrics)  # fmt: skip
         await asyncio.to_thread(wait_for_pools, placement, config.pool_wait_s)
         aio_loop = asyncio.get_running_loop()
 
@@ -205,8 +217,13 @@ class GatewayRuntime:
             http.serving.attach(core)
             http.serving_now = True
         await managed.set_serving()
-        log.info("gateway serving on %s, HTTP on %s (dispatch %s, %d pools)", managed.address,
-                 http.address if http else "none", config.dispatch_dtype, len(placement.pools))
+        log.info(
+            "gateway serving on %s, HTTP on %s (dispatch %s, %d pools)",
+            managed.address,
+            http.address if http else "none",
+            config.dispatch_dtype,
+            len(placement.pools),
+        )
         return cls(config, managed, core, experts, loop, follower, recorder, http)
 
     def stop_on_signals(self) -> None:
@@ -221,8 +238,10 @@ class GatewayRuntime:
     async def wait_for_stop(self) -> None:
         """Until SIGTERM: drain both front ends (running requests finish, new ones are refused), then end what is
         left with a reason and stop."""
-        reason = ServerStoppingError(f"the gateway is stopping: running requests had {self.config.drain_timeout_s:g} s "
-                                     "(--drain-timeout-s) to finish")
+        reason = ServerStoppingError(
+            f"the gateway is stopping: running requests had {self.config.drain_timeout_s:g} s "
+            "(--drain-timeout-s) to finish"
+        )
         end_the_rest = lambda: self.core.scheduler.close(reason)  # noqa: E731
         http = asyncio.ensure_future(self._drain_http(end_the_rest)) if self.http else None
         await self.managed.wait_for_stop(on_drain_timeout=end_the_rest)
@@ -247,3 +266,35 @@ class GatewayRuntime:
         if self.recorder:
             self.recorder.stop()
         self.experts.close()
+
+
+def _model_info(config: GatewayConfig, cfg: ModelConfig, placement: Placement) -> gateway_pb2.GetModelInfoResponse:
+    return gateway_pb2.GetModelInfoResponse(
+        model_dir=str(config.model),
+        vocab_size=cfg.vocab_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        n_routed_experts=cfg.n_routed_experts,
+        pools=[p.address for p in placement.pools.values()],
+        dispatch_dtype=config.dispatch_dtype,
+    )
+
+
+def _load_core(config: GatewayConfig, experts, device, follower, recorder, metrics) -> ServingCore:
+    """The serving core on `device`, everything it calls handed in (nothing patched in afterwards)."""
+    return ServingCore.from_dir(
+        config.model,
+        experts,
+        device=device,
+        dtype=serving_dtype(device),
+        cache_tokens=config.cache_tokens,
+        block_size=config.block_size,
+        routing_observer=on_host(recorder.observe) if recorder else None,
+        max_step_tokens=config.max_step_tokens,
+        max_running=config.max_running,
+        max_waiting=config.max_waiting,
+        micro_batches=config.micro_batches,
+        mtp=config.mtp,
+        num_speculative_tokens=config.num_speculative_tokens,
+        before_step=follower.apply_pending if follower else None,
+        on_finish=metrics.request_finished if metrics else None,
+    )

@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy at temperature 0, else temperature, top-k and top-p (nucleus) with a seeded generator."""
+"""Per-request sampling: greedy at temperature 0, else temperature, top-k and top-p (nucleus) with a seeded
+generator."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from services.gateway.config import DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS
 from services.gateway.requests import PositionScore, Request, RequestEvent
 
 
-
 @dataclass
 class PlannedChunk:
     request: Request
@@ -66,9 +65,14 @@ class ChunkResult:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedLatentCache, eos_token_ids: tuple[int, ...],
-                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 max_waiting: int = DEFAULT_MAX_WAITING):
+    def __init__(
+        self,
+        cache: PagedLatentCache,
+        eos_token_ids: tuple[int, ...],
+        max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+    ):
         self.cache = cache
         self.eos_token_ids = eos_token_ids
         self.max_step_tokens = max_step_tokens
@@ -88,7 +92,9 @@ class Scheduler:
             if self.closed is not None:
                 raise PoolUnavailableError("gateway", f"serving stopped: {self.closed}")
             if len(self.waiting) >= self.max_waiting:
-                raise QueueFullError(f"{len(self.waiting)} requests are waiting, the limit (--max-waiting): retry later")
+                raise QueueFullError(
+                    f"{len(self.waiting)} requests are waiting, the limit (--max-waiting): retry later"
+                )
             self.waiting.append(request)
         self._work.set()
 
@@ -175,7 +181,7 @@ class Scheduler:
         for token in [result.token, *result.extra]:
             self._accept_token(req, token)
             if req.done:
-                del req.token_logprobs[len(req.output):]  # logprobs of tokens after the end are not the output's
+                del req.token_logprobs[len(req.output) :]  # logprobs of tokens after the end are not the output's
                 return
         req.draft, req.draft_probs = list(result.draft), result.draft_probs
 
@@ -210,8 +216,9 @@ class Scheduler:
             self.cache.reserve(req.seq, req.cache_tokens)
             self.running.append(req)
 
-    def _finish(self, req: Request, reason: str | None = None, token: int | None = None,
-                error: BaseException | None = None) -> None:
+    def _finish(
+        self, req: Request, reason: str | None = None, token: int | None = None, error: BaseException | None = None
+    ) -> None:
         req.finish_reason, req.error = reason, error
         if req in self.running:
             self.running.remove(req)

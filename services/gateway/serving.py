@@ -18,7 +18,13 @@ from services.errors import InvalidRequestError
 from services.format.checkpoint import CheckpointReader
 from services.format.config import ModelConfig
 from services.format.tokenizer import load_tokenizer
-from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS, DEFAULT_MAX_WAITING
+from services.gateway.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CACHE_TOKENS,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_MAX_WAITING,
+)
 from services.gateway.model import GatewayModel
 from services.gateway.mtp import MTPModule
 from services.gateway.requests import Request
@@ -32,10 +38,20 @@ log = logging.getLogger(__name__)
 
 
 class ServingCore:
-    def __init__(self, model: GatewayModel, cache: PagedLatentCache, tokenizer=None, *,
-                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 max_waiting: int = DEFAULT_MAX_WAITING, micro_batches: int = 1, before_step: Callable[[], None] | None = None,
-                 on_finish: Callable[[Request], None] | None = None, drafter: MTPDrafter | None = None):
+    def __init__(
+        self,
+        model: GatewayModel,
+        cache: PagedLatentCache,
+        tokenizer=None,
+        *,
+        max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+        micro_batches: int = 1,
+        before_step: Callable[[], None] | None = None,
+        on_finish: Callable[[Request], None] | None = None,
+        drafter: MTPDrafter | None = None,
+    ):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
@@ -47,18 +63,38 @@ class ServingCore:
         self.before_step = before_step  # e.g. switch to a new placement at a step boundary
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, experts: ExpertsBackend, *, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", cache_tokens: int = DEFAULT_CACHE_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                 absorb: bool = True, routing_observer=None, progress=None, mtp: bool = False,
-                 num_speculative_tokens: int = 1, **core_options) -> ServingCore:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        experts: ExpertsBackend,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        absorb: bool = True,
+        routing_observer=None,
+        progress=None,
+        mtp: bool = False,
+        num_speculative_tokens: int = 1,
+        **core_options,
+    ) -> ServingCore:
         """Load the gateway's part of the checkpoint (everything but the routed experts, reached via `experts`);
         with `mtp`, its MTP layer too, which drafts for speculative decoding (its experts through `experts` as well,
         layer num_hidden_layers)."""
         reader = CheckpointReader(model_dir)
-        model = GatewayModel.load(reader, experts, dtype=dtype, device=device, absorb=absorb,
-                                  routing_observer=routing_observer, progress=progress)
-        cache = PagedLatentCache(reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device,
-                                 mtp=mtp)
+        model = GatewayModel.load(
+            reader,
+            experts,
+            dtype=dtype,
+            device=device,
+            absorb=absorb,
+            routing_observer=routing_observer,
+            progress=progress,
+        )
+        cache = PagedLatentCache(
+            reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device, mtp=mtp
+        )
         drafter = None
         if mtp:
             module = MTPModule.load(reader, model, dtype=dtype, device=device, absorb=absorb)
@@ -73,8 +109,10 @@ class ServingCore:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(token_ids) + extra > self.max_context:
-            raise InvalidRequestError(f"prompt of {len(token_ids)} tokens plus {extra} new ones exceeds the context "
-                                      f"of {self.max_context} tokens")
+            raise InvalidRequestError(
+                f"prompt of {len(token_ids)} tokens plus {extra} new ones exceeds the context "
+                f"of {self.max_context} tokens"
+            )
 
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
         params.validate(self.max_context)

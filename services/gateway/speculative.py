@@ -50,8 +50,9 @@ def verify_sampled(p: torch.Tensor, draft: int, q: torch.Tensor, generator: torc
     return [int(torch.multinomial(residual, 1, generator=generator))], 0
 
 
-def decode_tokens(req: Request, chunk: PlannedChunk, rows: torch.Tensor,
-                  targets: list[int] | None) -> tuple[list[int], int]:
+def decode_tokens(
+    req: Request, chunk: PlannedChunk, rows: torch.Tensor, targets: list[int] | None
+) -> tuple[list[int], int]:
     """The tokens a sampling chunk emits: rows [1 + len(draft), V] (the logits at each position fed), targets their
     argmax for a greedy request. -> (tokens, drafts accepted)."""
     if targets is not None:
@@ -79,8 +80,10 @@ class MTPDrafter:
 
     def __init__(self, mtp: MTPModule, model: GatewayModel, cache: PagedLatentCache, num_speculative_tokens: int = 1):
         if num_speculative_tokens != 1:
-            raise ValueError(f"num_speculative_tokens {num_speculative_tokens}: only 1 is implemented (one MTP layer, "
-                             "one draft per step)")
+            raise ValueError(
+                f"num_speculative_tokens {num_speculative_tokens}: only 1 is implemented (one MTP layer, "
+                "one draft per step)"
+            )
         self.mtp, self.model, self.cache = mtp, model, cache
 
     @staticmethod
@@ -93,20 +96,34 @@ class MTPDrafter:
         produced = len(req.output) if not req.prefilling else 0
         return req.params.max_tokens - produced >= 3
 
-    def propose(self, chunks: list[PlannedChunk], starts: list[int], hidden: list[torch.Tensor | None],
-                results: list[ChunkResult]) -> None:
+    def propose(
+        self,
+        chunks: list[PlannedChunk],
+        starts: list[int],
+        hidden: list[torch.Tensor | None],
+        results: list[ChunkResult],
+    ) -> None:
         """Feed the kept positions of every chunk with `hidden` rows to the MTP layer; set the drafts on `results`."""
-        pairs = [p for i, c in enumerate(chunks) if hidden[i] is not None
-                 for p in [self._pairs(i, c, starts[i], hidden[i], results[i])] if p is not None]
+        pairs = [
+            p
+            for i, c in enumerate(chunks)
+            if hidden[i] is not None
+            for p in [self._pairs(i, c, starts[i], hidden[i], results[i])]
+            if p is not None
+        ]
         if not pairs:
             return
         batch = StepBatch.build([SequenceChunk(p.seq, p.next_tokens) for p in pairs], self.cache)
         ends = batch.last_index.tolist()
         wanted = [k for k, p in enumerate(pairs) if p.propose]
         device = self.model.device
-        stage = self.mtp.forward_stages(self.model, batch.to(device), self.cache,
-                                        torch.cat([p.hidden for p in pairs]).to(device),
-                                        torch.tensor([ends[k] for k in wanted], dtype=torch.int64, device=device))
+        stage = self.mtp.forward_stages(
+            self.model,
+            batch.to(device),
+            self.cache,
+            torch.cat([p.hidden for p in pairs]).to(device),
+            torch.tensor([ends[k] for k in wanted], dtype=torch.int64, device=device),
+        )
         logits = run_interleaved([stage])[0].cpu()  # [N, V]
         for row, k in enumerate(wanted):
             req, result = chunks[pairs[k].index].request, results[pairs[k].index]
@@ -129,5 +146,11 @@ class MTPDrafter:
         known = req.prompt + req.output + emitted  # token at each position (output[-1] at start for a decode)
         next_tokens = known[start + 1 : start + 1 + kept]
         # a private view of the sequence's blocks: building the MTP batch must not advance the sequence's length
-        return _Pairs(index, SequenceBlocks(req.seq.blocks, start), start, next_tokens, hidden[:kept],
-                      propose=result.token is not None)
+        return _Pairs(
+            index,
+            SequenceBlocks(req.seq.blocks, start),
+            start,
+            next_tokens,
+            hidden[:kept],
+            propose=result.token is not None,
+        )

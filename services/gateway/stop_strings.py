@@ -32,10 +32,10 @@ class StopStringMatcher:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self._held = True, ""
-            return text[:min(hits)]
+            return text[: min(hits)]
         hold = self._could_start(text)
-        self._held = text[len(text) - hold:]
-        return text[:len(text) - hold]
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold]
 
     def flush(self) -> str:
         """The output ended without a stop string: what was held back is output after all."""

@@ -44,8 +44,11 @@ def resolve_device(name: str | torch.device = "auto", flag: str = "--device") ->
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
-        build = f"torch {torch.__version__} built without CUDA" if torch.version.cuda is None else \
-            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+        build = (
+            f"torch {torch.__version__} built without CUDA"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+        )
         raise DeviceUnavailableError(f"{flag} {name}: CUDA is not available here ({build}); use {flag} cpu or auto")
     return torch.device(name)
 

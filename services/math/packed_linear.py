@@ -29,8 +29,12 @@ class Linear:
     def __init__(self, weight: torch.Tensor, pack: bool | None = None, keep_plain: bool = True):
         """`keep_plain=False` drops the plain weight once packed (inputs must then come in the weight's dtype)."""
         if pack is None:
-            pack = (weight.device.type == "cpu" and weight.dtype in PACK_DTYPES
-                    and weight.numel() >= PACK_MIN_ELEMENTS and packing_available())
+            pack = (
+                weight.device.type == "cpu"
+                and weight.dtype in PACK_DTYPES
+                and weight.numel() >= PACK_MIN_ELEMENTS
+                and packing_available()
+            )
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32) if pack else None
         self.weight = weight if keep_plain or self.packed is None else None  # [out, in]
         self.shape, self.dtype = weight.shape, weight.dtype
@@ -40,7 +44,9 @@ class Linear:
         if self.packed is not None and x.dtype == self.dtype and x.device.type == "cpu":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         if self.weight is None:
-            raise TypeError(f"packed {self.dtype} linear {list(self.shape)} called with a {x.dtype} {x.device.type} input")
+            raise TypeError(
+                f"packed {self.dtype} linear {list(self.shape)} called with a {x.dtype} {x.device.type} input"
+            )
         return plain_linear(x, self.weight)
 
 

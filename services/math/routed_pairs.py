@@ -20,32 +20,39 @@ class RoutedPairs:
     weight: torch.Tensor  # [P] float32: routing weight
 
     @classmethod
-    def from_topk(cls, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> "RoutedPairs":
+    def from_topk(cls, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> RoutedPairs:
         """topk_idx [T, K], topk_w [T, K] -> T*K pairs, token-major (token t's K pairs are adjacent)."""
         t, k = topk_idx.shape
-        return cls(torch.arange(t).repeat_interleave(k), topk_idx.reshape(-1).to(torch.int64),
-                   topk_w.reshape(-1).to(torch.float32))
+        return cls(
+            torch.arange(t).repeat_interleave(k),
+            topk_idx.reshape(-1).to(torch.int64),
+            topk_w.reshape(-1).to(torch.float32),
+        )
 
     @classmethod
-    def empty(cls) -> "RoutedPairs":
-        return cls(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
-                   torch.empty(0, dtype=torch.float32))
+    def empty(cls) -> RoutedPairs:
+        return cls(
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
+        )
 
     @classmethod
-    def cat(cls, parts: Sequence["RoutedPairs"]) -> "RoutedPairs":
+    def cat(cls, parts: Sequence[RoutedPairs]) -> RoutedPairs:
         if not parts:
             return cls.empty()
-        return cls(torch.cat([p.token for p in parts]), torch.cat([p.expert for p in parts]),
-                   torch.cat([p.weight for p in parts]))
+        return cls(
+            torch.cat([p.token for p in parts]),
+            torch.cat([p.expert for p in parts]),
+            torch.cat([p.weight for p in parts]),
+        )
 
     def __len__(self) -> int:
         return self.token.numel()
 
-    def select(self, mask: torch.Tensor) -> "RoutedPairs":
+    def select(self, mask: torch.Tensor) -> RoutedPairs:
         """The pairs where `mask` [P] (bool) is set, in order."""
         return RoutedPairs(self.token[mask], self.expert[mask], self.weight[mask])
 
-    def by_owner(self, owner: torch.Tensor) -> Iterator[tuple[int, "RoutedPairs"]]:
+    def by_owner(self, owner: torch.Tensor) -> Iterator[tuple[int, RoutedPairs]]:
         """owner [P] (a pool index per pair) -> (owner, its pairs) for each owner present, in ascending order."""
         for o in torch.unique(owner).tolist():
             yield o, self.select(owner == o)

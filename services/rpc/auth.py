@@ -29,7 +29,7 @@ def bearer_metadata(key: str | None) -> list[tuple[str, str]]:
 def key_is_valid(header: str | None, keys: frozenset[str]) -> bool:
     if not header or not header.startswith("Bearer "):
         return False
-    given = header[len("Bearer "):].encode()
+    given = header[len("Bearer ") :].encode()
     return any(hmac.compare_digest(given, k.encode()) for k in keys)  # every key compared: no early exit
 
 

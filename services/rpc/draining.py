@@ -86,7 +86,7 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         await asyncio.sleep(max(0.0, self._last_finished + LINGER_SECONDS - time.monotonic()))
         return True

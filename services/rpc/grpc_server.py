@@ -28,8 +28,14 @@ GRACE_SECONDS = 10.0  # default drain time: running calls get this long to finis
 class ManagedServer:
     """A grpc.aio server bound to host:port with health (NOT_SERVING until `set_serving`) and reflection."""
 
-    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
-                 drain_timeout_s: float = GRACE_SECONDS, api_keys: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        service_names: list[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        drain_timeout_s: float = GRACE_SECONDS,
+        api_keys: frozenset[str] = frozenset(),
+    ):
         self.drain_timeout_s = drain_timeout_s
         self.draining = DrainingInterceptor(service_names)
         interceptors = [ApiKeyInterceptor(api_keys, service_names)] if api_keys else []

@@ -7,8 +7,16 @@ import logging
 
 import grpc
 
-from services.errors import (CacheFullError, QueueFullError, ServerStoppingError, CheckpointError, ConfigError, ExpertNotHeldError, InvalidRequestError,
-                                    PoolUnavailableError)
+from services.errors import (
+    CacheFullError,
+    CheckpointError,
+    ConfigError,
+    ExpertNotHeldError,
+    InvalidRequestError,
+    PoolUnavailableError,
+    QueueFullError,
+    ServerStoppingError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,9 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 def _message(exc: BaseException) -> str:
-    return str(exc) if status_of(exc) is not grpc.StatusCode.INTERNAL else f"internal error: {type(exc).__name__}: {exc}"
+    return (
+        str(exc) if status_of(exc) is not grpc.StatusCode.INTERNAL else f"internal error: {type(exc).__name__}: {exc}"
+    )
 
 
 def unary(handler):

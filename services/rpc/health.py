@@ -15,14 +15,17 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     """Whether the server at host:port answers SERVING for the whole server."""
     with tls.channel(address) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+            status = (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+            )
         except grpc.RpcError:
             return False
     return status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_serving(address: str, timeout_s: float, name: str, gone: Callable[[], str | None] | None = None,
-                 interval_s: float = 0.1) -> None:
+def wait_serving(
+    address: str, timeout_s: float, name: str, gone: Callable[[], str | None] | None = None, interval_s: float = 0.1
+) -> None:
     """Block until `address` serves. TimeoutError after `timeout_s`; RuntimeError as soon as `gone()` returns a
     reason (the process behind it died, say)."""
     deadline = time.monotonic() + timeout_s

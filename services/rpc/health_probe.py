@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tls.channel(args[0]) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args[1] if len(args) > 1 else ""), timeout=4)
+                health_pb2.HealthCheckRequest(service=args[1] if len(args) > 1 else ""), timeout=4
+            )
     except grpc.RpcError as exc:
         print(f"{args[0]}: {exc.code().name}", file=sys.stderr)
         return 1

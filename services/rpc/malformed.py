@@ -34,8 +34,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 return _Malformed(exc)
 
         async def refuse(context, request):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request does not parse as {message}: {request.error}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as {message}: {request.error}"
+            )
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary

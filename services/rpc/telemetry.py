@@ -41,7 +41,9 @@ def setup_tracing(service_name: str, span_processor=None) -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         span_processor = BatchSpanProcessor(OTLPSpanExporter())
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    )
     provider.add_span_processor(span_processor)
     trace.set_tracer_provider(provider)
     instrument_grpc()
@@ -53,8 +55,12 @@ def instrument_grpc() -> None:
     global _instrumented
     if _instrumented:
         return
-    from opentelemetry.instrumentation.grpc import (GrpcAioInstrumentorClient, GrpcAioInstrumentorServer,
-                                                    GrpcInstrumentorClient, filters)
+    from opentelemetry.instrumentation.grpc import (
+        GrpcAioInstrumentorClient,
+        GrpcAioInstrumentorServer,
+        GrpcInstrumentorClient,
+        filters,
+    )
 
     quiet = filters.negate(filters.health_check())
     GrpcAioInstrumentorServer().instrument(filter_=quiet)

@@ -62,8 +62,9 @@ def add_port(server, address: str) -> int:
     files = tls_files()
     if files is None:
         return server.add_insecure_port(address)
-    credentials = grpc.ssl_server_credentials([(files.key, files.cert)], root_certificates=files.ca,
-                                              require_client_auth=True)
+    credentials = grpc.ssl_server_credentials(
+        [(files.key, files.cert)], root_certificates=files.ca, require_client_auth=True
+    )
     return server.add_secure_port(address, credentials)
 
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import redis
-
-
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +35,14 @@ def bucket_of(t: float, bucket_s: int = BUCKET_SECONDS) -> int:
 
 
 class RedisLoadStore:
-    def __init__(self, client: redis.Redis, layers: list[int], num_experts: int, bucket_s: int = BUCKET_SECONDS,
-                 ttl_s: int = TTL_SECONDS):
+    def __init__(
+        self,
+        client: redis.Redis,
+        layers: list[int],
+        num_experts: int,
+        bucket_s: int = BUCKET_SECONDS,
+        ttl_s: int = TTL_SECONDS,
+    ):
         self.redis = client
         self.layers = layers
         self.num_experts = num_experts
@@ -47,7 +50,7 @@ class RedisLoadStore:
         self.ttl_s = ttl_s
 
     @classmethod
-    def from_url(cls, url: str, layers: list[int], num_experts: int, **kw) -> "RedisLoadStore":
+    def from_url(cls, url: str, layers: list[int], num_experts: int, **kw) -> RedisLoadStore:
         return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0), layers, num_experts, **kw)
 
     def write(self, buckets: dict[int, np.ndarray]) -> None:
@@ -110,7 +113,7 @@ class LoadRecorder:
             matrix[self.row_of_layer[layer]] += counts
 
     # ---- background ------------------------------------------------------------------------------------------
-    def start(self) -> "LoadRecorder":
+    def start(self) -> LoadRecorder:
         self._thread.start()
         return self
 
@@ -153,8 +156,11 @@ class LoadRecorder:
                 log.warning("load store unreachable (%s): buffering routed-token counts", exc)
             return False
         if self.outage_since is not None:
-            log.warning("load store reachable again after %.1f s: flushed %d buffered buckets",
-                        self.outage_seconds, len(pending))
+            log.warning(
+                "load store reachable again after %.1f s: flushed %d buffered buckets",
+                self.outage_seconds,
+                len(pending),
+            )
             self.outage_since = None
         self.flushes += 1
         return True

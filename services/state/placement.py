@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.format.config import ModelConfig
 from services.errors import InvalidRequestError
+from services.format.config import ModelConfig
 
 
 def default_slots(num_experts: int, replicas: int, pools: int) -> int:
@@ -37,7 +37,7 @@ class Placement:
     min_replicas: int = 1  # the redundancy floor every plan keeps where the pools have room (failover without loss)
 
     @classmethod
-    def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> "Placement":
+    def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> Placement:
         """Every MoE layer's experts (cfg.moe_layers: the MTP layer's too, placed, load-tracked and rebalanced like
         the others) dealt round-robin over the pools, `replicas` copies each on distinct pools."""
         if not pools:
@@ -45,8 +45,10 @@ class Placement:
         if not 1 <= replicas <= len(pools):
             raise InvalidRequestError(f"replicas must lie in [1, {len(pools)}] (one per pool at most), got {replicas}")
         ids = [p.pool_id for p in pools]
-        table = {layer: [[ids[(e + layer + r) % len(ids)] for r in range(replicas)] for e in range(cfg.n_routed_experts)]
-                 for layer in cfg.moe_layers}
+        table = {
+            layer: [[ids[(e + layer + r) % len(ids)] for r in range(replicas)] for e in range(cfg.n_routed_experts)]
+            for layer in cfg.moe_layers
+        }
         return cls(version, {p.pool_id: p for p in pools}, table, min_replicas=replicas)
 
     @property
@@ -80,20 +82,32 @@ class Placement:
 
     def below_floor(self) -> list[tuple[int, int]]:
         """(layer, expert) with fewer replicas than `min_replicas`: redundancy lost until capacity returns."""
-        return [(layer, e) for layer, experts in sorted(self.replicas.items())
-                for e, pools in enumerate(experts) if len(pools) < self.min_replicas]
+        return [
+            (layer, e)
+            for layer, experts in sorted(self.replicas.items())
+            for e, pools in enumerate(experts)
+            if len(pools) < self.min_replicas
+        ]
 
     def experts_on(self, pool_id: str) -> list[tuple[int, int]]:
-        return [(layer, e) for layer, experts in sorted(self.replicas.items())
-                for e, pools in enumerate(experts) if pool_id in pools]
+        return [
+            (layer, e)
+            for layer, experts in sorted(self.replicas.items())
+            for e, pools in enumerate(experts)
+            if pool_id in pools
+        ]
 
     def validate(self, layers: list[int], num_experts: int) -> None:
         """Every logical expert keeps a replica, on known pools, at most one per pool; budgets hold."""
         if sorted(self.replicas) != sorted(layers):
-            raise InvalidRequestError(f"placement covers layers {sorted(self.replicas)}, the MoE layers are {sorted(layers)}")
+            raise InvalidRequestError(
+                f"placement covers layers {sorted(self.replicas)}, the MoE layers are {sorted(layers)}"
+            )
         for layer, experts in self.replicas.items():
             if len(experts) != num_experts:
-                raise InvalidRequestError(f"layer {layer}: placement lists {len(experts)} experts, the model has {num_experts}")
+                raise InvalidRequestError(
+                    f"layer {layer}: placement lists {len(experts)} experts, the model has {num_experts}"
+                )
             used = dict.fromkeys(self.pools, 0)
             for e, pools in enumerate(experts):
                 if not pools:
@@ -107,27 +121,31 @@ class Placement:
                     used[p] += 1
             for p, n in used.items():
                 if self.pools[p].slots and n > self.pools[p].slots:
-                    raise InvalidRequestError(f"pool {p} holds {n} experts of layer {layer}, over its {self.pools[p].slots} slots")
+                    raise InvalidRequestError(
+                        f"pool {p} holds {n} experts of layer {layer}, over its {self.pools[p].slots} slots"
+                    )
         for layer, e, p in self.pinned:
             experts = self.replicas.get(layer)
             if experts is None or not 0 <= e < len(experts) or p not in experts[e]:
                 raise InvalidRequestError(f"pinned replica of layer {layer} expert {e} on {p} is not in the placement")
 
-    def copy(self) -> "Placement":
+    def copy(self) -> Placement:
         return Placement.from_json(self.to_json())
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({
-            "version": self.version,
-            "pools": [{"pool_id": p.pool_id, "address": p.address, "slots": p.slots} for p in self.pools.values()],
-            "layers": {str(layer): experts for layer, experts in sorted(self.replicas.items())},
-            "pinned": sorted([layer, e, p] for layer, e, p in self.pinned),
-            "min_replicas": self.min_replicas,
-        })
+        return json.dumps(
+            {
+                "version": self.version,
+                "pools": [{"pool_id": p.pool_id, "address": p.address, "slots": p.slots} for p in self.pools.values()],
+                "layers": {str(layer): experts for layer, experts in sorted(self.replicas.items())},
+                "pinned": sorted([layer, e, p] for layer, e, p in self.pinned),
+                "min_replicas": self.min_replicas,
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Placement":
+    def from_json(cls, text: str) -> Placement:
         try:
             raw = json.loads(text)
             pools = {p["pool_id"]: Pool(p["pool_id"], p["address"], int(p.get("slots", 0))) for p in raw["pools"]}
@@ -141,5 +159,5 @@ class Placement:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Placement":
+    def load(cls, path: str | Path) -> Placement:
         return cls.from_json(Path(path).read_text())

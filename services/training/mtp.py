@@ -56,9 +56,11 @@ def final_hidden(model: TrainingModel, ids: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, p["model.norm.weight"], cfg.rms_norm_eps)
 
 
-def mtp_logits(model: TrainingModel, hidden: torch.Tensor, next_ids: torch.Tensor,
-               loads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """hidden [B, S, H] (h_i), next_ids [B, S] (t_{i+1}) at positions 0..S-1 -> logits [B, S, V] (guesses at t_{i+2})."""
+def mtp_logits(
+    model: TrainingModel, hidden: torch.Tensor, next_ids: torch.Tensor, loads: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """hidden [B, S, H] (h_i), next_ids [B, S] (t_{i+1}) at positions 0..S-1 -> logits [B, S, V] (guesses at
+    t_{i+2})."""
     cfg, p = model.cfg, model.params
     layer = cfg.mtp_layers[0]
     pre, eps = f"model.layers.{layer}.", cfg.rms_norm_eps
@@ -104,8 +106,9 @@ def train_mtp(model: TrainingModel, ids: torch.Tensor, tc: TrainConfig, on_step:
     return losses
 
 
-def write_mtp_trained_model(source: str | Path, directory: str | Path, tc: TrainConfig = TrainConfig(),
-                            on_step: StepFn | None = None) -> TrainResult:
+def write_mtp_trained_model(
+    source: str | Path, directory: str | Path, tc: TrainConfig = TrainConfig(), on_step: StepFn | None = None
+) -> TrainResult:
     """`source` (a trained checkpoint with an MTP layer) with its MTP layer trained `tc.steps` steps on
     TRAIN_MODULES, main model unchanged, written to `directory`."""
     model = TrainingModel.from_checkpoint(source)
