@@ -133,7 +133,8 @@ def _first_two(stream) -> None:
     """A stream that could run long: read two messages, then hang up (a cancel the server must survive)."""
     for i, _ in enumerate(stream):
         if i == 1:
-            stream.cancel()
+            # a grpc call, or (with OpenTelemetry's client instrumentation on) a generator wrapping one
+            stream.cancel() if hasattr(stream, "cancel") else stream.close()
             return
 
 
