@@ -196,3 +196,51 @@ def test_a_stop_token_among_accepted_drafts_ends_the_request_there():
     assert req.output == [7, 1] and req.finish_reason == "stop" and req.draft == []
     assert [lp for lp, _ in req.token_logprobs] == [-0.5, -0.1]  # one per output token
     assert cache.free_blocks == 8
+
+
+def test_a_mixed_step_batches_short_chunks_and_each_equals_its_sequence_alone(engines):
+    """Decodes, 1 + draft chunks and a long prefill chunk in one step (what a verify step beside a new prompt
+    is): the short ones attend as one padded batch, each over its own keys; every row equals its sequence alone."""
+    from services.attention.batch import SequenceChunk
+    from services.attention.kv_cache import SequenceBlocks
+    from tests.model_steps import build_step
+
+    model, cfg = engines[0].model, engines[0].cfg
+    cache = PagedLatentCache(cfg, num_blocks=64, block_size=16)
+    history = [_ids(n, 50 + i) for i, n in enumerate((30, 5, 1, 12, 7))]
+    chunks = [_ids(n, 60 + i) for i, n in enumerate((2, 1, 40, 3, 8))]
+    seqs = [SequenceBlocks() for _ in history]
+    for seq, ids in zip(seqs, history):
+        model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)
+    step = build_step([SequenceChunk(s, c) for s, c in zip(seqs, chunks)], cache)
+    assert not step.uniform
+    mixed = model.forward(step, cache, all_logits=True)  # [T, V]
+    for s in seqs:
+        cache.release(s)
+    offset = 0
+    for ids, chunk in zip(history, chunks):
+        seq = SequenceBlocks()
+        model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)
+        alone = model.forward(build_step([SequenceChunk(seq, chunk)], cache), cache, all_logits=True)
+        cache.release(seq)
+        assert (mixed[offset : offset + len(chunk)] - alone).abs().max().item() < 1e-4
+        offset += len(chunk)
+
+
+def test_above_mtp_max_batch_the_running_requests_stop_drafting(tiny_fp8, plain_outputs):
+    prompts, params, plain = plain_outputs
+    engine = Engine.from_dir(tiny_fp8, mtp=True, mtp_max_batch=3, **OPTIONS)  # 4 run at once: above the limit
+    out = engine.generate(prompts, params)
+    assert [g.token_ids for g in out] == [g.token_ids for g in plain]
+    first_wave = [g.draft_tokens for g in out[:4]]
+    assert first_wave == [0, 0, 0, 0]  # admitted together (max_running 4): never drafted
+    assert engine.scheduler.mtp_max_batch == 3
+    cache = PagedLatentCache(preset_config("tiny"), num_blocks=8, block_size=16)
+    sched = Scheduler(cache, eos_token_ids=(1,), mtp_max_batch=1)
+    reqs = [Request(_ids(3, 70 + i), SamplingParams(max_tokens=8)) for i in range(2)]
+    for r in reqs:
+        sched.submit(r)
+    sched.commit(sched.plan(), [ChunkResult(token=7, draft=[8]), ChunkResult(token=7, draft=[8])])
+    plan = sched.plan()  # two running, limit 1: no draft planned, and none ever again
+    assert all(c.draft == [] and c.request.mtp_off for c in plan.chunks)
+    assert not MTPDrafter.wants(plan.chunks[0])

@@ -35,6 +35,7 @@ class MLAWeights:
     o: Linear  # [H, nh * v]
 
 
+SHORT_CHUNK = 8  # chunks up to this long (decodes, a token and its MTP drafts) batch together in a mixed step
 QUERY_BLOCK = 256  # queries of a long chunk attended at once: bounds the [q, nh, L] scores it holds
 
 
@@ -98,16 +99,11 @@ class MLA:
             )
             return out.reshape(b * s, self.nh, self.dv)
         out = q_nope.new_empty(q_nope.shape[0], self.nh, self.dv)
-        decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
-        if decodes:
-            idx = torch.tensor([batch.offsets[i] for i in decodes], device=device)  # [Bd]
-            ends = torch.tensor([batch.key_lengths[i] for i in decodes], device=device)  # [Bd]
-            width = int(ends.max())
-            rows = cache.gather(layer, batch.key_slots[torch.tensor(decodes, device=device), :width]).to(dtype)
-            mask = (torch.arange(width, device=device)[None, :] < ends[:, None])[:, None, :]  # [Bd, 1, L]
-            out[idx] = self._attend_padded(q_nope[idx, None], q_pe[idx, None], rows, mask)[:, 0]
+        short = [i for i, n in enumerate(batch.lengths) if n <= SHORT_CHUNK]  # decodes, 1 + MTP drafts
+        if short:
+            self._attend_short(q_nope, q_pe, batch, cache, layer, short, out)
         for i, n in enumerate(batch.lengths):
-            if n > 1:
+            if n > SHORT_CHUNK:
                 o, length = batch.offsets[i], batch.key_lengths[i]
                 rows = cache.gather(layer, batch.key_slots[i : i + 1, :length]).to(dtype)  # [1, L_i, C + R]
                 for q0 in range(0, n, QUERY_BLOCK):
@@ -119,6 +115,31 @@ class MLA:
                         q_nope[None, o + q0 : o + q1], q_pe[None, o + q0 : o + q1], rows[:, :visible], mask
                     )[0]
         return out
+
+    def _attend_short(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedLatentCache,
+        layer: int,
+        short: list[int],
+        out: torch.Tensor,
+    ) -> None:
+        """The short chunks of a mixed step (decodes; a token and its drafts) as one batch padded to the longest of
+        them, each over its own keys, causal; into `out` at their flat tokens."""
+        device = q_nope.device
+        n = torch.tensor([batch.lengths[i] for i in short], device=device)  # [Bs]
+        ends = torch.tensor([batch.key_lengths[i] for i in short], device=device)  # [Bs]
+        offsets = torch.tensor([batch.offsets[i] for i in short], device=device)  # [Bs]
+        j = torch.arange(int(n.max()), device=device)  # [S]
+        valid = j[None, :] < n[:, None]  # [Bs, S]
+        idx = torch.where(valid, offsets[:, None] + j, 0)  # [Bs, S] flat token of each query (padding: token 0)
+        query_pos = ends[:, None] - n[:, None] + j  # [Bs, S]; padding queries lie past the end (results dropped)
+        width = int(ends.max())
+        mask = torch.arange(width, device=device)[None, None, :] <= query_pos[:, :, None]  # [Bs, S, L]
+        rows = cache.gather(layer, batch.key_slots[torch.tensor(short, device=device), :width]).to(q_nope.dtype)
+        out[idx[valid]] = self._attend_padded(q_nope[idx], q_pe[idx], rows, mask)[valid]
 
     def _attend_padded(
         self, qn: torch.Tensor, qp: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor

@@ -49,6 +49,11 @@ class GatewayConfig:
         "step verifies the draft it proposed (greedy output unchanged).",
     )
     num_speculative_tokens: int = setting(1, "Draft tokens per step with --mtp (1: DeepSeek-V3's one MTP layer).")
+    mtp_max_batch: int = setting(
+        0,
+        "With --mtp: once more than this many requests run at once, those running stop "
+        "drafting for good (0: no limit; BENCHMARKS.md, MTP).",
+    )
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
@@ -79,6 +84,8 @@ class GatewayConfig:
         for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mtp_max_batch < 0:
+            raise ValueError(f"mtp_max_batch must be >= 0 (0: no limit), got {self.mtp_max_batch}")
         if self.num_speculative_tokens != 1:
             raise ValueError(
                 f"num_speculative_tokens must be 1 (one MTP layer, one draft per step), got "

@@ -295,6 +295,7 @@ def _load_core(config: GatewayConfig, experts, device, follower, recorder, metri
         micro_batches=config.micro_batches,
         mtp=config.mtp,
         num_speculative_tokens=config.num_speculative_tokens,
+        mtp_max_batch=config.mtp_max_batch,
         before_step=follower.apply_pending if follower else None,
         on_finish=metrics.request_finished if metrics else None,
     )

@@ -72,8 +72,10 @@ class Scheduler:
         max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
         max_running: int = DEFAULT_MAX_RUNNING,
         max_waiting: int = DEFAULT_MAX_WAITING,
+        mtp_max_batch: int = 0,
     ):
         self.cache = cache
+        self.mtp_max_batch = mtp_max_batch  # MTP drafting only while at most this many run (0: no limit)
         self.eos_token_ids = eos_token_ids
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
@@ -122,6 +124,9 @@ class Scheduler:
         """Admit what fits, then the next step: decodes first, prefill chunks in the budget that is left."""
         self._drop_cancelled()
         self._admit()
+        if self.mtp_max_batch and len(self.running) > self.mtp_max_batch:
+            for r in self.running:  # drafting costs more than it saves in batches this large: stop, for good
+                r.mtp_off, r.draft, r.draft_probs = True, [], None
         chunks = [PlannedChunk(r, [r.output[-1]]) for r in self.running if not r.prefilling]
         budget = self.max_step_tokens - len(chunks)
         for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, where the budget allows

@@ -51,13 +51,16 @@ class ServingCore:
         before_step: Callable[[], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
         drafter: MTPDrafter | None = None,
+        mtp_max_batch: int = 0,
     ):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
         self.tokenizer = tokenizer
         self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
-        self.scheduler = Scheduler(cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting)
+        self.scheduler = Scheduler(
+            cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting, mtp_max_batch=mtp_max_batch
+        )
         self.scheduler.on_finish = on_finish  # e.g. count finished requests and their tokens
         self.runner = ModelRunner(model, cache, micro_batches, drafter)
         self.before_step = before_step  # e.g. switch to a new placement at a step boundary

@@ -91,7 +91,7 @@ class MTPDrafter:
         """Whether the chunk's sequence feeds the MTP layer this step: a generate request for which a draft may
         still pay (after this step at least 2 tokens may be left to generate)."""
         req = chunk.request
-        if req.is_score:
+        if req.is_score or req.mtp_off:
             return False
         produced = len(req.output) if not req.prefilling else 0
         return req.params.max_tokens - produced >= 3
