@@ -187,6 +187,17 @@ def _engine_limits(engine) -> tuple[int, int]:
     return engine.cfg.vocab_size, int(getattr(engine, "max_context", 0) or 0)
 
 
+# the --target forms' connection options, shared by score and generate
+ApiKeyOption = typer.Option(
+    None,
+    "--api-key",
+    envvar="EXPERTMESH_API_KEY",
+    show_envvar=False,
+    help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
+)
+TlsDirOption = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key).")
+
+
 def score(
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (in process)."),
     target: Optional[str] = typer.Option(None, "--target", help="A running gateway, HOST:PORT."),
@@ -194,16 +205,8 @@ def score(
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids, comma-separated."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Alternatives to list per position."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    api_key: Optional[str] = typer.Option(
-        None,
-        "--api-key",
-        envvar="EXPERTMESH_API_KEY",
-        show_envvar=False,
-        help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
-    ),
-    tls_dir: Optional[Path] = typer.Option(
-        None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."
-    ),
+    api_key: Optional[str] = ApiKeyOption,
+    tls_dir: Optional[Path] = TlsDirOption,
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
@@ -292,16 +295,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="0: no top-k cut."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    api_key: Optional[str] = typer.Option(
-        None,
-        "--api-key",
-        envvar="EXPERTMESH_API_KEY",
-        show_envvar=False,
-        help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
-    ),
-    tls_dir: Optional[Path] = typer.Option(
-        None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key)."
-    ),
+    api_key: Optional[str] = ApiKeyOption,
+    tls_dir: Optional[Path] = TlsDirOption,
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
     mtp: bool = typer.Option(
         False,
