@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
 
 import grpc
 import pytest
@@ -21,11 +22,11 @@ from services.gateway.remote_experts import RemoteExperts
 from services.state.placement import Placement, Pool
 
 
-@pytest.fixture
-def remote(tiny_fp8):
+@pytest.fixture(params=["stream", "unary"])
+def remote(tiny_fp8, request):
     cfg = ModelConfig.from_file(tiny_fp8)
     pools = [Pool(f"pool-{i}", f"127.0.0.1:{1 + i}") for i in range(3)]
-    r = RemoteExperts(Placement.spread(cfg, pools, replicas=2), "fp32")
+    r = RemoteExperts(Placement.spread(cfg, pools, replicas=2), "fp32", transport=request.param)
     yield r
     r.close()
 
@@ -89,7 +90,27 @@ def _in_process_pools(remote, tiny_fp8, failing: set[str] = frozenset()):
             return asyncio.run(_s.Forward(request, _Context()))
 
         remote._forward[pool_id] = forward
+        remote._streams[pool_id] = _StreamOf(forward)
     return servicers
+
+
+class _StreamOf:
+    """A pool stream answered by `forward` (the unary form) in this process, as a PoolStream's Future."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def send(self, request):
+        data = request.SerializeToString()
+        future = Future()
+        try:
+            future.set_result(self.forward(data))
+        except grpc.RpcError as exc:
+            future.set_exception(exc)
+        return future, len(data)
+
+    def close(self):
+        pass
 
 
 @pytest.mark.parametrize("failing", [set(), {"pool-1"}])

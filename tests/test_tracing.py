@@ -1,4 +1,5 @@
-"""OpenTelemetry: one request's spans on the gateway and the pool join one trace (context in gRPC metadata).
+"""OpenTelemetry: one request's spans on the gateway and the pool join one trace (context in gRPC metadata, and
+in each message of a gateway's long-lived ForwardStream to a pool).
 
 The gateway and an expert pool run as real gRPC servers on 127.0.0.1 in this process (the in-memory exporter
 can only see spans of its own process); the calls between them go over the network stack as in production.
@@ -21,6 +22,8 @@ from services.gateway.config import GatewayConfig
 from services.gateway.runtime import GatewayRuntime
 from services.rpc.telemetry import setup_tracing
 from services.state.placement import Placement, Pool
+
+POOL_CALL = "ExpertPoolService/ForwardStream message"  # one client and one server span per streamed request
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_one_trace_across_gateway_and_pools(traced_deployment):
     # expert.compute (pool side) <- pool server span <- gateway's client call <- moe.dispatch <- gateway.step
     compute = next(s for s in trace_spans if s.name == "expert.compute")
     pool_server = by_id[compute.parent.span_id]
-    assert pool_server.kind == SpanKind.SERVER and pool_server.name.endswith("ExpertPoolService/Forward")
+    assert pool_server.kind == SpanKind.SERVER and pool_server.name.endswith(POOL_CALL)
     pool_client = by_id[pool_server.parent.span_id]
     assert pool_client.kind == SpanKind.CLIENT
     dispatch = by_id[pool_client.parent.span_id]
@@ -78,5 +81,7 @@ def test_one_trace_across_gateway_and_pools(traced_deployment):
     step = by_id[dispatch.parent.span_id]
     assert step.name == "gateway.step" and by_id[step.parent.span_id].name == "gateway.request"
     # both pools were called for some layer, within the same trace
-    pool_calls = [s for s in trace_spans if s.kind == SpanKind.SERVER and s.name.endswith("ExpertPoolService/Forward")]
+    pool_calls = [s for s in trace_spans if s.kind == SpanKind.SERVER and s.name.endswith(POOL_CALL)]
     assert len(pool_calls) >= 2
+    # the long-lived stream itself makes no span (it would last as long as the gateway)
+    assert not [s for s in spans if s.name.endswith("ExpertPoolService/ForwardStream")]

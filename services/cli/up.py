@@ -75,6 +75,9 @@ def up(
     micro_batches: int = typer.Option(
         _G.micro_batches, "--micro-batches", min=1, help=_help(GatewayConfig, "micro_batches")
     ),
+    pool_transport: str = typer.Option(
+        _G.pool_transport, "--pool-transport", help=_help(GatewayConfig, "pool_transport")
+    ),
     drain_timeout_s: float = typer.Option(
         _G.drain_timeout_s, "--drain-timeout-s", min=0.0, help=_help(GatewayConfig, "drain_timeout_s")
     ),
@@ -131,6 +134,7 @@ def up(
             mtp=mtp,
             cache_tokens=cache_tokens,
             micro_batches=micro_batches,
+            pool_transport=pool_transport,
             drain_timeout_s=drain_timeout_s,
         )
         autoscaler = AutoscalerConfig(

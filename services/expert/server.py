@@ -8,13 +8,17 @@ and a message; SIGTERM finishes in-flight calls first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import torch
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
 from services.dispatch import codec
@@ -24,13 +28,15 @@ from services.expert.grouped import grouped_pairs_forward
 from services.expert.store import ExpertStore, LayerWeights
 from services.format.checkpoint import CheckpointReader
 from services.math.device import DEVICE_CHOICES, DEVICE_HELP, DeviceUnavailableError, resolve_device
-from services.rpc import grpc_status
+from services.rpc import grpc_status, malformed
+from services.rpc.draining import DrainingInterceptor
 from services.rpc.grpc_server import ManagedServer
 from services.rpc.metrics import PoolMetrics, serve_metrics
 from services.rpc.telemetry import setup_tracing, tracer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
+FORWARD_STREAM_SPAN = f"{SERVICE_NAME}/ForwardStream message"  # one server span per streamed request
 # Batches of up to this many (token, expert) pairs (decode) are computed on the event loop: handing them to the
 # compute thread costs GIL contention with the loop (BENCHMARKS.md). Larger ones (prefill) go to the thread, so
 # that health checks are answered while they run.
@@ -48,12 +54,43 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         self.routed_pairs = 0
         self.placement_version = 0
         self._managing = 0  # load/unload calls running on the compute thread (the store changes under them)
+        self.draining: DrainingInterceptor | None = None  # the server's, once it has one: streamed requests count
 
     # ---- inference -----------------------------------------------------------------------------------
     @grpc_status.unary
     async def Forward(self, request, context):
-        started = time.monotonic()
+        return await self._answer(request)
+
+    async def ForwardStream(self, request_iterator, context):
+        """One gateway's long-lived stream: requests answered in order, a failed one in band (error_code), so
+        the stream outlives bad requests; a stopping pool ends it with UNAVAILABLE (the gateway fails over)."""
+        async for request in request_iterator:
+            if self.draining is not None and self.draining.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            with self.draining.track(SERVICE_NAME) if self.draining is not None else contextlib.nullcontext():
+                yield await self._answer_in_band(request)
+
+    async def _answer_in_band(self, request) -> expert_pool_pb2.ForwardResponse:
+        """A streamed request's answer, or its failure as error_code and error_message; echoes its id."""
+        if isinstance(request, malformed.Malformed):
+            code, message = grpc_status.code_and_message(
+                InvalidRequestError(f"the request does not parse as ForwardRequest: {request.error}")
+            )
+            return expert_pool_pb2.ForwardResponse(error_code=code.value[0], error_message=message)
+        parent = propagate.extract(request.trace_context) if request.trace_context else None
+        with tracer().start_as_current_span(FORWARD_STREAM_SPAN, context=parent, kind=SpanKind.SERVER):
+            try:
+                response = await self._answer(request)
+            except Exception as exc:  # noqa: BLE001 - answered in band; the stream keeps serving
+                code, message = grpc_status.code_and_message(exc)
+                response = expert_pool_pb2.ForwardResponse(error_code=code.value[0], error_message=message)
+        response.id = request.id
+        return response
+
+    async def _answer(self, request) -> expert_pool_pb2.ForwardResponse:
+        started = time.perf_counter()
         batch = self._decode(request)
+        decoded = time.perf_counter()
         n_pairs = len(batch.pairs)
         with tracer().start_as_current_span("expert.compute") as span:
             span.set_attribute("expertmesh.layer", batch.layer)
@@ -69,13 +106,17 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
                 out = grouped_pairs_forward(*args)
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self.compute, grouped_pairs_forward, *args)
+        computed = time.perf_counter()
         self.forward_calls += 1
         self.routed_pairs += n_pairs
         self.placement_version = max(self.placement_version, request.placement_version)
         if self.metrics:
-            self.metrics.forward.observe(time.monotonic() - started)
+            self.metrics.forward.observe(computed - started)
             self.metrics.routed_pairs.inc(n_pairs)
-        return codec.encode_response(out, batch.reply_dtype)
+        response = codec.encode_response(out, batch.reply_dtype)
+        response.decode_us = int((decoded - started) * 1e6)
+        response.compute_us = int((computed - decoded) * 1e6)
+        return response
 
     def _decode(self, request) -> codec.PoolBatch:
         """The request checked against the model (codec) and against what this pool holds."""
@@ -155,6 +196,7 @@ async def start_pool(
     servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
+    servicer.draining = managed.draining
     await managed.start()
     await servicer.change_store(servicer.load, experts)
     await managed.set_serving()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.dispatch import DISPATCH_DTYPES
+from services.dispatch import DISPATCH_DTYPES, POOL_TRANSPORTS
 from services.math.device import DEVICE_CHOICES, DEVICE_HELP
 from services.settings import setting
 
@@ -55,6 +55,12 @@ class GatewayConfig:
         "drafting for good (0: no limit; BENCHMARKS.md, MTP).",
     )
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
+    pool_transport: str = setting(
+        "stream",
+        "How batches travel to the pools: stream (one long-lived ForwardStream per pool) or unary (a Forward "
+        "call per pool per MoE layer, for proxies that do not carry long-lived streams).",
+        choices=POOL_TRANSPORTS,
+    )
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
     api_key: str | None = setting(
@@ -95,5 +101,7 @@ class GatewayConfig:
             raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")
         if self.dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch_dtype must be one of {', '.join(DISPATCH_DTYPES)}, got {self.dispatch_dtype!r}")
+        if self.pool_transport not in POOL_TRANSPORTS:
+            raise ValueError(f"pool_transport must be one of {', '.join(POOL_TRANSPORTS)}, got {self.pool_transport!r}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")

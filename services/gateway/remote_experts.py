@@ -1,9 +1,10 @@
 """Remote routed experts: the experts seam over gRPC to expert pools.
 
 Per MoE layer, each pool gets the tokens routed to any expert it hosts, each token once, with that token's
-(expert, weight) pairs for the pool; all pools are called at once (blocking calls on a pool of long-lived
-threads, one channel per pool), every call with a deadline; the BF16 (or fp32) partial sums that come back are
-added on the gateway.
+(expert, weight) pairs for the pool; all pools are sent their share at once, each request on the gateway's
+long-lived ForwardStream to that pool (`transport="stream"`, services.gateway.pool_stream; or one unary Forward
+call per pool per layer on a pool of caller threads, `transport="unary"`), every request with a deadline; the
+BF16 (or fp32) partial sums that come back are added on the gateway.
 
 Replicas: an expert with several replicas has its tokens dealt over them in turn (by token count).
 Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
@@ -19,16 +20,19 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
 import torch
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from expertmesh.v1 import expert_pool_pb2
-from services.dispatch import DISPATCH_DTYPES, codec
+from services.dispatch import DISPATCH_DTYPES, POOL_TRANSPORTS, codec
 from services.errors import InvalidRequestError, PoolUnavailableError
+from services.gateway.pool_stream import MESSAGE_SPAN, PoolCallError, PoolStream
 from services.math.experts import Pending
 from services.math.routed_pairs import RoutedPairs
 from services.rpc import tls
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 10.0
 DEAD_FOR_S = 30.0
 FORWARD_METHOD = f"/{expert_pool_pb2.DESCRIPTOR.services_by_name['ExpertPoolService'].full_name}/Forward"
-MAX_CONCURRENT_CALLS = 64  # pool calls in flight at once (threads are made as needed, then reused)
+MAX_CONCURRENT_CALLS = 64  # unary transport: pool calls in flight at once (threads made as needed, then reused)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class _Call:
     pairs: RoutedPairs  # the pairs sent (token: row of the layer's `hidden`)
     future: Future | None  # -> ForwardResponse, or raises grpc.RpcError
     sent_at: float
+    span: trace.Span | None = None  # streamed and traced: the request's client span
 
 
 class RemoteExperts:
@@ -60,15 +65,21 @@ class RemoteExperts:
         deadline_s: float = DEFAULT_DEADLINE_S,
         dead_for_s: float = DEAD_FOR_S,
         metrics=None,
+        transport: str = "stream",
     ):
         if dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {DISPATCH_DTYPES}, got {dispatch_dtype!r}")
+        if transport not in POOL_TRANSPORTS:
+            raise ValueError(f"transport must be one of {POOL_TRANSPORTS}, got {transport!r}")
+        self.transport = transport
+        self.timings: list[dict] | None = None  # a list to fill: where each pool request's time went
         self.dispatch_dtype = dispatch_dtype
         self.deadline_s = deadline_s
         self.dead_for_s = dead_for_s
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._forward: dict[str, grpc.UnaryUnaryMultiCallable] = {}  # pool -> Forward taking serialized bytes
+        self._streams: dict[str, PoolStream] = {}
         self._dead_until: dict[str, float] = {}
         self.bytes_sent = 0
         self.tokens_sent = 0
@@ -105,6 +116,7 @@ class RemoteExperts:
                         request_serializer=None,
                         response_deserializer=expert_pool_pb2.ForwardResponse.FromString,
                     )
+                    self._streams[pool_id] = PoolStream(self._channels[pool_id])
 
     # ---- routing ----------------------------------------------------------------------------------------------
     def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> torch.Tensor:
@@ -135,24 +147,43 @@ class RemoteExperts:
         return table[pair_expert, rank % count]
 
     def _send(self, layer: int, hidden: torch.Tensor, pairs: RoutedPairs, pool_of_pair: torch.Tensor) -> list[_Call]:
+        started = time.perf_counter()
         rows = codec.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
         prepared = []
         for p, share in pairs.by_owner(pool_of_pair):
             tokens, request = codec.encode_request(layer, rows, share, self.placement.version)  # tokens [N_p]
-            prepared.append((_Call(p, tokens, share, None, 0.0), request.SerializeToString()))
+            prepared.append((_Call(p, tokens, share, None, 0.0), request))
+        encoded = time.perf_counter()
         calls = []
-        for call, data in prepared:
+        for call, request in prepared:
             pool_id = self.pool_ids[call.pool]
-            self.bytes_sent += len(data)  # the whole message: activations, scales, pairs
             self.tokens_sent += call.tokens.numel()
             call.sent_at = time.monotonic()
-            call.future = self._callers.submit(
-                contextvars.copy_context().run, self._forward[pool_id], data, timeout=self.deadline_s
-            )  # the caller's trace context goes along
+            if self.transport == "stream":
+                call.span = self._message_span(pool_id, request)
+                call.future, sent = self._streams[pool_id].send(request)
+            else:  # serialized here, so that the caller threads only hand bytes to grpc's core
+                data = request.SerializeToString()
+                sent = len(data)
+                call.future = self._callers.submit(
+                    contextvars.copy_context().run, self._forward[pool_id], data, timeout=self.deadline_s
+                )  # the caller's trace context goes along
+            self.bytes_sent += sent  # the whole message: activations, scales, pairs
             calls.append(call)
             if self.metrics:
                 self.metrics.routed_tokens.labels(pool_id).inc(call.tokens.numel())
+        if self.timings is not None:
+            self.timings.append({"encode_s": encoded - started, "send_s": time.perf_counter() - encoded})
         return calls
+
+    @staticmethod
+    def _message_span(pool_id: str, request: expert_pool_pb2.ForwardRequest) -> trace.Span | None:
+        """A client span for one streamed request, its context in the message, when this dispatch is traced."""
+        if not trace.get_current_span().is_recording():
+            return None
+        span = tracer().start_span(MESSAGE_SPAN, kind=SpanKind.CLIENT, attributes={"expertmesh.pool": pool_id})
+        propagate.inject(request.trace_context, context=trace.set_span_in_context(span))
+        return span
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
         span = tracer().start_span(
@@ -187,7 +218,7 @@ class RemoteExperts:
             for call in pending:
                 pool_id = self.pool_ids[call.pool]
                 try:
-                    response = call.future.result()
+                    response = self._result(call)
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # our request is wrong: no retry helps
                         raise PoolUnavailableError(pool_id, f"rejected the batch: {exc.details()}") from None
@@ -198,13 +229,24 @@ class RemoteExperts:
                         self.metrics.pool_failures.labels(pool_id).inc()
                     failed.append(call)
                     continue
+                answered = time.monotonic()
                 if self.metrics:
-                    self.metrics.pool_call.labels(pool_id).observe(time.monotonic() - call.sent_at)
+                    self.metrics.pool_call.labels(pool_id).observe(answered - call.sent_at)
                 try:
                     partial = codec.decode_partial(response, call.tokens.numel(), hidden.shape[1], hidden.dtype)
                 except InvalidRequestError as exc:  # a pool answering nonsense is a bug there: no retry helps
                     raise PoolUnavailableError(pool_id, f"malformed answer: {exc}") from None
                 out.index_add_(0, call.tokens, partial)  # [N, H] onto the pool's rows
+                if self.timings is not None:
+                    self.timings.append(
+                        {
+                            "pool": pool_id,
+                            "round_trip_s": answered - call.sent_at,
+                            "decode_s": response.decode_us * 1e-6,
+                            "compute_s": response.compute_us * 1e-6,
+                            "combine_s": time.monotonic() - answered,
+                        }
+                    )
             if not failed:
                 return
             self.failovers += len(failed)
@@ -217,6 +259,18 @@ class RemoteExperts:
                 otel_context.detach(ctx)
         raise PoolUnavailableError("all", f"layer {layer}: retries exhausted")
 
+    def _result(self, call: _Call) -> expert_pool_pb2.ForwardResponse:
+        """The pool's answer; a timeout or failure raises grpc.RpcError (a timed-out stream is reset)."""
+        try:
+            return call.future.result(timeout=self.deadline_s)
+        except FutureTimeout:
+            if self.transport == "stream":
+                self._streams[self.pool_ids[call.pool]].reset()
+            raise PoolCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.deadline_s} s") from None
+        finally:
+            if call.span is not None:
+                call.span.end()
+
     def _mark_dead(self, pool_id: str, why: str) -> None:
         with self._lock:
             if self._dead_until.get(pool_id, 0) <= time.monotonic():
@@ -225,5 +279,7 @@ class RemoteExperts:
 
     def close(self) -> None:
         self._callers.shutdown(wait=False, cancel_futures=True)
+        for stream in self._streams.values():
+            stream.close()
         for channel in self._channels.values():
             channel.close()

@@ -193,7 +193,13 @@ class GatewayRuntime:
         servicer = GatewayServicer(_model_info(config, cfg, placement), metrics)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, managed.server)
         await managed.start()
-        experts = RemoteExperts(placement, config.dispatch_dtype, config.pool_call_deadline_s, metrics=metrics)
+        experts = RemoteExperts(
+            placement,
+            config.dispatch_dtype,
+            config.pool_call_deadline_s,
+            metrics=metrics,
+            transport=config.pool_transport,
+        )
         follower = recorder = None
         if config.redis:
             follower = PlacementFollower(RedisPlacementStore(config.redis), experts).start()

@@ -12,6 +12,7 @@ lasts as long as its client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -43,6 +44,8 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=self._unary(handler.unary_unary, service))
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=self._stream(handler.unary_stream, service))
+        if handler.stream_stream is not None:  # long-lived: its messages count while answered (`track`)
+            return handler._replace(stream_stream=self._refusing(handler.stream_stream))
         return handler
 
     def _unary(self, behavior, service: str):
@@ -65,6 +68,26 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):
                 self._exit(service)
 
         return stream
+
+    def _refusing(self, behavior):
+        async def stream(request_iterator, context):
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            async for item in behavior(request_iterator, context):
+                yield item
+
+        return stream
+
+    @contextlib.contextmanager
+    def track(self, service: str):
+        """One message of a long-lived stream being answered: counted like a call (a stop waits for it)."""
+        self.in_flight += 1
+        CALLS_IN_FLIGHT.labels(service).inc()
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._exit(service)
 
     async def _enter(self, context, service: str) -> None:
         if self.draining:

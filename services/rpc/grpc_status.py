@@ -45,6 +45,15 @@ def _message(exc: BaseException) -> str:
     )
 
 
+def code_and_message(exc: BaseException, where: str = "a streamed request") -> tuple[grpc.StatusCode, str]:
+    """The status a failure is answered with, for answers given in band (a stream that outlives one bad
+    request); an unexpected failure (INTERNAL) is logged with its traceback."""
+    code = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", where)
+    return code, _message(exc)
+
+
 def unary(handler):
     """Wrap an aio unary handler: project errors abort with their status and message; the server keeps serving."""
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import grpc
 
 
-class _Malformed:
+class Malformed:
+    """What a client-streaming method receives for a message that does not parse: it answers that message with
+    INVALID_ARGUMENT in band (a stream outlives one bad message)."""
+
     def __init__(self, error: Exception):
         self.error = error
 
@@ -31,7 +34,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return parse(data)
             except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-                return _Malformed(exc)
+                return Malformed(exc)
 
         async def refuse(context, request):
             await context.abort(
@@ -42,7 +45,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
-                if isinstance(request, _Malformed):
+                if isinstance(request, Malformed):
                     await refuse(context, request)
                 return await inner(request, context)
 
@@ -51,10 +54,12 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
-                if isinstance(request, _Malformed):
+                if isinstance(request, Malformed):
                     await refuse(context, request)
                 async for item in inner_stream(request, context):
                     yield item
 
             return handler._replace(request_deserializer=tolerant, unary_stream=stream)
+        if handler.stream_stream is not None:  # the method answers each Malformed message itself
+            return handler._replace(request_deserializer=tolerant)
         return handler

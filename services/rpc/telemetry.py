@@ -51,7 +51,9 @@ def setup_tracing(service_name: str, span_processor=None) -> bool:
 
 
 def instrument_grpc() -> None:
-    """Patch gRPC (aio servers, aio and sync clients) once per process; health probes make no spans."""
+    """Patch gRPC (aio servers, aio and sync clients) once per process; health probes make no spans, and nor
+    does a pool's long-lived ForwardStream as a whole: each of its messages gets a client and a server span of
+    its own (the context travels in the message)."""
     global _instrumented
     if _instrumented:
         return
@@ -62,7 +64,7 @@ def instrument_grpc() -> None:
         filters,
     )
 
-    quiet = filters.negate(filters.health_check())
+    quiet = filters.all_of(filters.negate(filters.health_check()), filters.negate(filters.method_name("ForwardStream")))
     GrpcAioInstrumentorServer().instrument(filter_=quiet)
     GrpcAioInstrumentorClient().instrument(filter_=quiet)
     GrpcInstrumentorClient().instrument(filter_=quiet)

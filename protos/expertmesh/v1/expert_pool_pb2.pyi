@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "hidden_scale", "response_dtype", "placement_version", "pairs", "pair_weights")
+    __slots__ = ("layer", "hidden", "hidden_scale", "response_dtype", "placement_version", "pairs", "pair_weights", "id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +23,8 @@ class ForwardRequest(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     PAIR_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: _tensor_pb2.Tensor
     hidden_scale: _tensor_pb2.Tensor
@@ -23,13 +32,25 @@ class ForwardRequest(_message.Message):
     placement_version: int
     pairs: _tensor_pb2.Tensor
     pair_weights: _tensor_pb2.Tensor
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    id: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("partial",)
+    __slots__ = ("partial", "id", "error_code", "error_message", "decode_us", "compute_us")
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     partial: _tensor_pb2.Tensor
-    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    id: int
+    error_code: int
+    error_message: str
+    decode_us: int
+    compute_us: int
+    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., id: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
 
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")

@@ -40,6 +40,11 @@ class ExpertPoolServiceStub:
                 request_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/expertmesh.v1.ExpertPoolService/ForwardStream',
+                request_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/expertmesh.v1.ExpertPoolService/GetStatus',
                 request_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.GetStatusRequest.SerializeToString,
@@ -63,6 +68,15 @@ class ExpertPoolServiceServicer:
 
     def Forward(self, request, context):
         """Runs one MoE layer's routed experts on a batch and returns each token's weighted partial sum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """The same on one long-lived stream (a gateway keeps one per pool): each request is answered in order, by a
+        response with the request's `id`; a request that fails is answered with `error_code` set, and the stream
+        stays open. The stream ends with UNAVAILABLE when the pool stops.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +108,11 @@ def add_ExpertPoolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.FromString,
                     response_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.SerializeToString,
             ),
@@ -139,6 +158,33 @@ class ExpertPoolService:
             request,
             target,
             '/expertmesh.v1.ExpertPoolService/Forward',
+            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/expertmesh.v1.ExpertPoolService/ForwardStream',
             expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
             expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
             options,
