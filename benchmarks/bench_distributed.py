@@ -2,6 +2,7 @@
 engine, in one run, on the `small` preset.
 
   .venv/bin/python benchmarks/bench_distributed.py [--concurrency 1,8,32,64] [--new-tokens 32]
+      [--variant stream=--pool-transport=stream --variant unary=--pool-transport=unary]
 
 For each concurrency C: C streaming requests at once (prompt 32 tokens, greedy, EOS ignored). Decode tok/s at C
 concurrent is measured while all C requests are decoding: the tokens that arrive between the last request's
@@ -19,6 +20,7 @@ routed batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import threading
@@ -139,6 +141,14 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="a distributed deployment to compare, its extra `up` arguments (e.g. 'unary=--pool-transport unary'); "
+        "repeat for more; each gets its own `up`, all interleaved run by run (default: one with no extra arguments)",
+    )
+    ap.add_argument(
         "--device",
         default="cpu",
         choices=("cpu", "cuda", "auto"),
@@ -150,65 +160,66 @@ def main() -> None:
         write_random_model(model, preset_config(args.preset), seed=0)
     levels = [int(c) for c in args.concurrency.split(",")]
     cache_tokens = max(levels) * (PROMPT_LEN + args.new_tokens) * 2
+    variants = dict(v.split("=", 1) for v in args.variant) or {"distributed": ""}
 
     engine = Engine.from_dir(model, cache_tokens=cache_tokens, device=args.device)
-    runs: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # per level: (in-process, distributed)
-    with tempfile.TemporaryDirectory() as home:
-        up = UpProcess(
-            model,
-            args.pools,
-            "fp8",
-            Path(home),
-            cache_tokens=cache_tokens,
-            extra=["--micro-batches", str(args.micro_batches), "--device", args.device],
-        )
-        try:
-            run_in_process(engine, 4, 4)  # warm-ups
-            run_distributed(up.gateway, 4, 4, engine.cfg.vocab_size)
-            for _ in range(args.repeats):
-                for c in levels:
-                    runs[c].append(
-                        (
-                            run_in_process(engine, c, args.new_tokens),
-                            run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size),
-                        )
-                    )
-            wire = dispatch_bytes(engine, up.redis)
-        finally:
-            up.stop()
-    best = lambda rs: max(rs, key=lambda r: r["decode_tok_s"])  # noqa: E731
-    local = {c: best([l for l, _ in runs[c]]) for c in levels}
-    remote = {c: best([r for _, r in runs[c]]) for c in levels}
+    local_runs: dict[int, list[dict]] = {c: [] for c in levels}
+    remote_runs: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels} for v in variants}
+    with contextlib.ExitStack() as stack:
+        ups = {}
+        for name, extra in variants.items():
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            extra = ["--micro-batches", str(args.micro_batches), "--device", args.device, *extra.split()]
+            ups[name] = UpProcess(model, args.pools, "fp8", home, cache_tokens=cache_tokens, extra=extra)
+            stack.callback(ups[name].stop)
+        for c in levels:  # warm-ups at every level (first-use costs of both sides are not measured)
+            run_in_process(engine, c, 8)
+            for up in ups.values():
+                run_distributed(up.gateway, c, 8, engine.cfg.vocab_size)
+        for _ in range(args.repeats):
+            for c in levels:
+                local_runs[c].append(run_in_process(engine, c, args.new_tokens))
+                for name, up in ups.items():
+                    remote_runs[name][c].append(run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size))
+        wire = dispatch_bytes(engine, next(iter(ups.values())).redis)
+    report(args, engine, levels, local_runs, remote_runs, variants)
+    print(
+        f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
+        f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}"
+    )
 
+
+def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
+    best = lambda rs: max(rs, key=lambda r: r["decode_tok_s"])  # noqa: E731
     print(
         f"preset {args.preset} on {engine.model.device}, {args.pools} pools, {args.micro_batches} micro-batches, "
         f"fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads in process, best of {args.repeats} interleaved runs"
     )
-    print(
-        "| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms "
-        "| distributed / in-process | whole run: in-process, distributed tok/s, ratio |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for c in levels:
-        l, r = local[c], remote[c]
+    for name, runs in remote_runs.items():
+        print(f"\n{name} (up {variants[name] or 'defaults'}):")
         print(
-            f"| {c} | {l['decode_tok_s']:.1f} | {l['itl_p50_ms']:.1f} / {l['itl_p99_ms']:.1f} | "
-            f"{r['decode_tok_s']:.1f} | "
-            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
-            f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, "
-            f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |"
+            "| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms "
+            "| distributed / in-process | whole run: in-process, distributed tok/s, ratio |"
         )
-    print(
-        "\nevery run's distributed / in-process ratio: "
-        + "; ".join(
-            f"{c}: " + ", ".join(f"{r['decode_tok_s'] / l['decode_tok_s']:.2f}x" for l, r in runs[c]) for c in levels
+        print("|---|---|---|---|---|---|---|")
+        for c in levels:
+            l, r = best(local_runs[c]), best(runs[c])
+            print(
+                f"| {c} | {l['decode_tok_s']:.1f} | {l['itl_p50_ms']:.1f} / {l['itl_p99_ms']:.1f} | "
+                f"{r['decode_tok_s']:.1f} | "
+                f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
+                f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, "
+                f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |"
+            )
+        print(
+            "every run's distributed / in-process ratio: "
+            + "; ".join(
+                f"{c}: "
+                + ", ".join(f"{r['decode_tok_s'] / l['decode_tok_s']:.2f}x" for l, r in zip(local_runs[c], runs[c]))
+                for c in levels
+            )
         )
-    )
-    print(
-        f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
-        f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}"
-    )
 
 
 if __name__ == "__main__":
