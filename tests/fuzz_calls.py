@@ -158,7 +158,40 @@ def fuzz_pool(address: str, examples: int, hidden_size: int, n_layers: int, n_ex
 
         run()
         codes.update(_raw_bytes(channel, "/expertmesh.v1.ExpertPoolService/Forward", examples, stream=False))
+        codes.update(_on_one_stream(channel, forward_requests(hidden_size, n_layers, n_experts), examples))
     return codes
+
+
+FORWARD_STREAM = "/expertmesh.v1.ExpertPoolService/ForwardStream"
+
+
+def _on_one_stream(channel: grpc.Channel, requests, examples: int) -> Counter:
+    """Generated requests and raw bytes, interleaved, all on one ForwardStream: every message must get its own
+    in-band answer (the code it carries is counted) and the stream must outlive them all; if it ends early, the
+    messages left unanswered count with the status it ended with."""
+    sent: list[bytes] = []
+
+    @settings(max_examples=examples, **_SETTINGS)
+    @given(requests, st.binary(max_size=300))
+    def collect(request, data):
+        sent.extend([request.SerializeToString(), data])
+
+    collect()
+    codes: Counter = Counter()
+    answered = 0
+    try:
+        for answer in channel.stream_stream(FORWARD_STREAM)(iter(sent), timeout=CALL_TIMEOUT_S * 10):
+            response = expert_pool_pb2.ForwardResponse.FromString(answer)
+            codes[_CODES[response.error_code]] += 1
+            answered += 1
+    except grpc.RpcError as err:
+        codes[err.code()] += len(sent) - answered
+    else:
+        codes[grpc.StatusCode.UNKNOWN] += len(sent) - answered  # the stream ended without answering them
+    return +codes  # counts of 0 dropped
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def fuzz_gateway(address: str, examples: int) -> Counter:

@@ -36,9 +36,9 @@ def test_pool_survives_malformed_forward_calls(deployment, tiny_fp8):
     codes = fuzz_pool(
         deployment.pool_addresses[0], EXAMPLES, cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts
     )
-    assert sum(codes.values()) >= 2 * EXAMPLES
+    assert sum(codes.values()) >= 4 * EXAMPLES  # unary and raw calls, then as many messages on one stream
     assert set(codes) <= ACCEPTABLE, dict(codes)
-    assert codes[grpc.StatusCode.INVALID_ARGUMENT] > EXAMPLES // 2
+    assert codes[grpc.StatusCode.INVALID_ARGUMENT] > EXAMPLES
     assert _serving(deployment.pool_addresses[0])
 
 
