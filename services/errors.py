@@ -9,8 +9,8 @@ class ConfigError(ExpertmeshError):
     """A config.json value that is missing, malformed or not supported. Names the key."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config.json: {key}: {message}")
+        self.key = key  # "" when the file as a whole is wrong (missing, not JSON)
+        super().__init__(f"config.json: {key}: {message}" if key else f"config.json: {message}")
 
 
 class CheckpointError(ExpertmeshError):

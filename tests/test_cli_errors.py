@@ -70,6 +70,10 @@ def files(tiny_fp8, tmp_path_factory) -> dict[str, str]:
     out["configlist"] = str(listed)
     (root / "empty").mkdir()
     out["empty"] = str(root / "empty")
+    badtok = root / "badtokenizer"
+    shutil.copytree(tiny_fp8, badtok)
+    (badtok / "tokenizer.json").write_text("not a tokenizer")
+    out["badtokenizer"] = str(badtok)
     for name, content in [
         ("rand.bin", os.urandom(512)),
         ("invalid.json", b'{"version": 1, "pools": ['),
@@ -147,8 +151,12 @@ OFFLINE = {
     # model directories
     "missing-model-dir": (["generate", "--model", "{missing}", *TOKENS], "no model directory"),
     "model-dir-is-a-file": (["score", "--model", "{plain}", *TOKENS], "no model directory"),
-    "empty-model-dir": (["generate", "--model", "{empty}", *TOKENS], "config.json"),
-    "garbage-model-dir": (["generate", "--model", "{garbage}", *TOKENS], "config.json"),
+    "empty-model-dir": (["generate", "--model", "{empty}", *TOKENS], "config.json: no such file"),
+    "garbage-model-dir": (["generate", "--model", "{garbage}", *TOKENS], "config.json: not UTF-8 text"),
+    "garbage-tokenizer": (
+        ["generate", "--model", "{badtokenizer}", "hello"],
+        "{badtokenizer}/tokenizer.json: does not load as a Hugging Face tokenizer",
+    ),
     "config-json-a-list": (["score", "--model", "{configlist}", *TOKENS], "config.json"),
     "truncated-shard": (["generate", "--model", "{truncated}", *TOKENS], "{truncated_shard}"),
     "random-bytes-shard": (["score", "--model", "{random}", *TOKENS], "{random_shard}"),

@@ -113,11 +113,11 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise ConfigError("config.json", f"no such file: {path}")
+            raise ConfigError("", f"no such file: {path}")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ConfigError("config.json", f"not valid JSON: {exc}") from exc
+            raise ConfigError("", f"not valid JSON: {exc}") from exc
         return cls.from_dict(raw)
 
     @classmethod

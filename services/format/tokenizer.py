@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from services.errors import ExpertmeshError
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 USER_TOKEN = "<｜User｜>"
@@ -100,5 +102,15 @@ def write_tokenizer(directory: str | Path, vocab_size: int, max_length: int) -> 
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer | None:
+    """The model's tokenizer.json (None when it has none); one that does not load raises CheckpointError."""
     path = Path(directory) / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise TokenizerError(f"{path}: does not load as a Hugging Face tokenizer: {exc}") from None
+
+
+class TokenizerError(ExpertmeshError):
+    """A model's tokenizer.json that does not load. Names the file."""

@@ -13,6 +13,11 @@ from pathlib import Path
 from services.errors import InvalidRequestError
 from services.format.config import ModelConfig
 
+PLACEMENT_SHAPE = (
+    'expected {"version": N, "pools": [{"pool_id", "address", "slots"}, ...], '
+    '"layers": {"LAYER": [[pool_id, ...] per expert]}, "pinned": [[layer, expert, pool_id], ...]}'
+)
+
 
 def default_slots(num_experts: int, replicas: int, pools: int) -> int:
     """Experts per layer a pool may hold when not told: its initial share plus 25% room for redundant replicas."""
@@ -152,8 +157,12 @@ class Placement:
             replicas = {int(layer): [list(map(str, r)) for r in experts] for layer, experts in raw["layers"].items()}
             pinned = {(int(layer), int(e), str(p)) for layer, e, p in raw.get("pinned", [])}
             return cls(int(raw["version"]), pools, replicas, pinned, int(raw.get("min_replicas", 1)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"malformed placement: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"malformed placement: not JSON: {exc}") from None
+        except KeyError as exc:
+            raise InvalidRequestError(f"malformed placement: missing key {exc} ({PLACEMENT_SHAPE})") from None
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"malformed placement: {exc} ({PLACEMENT_SHAPE})") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
