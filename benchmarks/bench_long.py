@@ -1,15 +1,16 @@
 """Long prompts under concurrency, in process (tiny preset: YaRN to 160K positions): for each prompt length,
 1 and C concurrent prompts: time to first token, the total against the same prompts run one after another,
 the decode inter-token latency of a request that is already running while the prompts prefill (p50/p99
-against its idle inter-token latency), and the process's peak memory.
+against its idle inter-token latency), and the process's peak memory (VmHWM, over the RSS the run started
+from, per cached token: prompts plus generated tokens).
 
 Usage: .venv/bin/python benchmarks/bench_long.py [--lengths 1024 4096 16384] [--concurrency 8] [--new-tokens 32]
+                                                 [--max-decode-stall 4.0]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 
 from services.format.model_writer import write_random_model  # noqa: E402
 from services.format.presets import preset_config  # noqa: E402
+from services.gateway.config import DEFAULT_MAX_DECODE_STALL  # noqa: E402
 from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.requests import Request  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
@@ -34,9 +36,9 @@ def peak_rss_reset() -> None:
         pass
 
 
-def peak_rss_mib() -> float:
+def rss_mib(field: str = "VmHWM") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -46,7 +48,9 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: bool) -> dict:
-    """Submit every prompt at once (beside an already running decode when `with_runner`); step until idle."""
+    """Submit every prompt at once (beside an already running decode when `with_runner`); step until idle.
+    busy_itl: the gaps between consecutive tokens of every decoding request (the runner, and prompts that are
+    through their prefill) that end before the last prompt's first token, i.e. while some prompt prefills."""
     core = engine.core
     times: dict[int, list[float]] = {}
 
@@ -55,7 +59,9 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: 
 
     runner = None
     if with_runner:
-        runner = Request(prompt(16, 99), SamplingParams(max_tokens=100_000, ignore_eos=True), on_event=on_event(-1))
+        # it must outlast the prompts: a step makes at least one token of prefill or of decode progress
+        most = sum(map(len, prompts)) + new_tokens + 64
+        runner = Request(prompt(16, 99), SamplingParams(max_tokens=most, ignore_eos=True), on_event=on_event(-1))
         core.submit(runner)
         for _ in range(12):  # warm: its idle inter-token latency
             core.step()
@@ -67,16 +73,19 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: 
     ]
     for r in reqs:
         core.submit(r)
+    steps = 0
     while not all(r.done for r in reqs):
         core.step()
+        steps += 1
     total = time.perf_counter() - started
     prefill_end = max(times[i][0] for i in range(len(reqs)))
     if runner is not None:
         core.cancel(runner)
         core.step()
-    during = [b - a for a, b in zip(times.get(-1, []), times.get(-1, [])[1:]) if started <= b <= prefill_end]
+    during = [b - a for ts in times.values() for a, b in zip(ts, ts[1:]) if started <= a and b <= prefill_end]
     return {
         "total": total,
+        "steps": steps,
         "ttft": [times[i][0] - started for i in range(len(reqs))],
         "idle_itl": statistics.median([b - a for a, b in zip(idle, idle[1:])]) if len(idle) > 2 else None,
         "busy_itl": sorted(during),
@@ -92,35 +101,52 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--max-decode-stall", type=float, default=DEFAULT_MAX_DECODE_STALL)
+    ap.add_argument("--threads", type=int, default=1)  # 2 threads on 2 shared cores: 100x outliers
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = Path(tempfile.mkdtemp()) / "tiny"
     write_random_model(model, preset_config("tiny"), seed=0)
     for length in args.lengths:
-        engine = Engine.from_dir(model, cache_tokens=(args.concurrency + 1) * (length + args.new_tokens) + 2048)
+        work = args.concurrency * (length + args.new_tokens)
+        engine = Engine.from_dir(  # room for the prompts, and for the running decode that outlasts them
+            model, cache_tokens=2 * work + 4096, max_decode_stall=args.max_decode_stall
+        )
         prompts = [prompt(length, i) for i in range(args.concurrency)]
         run(engine, [prompt(64, 1000)], 4, False)  # warm-up
-        alone = [run(engine, [p], args.new_tokens, False)["total"] for p in prompts]
-        peak_rss_reset()
+        base = rss_mib("VmRSS")  # the model, the cache's pages untouched so far
+        alone = [run(engine, [p], args.new_tokens, False) for p in prompts]
         one = run(engine, prompts[:1], args.new_tokens, True)
-        peak_one = peak_rss_mib()
         peak_rss_reset()
-        together = run(engine, prompts, args.new_tokens, True)
-        peak_all = peak_rss_mib()
-        ratio = together["total"] / sum(alone)
-        print(
-            f"{length:6d} tokens x1: TTFT {one['ttft'][0]:.2f} s; running decode ITL idle "
-            f"{one['idle_itl'] * 1e3:.1f} ms, while it prefills p50 {pct(one['busy_itl'], 0.5) * 1e3:.1f} / p99 "
-            f"{pct(one['busy_itl'], 0.99) * 1e3:.1f} ms; peak RSS {peak_one:.0f} MiB"
-        )
-        print(
-            f"{length:6d} tokens x{args.concurrency}: total {together['total']:.2f} s vs {sum(alone):.2f} s one "
-            f"after another ({ratio:.2f}x); TTFT p50 {statistics.median(together['ttft']):.2f} s, max "
-            f"{max(together['ttft']):.2f} s; running decode ITL p50 {pct(together['busy_itl'], 0.5) * 1e3:.1f} / p99 "
-            f"{pct(together['busy_itl'], 0.99) * 1e3:.1f} ms; peak RSS {peak_all:.0f} MiB",
-            flush=True,
-        )
+        together = run(engine, prompts, args.new_tokens, False)
+        together["peak_mib"] = rss_mib() - base
+        cache = engine.cache
+        together["cache_kib"] = cache.data.element_size() * cache.num_layers * cache.width / 1024
+        report(length, args.concurrency, alone, one, together, work)
+
+
+def report(length: int, concurrency: int, alone: list[dict], one: dict, together: dict, work: int) -> None:
+    serial = sum(r["total"] for r in alone)
+    one_p99, all_p99 = pct(one["busy_itl"], 0.99), pct(together["busy_itl"], 0.99)
+    print(
+        f"{length:6d} tokens alone: TTFT p50 {statistics.median(r['ttft'][0] for r in alone):.2f} s, total p50 "
+        f"{statistics.median(r['total'] for r in alone):.2f} s"
+    )
+    print(
+        f"{length:6d} tokens x1 beside a running decode: TTFT {one['ttft'][0]:.2f} s; its ITL idle "
+        f"{one['idle_itl'] * 1e3:.1f} ms, while the prompt prefills p50 {pct(one['busy_itl'], 0.5) * 1e3:.1f} / "
+        f"p99 {one_p99 * 1e3:.1f} ms ({one_p99 / one['idle_itl']:.1f}x idle, {len(one['busy_itl'])} tokens)"
+    )
+    print(
+        f"{length:6d} tokens x{concurrency}: total {together['total']:.2f} s vs {serial:.2f} s one after another "
+        f"({together['total'] / serial:.2f}x, {together['steps']} steps); TTFT p50 "
+        f"{statistics.median(together['ttft']):.2f} s, max {max(together['ttft']):.2f} s; ITL of the decoding "
+        f"ones while others prefill p50 {pct(together['busy_itl'], 0.5) * 1e3:.1f} / p99 {all_p99 * 1e3:.1f} ms "
+        f"({all_p99 / one['idle_itl']:.1f}x idle, {len(together['busy_itl'])} tokens); peak RSS over the model "
+        f"+{together['peak_mib']:.0f} MiB at {work} cached tokens ({together['peak_mib'] * 1024 / work:.1f} KiB "
+        f"a token; the cache itself {together['cache_kib']:.2f})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

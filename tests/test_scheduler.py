@@ -45,7 +45,7 @@ def test_admission_reserves_prompt_plus_max_tokens_and_makes_the_rest_wait():
 
 
 def test_decodes_go_first_and_prefill_takes_the_rest_of_the_budget():
-    sched, _ = _plain_scheduler(blocks=32, max_step_tokens=16)
+    sched, _ = _plain_scheduler(blocks=32, max_step_tokens=16, max_decode_stall=0)  # the token budget alone
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     short, long = Request(_ids(4, 2), params), Request(_ids(40, 3), params)
     sched.submit(short)
@@ -56,6 +56,47 @@ def test_decodes_go_first_and_prefill_takes_the_rest_of_the_budget():
     assert not plan.chunks[1].samples  # a mid-prompt chunk samples nothing
     _commit_tokens(sched, plan)
     assert len(short.output) == 2 and long.fed == 15 and long.output == []
+
+
+def test_prefill_beside_decodes_is_held_to_the_decode_stall_bound_by_measured_step_times():
+    sched, _ = _plain_scheduler(blocks=160, max_step_tokens=512, max_decode_stall=4.0)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    short, long = Request(_ids(4, 2), params), Request(_ids(2000, 3), params)
+    sched.submit(short)
+    plan = sched.plan()
+    sched.observe(plan, 0.5)  # a lone prefill (no decodes) tells nothing
+    _commit_tokens(sched, plan)
+    sched.submit(long)
+    plan = sched.plan()  # no decode-only step timed yet: the decode runs alone to time it
+    assert [(c.request, len(c.token_ids)) for c in plan.chunks] == [(short, 1)]
+    sched.observe(plan, 0.010)
+    _commit_tokens(sched, plan)
+    plan = sched.plan()  # until measured, 1/16 of the step budget beside decodes
+    assert [(c.request, len(c.token_ids)) for c in plan.chunks] == [(short, 1), (long, 32)]
+    sched.observe(plan, 0.010 + 32 * 0.005)  # prefill costs 5 ms a token: 30 ms allowed over the decode -> 6
+    _commit_tokens(sched, plan)
+    plan = sched.plan()
+    assert [(c.request, len(c.token_ids)) for c in plan.chunks] == [(short, 1), (long, 6)]
+    sched.observe(plan, 0.010 + 6 * 0.0001)  # cheap tokens: grows, at most 2x a step
+    _commit_tokens(sched, plan)
+    assert [len(c.token_ids) for c in sched.plan().chunks] == [1, 12]
+    for _ in range(len(short.output), 50):  # the decode finishes; the prompt alone takes the whole budget again
+        _commit_tokens(sched, sched.plan())
+    assert short.done and [len(c.token_ids) for c in sched.plan().chunks] == [512]
+
+
+def test_decode_stall_bound_off_gives_prefill_what_the_decodes_leave():
+    sched, _ = _plain_scheduler(blocks=64, max_step_tokens=64, max_decode_stall=0)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    short, long = Request(_ids(4, 2), params), Request(_ids(200, 3), params)
+    sched.submit(short)
+    _commit_tokens(sched, sched.plan())
+    sched.submit(long)
+    plan = sched.plan()
+    sched.observe(plan, 10.0)  # ignored when off
+    _commit_tokens(sched, plan)
+    assert [len(c.token_ids) for c in plan.chunks] == [1, 63]
+    assert [len(c.token_ids) for c in sched.plan().chunks] == [1, 63]
 
 
 def test_cancelled_request_frees_its_blocks_and_gets_no_more_events():

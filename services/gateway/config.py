@@ -14,6 +14,7 @@ from services.settings import setting
 DEFAULT_CACHE_TOKENS = 32768
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_MAX_STEP_TOKENS = 2048
+DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_WAITING = 1024
 
@@ -39,6 +40,11 @@ class GatewayConfig:
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per latent cache block.")
     max_step_tokens: int = setting(
         DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks)."
+    )
+    max_decode_stall: float = setting(
+        DEFAULT_MAX_DECODE_STALL,
+        "While requests decode, a step carries only the prefill tokens that keep its time within this many "
+        "decode-only steps (measured; 0: off, prefill takes what the decodes leave of --max-step-tokens).",
     )
     max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
     max_waiting: int = setting(DEFAULT_MAX_WAITING, "Most requests waiting for admission; more are refused.")
@@ -90,6 +96,8 @@ class GatewayConfig:
         for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_decode_stall != 0 and self.max_decode_stall <= 1:
+            raise ValueError(f"max_decode_stall must be 0 (off) or > 1, got {self.max_decode_stall}")
         if self.mtp_max_batch < 0:
             raise ValueError(f"mtp_max_batch must be >= 0 (0: no limit), got {self.mtp_max_batch}")
         if self.num_speculative_tokens != 1:

@@ -296,6 +296,7 @@ def _load_core(config: GatewayConfig, experts, device, follower, recorder, metri
         block_size=config.block_size,
         routing_observer=on_host(recorder.observe) if recorder else None,
         max_step_tokens=config.max_step_tokens,
+        max_decode_stall=config.max_decode_stall,
         max_running=config.max_running,
         max_waiting=config.max_waiting,
         micro_batches=config.micro_batches,

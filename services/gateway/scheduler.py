@@ -6,6 +6,12 @@ decode first (one token each, or 1 + the draft its MTP layer proposed last step,
 takes its results (the sampled token, or the accepted tokens and the next draft, or position scores) and
 finishes requests.
 
+Prefill and decode share steps fairly: while any request decodes, a step carries only as many prefill tokens as
+keep its wall time within `max_decode_stall` (4) times a decode-only step, so a long prompt's chunks delay the
+running decodes by a stated bound however long its context is; the serving core reports each step's time
+(`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens. With
+no request decoding, prefill takes the whole `max_step_tokens`.
+
 It is the one owner of the latent cache's blocks: a request is admitted only when the cache can hold its whole
 prompt plus max_tokens, reserved at once (so a running request never runs out); otherwise it waits, first come
 first served. Blocks are given back when a request finishes, fails or is cancelled (at the next plan).
@@ -20,7 +26,13 @@ from dataclasses import dataclass, field
 
 from services.attention.kv_cache import PagedLatentCache
 from services.errors import PoolUnavailableError, QueueFullError
-from services.gateway.config import DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS, DEFAULT_MAX_WAITING
+from services.gateway.config import (
+    DEFAULT_MAX_DECODE_STALL,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_MAX_WAITING,
+)
+from services.gateway.prefill_budget import PrefillBudget
 from services.gateway.requests import PositionScore, Request, RequestEvent
 
 
@@ -29,6 +41,7 @@ class PlannedChunk:
     request: Request
     token_ids: list[int]  # new tokens, at positions request.seq.length, +1, ...
     draft: list[int] = field(default_factory=list)  # MTP: the last len(draft) of token_ids, to verify
+    prefill: bool = False  # prompt tokens (not a decode)
 
     @property
     def completes_prompt(self) -> bool:
@@ -73,8 +86,10 @@ class Scheduler:
         max_running: int = DEFAULT_MAX_RUNNING,
         max_waiting: int = DEFAULT_MAX_WAITING,
         mtp_max_batch: int = 0,
+        max_decode_stall: float = DEFAULT_MAX_DECODE_STALL,
     ):
         self.cache = cache
+        self.prefill_budget = PrefillBudget(max_step_tokens, max_decode_stall)  # prefill beside decodes
         self.mtp_max_batch = mtp_max_batch  # MTP drafting only while at most this many run (0: no limit)
         self.eos_token_ids = eos_token_ids
         self.max_step_tokens = max_step_tokens
@@ -121,7 +136,8 @@ class Scheduler:
 
     # ---- on the serving thread ------------------------------------------------------------------------
     def plan(self) -> StepPlan:
-        """Admit what fits, then the next step: decodes first, prefill chunks in the budget that is left."""
+        """Admit what fits, then the next step: decodes first, prefill chunks in the budget that is left (while
+        requests decode, at most what keeps the step within the decode-stall bound)."""
         self._drop_cancelled()
         self._admit()
         if self.mtp_max_batch and len(self.running) > self.mtp_max_batch:
@@ -134,12 +150,18 @@ class Scheduler:
             if draft and len(draft) <= budget and chunk.request.params.max_tokens - len(chunk.request.output) > 1:
                 chunk.token_ids, chunk.draft = chunk.token_ids + draft, list(draft)
                 budget -= len(draft)
+        budget = self.prefill_budget.allow(bool(chunks), budget)
         for req in self.running:
             if req.prefilling and budget > 0:
                 take = req.prompt[req.fed : req.fed + budget]
-                chunks.append(PlannedChunk(req, take))
+                chunks.append(PlannedChunk(req, take, prefill=True))
                 budget -= len(take)
         return StepPlan(chunks)
+
+    def observe(self, plan: StepPlan, seconds: float) -> None:
+        """The wall time of an executed plan (before its commit): sizes the prefill beside later decodes."""
+        prefill = [c for c in plan.chunks if c.prefill]
+        self.prefill_budget.observe(len(plan.chunks) - len(prefill), sum(len(c.token_ids) for c in prefill), seconds)
 
     def commit(self, plan: StepPlan, results: list[ChunkResult]) -> None:
         """Advance each request of an executed plan by its result; finish those that are done."""

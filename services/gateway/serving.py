@@ -8,6 +8,7 @@ that raises fails only its own requests (the cause is logged) and serving goes o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from services.format.tokenizer import load_tokenizer
 from services.gateway.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CACHE_TOKENS,
+    DEFAULT_MAX_DECODE_STALL,
     DEFAULT_MAX_RUNNING,
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_MAX_WAITING,
@@ -52,6 +54,7 @@ class ServingCore:
         on_finish: Callable[[Request], None] | None = None,
         drafter: MTPDrafter | None = None,
         mtp_max_batch: int = 0,
+        max_decode_stall: float = DEFAULT_MAX_DECODE_STALL,
     ):
         self.model = model
         self.cfg: ModelConfig = model.cfg
@@ -59,7 +62,13 @@ class ServingCore:
         self.tokenizer = tokenizer
         self.max_context = min(self.cfg.max_position_embeddings, cache.num_blocks * cache.block_size)
         self.scheduler = Scheduler(
-            cache, self.cfg.eos_token_ids, max_step_tokens, max_running, max_waiting, mtp_max_batch=mtp_max_batch
+            cache,
+            self.cfg.eos_token_ids,
+            max_step_tokens,
+            max_running,
+            max_waiting,
+            mtp_max_batch=mtp_max_batch,
+            max_decode_stall=max_decode_stall,
         )
         self.scheduler.on_finish = on_finish  # e.g. count finished requests and their tokens
         self.runner = ModelRunner(model, cache, micro_batches, drafter)
@@ -150,12 +159,14 @@ class ServingCore:
         plan = self.scheduler.plan()
         if not plan:
             return False
+        started = time.perf_counter()
         try:
             results = self.runner.execute(plan)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the serving loop
             log.exception("step of %d requests failed", len(plan.chunks))
             self.scheduler.fail(plan, exc)
             return True
+        self.scheduler.observe(plan, time.perf_counter() - started)  # sizes the prefill beside later decodes
         self.scheduler.commit(plan, results)
         return True
 

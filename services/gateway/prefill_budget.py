@@ -1,0 +1,53 @@
+"""The decode-stall bound: how many prefill tokens a step may carry while requests decode.
+
+A prefill chunk rides in the same step as the running decodes, so every decode waits for it. At long context a
+prompt token costs nearly as much as a whole decode step (its attention reads every earlier key: on the tiny
+preset on CPU one token at 16K context costs about 2 ms against a 3 ms decode step), so no fixed token budget
+bounds the stall. The budget is therefore kept in time: a step with decodes may last at most `max_decode_stall`
+times a decode-only step. The scheduler reports every executed step's wall time; from the recent decode-only
+steps (the median of the last few) and the last mixed step (its prefill tokens, and the time they added over a
+decode-only step) the next step's prefill tokens are scaled to fill the allowed time, growing at most 2x a step.
+When no decode-only step was timed in the last REFERENCE_EVERY mixed steps (or ever), the next step runs the
+decodes alone to time them. Without decodes, prefill takes the whole step budget (--max-step-tokens).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+REFERENCE_EVERY = 64  # mixed steps between two decode-only steps that time the decodes alone
+
+
+class PrefillBudget:
+    def __init__(self, max_step_tokens: int, max_decode_stall: float):
+        self.max_step_tokens = max_step_tokens
+        self.max_decode_stall = max_decode_stall  # 0: off (prefill always takes what the decodes leave)
+        self.tokens = max(1, max_step_tokens // 16)  # prefill tokens beside decodes, until measured
+        self._decode_s: deque[float] = deque(maxlen=3)  # wall times of the latest decode-only steps
+        self._mixed_steps = 0  # since the last decode-only step
+
+    def allow(self, decoding: bool, budget: int) -> int:
+        """Prefill tokens the next step may carry, out of `budget` (the step's tokens the decodes left)."""
+        if not decoding or not self.max_decode_stall:
+            return budget
+        if not self._decode_s or self._mixed_steps >= REFERENCE_EVERY:
+            return 0  # time the decodes alone first
+        return min(budget, self.tokens)
+
+    def observe(self, decodes: int, prefill_tokens: int, seconds: float) -> None:
+        """An executed step: its decode chunks, its prefill tokens and its wall time."""
+        if not self.max_decode_stall or not decodes:
+            return
+        if not prefill_tokens:
+            self._decode_s.append(seconds)
+            self._mixed_steps = 0
+            return
+        self._mixed_steps += 1
+        if not self._decode_s:
+            return
+        decode_s = statistics.median(self._decode_s)
+        allowed = (self.max_decode_stall - 1) * decode_s  # time the prefill may add to a decode step
+        added = max(seconds - decode_s, 1e-6)
+        fit = int(prefill_tokens * allowed / added)
+        self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))
