@@ -71,3 +71,22 @@ def test_rebalance_needs_enough_tokens(redis_server, tiny_fp8, monkeypatch):
     scaler = Autoscaler(redis_server.url, AutoscalerConfig(load_window_s=60, min_tokens=1000))
     assert scaler.tick() is None and store.version() == 1  # skewed, but too few tokens to act on
     assert scaler.last_balancedness is not None and scaler.last_balancedness < 0.85
+
+
+def test_phase_3_unloads_only_what_the_current_placement_does_not_want_and_only_while_leading(tiny_fp8):
+    """A deposed leader's delayed unload must not take replicas away that a newer placement (another leader's,
+    or a later rollout) put back on the pool, nor unload anything once it no longer leads."""
+    from services.autoscaler.rollout import still_unwanted
+
+    cfg = ModelConfig.from_file(tiny_fp8)
+    pools = [Pool("pool-0", "a"), Pool("pool-1", "b")]
+    current = Placement.spread(cfg, pools, replicas=2)  # every expert on both pools again
+    losses = {"pool-0": {(1, 3), (1, 4)}, "pool-1": {(2, 5)}, "gone": {(1, 1)}}
+    assert still_unwanted(current, losses, leading=True) == {"pool-0": set(), "pool-1": set(), "gone": {(1, 1)}}
+    narrow = Placement.spread(cfg, pools)  # expert 3 of layer 1 lives on one pool only now
+    kept = still_unwanted(narrow, losses, leading=True)
+    for pool in ("pool-0", "pool-1"):
+        assert kept[pool] == losses[pool] - set(narrow.experts_on(pool))
+    assert kept["pool-0"] == {(1, 3), (1, 4)} - set(narrow.experts_on("pool-0")) != losses["pool-0"]
+    assert kept["pool-0"] and kept["gone"] == {(1, 1)}
+    assert still_unwanted(current, losses, leading=False) == {}

@@ -4,7 +4,8 @@
 2. N+1 is committed in Redis (compare-and-set on N); gateways switch at their next step boundary.
 3. After a grace period (gateways poll the version every 0.5 s; calls routed with N finish within their
    deadline) pools drop the replicas that N+1 no longer has. A call that still arrives for a dropped expert
-   gets FAILED_PRECONDITION and the gateway re-sends it to another replica.
+   gets FAILED_PRECONDITION and the gateway re-sends it to another replica. Only while this replica still
+   leads, and only the replicas the placement current by then does not want back (`still_unwanted`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def load_on_pool(address: str, refs: set, timeout_s: float = 120.0) -> None:
         _call(address, "LoadExperts", refs, timeout_s)
 
 
+def still_unwanted(current: Placement | None, losses: dict[str, set], leading: bool) -> dict[str, set]:
+    """What phase 3 may still unload after the grace period: nothing once this replica no longer leads (the new
+    leader may be loading those very replicas for its own rollout); otherwise each pool's dropped replicas less
+    those the placement now current wants there again (a later rollout may have put them back)."""
+    if not leading:
+        return {}
+    return {
+        pool: refs - (set(current.experts_on(pool)) if current is not None and pool in current.pools else set())
+        for pool, refs in losses.items()
+    }
+
+
 def rollout(
     store: RedisPlacementStore,
     new: Placement,
@@ -78,7 +91,9 @@ def rollout(
         load_on_pool(new.pools[pool].address, refs, timeout_s)
     published = store.publish(new, expected_version)  # phase 2
     time.sleep(grace_s)  # phase 3
-    for pool, refs in losses.items():
+    leadership = getattr(store, "leadership", None)
+    leading = leadership is None or leadership.is_leader()
+    for pool, refs in still_unwanted(store.get(), losses, leading).items():
         if refs:
             try:
                 _call(new.pools[pool].address, "UnloadExperts", refs, timeout_s)
