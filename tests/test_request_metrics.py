@@ -184,3 +184,20 @@ def test_dashboard_queries_only_exported_metrics():
         "expert rpc",
     ):
         assert word in titles, word
+
+
+def test_requests_that_leave_while_waiting_are_counted(metered):
+    """Cancelled before admission (abort), or failed when serving stops (error): never run, still counted."""
+    sched, registry = metered
+    sched.max_running = 1
+    running, gives_up, stranded = (Request(list(range(2, 8)), SamplingParams(max_tokens=50)) for _ in range(3))
+    for r in (running, gives_up, stranded):
+        sched.submit(r)
+    sched.commit(plan := sched.plan(), [ChunkResult(token=7) for _ in plan.chunks])
+    assert [c.request for c in plan.chunks] == [running] and len(sched.waiting) == 2
+    sched.cancel(gives_up)
+    sched.commit(plan := sched.plan(), [ChunkResult(token=7) for _ in plan.chunks])
+    assert _value(registry, "request_success_total", finished_reason="abort") == 1
+    sched.close(PoolUnavailableError("gateway", "the serving loop died"))
+    assert _value(registry, "request_success_total", finished_reason="error") == 2  # running and stranded
+    assert _value(registry, "e2e_request_latency_seconds_count") == 3

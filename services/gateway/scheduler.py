@@ -194,6 +194,7 @@ class Scheduler:
         for req in waiting:
             req.error = error
             req.emit(RequestEvent(error=error))
+            self._told(req)
 
     # ---- internals -------------------------------------------------------------------------------------
     def _commit_tokens(self, req: Request, chunk: PlannedChunk, result: ChunkResult) -> None:
@@ -229,7 +230,10 @@ class Scheduler:
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req)
         with self._lock:
+            dropped = [r for r in self.waiting if r.cancelled]
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for req in dropped:  # never admitted: nothing to give back, but they count (finished_reason abort)
+            self._told(req)
 
     def _admit(self) -> None:
         while len(self.running) < self.max_running:
@@ -251,5 +255,8 @@ class Scheduler:
             self.running.remove(req)
         self.cache.release(req.seq)
         req.emit(RequestEvent(token_id=token, finish_reason=reason, error=error))
+        self._told(req)
+
+    def _told(self, req: Request) -> None:
         if self.on_finish is not None:
             self.on_finish(req)
