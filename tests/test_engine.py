@@ -130,3 +130,19 @@ def test_seeded_sampling_reproducible_and_distinct(engine_tiny):
 def test_bad_requests_rejected(engine_tiny, prompt, params, match):
     with pytest.raises(InvalidRequestError, match=match):
         engine_tiny.generate([prompt], params)
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_preempted_requests_recompute_and_generate_the_same_tokens(tiny_fp8, engine_tiny, mtp):
+    """Five 24 + 40 requests in a 256-position cache (they need 320): the newest are preempted when decodes find
+    the cache full, and come back by writing their prompt and output again. Greedy output equals the run with
+    room for all, token for token (and with MTP drafting, whose cache is recomputed too)."""
+    from services.gateway.engine import Engine
+
+    prompts = [torch.randint(2, 1024, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(5)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    small = Engine.from_dir(tiny_fp8, cache_tokens=256, block_size=16, mtp=mtp)
+    got = [g.token_ids for g in small.generate(prompts, params)]
+    assert small.scheduler.preemptions >= 1
+    assert got == [g.token_ids for g in engine_tiny.generate(prompts, params)]
+    assert small.cache.free_blocks == small.cache.num_blocks

@@ -31,6 +31,7 @@ VLLM_NAMES = [
     "prompt_tokens_total",
     "generation_tokens_total",
     "request_success_total",
+    "num_preemptions_total",
 ]
 
 

@@ -25,23 +25,55 @@ def _plain_scheduler(blocks, **kw):
 
 
 def _commit_tokens(sched, plan, token=7):
+    for c in plan.chunks:  # the positions the runner's batch writes (StepBatch.build advances each sequence)
+        c.request.seq.length += len(c.token_ids)
     sched.commit(plan, [ChunkResult(token=token if c.samples else None) for c in plan.chunks])
 
 
 # ---- the scheduler alone ---------------------------------------------------------------------------------
-def test_admission_reserves_prompt_plus_max_tokens_and_makes_the_rest_wait():
-    sched, cache = _plain_scheduler(blocks=4)  # 64 tokens: room for one 20+30 request at a time
-    reqs = [Request(_ids(20, i), SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(2)]
+def test_blocks_are_given_as_decodes_need_them_and_the_newest_is_preempted_when_the_cache_is_full():
+    """Three 20 + 60 requests in 128 cache positions: all three run at once (each reserved only its prompt and
+    first token); when a decode finds the cache full the newest is preempted, comes back first, writes its prompt
+    and output again, and goes on. Every request ends with its 60 tokens and every block is given back."""
+    sched, cache = _plain_scheduler(blocks=8)  # 8 x 16 positions
+    reqs = [Request(_ids(20, i), SamplingParams(max_tokens=60, ignore_eos=True)) for i in range(3)]
     for r in reqs:
         sched.submit(r)
     plan = sched.plan()
-    assert [c.request for c in plan.chunks] == [reqs[0]] and sched.num_waiting == 1
-    assert cache.free_blocks == 4 - 4  # ceil(50 / 16) blocks reserved at once
-    for _ in range(30):
+    assert [c.request for c in plan.chunks] == reqs and cache.free_blocks == 8 - 3 * 2
+    resumed = []  # (request, its output when preempted, the tokens it wrote on its way back)
+    output_at_preemption = {}
+    for _ in range(400):
+        if not plan:
+            break
+        for c in plan.chunks:
+            if c.prefill and c.request.preemptions:
+                resumed.append((c.request, output_at_preemption[id(c.request)], c.token_ids))
+        _commit_tokens(sched, plan, token=len(plan.chunks) + 2)
+        for r in reqs:
+            if r in sched.waiting and r.preemptions and id(r) not in output_at_preemption:
+                output_at_preemption[id(r)] = list(r.output)
+        plan = sched.plan()
+    assert [len(r.output) for r in reqs] == [60, 60, 60] and all(r.finish_reason == "length" for r in reqs)
+    assert sched.preemptions >= 1 and reqs[0].preemptions == 0  # the oldest is never the one preempted
+    request, output, written = resumed[0]
+    assert written == (request.prompt + output)[: len(written)] and request.prompt + output == request.prompt + (
+        request.recompute
+    )
+    assert cache.free_blocks == 8 and sched.idle
+
+
+def test_a_full_cache_waits_for_blocks_before_admitting():
+    sched, cache = _plain_scheduler(blocks=4)  # 64 positions
+    first, second = (Request(_ids(40, i), SamplingParams(max_tokens=20, ignore_eos=True)) for i in range(2))
+    sched.submit(first)
+    sched.submit(second)
+    plan = sched.plan()
+    assert [c.request for c in plan.chunks] == [first] and sched.num_waiting == 1  # 3 blocks + 1 to spare: no room
+    for _ in range(21):
         _commit_tokens(sched, plan)
         plan = sched.plan()
-    assert reqs[0].finish_reason == "length" and len(reqs[0].output) == 30
-    assert [c.request for c in plan.chunks] == [reqs[1]]  # admitted once the first gave its blocks back
+    assert first.finish_reason == "length" and [c.request for c in plan.chunks] == [second]
 
 
 def test_decodes_go_first_and_prefill_takes_the_rest_of_the_budget():

@@ -45,7 +45,11 @@ class Request:
     # params.logprobs set: per output token, (its logprob, the top alternatives as (token id, logprob), best
     # first); filled by the runner before the token's event, so a front end reads entry i with output token i
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    fed: int = 0  # prompt tokens already written to the cache
+    fed: int = 0  # tokens of `feed` already written to the cache
+    # preempted (its blocks taken for older requests): the output so far, written again after the prompt on its
+    # way back in (recomputed: the cache holds nothing of it meanwhile)
+    recompute: list[int] = field(default_factory=list)
+    preemptions: int = 0
     # MTP speculative decoding: the tokens the MTP layer proposes to follow output[-1], verified next step, and
     # (temperature > 0) the distribution [V] the draft was drawn from; drafts verified so far and accepted
     draft: list[int] = field(default_factory=list)
@@ -67,13 +71,31 @@ class Request:
         return self.score_top_k is not None
 
     @property
-    def cache_tokens(self) -> int:
-        """Cache positions the request needs at most: reserved whole at admission."""
-        return len(self.prompt) + (0 if self.is_score else self.params.max_tokens)
+    def feed_length(self) -> int:
+        """Tokens written before the next one is sampled: the prompt, then what a preemption made it recompute."""
+        return len(self.prompt) + len(self.recompute)
+
+    def feed(self, start: int, n: int) -> list[int]:
+        """Tokens start..start+n-1 of the prompt followed by `recompute`."""
+        if start + n <= len(self.prompt):
+            return self.prompt[start : start + n]
+        return (self.prompt + self.recompute)[start : start + n]
+
+    @property
+    def admission_tokens(self) -> int:
+        """Cache positions reserved at admission: its feed and (generating) the first new token's; a decode's
+        further positions are reserved step by step."""
+        return self.feed_length + (0 if self.is_score else 1)
 
     @property
     def prefilling(self) -> bool:
-        return self.fed < len(self.prompt)
+        return self.fed < self.feed_length
+
+    def preempt(self) -> None:
+        """Its blocks were given back: on its way back in it writes the prompt and the output so far again."""
+        self.recompute, self.fed = list(self.output), 0
+        self.draft, self.draft_probs = [], None
+        self.preemptions += 1
 
     @property
     def done(self) -> bool:

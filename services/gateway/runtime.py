@@ -50,6 +50,7 @@ class ServingLoop:
         self.core, self.metrics, self.recorder, self.on_death = core, metrics, recorder, on_death
         self.error: BaseException | None = None
         self._spec_exported = (0, 0)  # MTP drafts verified and accepted, as counted so far
+        self._preemptions_exported = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="serving", daemon=True)
 
@@ -77,6 +78,9 @@ class ServingLoop:
         m.running.set(len(sched.running))
         m.waiting.set(sched.num_waiting)
         m.kv_cache_usage.set(self.core.cache.usage())
+        if sched.preemptions > self._preemptions_exported:
+            m.preemptions.inc(sched.preemptions - self._preemptions_exported)
+            self._preemptions_exported = sched.preemptions
         drafted, accepted = self._spec_exported
         if sched.draft_tokens > drafted:
             m.spec_draft_tokens.inc(sched.draft_tokens - drafted)

@@ -12,9 +12,13 @@ running decodes by a stated bound however long its context is; the serving core 
 (`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens. With
 no request decoding, prefill takes the whole `max_step_tokens`.
 
-It is the one owner of the latent cache's blocks: a request is admitted only when the cache can hold its whole
-prompt plus max_tokens, reserved at once (so a running request never runs out); otherwise it waits, first come
-first served. Blocks are given back when a request finishes, fails or is cancelled (at the next plan).
+It is the one owner of the latent cache's blocks, given out as they are needed (as vLLM does): a request is
+admitted when the cache holds its prompt and its first new token with a watermark to spare (first come first
+served; the others wait), and each step reserves the positions its decodes write. When a decode finds the cache
+full, its draft is dropped, then the most recently admitted request is preempted: its blocks go back and it
+returns to the head of the queue, to write its prompt and output again when blocks free up (recompute) and go
+on where it stopped. So a request's max_tokens (by default the rest of the context over HTTP) costs nothing
+until it is used. Blocks are given back when a request finishes, fails or is cancelled (at the next plan).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class PlannedChunk:
     @property
     def completes_prompt(self) -> bool:
         """After this chunk the next token can be sampled (a decode, or the last prefill chunk)."""
-        return self.request.fed + len(self.token_ids) >= len(self.request.prompt)
+        return self.request.fed + len(self.token_ids) >= self.request.feed_length
 
     @property
     def samples(self) -> bool:
@@ -100,6 +104,7 @@ class Scheduler:
         self.closed: BaseException | None = None  # set when serving stopped for good: submit refuses
         self.on_finish: Callable[[Request], None] | None = None  # told of every request that leaves (metrics)
         self.draft_tokens = self.accepted_tokens = 0  # MTP drafts verified and accepted, all requests (metrics)
+        self.preemptions = 0  # requests whose blocks were taken for older ones (recomputed later)
         self._lock = threading.Lock()
         self._work = threading.Event()
 
@@ -150,10 +155,11 @@ class Scheduler:
             if draft and len(draft) <= budget and chunk.request.params.max_tokens - len(chunk.request.output) > 1:
                 chunk.token_ids, chunk.draft = chunk.token_ids + draft, list(draft)
                 budget -= len(draft)
-        budget = self.prefill_budget.allow(bool(chunks), budget)
+        chunks = self._reserve_decodes(chunks)
+        budget = self.prefill_budget.allow(bool(chunks), self.max_step_tokens - sum(len(c.token_ids) for c in chunks))
         for req in self.running:
             if req.prefilling and budget > 0:
-                take = req.prompt[req.fed : req.fed + budget]
+                take = req.feed(req.fed, budget)
                 chunks.append(PlannedChunk(req, take, prefill=True))
                 budget -= len(take)
         return StepPlan(chunks)
@@ -236,16 +242,47 @@ class Scheduler:
             self._told(req)
 
     def _admit(self) -> None:
+        spare = -(-self.cache.num_blocks // 100)  # a 1% watermark: room for the running decodes' next blocks
         while len(self.running) < self.max_running:
             with self._lock:
                 if not self.waiting:
                     return
                 req = self.waiting[0]
-                if not self.cache.can_fit(req.seq, req.cache_tokens):
+                need = self.cache.blocks_needed(req.seq, req.admission_tokens)
+                if need + (spare if self.running else 0) > self.cache.free_blocks:
                     return  # the cache is full: wait for running requests to finish
                 self.waiting.popleft()
-            self.cache.reserve(req.seq, req.cache_tokens)
+            self.cache.reserve(req.seq, req.admission_tokens)
             self.running.append(req)
+
+    def _reserve_decodes(self, chunks: list[PlannedChunk]) -> list[PlannedChunk]:
+        """Positions in the cache for every decode chunk, oldest request first. A full cache costs the chunk its
+        draft, then preempts the most recently admitted request (perhaps the chunk's own, which then waits)."""
+        kept = []
+        for chunk in chunks:
+            req = chunk.request
+            if req not in self.running:
+                continue  # preempted for an older request
+            while not self.cache.can_fit(req.seq, len(chunk.token_ids)):
+                if chunk.draft:
+                    chunk.token_ids, chunk.draft = chunk.token_ids[:1], []
+                    continue
+                victim = next(r for r in reversed(self.running) if not r.is_score)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                self.cache.reserve(req.seq, len(chunk.token_ids))
+                kept.append(chunk)
+        return kept
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.cache.release(req.seq)
+        req.preempt()
+        self.preemptions += 1
+        with self._lock:
+            self.waiting.appendleft(req)
 
     def _finish(
         self, req: Request, reason: str | None = None, token: int | None = None, error: BaseException | None = None

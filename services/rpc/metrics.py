@@ -79,6 +79,12 @@ class GatewayMetrics:
         self._generation_tokens = Counter(
             "generation_tokens_total", "Tokens generated, counted when a request ends.", m, registry=r
         )
+        self._preemptions = Counter(
+            "num_preemptions_total",
+            "Requests preempted (their cache blocks taken for older requests when the cache filled; recomputed).",
+            m,
+            registry=r,
+        )
         self._request_success = Counter(
             "request_success_total",
             "Requests ended, by finished_reason: stop, length, scored (a score request), abort (cancelled), error.",
@@ -131,6 +137,7 @@ class GatewayMetrics:
                 self._kv_cache_usage,
                 self._prompt_tokens,
                 self._generation_tokens,
+                self._preemptions,
             ):
                 family.remove(previous)
         self.model_name = model_name
@@ -142,6 +149,7 @@ class GatewayMetrics:
         self.kv_cache_usage = self._kv_cache_usage.labels(model_name)
         self.prompt_tokens = self._prompt_tokens.labels(model_name)
         self.generation_tokens = self._generation_tokens.labels(model_name)
+        self.preemptions = self._preemptions.labels(model_name)
 
     def request_success(self, finished_reason: str) -> Counter:
         return self._request_success.labels(self.model_name, finished_reason)
@@ -154,7 +162,7 @@ class GatewayMetrics:
         else:
             reason = request.finish_reason or ("abort" if request.cancelled else "error")
         self.request_success(reason).inc()
-        self.prompt_tokens.inc(request.fed)
+        self.prompt_tokens.inc(min(request.fed, len(request.prompt)))  # a recomputed output is not prompt
         self.generation_tokens.inc(len(request.output))
         self.e2e_latency.observe(time.monotonic() - request.arrival_time)
 
