@@ -19,8 +19,9 @@ def test_mixed_steps_equal_each_sequence_alone(engine_tiny, monkeypatch):
     monkeypatch.setattr(mla, "QUERY_BLOCK", 8)  # chunks of 9..40 tokens span several query blocks
     model, cfg = engine_tiny.model, engine_tiny.cfg
     cache = PagedLatentCache(cfg, num_blocks=64, block_size=16)
-    history = [_ids(n, i) for i, n in enumerate((30, 5, 12, 1))]
-    chunks = [_ids(n, 10 + i) for i, n in enumerate((1, 40, 1, 9))]  # decodes beside long chunks
+    history = [_ids(n, i) for i, n in enumerate((30, 5, 12, 1, 200))]
+    # decodes beside long chunks; 4 prompt tokens at a long context run alone, not padding the decodes to it
+    chunks = [_ids(n, 10 + i) for i, n in enumerate((1, 40, 1, 9, 4))]
     seqs = [SequenceBlocks() for _ in history]
     for seq, ids in zip(seqs, history):
         model.forward(build_step([SequenceChunk(seq, ids)], cache), cache)

@@ -36,7 +36,9 @@ class MLAWeights:
 
 
 SHORT_CHUNK = 8  # chunks up to this long (decodes, a token and its MTP drafts) batch together in a mixed step
-QUERY_BLOCK = 256  # queries of a long chunk attended at once: bounds the [q, nh, L] scores it holds
+# queries of a long chunk attended at once: their [q, nh, L] scores stay small enough for the CPU's caches
+# (64 against 256: 512 prompt tokens at 16K context 1.8x faster on CPU, BENCHMARKS.md, long prompts)
+QUERY_BLOCK = 64
 
 
 class MLA:
@@ -99,11 +101,11 @@ class MLA:
             )
             return out.reshape(b * s, self.nh, self.dv)
         out = q_nope.new_empty(q_nope.shape[0], self.nh, self.dv)
-        short = [i for i, n in enumerate(batch.lengths) if n <= SHORT_CHUNK]  # decodes, 1 + MTP drafts
+        short = _short_batch(batch)
         if short:
             self._attend_short(q_nope, q_pe, batch, cache, layer, short, out)
         for i, n in enumerate(batch.lengths):
-            if n > SHORT_CHUNK:
+            if i not in short:
                 o, length = batch.offsets[i], batch.key_lengths[i]
                 rows = cache.gather(layer, batch.key_slots[i : i + 1, :length]).to(dtype)  # [1, L_i, C + R]
                 for q0 in range(0, n, QUERY_BLOCK):
@@ -163,3 +165,16 @@ class MLA:
             return torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)  # [B, S, nh, v]
         v = torch.einsum("blc,hdc->blhd", keys, self.w_uv)  # [B, L, nh, v]
         return torch.einsum("bshl,blhd->bshd", probs, v)
+
+
+def _short_batch(batch: StepBatch) -> list[int]:
+    """The chunks of a mixed step that attend as one padded batch: the short ones (decodes, 1 + MTP drafts, a
+    small prefill chunk) whose keys are at most twice the lower median of theirs, so that no short chunk pads the
+    others to a much longer context (a few prompt tokens at 16K beside decodes at 100 would make every decode
+    read 16K keys). The rest run alone."""
+    short = [i for i, n in enumerate(batch.lengths) if n <= SHORT_CHUNK]
+    if not short:
+        return []
+    keys = sorted(batch.key_lengths[i] for i in short)
+    limit = 2 * keys[(len(keys) - 1) // 2]
+    return [i for i in short if batch.key_lengths[i] <= limit]
