@@ -195,3 +195,24 @@ def test_elector_timings_are_checked():
         LeaseElector(None, NS, LEASE, "x", lease_duration_s=15, renew_deadline_s=15)
     default = LeaseElector(None, NS, LEASE, "x")
     assert (default.duration, default.renew_deadline, default.retry_period) == (15, 10, 2)
+
+
+def test_a_stopping_leader_releases_the_lease_and_another_leads_at_once(kube):  # noqa: F811
+    """Stopping (SIGTERM) a leader hands its Lease back (client-go's ReleaseOnCancel): another identity leads
+    within a second instead of waiting for the lease to expire; a non-leader's stop leaves the Lease alone."""
+    api = kube
+    a = elector(api, "a", lease_duration_s=30, renew_deadline_s=20, retry_period_s=0.1).start()
+    wait_until(a.is_leader, 5, "a to lead")
+    b = elector(api, "b", lease_duration_s=30, renew_deadline_s=20, retry_period_s=0.1).start()
+    time.sleep(0.3)
+    assert not b.is_leader()  # a's 30 s lease holds
+    b.stop()
+    lease = client.CoordinationV1Api(api).read_namespaced_lease(LEASE, NS)
+    assert lease.spec.holder_identity == "a"  # a non-leader's stop released nothing
+    b = elector(api, "b", lease_duration_s=30, renew_deadline_s=20, retry_period_s=0.1).start()
+    started = time.monotonic()
+    a.stop()
+    assert not a.is_leader()
+    wait_until(b.is_leader, 5, "b to lead once a released the Lease")
+    assert time.monotonic() - started < 3  # not the 30 s of a's lease
+    b.stop()

@@ -128,10 +128,30 @@ class LeaseElector:
         return self
 
     def stop(self) -> None:
+        """Stop renewing, and give the Lease up if this identity holds it (as client-go's ReleaseOnCancel): the
+        next candidate takes it within a second, not after the whole lease duration."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.renew_deadline)
-        self.valid_until = float("-inf")
+        was_leading, self.valid_until = self.is_leader(), float("-inf")
+        if was_leading:
+            self.release()
+
+    def release(self) -> bool:
+        """Hand the Lease back: no holder, a 1 s duration from now. -> whether it was ours to release."""
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            if lease.spec.holder_identity != self.identity:
+                return False
+            patch = {"spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": self._now().isoformat()}}
+            if lease.metadata.resource_version:
+                patch["metadata"] = {"resourceVersion": lease.metadata.resource_version}
+            self.api.patch_namespaced_lease(self.name, self.namespace, patch)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway: the Lease then expires on its own
+            log.warning("lease %s: could not release it: %s", self.name, exc)
+            return False
+        log.info("lease %s: %s released it", self.name, self.identity)
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():

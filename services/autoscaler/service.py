@@ -315,7 +315,24 @@ def main(argv: list[str] | None = None) -> None:
             config.grace_s,
             Path(args.log_dir) if args.log_dir else None,
         )
-    Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
+    _release_on_sigterm(elector)
+    try:
+        Autoscaler(args.redis, config, AutoscalerMetrics(), actuator, elector).run()
+    except KeyboardInterrupt:  # SIGTERM (below) or Ctrl-C
+        pass
+    finally:
+        if elector is not None:
+            elector.stop()  # a leader hands its Lease back: the next replica leads within a second
+
+
+def _release_on_sigterm(elector) -> None:
+    """SIGTERM (a pod's stop, `expertmesh up` stopping) ends the loop like Ctrl-C, so the Lease is released."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":
