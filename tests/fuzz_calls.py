@@ -169,19 +169,19 @@ def _on_one_stream(channel: grpc.Channel, requests, examples: int) -> Counter:
     """Generated requests and raw bytes, interleaved, all on one ForwardStream: every message must get its own
     in-band answer (the code it carries is counted) and the stream must outlive them all; if it ends early, the
     messages left unanswered count with the status it ended with."""
-    sent: list[bytes] = []
+    sent: list[bytes] = []  # ForwardStreamRequest messages and raw bytes
 
     @settings(max_examples=examples, **_SETTINGS)
     @given(requests, st.binary(max_size=300))
     def collect(request, data):
-        sent.extend([request.SerializeToString(), data])
+        sent.extend([expert_pool_pb2.ForwardStreamRequest(request=request).SerializeToString(), data])
 
     collect()
     codes: Counter = Counter()
     answered = 0
     try:
         for answer in channel.stream_stream(FORWARD_STREAM)(iter(sent), timeout=CALL_TIMEOUT_S * 10):
-            response = expert_pool_pb2.ForwardResponse.FromString(answer)
+            response = expert_pool_pb2.ForwardStreamResponse.FromString(answer)
             codes[_CODES[response.error_code]] += 1
             answered += 1
     except grpc.RpcError as err:

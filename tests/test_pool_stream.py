@@ -68,18 +68,22 @@ def _request(experts: list[int], rows: int = 2, layer: int = LAYER, seed: int = 
     return codec.encode_request(layer, codec.DispatchRows(hidden, "fp32"), pairs)[1]
 
 
+def _streamed(request):
+    return expert_pool_pb2.ForwardStreamRequest(request=request)
+
+
 def test_answers_in_order_and_failures_in_band(pool):
     held, missing = pool.held[:2], next(e for e in range(16) if e not in pool.held)
     unary = expert_pool_pb2_grpc.ExpertPoolServiceStub(pool.channel).Forward
     stream = PoolStream(pool.channel)
     good = [_request(held, seed=i) for i in range(3)]
     sent = [
-        stream.send(good[0])[0],
-        stream.send(_request([held[0], 16]))[0],  # expert out of range
-        stream.send(good[1])[0],
-        stream.send(_request([missing]))[0],  # not held here
-        stream.send(_request(held, layer=0))[0],  # a dense layer
-        stream.send(good[2])[0],
+        stream.send(_streamed(good[0]))[0],
+        stream.send(_streamed(_request([held[0], 16])))[0],  # expert out of range
+        stream.send(_streamed(good[1]))[0],
+        stream.send(_streamed(_request([missing])))[0],  # not held here
+        stream.send(_streamed(_request(held, layer=0)))[0],  # a dense layer
+        stream.send(_streamed(good[2]))[0],
     ]
     for i, at in enumerate((0, 2, 5)):
         got = codec.decode_partial(sent[at].result(timeout=30), 2, 320)
@@ -99,18 +103,18 @@ def test_answers_in_order_and_failures_in_band(pool):
 
 def test_bytes_that_do_not_parse_are_answered_in_band(pool):
     call = pool.channel.stream_stream(FORWARD_STREAM_METHOD)  # raw bytes both ways
-    good = _request(pool.held[:1]).SerializeToString()
+    good = expert_pool_pb2.ForwardStreamRequest(request=_request(pool.held[:1])).SerializeToString()
     answers = list(call(iter([good, b"\xff\xff\xff\xff garbage", good]), timeout=30))
-    parsed = [expert_pool_pb2.ForwardResponse.FromString(a) for a in answers]
+    parsed = [expert_pool_pb2.ForwardStreamResponse.FromString(a) for a in answers]
     assert [p.error_code for p in parsed] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
-    assert "does not parse as ForwardRequest" in parsed[1].error_message
+    assert "does not parse as ForwardStreamRequest" in parsed[1].error_message
 
 
 def test_a_pool_killed_mid_stream_fails_what_waits_at_once(pool):
     stream = PoolStream(pool.channel)
-    stream.send(_request(pool.held[:1]))[0].result(timeout=30)  # the stream is open
+    stream.send(_streamed(_request(pool.held[:1])))[0].result(timeout=30)  # the stream is open
     os.kill(pool.proc.pid, signal.SIGSTOP)  # it cannot answer what comes now
-    waiting = stream.send(_request(pool.held[:2]))[0]
+    waiting = stream.send(_streamed(_request(pool.held[:2])))[0]
     time.sleep(0.2)
     assert not waiting.done()
     os.kill(pool.proc.pid, signal.SIGKILL)
@@ -119,7 +123,7 @@ def test_a_pool_killed_mid_stream_fails_what_waits_at_once(pool):
         waiting.result(timeout=30)
     assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
     with pytest.raises(PoolCallError):  # a new stream to a dead pool fails too, and fast
-        stream.send(_request(pool.held[:1]))[0].result(timeout=30)
+        stream.send(_streamed(_request(pool.held[:1])))[0].result(timeout=30)
     assert time.monotonic() - started < 10
     stream.close()
 

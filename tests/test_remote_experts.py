@@ -100,8 +100,8 @@ class _StreamOf:
     def __init__(self, forward):
         self.forward = forward
 
-    def send(self, request):
-        data = request.SerializeToString()
+    def send(self, message):
+        data = message.request.SerializeToString()
         future = Future()
         try:
             future.set_result(self.forward(data))

@@ -52,9 +52,11 @@ class DispatchRows:
             raise ValueError(f"unknown dispatch dtype {dispatch!r} (choose from {', '.join(DISPATCH_DTYPES)})")
         self.dispatch = dispatch
 
-    def encode(self, rows: torch.Tensor) -> tuple[tensor_pb2.Tensor, tensor_pb2.Tensor | None]:
-        """rows [N] -> (hidden, its scales or None)."""
-        return wire.encode(self.values[rows]), None if self.scales is None else wire.encode(self.scales[rows])
+    def fill(self, rows: torch.Tensor, request: expert_pool_pb2.ForwardRequest) -> None:
+        """rows [N] -> the request's hidden (and hidden_scale with e4m3)."""
+        wire.fill(request.hidden, self.values[rows])
+        if self.scales is not None:
+            wire.fill(request.hidden_scale, self.scales[rows])
 
 
 def reply_element_type(dispatch: str) -> int:
@@ -63,23 +65,25 @@ def reply_element_type(dispatch: str) -> int:
 
 
 def encode_request(
-    layer: int, rows: DispatchRows, pairs: RoutedPairs, placement_version: int = 0
+    layer: int,
+    rows: DispatchRows,
+    pairs: RoutedPairs,
+    placement_version: int = 0,
+    into: expert_pool_pb2.ForwardRequest | None = None,
 ) -> tuple[torch.Tensor, expert_pool_pb2.ForwardRequest]:
-    """One pool's request: `pairs` name rows of `rows` (the whole batch). -> (tokens [N]: the batch rows sent,
-    ascending, each once; the request, whose pairs name rows of its own hidden)."""
+    """One pool's request: `pairs` name rows of `rows` (the whole batch), written into `into` (a stream message's
+    field: no copy) or a new message. -> (tokens [N]: the batch rows sent, ascending, each once; the request,
+    whose pairs name rows of its own hidden)."""
     tokens = torch.unique(pairs.token)  # [N]
     local = torch.searchsorted(tokens, pairs.token)  # [P] row of the request's hidden
     packed = torch.stack((local, pairs.expert), dim=1).to(torch.int32)  # [P, 2]
-    hidden, scale = rows.encode(tokens)
-    request = expert_pool_pb2.ForwardRequest(
-        layer=layer,
-        hidden=hidden,
-        hidden_scale=scale,
-        pairs=wire.encode(packed),
-        pair_weights=wire.encode(pairs.weight.to(torch.float32)),
-        response_dtype=reply_element_type(rows.dispatch),
-        placement_version=placement_version,
-    )
+    request = into if into is not None else expert_pool_pb2.ForwardRequest()
+    request.layer = layer
+    rows.fill(tokens, request)
+    wire.fill(request.pairs, packed)
+    wire.fill(request.pair_weights, pairs.weight.to(torch.float32))
+    request.response_dtype = reply_element_type(rows.dispatch)
+    request.placement_version = placement_version
     return tokens, request
 
 
@@ -122,9 +126,14 @@ def decode_request(
     return PoolBatch(request.layer, hidden, pairs, reply_dtype)
 
 
-def encode_response(partial: torch.Tensor, reply_dtype: torch.dtype) -> expert_pool_pb2.ForwardResponse:
-    """partial [N, H] -> the answer in `reply_dtype` (converted only when it is computed in another)."""
-    return expert_pool_pb2.ForwardResponse(partial=wire.encode(partial.to(reply_dtype)))
+def encode_response(
+    partial: torch.Tensor, reply_dtype: torch.dtype, into: expert_pool_pb2.ForwardResponse | None = None
+) -> expert_pool_pb2.ForwardResponse:
+    """partial [N, H] -> the answer in `reply_dtype` (converted only when it is computed in another), written into
+    `into` (a stream message's field) or a new message."""
+    response = into if into is not None else expert_pool_pb2.ForwardResponse()
+    wire.fill(response.partial, partial.to(reply_dtype))
+    return response
 
 
 def _decode_hidden(request: expert_pool_pb2.ForwardRequest, hidden_size: int, device_type: str) -> torch.Tensor:

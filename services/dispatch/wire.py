@@ -28,10 +28,16 @@ def element_type_name(element_type: int) -> str:
 
 
 def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
+    return fill(tensor_pb2.Tensor(), t)
+
+
+def fill(msg: tensor_pb2.Tensor, t: torch.Tensor) -> tensor_pb2.Tensor:
+    """Write `t` into `msg`, a field of a message being built (one copy of the bytes, none when it is nested)."""
     t = t.detach().contiguous().cpu()
-    return tensor_pb2.Tensor(
-        dtype=ELEMENT_TYPES[t.dtype], shape=list(t.shape), data=t.view(torch.uint8).numpy().tobytes()
-    )
+    msg.dtype = ELEMENT_TYPES[t.dtype]
+    msg.shape[:] = list(t.shape)
+    msg.data = t.view(torch.uint8).numpy().tobytes()
+    return msg
 
 
 def decode(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:

@@ -70,24 +70,28 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             with self.draining.track(SERVICE_NAME) if self.draining is not None else contextlib.nullcontext():
                 yield await self._answer_in_band(request)
 
-    async def _answer_in_band(self, request) -> expert_pool_pb2.ForwardResponse:
+    async def _answer_in_band(self, message) -> expert_pool_pb2.ForwardStreamResponse:
         """A streamed request's answer, or its failure as error_code and error_message; echoes its id."""
-        if isinstance(request, malformed.Malformed):
-            code, message = grpc_status.code_and_message(
-                InvalidRequestError(f"the request does not parse as ForwardRequest: {request.error}")
-            )
-            return expert_pool_pb2.ForwardResponse(error_code=code.value[0], error_message=message)
-        parent = propagate.extract(request.trace_context) if request.trace_context else None
+        answer = expert_pool_pb2.ForwardStreamResponse()
+        if isinstance(message, malformed.Malformed):
+            error = InvalidRequestError(f"the request does not parse as ForwardStreamRequest: {message.error}")
+            code, answer.error_message = grpc_status.code_and_message(error)
+            answer.error_code = code.value[0]
+            return answer
+        answer.id = message.id
+        parent = propagate.extract(message.trace_context) if message.trace_context else None
         with tracer().start_as_current_span(FORWARD_STREAM_SPAN, context=parent, kind=SpanKind.SERVER):
             try:
-                response = await self._answer(request)
+                await self._answer(message.request, into=answer.response)
             except Exception as exc:  # noqa: BLE001 - answered in band; the stream keeps serving
-                code, message = grpc_status.code_and_message(exc)
-                response = expert_pool_pb2.ForwardResponse(error_code=code.value[0], error_message=message)
-        response.id = request.id
-        return response
+                code, answer.error_message = grpc_status.code_and_message(exc)
+                answer.error_code = code.value[0]
+                answer.ClearField("response")
+        return answer
 
-    async def _answer(self, request) -> expert_pool_pb2.ForwardResponse:
+    async def _answer(
+        self, request: expert_pool_pb2.ForwardRequest, into: expert_pool_pb2.ForwardResponse | None = None
+    ) -> expert_pool_pb2.ForwardResponse:
         started = time.perf_counter()
         batch = self._decode(request)
         decoded = time.perf_counter()
@@ -113,7 +117,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         if self.metrics:
             self.metrics.forward.observe(computed - started)
             self.metrics.routed_pairs.inc(n_pairs)
-        response = codec.encode_response(out, batch.reply_dtype)
+        response = codec.encode_response(out, batch.reply_dtype, into)
         response.decode_us = int((decoded - started) * 1e6)
         response.compute_us = int((computed - decoded) * 1e6)
         return response

@@ -45,21 +45,21 @@ class PoolStream:
         self._open = channel.stream_stream(
             FORWARD_STREAM_METHOD,
             request_serializer=None,
-            response_deserializer=expert_pool_pb2.ForwardResponse.FromString,
+            response_deserializer=expert_pool_pb2.ForwardStreamResponse.FromString,
         )
         self._lock = threading.Lock()
         self._link: _Link | None = None
         self._next_id = 1
 
-    def send(self, request: expert_pool_pb2.ForwardRequest) -> tuple[Future, int]:
-        """-> (the answer's Future, the bytes sent)."""
+    def send(self, message: expert_pool_pb2.ForwardStreamRequest) -> tuple[Future, int]:
+        """-> (a Future of the ForwardResponse, the bytes sent)."""
         with self._lock:
             if self._link is None or self._link.broken:
                 self._link = _Link(self._open)
-            request.id = self._next_id
+            message.id = self._next_id
             self._next_id += 1
-            data = request.SerializeToString()
-            return self._link.send(request.id, data), len(data)
+            data = message.SerializeToString()
+            return self._link.send(message.id, data), len(data)
 
     def reset(self) -> None:
         """Give up on the open stream (a request on it timed out): its waiting requests fail, the next `send`
@@ -101,21 +101,21 @@ class _Link:
     def _read(self) -> None:
         error = PoolCallError(grpc.StatusCode.UNAVAILABLE, "the pool ended the stream")
         try:
-            for response in self._responses:
+            for answer in self._responses:
                 with self._lock:
                     request_id, future = self._waiting.popleft() if self._waiting else (None, None)
-                if future is None or response.id != request_id:
+                if future is None or answer.id != request_id:
                     error = PoolCallError(
-                        grpc.StatusCode.INTERNAL, f"answer {response.id} came where {request_id} was awaited"
+                        grpc.StatusCode.INTERNAL, f"answer {answer.id} came where {request_id} was awaited"
                     )
                     if future is not None:
                         future.set_exception(error)
                     break
-                if response.error_code:
-                    code = _CODES.get(response.error_code, grpc.StatusCode.UNKNOWN)
-                    future.set_exception(PoolCallError(code, response.error_message))
+                if answer.error_code:
+                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
+                    future.set_exception(PoolCallError(code, answer.error_message))
                 else:
-                    future.set_result(response)
+                    future.set_result(answer.response)
         except grpc.RpcError as exc:
             error = PoolCallError(exc.code(), exc.details() or "the pool stream failed")
         self._fail_waiting(error)

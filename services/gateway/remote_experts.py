@@ -155,8 +155,10 @@ class RemoteExperts:
         rows = codec.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
         prepared = []
         for p, share in pairs.by_owner(pool_of_pair):
-            tokens, request = codec.encode_request(layer, rows, share, self.placement.version)  # tokens [N_p]
-            prepared.append((_Call(p, tokens, share, None, 0.0), request))
+            message = expert_pool_pb2.ForwardStreamRequest() if self.transport == "stream" else None
+            into = message.request if message is not None else None  # written in place: no copy of the tensors
+            tokens, request = codec.encode_request(layer, rows, share, self.placement.version, into)  # tokens [N_p]
+            prepared.append((_Call(p, tokens, share, None, 0.0), message or request))
         encoded = time.perf_counter()
         calls = []
         for call, request in prepared:
@@ -181,7 +183,7 @@ class RemoteExperts:
         return calls
 
     @staticmethod
-    def _message_span(pool_id: str, request: expert_pool_pb2.ForwardRequest) -> trace.Span | None:
+    def _message_span(pool_id: str, request: expert_pool_pb2.ForwardStreamRequest) -> trace.Span | None:
         """A client span for one streamed request, its context in the message, when this dispatch is traced."""
         if not trace.get_current_span().is_recording():
             return None

@@ -8,14 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "hidden_scale", "response_dtype", "placement_version", "pairs", "pair_weights", "id", "trace_context")
-    class TraceContextEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("layer", "hidden", "hidden_scale", "response_dtype", "placement_version", "pairs", "pair_weights")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -23,8 +16,6 @@ class ForwardRequest(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     PAIR_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    ID_FIELD_NUMBER: _ClassVar[int]
-    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: _tensor_pb2.Tensor
     hidden_scale: _tensor_pb2.Tensor
@@ -32,25 +23,46 @@ class ForwardRequest(_message.Message):
     placement_version: int
     pairs: _tensor_pb2.Tensor
     pair_weights: _tensor_pb2.Tensor
-    id: int
-    trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("partial", "id", "error_code", "error_message", "decode_us", "compute_us")
+    __slots__ = ("partial", "decode_us", "compute_us")
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
-    ID_FIELD_NUMBER: _ClassVar[int]
-    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DECODE_US_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     partial: _tensor_pb2.Tensor
+    decode_us: int
+    compute_us: int
+    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+
+class ForwardStreamRequest(_message.Message):
+    __slots__ = ("request", "id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    request: ForwardRequest
+    id: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request: _Optional[_Union[ForwardRequest, _Mapping]] = ..., id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ForwardStreamResponse(_message.Message):
+    __slots__ = ("response", "id", "error_code", "error_message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: ForwardResponse
     id: int
     error_code: int
     error_message: str
-    decode_us: int
-    compute_us: int
-    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., id: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., id: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")

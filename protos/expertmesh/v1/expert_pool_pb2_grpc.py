@@ -42,8 +42,8 @@ class ExpertPoolServiceStub:
                 _registered_method=True)
         self.ForwardStream = channel.stream_stream(
                 '/expertmesh.v1.ExpertPoolService/ForwardStream',
-                request_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
+                request_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamRequest.SerializeToString,
+                response_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/expertmesh.v1.ExpertPoolService/GetStatus',
@@ -113,8 +113,8 @@ def add_ExpertPoolServiceServicer_to_server(servicer, server):
             ),
             'ForwardStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ForwardStream,
-                    request_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.FromString,
-                    response_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.SerializeToString,
+                    request_deserializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamRequest.FromString,
+                    response_serializer=expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -185,8 +185,8 @@ class ExpertPoolService:
             request_iterator,
             target,
             '/expertmesh.v1.ExpertPoolService/ForwardStream',
-            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardRequest.SerializeToString,
-            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardResponse.FromString,
+            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamRequest.SerializeToString,
+            expertmesh_dot_v1_dot_expert__pool__pb2.ForwardStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
