@@ -56,3 +56,24 @@ def test_naive_form_agrees_on_a_mixed_step(engine_tiny, monkeypatch):
         )
     model.set_absorb(True)
     assert (outs[0].log_softmax(-1) - outs[1].log_softmax(-1)).abs().max().item() < 1e-4
+
+
+def test_keys_in_consecutive_blocks_are_read_in_place_and_equal_scattered_ones(engine_tiny, monkeypatch):
+    """A long chunk whose sequence holds consecutive blocks reads its keys as a view of the cache (no gather);
+    the same prompt in scattered blocks is gathered. Both give the same logits."""
+    monkeypatch.setattr(mla, "QUERY_BLOCK", 8)
+    model, cfg = engine_tiny.model, engine_tiny.cfg
+    prompt, chunk = _ids(70, 1), _ids(12, 2)
+    outs = []
+    for scattered in (False, True):
+        cache = PagedLatentCache(cfg, num_blocks=16, block_size=16)
+        seq = SequenceBlocks()
+        if scattered:
+            seq.blocks = [9, 3, 12, 0, 6, 14]  # taken out of the free list by hand: not in order
+            cache._free = [b for b in cache._free if b not in seq.blocks]
+        first = build_step([SequenceChunk(seq, prompt)], cache)
+        second = build_step([SequenceChunk(seq, chunk)], cache)
+        assert (second.key_start[0] is None) == scattered and (first.key_start[0] is None) == scattered
+        model.forward(first, cache)
+        outs.append(model.forward(second, cache, all_logits=True))  # [12, V]
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5

@@ -33,6 +33,9 @@ class StepBatch:
     lengths: list[int]  # [B] new tokens per sequence
     key_lengths: list[int]  # [B] keys each sequence attends to (its context after this step)
     uniform: bool = False  # every chunk has the same length: flat [T] is exactly [B, S] (all decode steps)
+    # [B] the first cache slot of a sequence whose keys lie in consecutive slots (its blocks in order, as a
+    # sequence admitted into free blocks gets them), else None: its keys can be read as a view, not gathered
+    key_start: list[int | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,9 +96,16 @@ class StepBatch:
             lengths=lengths,
             key_lengths=end.tolist(),
             uniform=min(lengths) == max(lengths),
+            key_start=[_consecutive_start(c.seq.blocks, e, cache.block_size) for c, e in zip(chunks, end.tolist())],
         )
 
     def to(self, device: torch.device | str) -> StepBatch:
         for name in ("token_ids", "positions", "slots", "key_slots", "last_index"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+
+def _consecutive_start(blocks: list[int], keys: int, block_size: int) -> int | None:
+    """The first slot of `keys` keys held in `blocks`, when the blocks they need are consecutive; else None."""
+    used = blocks[: -(-keys // block_size)]
+    return used[0] * block_size if used == list(range(used[0], used[0] + len(used))) else None

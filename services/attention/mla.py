@@ -107,7 +107,7 @@ class MLA:
         for i, n in enumerate(batch.lengths):
             if i not in short:
                 o, length = batch.offsets[i], batch.key_lengths[i]
-                rows = cache.gather(layer, batch.key_slots[i : i + 1, :length]).to(dtype)  # [1, L_i, C + R]
+                rows = _sequence_rows(cache, layer, batch, i, length).to(dtype)  # [1, L_i, C + R]
                 for q0 in range(0, n, QUERY_BLOCK):
                     q1 = min(n, q0 + QUERY_BLOCK)
                     visible = length - n + q1  # keys up to the block's last query (causal)
@@ -178,3 +178,12 @@ def _short_batch(batch: StepBatch) -> list[int]:
     keys = sorted(batch.key_lengths[i] for i in short)
     limit = 2 * keys[(len(keys) - 1) // 2]
     return [i for i in short if batch.key_lengths[i] <= limit]
+
+
+def _sequence_rows(cache: PagedLatentCache, layer: int, batch: StepBatch, i: int, length: int) -> torch.Tensor:
+    """Sequence i's first `length` keys [1, L, C + R]: a view of the cache when they lie in consecutive slots (no
+    copy of a long context at every layer), else gathered."""
+    start = batch.key_start[i] if batch.key_start is not None else None
+    if start is not None:
+        return cache.data[layer, start : start + length].unsqueeze(0)
+    return cache.gather(layer, batch.key_slots[i : i + 1, :length])
