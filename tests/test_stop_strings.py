@@ -31,12 +31,15 @@ def _run(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
     "deltas,stops,text,stopped",
     [
         (["Hello", " wor", "ld"], ["world"], "Hello ", True),
-        (["ab", "c"], ["abc", "b"], "a", True),  # the earliest match wins, whichever stop string it is
+        (["ab", "c"], ["abc", "b"], "", True),  # the earliest match in the text wins, whatever the split
+        (["ab"], ["abc", "b"], "a", True),  # ... and when the text ends before "abc" completes, "b" does
         (["x", "y", "z"], ["yy"], "xyz", False),  # held back while it could start "yy", then released
         (["aa", "ab"], ["aab"], "a", True),  # a stop string that starts inside a held-back tail
         (["END"], ["END"], "", True),
         (["中文", "é", "!"], ["é!"], "中文", True),
         (["no stops"], [], "no stops", False),
+        (["\na", "a"], ["a", "\naa"], "", True),  # found by hypothesis: "a" completes first, "\naa" starts first
+
     ],
 )
 def test_cases(deltas, stops, text, stopped):

@@ -4,7 +4,9 @@ Text arrives in deltas (from the incremental detokenizer). A stop string can spa
 back the end of the text that could still be the start of a stop string, releases the rest, and once a stop
 string appears releases only the text before it (the stop string itself is never part of the output, as in
 OpenAI's API) and reports that the request should stop. The released pieces add up to the output truncated
-before the first stop string; without one, to the whole output once `flush` gives back what is held.
+before the first stop string (the earliest occurrence in the text, whatever the split into deltas: a match is
+final only once no longer stop string can still begin before it); without one, to the whole output once `flush`
+gives back what is held.
 """
 
 from __future__ import annotations
@@ -30,25 +32,33 @@ class StopStringMatcher:
             return delta
         text = self._held + delta
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        end = min(hits) if hits else len(text)
+        start = self._undecided_from(text, end)
+        if hits and start == end:  # no longer stop string can still begin before this match
             self.stopped, self._held = True, ""
-            return text[: min(hits)]
-        hold = self._could_start(text)
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold]
+            return text[:end]
+        self._held = text[start:]
+        return text[:start]
 
     def flush(self) -> str:
-        """The output ended without a stop string: what was held back is output after all."""
+        """The output ended: what was held back is output after all, up to a stop string it holds."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return held[: min(hits)]
+        return held
 
-    def _could_start(self, text: str) -> int:
-        """Length of the longest end of `text` that begins some stop string (0: none)."""
-        for k in range(min(len(text), self._longest - 1), 0, -1):
+    def _undecided_from(self, text: str, end: int) -> int:
+        """The earliest position before `end` from which the rest of `text` is a proper beginning of some stop
+        string (a match may still start there, given more text); `end` when there is none."""
+        for k in range(min(len(text), self._longest - 1), len(text) - end, -1):
             tail = text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
+            if any(len(s) > k and s.startswith(tail) for s in self.stops):
+                return len(text) - k
+        return end
 
 
 class OutputText:
