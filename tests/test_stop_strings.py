@@ -39,7 +39,6 @@ def _run(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
         (["中文", "é", "!"], ["é!"], "中文", True),
         (["no stops"], [], "no stops", False),
         (["\na", "a"], ["a", "\naa"], "", True),  # found by hypothesis: "a" completes first, "\naa" starts first
-
     ],
 )
 def test_cases(deltas, stops, text, stopped):
