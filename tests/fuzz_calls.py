@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tensor_pb2
+from services.gateway.pool_stream import STATUS_CODES
 
 # answers that mean "your request is wrong" (or, by chance, a valid request served)
 ACCEPTABLE = {
@@ -182,16 +183,13 @@ def _on_one_stream(channel: grpc.Channel, requests, examples: int) -> Counter:
     try:
         for answer in channel.stream_stream(FORWARD_STREAM)(iter(sent), timeout=CALL_TIMEOUT_S * 10):
             response = expert_pool_pb2.ForwardStreamResponse.FromString(answer)
-            codes[_CODES[response.error_code]] += 1
+            codes[STATUS_CODES[response.error_code]] += 1
             answered += 1
     except grpc.RpcError as err:
         codes[err.code()] += len(sent) - answered
     else:
         codes[grpc.StatusCode.UNKNOWN] += len(sent) - answered  # the stream ended without answering them
     return +codes  # counts of 0 dropped
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def fuzz_gateway(address: str, examples: int) -> Counter:

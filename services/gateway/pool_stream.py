@@ -22,7 +22,7 @@ from expertmesh.v1 import expert_pool_pb2
 SERVICE = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
 FORWARD_STREAM_METHOD = f"/{SERVICE}/ForwardStream"
 MESSAGE_SPAN = f"{SERVICE}/ForwardStream message"  # a client span per streamed request, when tracing
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # google.rpc.Code number -> status
 _CLOSE = object()
 
 
@@ -112,7 +112,7 @@ class _Link:
                         future.set_exception(error)
                     break
                 if answer.error_code:
-                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
+                    code = STATUS_CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
                     future.set_exception(PoolCallError(code, answer.error_message))
                 else:
                     future.set_result(answer.response)

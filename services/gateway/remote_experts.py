@@ -99,14 +99,12 @@ class RemoteExperts:
             self.pool_ids = sorted(placement.pools)
             index = {p: i for i, p in enumerate(self.pool_ids)}
             self.replicas: dict[int, torch.Tensor] = {}  # layer -> [E, R] pool index, -1 padded
-            self._single_live: dict[int, bool] = {}  # layer -> every expert has a replica in column 0
             for layer, experts in placement.replicas.items():
                 width = max(len(r) for r in experts)
                 table = torch.full((len(experts), width), -1, dtype=torch.int64)
                 for e, pools in enumerate(experts):
                     table[e, : len(pools)] = torch.tensor([index[p] for p in pools])
                 self.replicas[layer] = table
-                self._single_live[layer] = bool((table[:, 0] >= 0).all())
             self._dead_until = {p: t for p, t in self._dead_until.items() if p in placement.pools}
             for pool_id, pool in placement.pools.items():
                 if pool_id not in self._channels:
@@ -135,8 +133,8 @@ class RemoteExperts:
     def _assign(self, layer: int, pair_expert: torch.Tensor, exclude: set[int] = frozenset()) -> torch.Tensor:
         """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas in turn."""
         table = self._live_table(layer, exclude)  # [E, R]
-        if table.shape[1] == 1 and table is self.replicas[layer] and self._single_live[layer]:
-            return table[pair_expert, 0]  # one live replica of every expert: nothing to deal (the common case)
+        if table.shape[1] == 1 and table is self.replicas[layer]:
+            return table[pair_expert, 0]  # one replica of every expert, all live: nothing to deal (the common case)
         count = (table >= 0).sum(1)[pair_expert]  # [P]
         if bool((count == 0).any()):
             expert = int(pair_expert[count == 0][0])

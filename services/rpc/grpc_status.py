@@ -46,8 +46,8 @@ def _message(exc: BaseException) -> str:
 
 
 def code_and_message(exc: BaseException, where: str = "a streamed request") -> tuple[grpc.StatusCode, str]:
-    """The status a failure is answered with, for answers given in band (a stream that outlives one bad
-    request); an unexpected failure (INTERNAL) is logged with its traceback."""
+    """The status and message a failure is answered with (by an abort, or in band on a stream that outlives one
+    bad request); an unexpected failure (INTERNAL) is logged with its traceback."""
     code = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", where)
@@ -64,9 +64,7 @@ def unary(handler):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            if status_of(exc) is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", handler.__name__)
-            await context.abort(status_of(exc), _message(exc))
+            await context.abort(*code_and_message(exc, handler.__name__))
 
     return wrapper
 
@@ -82,8 +80,6 @@ def stream(handler):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001
-            if status_of(exc) is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", handler.__name__)
-            await context.abort(status_of(exc), _message(exc))
+            await context.abort(*code_and_message(exc, handler.__name__))
 
     return wrapper
