@@ -38,18 +38,23 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def model_dir(cache: Path, random: bool, train_steps: int, mtp_steps: int) -> Path:
+def model_dir(cache: Path, preset: str, random: bool, train_steps: int, mtp_steps: int) -> Path:
     if random:
-        path = cache / "tiny-random"
+        path = cache / f"{preset}-random"
         if not (path / "config.json").exists():
-            write_random_model(path, preset_config("tiny"), seed=0)
+            write_random_model(path, preset_config(preset), seed=0)
         return path
     from services.training.mtp import write_mtp_trained_model
 
-    main, path = cache / f"tiny-trained-{train_steps}", cache / f"tiny-trained-{train_steps}-mtp-{mtp_steps}"
+    main, path = cache / f"{preset}-trained-{train_steps}", cache / f"{preset}-trained-{train_steps}-mtp-{mtp_steps}"
     if not (main / "config.json").exists():
-        log(f"training the tiny model {train_steps} steps")
-        write_trained_model(main, "tiny", TrainConfig(steps=train_steps))
+        log(f"training the {preset} model {train_steps} steps")
+        write_trained_model(
+            main,
+            preset,
+            TrainConfig(steps=train_steps),
+            on_step=lambda s, n, loss: s % 25 == 0 and log(f"  step {s}: {loss:.3f}"),
+        )
     if not (path / "config.json").exists():
         log(f"training its MTP layer {mtp_steps} steps (main model frozen)")
         result = write_mtp_trained_model(
@@ -126,7 +131,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--waves", type=int, default=3, help="requests per run: this many times the batch")
-    ap.add_argument("--random", action="store_true", help="the random tiny preset (acceptance means nothing)")
+    ap.add_argument("--preset", default="tiny", help="tiny (3 layers), or deep (24: MTP's pass a small part of a step)")
+    ap.add_argument("--random", action="store_true", help="the random preset (acceptance means nothing)")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--mtp-steps", type=int, default=300)
     ap.add_argument("--cache-dir", default=".cache/bench")
@@ -140,7 +146,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = model_dir(Path(args.cache_dir), args.random, args.train_steps, args.mtp_steps)
+    model = model_dir(Path(args.cache_dir), args.preset, args.random, args.train_steps, args.mtp_steps)
     options = dict(cache_tokens=8192, block_size=16)
     engines = {"plain": Engine.from_dir(model, **options), "mtp": Engine.from_dir(model, mtp=True, **options)}
     rows = []

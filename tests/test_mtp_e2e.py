@@ -1,6 +1,6 @@
-"""MTP through `expertmesh up --mtp` (real processes, real Redis, fp32 dispatch): greedy output identical to the
-in-process engine without MTP, the gateway's draft counters, and the MTP layer's routed tokens recorded in Redis
-like every MoE layer's (its experts are on the pools: the placement covers it)."""
+"""MTP through `expertmesh up --mtp --num-speculative-tokens 2` (real processes, real Redis, fp32 dispatch): greedy
+output identical to the in-process engine without MTP, the gateway's draft counters, and the MTP layer's routed
+tokens recorded in Redis like every MoE layer's (its experts are on the pools: the placement covers it)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ PROMPT_LENGTHS = [3, 7, 12, 20, 33, 5]
 def test_up_with_mtp_greedy_equals_in_process_without(tiny_fp8, tmp_path_factory, engine_tiny):
     g = torch.Generator().manual_seed(23)
     prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
-    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=tmp_path_factory.mktemp("up-mtp"), extra=["--mtp"])
+    home = tmp_path_factory.mktemp("up-mtp")
+    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=home, extra=["--mtp", "--num-speculative-tokens", "2"])
     try:
         client = GatewayClient(up.gateway, timeout_s=180)
         try:

@@ -62,8 +62,10 @@ def test_generate_json_reports_the_drafts(tiny_fp8):
 
 def test_gateway_config_fields():
     assert "--mtp" in to_argv(GatewayConfig(model="/m", mtp=True)) and GatewayConfig().mtp is False
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        GatewayConfig(num_speculative_tokens=2)
+    assert GatewayConfig(num_speculative_tokens=3).num_speculative_tokens == 3
+    for bad in (0, -1, 9):
+        with pytest.raises(ValueError, match="num_speculative_tokens"):
+            GatewayConfig(num_speculative_tokens=bad)
 
 
 def test_the_gateway_exports_drafted_and_accepted_tokens(tiny_fp8):

@@ -59,8 +59,10 @@ def test_chart_values_and_args_are_the_config_fields(chart, cls, section, suffix
         assert values[section][key] == f.default, (
             f"{section}.{key} defaults to {values[section][key]}, {f.name} to {f.default}"
         )
-        assert any(a.startswith(flag_name(f.name) + "=") for a in args), (
-            f"{section}.{key} is not passed as {flag_name(f.name)}"
+        flag = flag_name(f.name)
+        passed = {flag, "--no-" + flag[2:]} if isinstance(f.default, bool) else None  # a switch, either way
+        assert any(a in passed if passed else a.startswith(flag + "=") for a in args), (
+            f"{section}.{key} is not passed as {flag}"
         )
     assert matched >= 3
 

@@ -128,7 +128,7 @@ def test_rejection_sampling_draws_from_the_target_distribution(engines):
     for seed in range(SAMPLES):
         gen = torch.Generator().manual_seed(seed)
         draft = int(torch.multinomial(q, 1, generator=gen))
-        tokens, n = verify_sampled(p, draft, q, gen)
+        tokens, n = verify_sampled(p, [draft], q[None], gen)
         counts[tokens[0]] += 1
         accepted += n
         if n:
@@ -156,6 +156,34 @@ def _main_logits(engine, prompt):
         engine.cache.release(seq)
 
 
+def test_chained_rejection_sampling_keeps_each_position_distributed_as_the_target():
+    """k = 2 drafts (num_speculative_tokens 2): p0, p1, p2 three target distributions, q0, q1 the drafts'. Over
+    SAMPLES seeded chains, the first token kept is distributed as p0 and the second as p1 (a chain that stopped
+    after one token goes on with a draw from p1, as the next step would): frequencies within 4.5 standard errors
+    (+0.002), total variation under 0.02; both drafts are accepted about sum(min(p0, q0)) * sum(min(p1, q1)) of
+    the time."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 12, generator=gen) * 1.5, -1)  # [3, V]
+    q = torch.softmax(torch.randn(2, 12, generator=gen) * 1.5, -1)  # [2, V]
+    first, second, both = torch.zeros(12), torch.zeros(12), 0
+    for seed in range(SAMPLES):
+        g = torch.Generator().manual_seed(seed)
+        drafts = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(2)]
+        tokens, n = verify_sampled(p, drafts, q, g)
+        assert len(tokens) == n + 1 and tokens[:n] == drafts[:n]
+        if len(tokens) == 1:
+            tokens.append(int(torch.multinomial(p[1], 1, generator=g)))
+        first[tokens[0]] += 1
+        second[tokens[1]] += 1
+        both += n == 2
+    for freq, target in ((first / SAMPLES, p[0]), (second / SAMPLES, p[1])):
+        sigma = (target * (1 - target) / SAMPLES).sqrt()
+        assert ((freq - target).abs() <= 4.5 * sigma + 0.002).all(), (freq - target).abs().max()
+        assert 0.5 * (freq - target).abs().sum() < 0.02
+    expected = (torch.minimum(p[0], q[0]).sum() * torch.minimum(p[1], q[1]).sum()).item()
+    assert abs(both / SAMPLES - expected) < 4.5 * (expected * (1 - expected) / SAMPLES) ** 0.5
+
+
 def test_greedy_verification_keeps_the_agreeing_prefix():
     assert verify_greedy([4, 9], [4]) == ([4, 9], 1)
     assert verify_greedy([4, 9], [5]) == ([4], 0)
@@ -181,6 +209,21 @@ def test_scheduler_plans_one_plus_draft_and_commits_what_the_runner_kept():
     sched.commit(plan, [ChunkResult(token=1, extra=[], draft=[3])])
     assert req.finish_reason == "stop" and req.output == [7, 8, 9, 1]
     assert (sched.draft_tokens, sched.accepted_tokens) == (1, 1)
+
+
+def test_scheduler_cuts_drafts_to_the_tokens_left_and_the_budget():
+    cache = PagedLatentCache(preset_config("tiny"), num_blocks=8, block_size=16)
+    sched = Scheduler(cache, eos_token_ids=(1,), max_step_tokens=16)
+    req = Request(_ids(5, 1), SamplingParams(max_tokens=4))
+    sched.submit(req)
+    sched.commit(sched.plan(), [ChunkResult(token=7, draft=[8, 9, 10])])
+    plan = sched.plan()  # 3 tokens left: the step may emit 1 + 2 drafts
+    assert plan.chunks[0].token_ids == [7, 8, 9] and plan.chunks[0].draft == [8, 9]
+    sched.commit(plan, [ChunkResult(token=8, extra=[2], accepted=1, draft=[5, 6])])
+    assert req.output == [7, 8, 2] and (req.draft_tokens, req.accepted_tokens) == (2, 1)
+    sched.max_step_tokens = 2
+    plan = sched.plan()
+    assert plan.chunks[0].token_ids == [2] and plan.chunks[0].draft == []  # one token left: nothing to verify
 
 
 def test_a_stop_token_among_accepted_drafts_ends_the_request_there():
@@ -225,6 +268,46 @@ def test_a_mixed_step_batches_short_chunks_and_each_equals_its_sequence_alone(en
         cache.release(seq)
         assert (mixed[offset : offset + len(chunk)] - alone).abs().max().item() < 1e-4
         offset += len(chunk)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_recursive_drafts_keep_greedy_output_identical(tiny_fp8, plain_outputs, monkeypatch, k):
+    """num_speculative_tokens k > 1: the MTP layer applied again on its own guesses, then (an oracle over what it
+    proposed) each draft right with probability 3/4. Greedy output stays the main model's; steps emit up to k + 1
+    tokens; every block comes back."""
+    prompts, params, plain = plain_outputs
+    engine = Engine.from_dir(tiny_fp8, mtp=True, num_speculative_tokens=k, **OPTIONS)
+    real = engine.generate(prompts, params)  # the layer's own recursive guesses (random weights: rejected)
+    assert [g.token_ids for g in real] == [g.token_ids for g in plain]
+    assert all(g.draft_tokens > 0 for g, m in zip(real, NEW) if m >= 3)
+    verify_steps = NEW[0] - 1 - real[0].accepted_tokens  # each emits 1 + its accepted drafts
+    assert real[0].draft_tokens / verify_steps > k - 0.2  # k drafts a step but near max_tokens
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+    truth = {tuple(p): g.token_ids for p, g in zip(prompts, plain)}
+    propose, rng = MTPDrafter.propose, torch.Generator().manual_seed(k)
+    lengths = []
+
+    def oracle(self, chunks, starts, hidden, results):
+        propose(self, chunks, starts, hidden, results)
+        for chunk, result in zip(chunks, results):
+            if result.draft:
+                done = len(chunk.request.output) + 1 + len(result.extra)
+                right = truth[tuple(chunk.request.prompt)][done : done + len(result.draft)]
+                wrong = torch.rand(len(right), generator=rng) < 0.25
+                result.draft = [(t + 1) % 1024 if w else t for t, w in zip(right, wrong.tolist())]
+                lengths.append(len(result.draft))
+
+    monkeypatch.setattr(MTPDrafter, "propose", oracle)
+    spec = engine.generate(prompts, params)
+    assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+    assert max(lengths) == k  # full-length drafts were proposed (shorter near max_tokens)
+    drafted, accepted = sum(g.draft_tokens for g in spec), sum(g.accepted_tokens for g in spec)
+    assert 0.4 < accepted / drafted < 0.8
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+    params = [SamplingParams(max_tokens=20, temperature=0.8, seed=s, ignore_eos=True) for s in (3, 4)]
+    monkeypatch.setattr(MTPDrafter, "propose", propose)
+    first, again = engine.generate(prompts[:2], params), engine.generate(prompts[:2], params)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
 
 
 def test_above_mtp_max_batch_the_running_requests_stop_drafting(tiny_fp8, plain_outputs):

@@ -158,7 +158,7 @@ def _model_vocab(model: Path) -> int:
         raise InvalidRequestError(f"{model / 'config.json'}: malformed ({type(exc).__name__}: {exc})") from None
 
 
-def _load_engine(model: Path, quiet: bool, device: str = "auto", mtp: bool = False):
+def _load_engine(model: Path, quiet: bool, device: str = "auto", mtp: bool = False, num_speculative_tokens: int = 1):
     """The in-process engine; a missing, truncated or corrupt checkpoint is an ExpertmeshError naming the file, a
     missing GPU (--device cuda) a DeviceUnavailableError naming the flag (before any weight is read)."""
     if not model.is_dir():
@@ -166,7 +166,9 @@ def _load_engine(model: Path, quiet: bool, device: str = "auto", mtp: bool = Fal
     from services.gateway.engine import Engine
 
     with progress_reporter(not quiet) as progress:
-        return Engine.from_dir(model, device=device, progress=progress, mtp=mtp)
+        return Engine.from_dir(
+            model, device=device, progress=progress, mtp=mtp, num_speculative_tokens=num_speculative_tokens
+        )
 
 
 DEVICE_OPTION_HELP = "With --model: where to compute, auto (cuda when torch sees a GPU), cpu or cuda."
@@ -304,6 +306,11 @@ def generate(
         help="With --model: speculative decoding with the checkpoint's "
         "MTP layer (the same tokens at temperature 0); --json reports its drafts.",
     ),
+    num_speculative_tokens: int = typer.Option(
+        1,
+        "--num-speculative-tokens",
+        help="With --mtp: draft tokens per step (1 runs the MTP layer once; more apply it again on its own guesses).",
+    ),
 ) -> None:
     """Generate a continuation of a prompt (greedy at temperature 0)."""
     if (prompt is None) == (tokens is None):
@@ -313,6 +320,12 @@ def generate(
         check_device_option(device, target)
         if mtp and target:
             raise InvalidRequestError("--mtp applies to --model (in process); a gateway drafts when its own --mtp says")
+        from services.gateway.config import MAX_SPECULATIVE_TOKENS  # no torch
+
+        if not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(
+                f"--num-speculative-tokens must lie in [1, {MAX_SPECULATIVE_TOKENS}], got {num_speculative_tokens}"
+            )
         ids = parse_token_ids(tokens) if tokens is not None else None
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
@@ -326,7 +339,7 @@ def generate(
             out = _remote(target, call, api_key, tls_dir)
         else:
             check_against_model(ids, _model_vocab(model), 0)
-            engine = _load_engine(model, as_json, device, mtp)
+            engine = _load_engine(model, as_json, device, mtp, num_speculative_tokens)
             from services.gateway.sampling import SamplingParams  # torch: only once a model is to be run
 
             ids = engine.encode(prompt) if ids is None else ids

@@ -108,6 +108,10 @@ def up(
     max_pools: int = typer.Option(8, "--max-pools", min=1, help=_help(AutoscalerConfig, "max_pools")),
     device: str = typer.Option(_G.device, "--device", help=_help(GatewayConfig, "device") + " The pools too."),
     mtp: bool = typer.Option(_G.mtp, "--mtp/--no-mtp", help=_help(GatewayConfig, "mtp")),
+    num_speculative_tokens: int = typer.Option(
+        _G.num_speculative_tokens, "--num-speculative-tokens", help=_help(GatewayConfig, "num_speculative_tokens")
+    ),
+    mtp_max_batch: int = typer.Option(_G.mtp_max_batch, "--mtp-max-batch", help=_help(GatewayConfig, "mtp_max_batch")),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
@@ -132,6 +136,8 @@ def up(
             dispatch_dtype=dispatch_dtype,
             device=_checked_device(device),
             mtp=mtp,
+            num_speculative_tokens=num_speculative_tokens,
+            mtp_max_batch=mtp_max_batch,
             cache_tokens=cache_tokens,
             micro_batches=micro_batches,
             pool_transport=pool_transport,

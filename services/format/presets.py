@@ -2,6 +2,8 @@
 
 tiny:  tests. Hidden 320 and kv_a 80 rows leave partial 128-blocks; 4 groups choosing 2; 1 dense layer;
        2 shared experts; YaRN (factor 40) on.
+deep:  tiny's widths with 24 layers (a layer is ~4% of a step, as one of DeepSeek-V3's 61 is ~2%): benchmarks
+       of what costs one layer more or less, such as MTP's draft pass.
 small: benchmarks (~100M parameters): hidden 512, 8 layers with 2 dense, 64 routed experts top-6 in 8 groups.
 Every preset has DeepSeek-V3's multi-token-prediction layer (num_nextn_predict_layers 1, index num_hidden_layers).
 """
@@ -17,6 +19,25 @@ PRESETS: dict[str, dict] = {
         intermediate_size=448,
         moe_intermediate_size=96,
         num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=2,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+    ),
+    "deep": dict(
+        vocab_size=1024,
+        hidden_size=320,
+        intermediate_size=448,
+        moe_intermediate_size=96,
+        num_hidden_layers=24,
         first_k_dense_replace=1,
         num_attention_heads=4,
         q_lora_rank=96,

@@ -17,6 +17,7 @@ DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_WAITING = 1024
+MAX_SPECULATIVE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,11 @@ class GatewayConfig:
         "Speculative decoding with the checkpoint's multi-token-prediction layer: each decode "
         "step verifies the draft it proposed (greedy output unchanged).",
     )
-    num_speculative_tokens: int = setting(1, "Draft tokens per step with --mtp (1: DeepSeek-V3's one MTP layer).")
+    num_speculative_tokens: int = setting(
+        1,
+        "Draft tokens per step with --mtp: 1 runs DeepSeek-V3's one MTP layer once; more apply it again on its own "
+        "guesses (as vLLM does).",
+    )
     mtp_max_batch: int = setting(
         0,
         "With --mtp: once more than this many requests run at once, those running stop "
@@ -100,10 +105,9 @@ class GatewayConfig:
             raise ValueError(f"max_decode_stall must be 0 (off) or > 1, got {self.max_decode_stall}")
         if self.mtp_max_batch < 0:
             raise ValueError(f"mtp_max_batch must be >= 0 (0: no limit), got {self.mtp_max_batch}")
-        if self.num_speculative_tokens != 1:
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(
-                f"num_speculative_tokens must be 1 (one MTP layer, one draft per step), got "
-                f"{self.num_speculative_tokens}"
+                f"num_speculative_tokens must lie in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}"
             )
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must lie in [-1, 65535] (0: any free port, -1: off), got {self.http_port}")

@@ -78,17 +78,22 @@ class MTPModule:
         cache: PagedLatentCache,
         hidden: torch.Tensor,
         logit_index: torch.Tensor,
-    ) -> Generator[None, None, torch.Tensor]:
+        with_hidden: bool = False,
+    ) -> Generator[None, None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """batch: the next tokens t_{i+1} at positions i; hidden [T, H]: the main model's final hidden states h_i
         at those positions. Writes the block's latent cache entries; -> logits [N, V] fp32 at `logit_index` [N]
-        (the guesses at t_{i+2}). Pauses while the block's routed experts are computed, as the main layers do."""
+        (the guesses at t_{i+2}), and `with_hidden` the block's output after shared_head.norm there [N, H] (what
+        a further application of the layer reads in place of h). Pauses while the block's routed experts are
+        computed, as the main layers do."""
         eps = model.cfg.rms_norm_eps
         e = rms_norm(self.embed[batch.token_ids], self.enorm, eps)  # [T, H]
         h = rms_norm(hidden.to(e.dtype), self.hnorm, eps)  # [T, H]
         x = linear(torch.cat((e, h), dim=-1), self.eh_proj)  # [T, H]
         cos, sin = model.rotary.cos_sin(batch.positions)
         x = yield from model.layer_stages(self.block, x, batch, cache, cos, sin)
-        return linear(rms_norm(x[logit_index], self.head_norm, eps), self.head).to(torch.float32)
+        out = rms_norm(x[logit_index], self.head_norm, eps)  # [N, H]
+        logits = linear(out, self.head).to(torch.float32)
+        return (logits, out) if with_hidden else logits
 
 
 def check_weights(reader: CheckpointReader, with_experts: bool = True) -> list[TensorSpec]:

@@ -51,7 +51,7 @@ class Request:
     recompute: list[int] = field(default_factory=list)
     preemptions: int = 0
     # MTP speculative decoding: the tokens the MTP layer proposes to follow output[-1], verified next step, and
-    # (temperature > 0) the distribution [V] the draft was drawn from; drafts verified so far and accepted
+    # (temperature > 0) the distributions [k, V] the drafts were drawn from; drafts verified so far and accepted
     draft: list[int] = field(default_factory=list)
     draft_probs: object | None = None
     draft_tokens: int = 0

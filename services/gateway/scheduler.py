@@ -78,7 +78,7 @@ class ChunkResult:
     extra: list[int] = field(default_factory=list)  # MTP: tokens after `token` (the accepted drafts' bonus)
     accepted: int = 0  # MTP: drafts of the chunk accepted (token and the extras but the last are those drafts)
     draft: list[int] = field(default_factory=list)  # MTP: the next proposal, verified next step
-    draft_probs: object | None = None  # MTP, temperature > 0: the distribution [V] the draft was drawn from
+    draft_probs: object | None = None  # MTP, temperature > 0: the distributions [k, V] the drafts were drawn from
 
 
 class Scheduler:
@@ -150,11 +150,12 @@ class Scheduler:
                 r.mtp_off, r.draft, r.draft_probs = True, [], None
         chunks = [PlannedChunk(r, [r.output[-1]]) for r in self.running if not r.prefilling]
         budget = self.max_step_tokens - len(chunks)
-        for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, where the budget allows
-            draft = chunk.request.draft
-            if draft and len(draft) <= budget and chunk.request.params.max_tokens - len(chunk.request.output) > 1:
-                chunk.token_ids, chunk.draft = chunk.token_ids + draft, list(draft)
-                budget -= len(draft)
+        for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, as many as the budget allows
+            req = chunk.request
+            take = min(len(req.draft), budget, req.params.max_tokens - len(req.output) - 1)
+            if take > 0:
+                chunk.token_ids, chunk.draft = chunk.token_ids + req.draft[:take], req.draft[:take]
+                budget -= take
         chunks = self._reserve_decodes(chunks)
         budget = self.prefill_budget.allow(bool(chunks), self.max_step_tokens - sum(len(c.token_ids) for c in chunks))
         for req in self.running:

@@ -1,18 +1,23 @@
-"""MTP speculative decoding: verify a sequence's draft with the main model, propose the next one with the MTP layer.
+"""MTP speculative decoding: verify a sequence's drafts with the main model, propose the next ones with the MTP layer.
 
-A decode step of a sequence whose last step proposed a draft d runs the main model on [t_L, d] at positions L,
-L+1 (one forward, so one pool round trip per MoE layer, as a plain decode step). The runner then keeps:
-  * temperature 0: d when the main model's argmax at L equals it, and then the argmax at L+1 as well (2 tokens);
-    else the argmax at L alone (1 token), and position L+1's latent entries are given back (length - 1). Greedy
-    output is the main model's, token for token, whatever the draft.
-  * temperature > 0: d with probability min(1, p(d) / q(d)), p the main model's distribution at L and q the one d
-    was drawn from, then a draw from p at L+1; else a draw from norm(max(0, p - q)). Each emitted token is
-    distributed as the main model's sampling would make it (Leviathan et al., Chen et al. 2023); draws come from
-    the request's own seeded generator, so seeded runs reproduce.
+A decode step of a sequence whose last step proposed drafts d_1..d_k runs the main model on [t_L, d_1..d_k] at
+positions L..L+k (one forward, so one pool round trip per MoE layer, as a plain decode step). The runner then
+keeps:
+  * temperature 0: the drafts up to the first that differs from the main model's argmax before it, then the
+    argmax after the last kept (1 to k + 1 tokens); the latent entries of the positions after the last kept are
+    given back. Greedy output is the main model's, token for token, whatever the drafts.
+  * temperature > 0: d_j, in order, with probability min(1, p_j(d_j) / q_j(d_j)), p_j the main model's
+    distribution at L + j - 1 and q_j the one d_j was drawn from; at the first rejection a draw from
+    norm(max(0, p_j - q_j)) ends the step; with every draft kept, a draw from p at L + k follows. Each emitted
+    token is distributed as the main model's sampling would make it (Leviathan et al., Chen et al. 2023); draws
+    come from the request's own seeded generator, so seeded runs reproduce.
 Then the MTP layer reads the pairs (h_i, t_{i+1}) of every position the step kept (its final hidden state and the
-token that followed) into its own cache layer, and its guess after the last one is the next draft. Prefill
-chunks feed it too (the next token of a prompt position is the prompt's, or the sampled one at its end), so the
-MTP layer sees the whole prefix.
+token that followed) into its own cache layer, and its guess after the last one is the first draft. With
+num_speculative_tokens k > 1 the one MTP layer is applied again, as vLLM does: the pair (g, d_j), g its own
+output hidden state (after shared_head.norm, the analogue of the main model's final norm) at the position before,
+at the next position guesses d_{j+1}. Those entries are overwritten with the main model's pairs once the drafts
+are verified. Prefill chunks feed it too (the next token of a prompt position is the prompt's, or the sampled one
+at its end), so the MTP layer sees the whole prefix.
 """
 
 from __future__ import annotations
@@ -38,16 +43,22 @@ def verify_greedy(targets: list[int], draft: list[int]) -> tuple[list[int], int]
     return targets[: accepted + 1], accepted
 
 
-def verify_sampled(p: torch.Tensor, draft: int, q: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """p [2, V]: the main model's sampling distributions at the draft's position and after it; q [V]: the one the
-    draft was drawn from. -> (tokens kept, drafts accepted), distributed as draws from p."""
-    u = float(torch.rand((), generator=generator))
-    if u * float(q[draft]) < float(p[0, draft]):  # accepted with probability min(1, p(d) / q(d))
-        return [draft, int(torch.multinomial(p[1], 1, generator=generator))], 1
-    residual = (p[0] - q).clamp(min=0)  # [V]
-    if float(residual.sum()) <= 0:  # p == q (up to rounding): rejection then has probability 0; draw from p
-        residual = p[0]
-    return [int(torch.multinomial(residual, 1, generator=generator))], 0
+def verify_sampled(
+    p: torch.Tensor, draft: list[int], q: torch.Tensor, generator: torch.Generator
+) -> tuple[list[int], int]:
+    """p [k + 1, V]: the main model's sampling distributions at each draft's position and after the last; q [k, V]:
+    the ones the drafts were drawn from. -> (tokens kept, drafts accepted), distributed as draws from p."""
+    kept = []
+    for j, d in enumerate(draft):
+        u = float(torch.rand((), generator=generator))
+        if u * float(q[j, d]) < float(p[j, d]):  # accepted with probability min(1, p(d) / q(d))
+            kept.append(d)
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)  # [V]
+        if float(residual.sum()) <= 0:  # p == q (up to rounding): rejection then has probability 0; draw from p
+            residual = p[j]
+        return [*kept, int(torch.multinomial(residual, 1, generator=generator))], j
+    return [*kept, int(torch.multinomial(p[len(draft)], 1, generator=generator))], len(draft)
 
 
 def decode_tokens(
@@ -58,8 +69,9 @@ def decode_tokens(
     if targets is not None:
         return verify_greedy(targets, chunk.draft) if chunk.draft else ([targets[-1]], 0)
     if chunk.draft and req.draft_probs is not None:
-        p = torch.stack([req.sampler.probs(row) for row in rows[:2]])  # [2, V]
-        return verify_sampled(p, chunk.draft[0], req.draft_probs, req.sampler.generator)
+        k = len(chunk.draft)  # the scheduler may have cut the draft short: its first k distributions
+        p = torch.stack([req.sampler.probs(row) for row in rows[: k + 1]])  # [k + 1, V]
+        return verify_sampled(p, chunk.draft, req.draft_probs[:k], req.sampler.generator)
     return [req.sampler(rows[-1])], 0
 
 
@@ -72,19 +84,28 @@ class _Pairs:
     start: int
     next_tokens: list[int]
     hidden: torch.Tensor  # [n, H]
-    propose: bool  # a draft is wanted after the last pair
+    drafts: int  # drafts wanted after the last pair (0: none)
+
+
+@dataclass
+class _Drafting:
+    """A sequence whose drafts are being proposed: where the next pair goes and what it reads."""
+
+    request: Request
+    result: ChunkResult
+    position: int  # the next pair's position
+    drafts: int  # drafts wanted in all
+    probs: list[torch.Tensor]  # temperature > 0: the distribution [V] each draft was drawn from
 
 
 class MTPDrafter:
     """Runs the MTP layer after each step for the sequences that draft, and proposes their next drafts."""
 
     def __init__(self, mtp: MTPModule, model: GatewayModel, cache: PagedLatentCache, num_speculative_tokens: int = 1):
-        if num_speculative_tokens != 1:
-            raise ValueError(
-                f"num_speculative_tokens {num_speculative_tokens}: only 1 is implemented (one MTP layer, "
-                "one draft per step)"
-            )
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.mtp, self.model, self.cache = mtp, model, cache
+        self.num_speculative_tokens = num_speculative_tokens
 
     @staticmethod
     def wants(chunk: PlannedChunk) -> bool:
@@ -103,7 +124,8 @@ class MTPDrafter:
         hidden: list[torch.Tensor | None],
         results: list[ChunkResult],
     ) -> None:
-        """Feed the kept positions of every chunk with `hidden` rows to the MTP layer; set the drafts on `results`."""
+        """Feed the kept positions of every chunk with `hidden` rows to the MTP layer; set the drafts on `results`
+        (then apply the layer again on its own guesses for further drafts)."""
         pairs = [
             p
             for i, c in enumerate(chunks)
@@ -115,26 +137,66 @@ class MTPDrafter:
             return
         batch = StepBatch.build([SequenceChunk(p.seq, p.next_tokens) for p in pairs], self.cache)
         ends = batch.last_index.tolist()
-        wanted = [k for k, p in enumerate(pairs) if p.propose]
+        wanted = [k for k, p in enumerate(pairs) if p.drafts]
+        logits, states = self._run(batch, torch.cat([p.hidden for p in pairs]), [ends[k] for k in wanted])
+        drafting = []
+        for row, k in enumerate(wanted):
+            p = pairs[k]
+            req = chunks[p.index].request
+            d = _Drafting(req, results[p.index], p.start + len(p.next_tokens), self._room(req, p.drafts), [])
+            self._draw(d, logits[row])
+            drafting.append(d)
+        while True:  # num_speculative_tokens > 1: the MTP layer again, on its own last guess
+            more = [j for j, d in enumerate(drafting) if len(d.result.draft) < d.drafts]
+            if not more:
+                break
+            drafting, states = [drafting[j] for j in more], states[more]
+            pairs_next = [SequenceBlocks(d.request.seq.blocks, d.position) for d in drafting]  # private views
+            batch = StepBatch.build(
+                [SequenceChunk(view, d.result.draft[-1:]) for view, d in zip(pairs_next, drafting)], self.cache
+            )
+            logits, states = self._run(batch, states, batch.last_index.tolist())
+            for row, d in enumerate(drafting):
+                d.position += 1
+                self._draw(d, logits[row])
+
+    def _run(self, batch: StepBatch, hidden: torch.Tensor, logit_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP pass -> logits [N, V] (cpu) and the layer's output hidden states [N, H] at `logit_index`."""
         device = self.model.device
         stage = self.mtp.forward_stages(
             self.model,
             batch.to(device),
             self.cache,
-            torch.cat([p.hidden for p in pairs]).to(device),
-            torch.tensor([ends[k] for k in wanted], dtype=torch.int64, device=device),
+            hidden.to(device),
+            torch.tensor(logit_index, dtype=torch.int64, device=device),
+            with_hidden=True,
         )
-        logits = run_interleaved([stage])[0].cpu()  # [N, V]
-        for row, k in enumerate(wanted):
-            req, result = chunks[pairs[k].index].request, results[pairs[k].index]
-            if req.params.temperature == 0:
-                result.draft = [int(logits[row].argmax())]
-            else:
-                q = req.sampler.probs(logits[row])
-                result.draft, result.draft_probs = [int(torch.multinomial(q, 1, generator=req.sampler.generator))], q
+        logits, states = run_interleaved([stage])[0]
+        return logits.cpu(), states
+
+    def _room(self, req: Request, drafts: int) -> int:
+        """Drafts after the first need their pair's position in the cache: as many as free blocks allow."""
+        while drafts > 1 and not self.cache.can_fit(req.seq, drafts - 1):
+            drafts -= 1
+        if drafts > 1:
+            self.cache.reserve(req.seq, drafts - 1)  # the next step's verify reserves these positions anyway
+        return drafts
 
     @staticmethod
-    def _pairs(index: int, chunk: PlannedChunk, start: int, hidden: torch.Tensor, result: ChunkResult) -> _Pairs | None:
+    def _draw(d: _Drafting, logits: torch.Tensor) -> None:
+        """The next draft from the MTP layer's logits [V]: the argmax, or a draw (temperature > 0)."""
+        req, result = d.request, d.result
+        if req.params.temperature == 0:
+            result.draft.append(int(logits.argmax()))
+            return
+        q = req.sampler.probs(logits)
+        result.draft.append(int(torch.multinomial(q, 1, generator=req.sampler.generator)))
+        d.probs.append(q)
+        result.draft_probs = torch.stack(d.probs)  # [drafts so far, V]
+
+    def _pairs(
+        self, index: int, chunk: PlannedChunk, start: int, hidden: torch.Tensor, result: ChunkResult
+    ) -> _Pairs | None:
         """The positions the step kept (a prefill chunk: all; a decode: the last token and the accepted drafts),
         each with the token that follows it."""
         req = chunk.request
@@ -145,12 +207,7 @@ class MTPDrafter:
         kept = len(chunk.token_ids) if req.prefilling else 1 + result.accepted
         known = req.prompt + req.output + emitted  # token at each position (output[-1] at start for a decode)
         next_tokens = known[start + 1 : start + 1 + kept]
+        # drafts worth verifying: a step emits at most drafts + 1 tokens, and max_tokens - produced are left
+        drafts = 0 if result.token is None else min(self.num_speculative_tokens, req.params.max_tokens - produced - 1)
         # a private view of the sequence's blocks: building the MTP batch must not advance the sequence's length
-        return _Pairs(
-            index,
-            SequenceBlocks(req.seq.blocks, start),
-            start,
-            next_tokens,
-            hidden[:kept],
-            propose=result.token is not None,
-        )
+        return _Pairs(index, SequenceBlocks(req.seq.blocks, start), start, next_tokens, hidden[:kept], drafts)
