@@ -3,6 +3,10 @@ engine, in one run, on the `small` preset.
 
   .venv/bin/python benchmarks/bench_distributed.py [--concurrency 1,8,32,64] [--new-tokens 32]
       [--variant stream=--pool-transport=stream --variant unary=--pool-transport=unary]
+      [--model DIR --variant plain= --variant mtp=--mtp]
+
+`--model`: a checkpoint to serve instead of the random preset (prompts are then its held-out text windows, as
+bench_mtp.py's; with two or more variants every one is also compared with the first, e.g. MTP against plain).
 
 For each concurrency C: C streaming requests at once (prompt 32 tokens, greedy, EOS ignored). Decode tok/s at C
 concurrent is measured while all C requests are decoding: the tokens that arrive between the last request's
@@ -46,7 +50,12 @@ from tests.local_deployment import UpProcess  # noqa: E402
 PROMPT_LEN = 32
 
 
+TEXT_PROMPTS: list[list[int]] = []  # --model: held-out text windows, used instead of random token ids
+
+
 def prompts(n: int, vocab: int) -> list[list[int]]:
+    if TEXT_PROMPTS:
+        return [TEXT_PROMPTS[i % len(TEXT_PROMPTS)] for i in range(n)]
     g = torch.Generator().manual_seed(n)
     return [torch.randint(2, vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
 
@@ -134,6 +143,7 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", type=Path, help="a checkpoint directory to serve (default: the random --preset)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--pools", type=int, default=2)
@@ -155,8 +165,12 @@ def main() -> None:
         help="the in-process engine, the gateway and the pools on this device",
     )
     args = ap.parse_args()
-    model = Path(args.cache_dir) / f"{args.preset}-fp8"
-    if not (model / "config.json").exists():
+    model = args.model or Path(args.cache_dir) / f"{args.preset}-fp8"
+    if args.model:
+        from services.training.corpus import held_out_windows
+
+        TEXT_PROMPTS.extend(w[:PROMPT_LEN] for w in held_out_windows(model, length=64, per_module=16))
+    elif not (model / "config.json").exists():
         write_random_model(model, preset_config(args.preset), seed=0)
     levels = [int(c) for c in args.concurrency.split(",")]
     cache_tokens = max(levels) * (PROMPT_LEN + args.new_tokens) * 2
@@ -192,7 +206,8 @@ def main() -> None:
 def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
     best = lambda rs: max(rs, key=lambda r: r["decode_tok_s"])  # noqa: E731
     print(
-        f"preset {args.preset} on {engine.model.device}, {args.pools} pools, {args.micro_batches} micro-batches, "
+        f"{args.model or 'preset ' + args.preset} on {engine.model.device}, {args.pools} pools, "
+        f"{args.micro_batches} micro-batches, "
         f"fp8 dispatch, prompt {PROMPT_LEN}, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads in process, best of {args.repeats} interleaved runs"
     )
@@ -211,6 +226,23 @@ def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
                 f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
                 f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, "
                 f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |"
+            )
+        first = next(iter(remote_runs))
+        if name != first:
+            print(
+                f"{name} / {first}, best: "
+                + "; ".join(
+                    f"{c}: {best(runs[c])['decode_tok_s'] / best(remote_runs[first][c])['decode_tok_s']:.2f}x"
+                    for c in levels
+                )
+                + "; every run: "
+                + "; ".join(
+                    f"{c}: "
+                    + ", ".join(
+                        f"{r['decode_tok_s'] / f['decode_tok_s']:.2f}x" for f, r in zip(remote_runs[first][c], runs[c])
+                    )
+                    for c in levels
+                )
             )
         print(
             "every run's distributed / in-process ratio: "

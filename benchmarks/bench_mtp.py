@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="the random preset (acceptance means nothing)")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--mtp-steps", type=int, default=300)
+    ap.add_argument("--spec-tokens", default="1", help="num_speculative_tokens of the MTP engines, comma-separated")
     ap.add_argument("--cache-dir", default=".cache/bench")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument(
@@ -148,37 +149,44 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = model_dir(Path(args.cache_dir), args.preset, args.random, args.train_steps, args.mtp_steps)
     options = dict(cache_tokens=8192, block_size=16)
-    engines = {"plain": Engine.from_dir(model, **options), "mtp": Engine.from_dir(model, mtp=True, **options)}
+    ks = [int(k) for k in args.spec_tokens.split(",")]
+    engines = {"plain": Engine.from_dir(model, **options)}
+    for k in ks:
+        engines[f"mtp{k}"] = Engine.from_dir(model, mtp=True, num_speculative_tokens=k, **options)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         got = measure(engines, prompts_for(model, args.waves * b, args.prompt_len), b, args.new_tokens, args.repeats)
-        plain, spec = got["plain"], got["mtp"]
-        assert [g.token_ids for g in plain.pop("out")] == [g.token_ids for g in spec.pop("out")], "MTP changed output"
-        rows.append(
-            dict(
-                batch=b,
-                requests=args.waves * b,
-                plain=plain,
-                mtp=spec,
-                speedup=spec["decode_tok_s"] / plain["decode_tok_s"],
-                acceptance=spec["accepted"] / max(1, spec["drafts"]),
+        plain = got.pop("plain")
+        expected = [g.token_ids for g in plain.pop("out")]
+        for k in ks:
+            spec = got[f"mtp{k}"]
+            assert [g.token_ids for g in spec.pop("out")] == expected, f"MTP (k={k}) changed the output"
+            rows.append(
+                dict(
+                    batch=b,
+                    k=k,
+                    requests=args.waves * b,
+                    plain=plain,
+                    mtp=spec,
+                    speedup=spec["decode_tok_s"] / plain["decode_tok_s"],
+                    acceptance=spec["accepted"] / max(1, spec["drafts"]),
+                )
             )
-        )
-        log(f"batch {b}: {rows[-1]}")
+            log(f"batch {b}: {rows[-1]}")
     print(
         f"\nmodel {model.name}, {args.waves} x batch requests (at most batch running), prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads, best of {args.repeats}"
     )
     print(
-        "| batch | decode tok/s plain | with MTP | ratio | acceptance (accepted / drafts) | ms per step plain "
-        "| with MTP | tokens per step with MTP |"
+        "| batch | drafts a step (k) | decode tok/s plain | with MTP | ratio | acceptance (accepted / drafts) "
+        "| ms per step plain | with MTP | tokens per step with MTP |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p, m = r["plain"], r["mtp"]
         tokens = r["requests"] * args.new_tokens
         print(
-            f"| {r['batch']} | {p['decode_tok_s']:.1f} | {m['decode_tok_s']:.1f} | {r['speedup']:.2f}x | "
+            f"| {r['batch']} | {r['k']} | {p['decode_tok_s']:.1f} | {m['decode_tok_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['acceptance']:.1%} ({m['accepted']} / {m['drafts']}) | {p['ms_per_step']:.2f} | "
             f"{m['ms_per_step']:.2f} | {tokens / m['steps'] / min(r['batch'], r['requests']):.2f} |"
         )

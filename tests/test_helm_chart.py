@@ -32,7 +32,16 @@ VALUE_SETS = {
         "--set",
         "autoscaler.enabled=false",
     ],
-    "tracing": ["--set", "tracing.otlpEndpoint=http://otel:4317", "--set", "pools.count=8"],
+    "tracing": [
+        "--set",
+        "tracing.otlpEndpoint=http://otel:4317",
+        "--set",
+        "pools.count=8",
+        "--set",
+        "gateway.mtp=true",
+        "--set",
+        "gateway.numSpeculativeTokens=2",
+    ],
     "mutual-tls": ["--set", "tls.secretName=expertmesh-tls"],
     "queue-keda-monitors": [
         "--set",
@@ -205,6 +214,11 @@ def test_value_specific_fields(rendered):
         scaler = one(docs, "ScaledObject" if name == "queue-keda-monitors" else "HorizontalPodAutoscaler", "-gateway")
         assert scaler["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
         assert gateway["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"] is True
+    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
+    if name == "tracing":  # with MTP on, 2 drafts a step
+        assert "--mtp" in args and "--num-speculative-tokens=2" in args and "--no-mtp" not in args
+    else:
+        assert "--no-mtp" in args and "--num-speculative-tokens=1" in args
     if name == "tracing":
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
         assert one(docs, "StatefulSet", "-pools")["spec"]["replicas"] == 8
@@ -227,6 +241,7 @@ def test_value_specific_fields(rendered):
         ("gateway.pdb.maxUnavailable=0", "maxUnavailable"),
         ("gateway.autoscaling.waitingRequests.provider=nope", "provider"),
         ("metrics.serviceMonitor.interval=often", "interval"),
+        ("gateway.numSpeculativeTokens=0", "numSpeculativeTokens"),
     ],
 )
 def test_schema_rejects_bad_values(setting, message):

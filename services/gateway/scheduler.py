@@ -23,6 +23,7 @@ until it is used. Blocks are given back when a request finishes, fails or is can
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from services.gateway.config import (
 )
 from services.gateway.prefill_budget import PrefillBudget
 from services.gateway.requests import PositionScore, Request, RequestEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,8 +149,16 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         if self.mtp_max_batch and len(self.running) > self.mtp_max_batch:
+            stopped = [r for r in self.running if not r.mtp_off]
             for r in self.running:  # drafting costs more than it saves in batches this large: stop, for good
                 r.mtp_off, r.draft, r.draft_probs = True, [], None
+            if stopped:
+                log.info(
+                    "MTP drafting off for %d requests: %d run at once, above --mtp-max-batch %d",
+                    len(stopped),
+                    len(self.running),
+                    self.mtp_max_batch,
+                )
         chunks = [PlannedChunk(r, [r.output[-1]]) for r in self.running if not r.prefilling]
         budget = self.max_step_tokens - len(chunks)
         for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, as many as the budget allows
