@@ -39,6 +39,34 @@ def test_tokens_are_dealt_over_replicas_by_count(remote):
     assert set(pools[10:].tolist()) <= set(remote.replicas[1][6].tolist())
 
 
+def three_replicas(remote, tiny_fp8, shares: list[float]) -> None:
+    """Every expert on all 3 pools; layer 1 expert 5 split by `shares` (in pool order)."""
+    cfg = ModelConfig.from_file(tiny_fp8)
+    placement = Placement.spread(cfg, [Pool(f"pool-{i}", f"127.0.0.1:{1 + i}") for i in range(3)], replicas=3)
+    placement.replicas[1][5] = ["pool-0", "pool-1", "pool-2"]
+    placement.shares = {1: {5: shares}}
+    remote.set_placement(placement)
+
+
+def test_pairs_are_dealt_in_proportion_to_the_shares(remote, tiny_fp8):
+    three_replicas(remote, tiny_fp8, [0.25, 0.75, 0.0])
+    pools = remote._assign(1, torch.tensor([5] * 400 + [6] * 30))  # [430]
+    assert torch.bincount(pools[:400], minlength=3).tolist() == [100, 300, 0]
+    assert torch.bincount(pools[400:], minlength=3).tolist() == [10, 10, 10]  # even shares: balanced counts
+    three_replicas(remote, tiny_fp8, [0.2, 0.3, 0.5])
+    assert torch.bincount(remote._assign(1, torch.tensor([5] * 7)), minlength=3).tolist() == [1, 2, 4]
+
+
+def test_a_dead_replicas_share_goes_to_the_live_ones_in_proportion(remote, tiny_fp8):
+    three_replicas(remote, tiny_fp8, [0.2, 0.3, 0.5])
+    remote._mark_dead("pool-0", "test")
+    assert torch.bincount(remote._assign(1, torch.tensor([5] * 800)), minlength=3).tolist() == [0, 300, 500]
+    remote._dead_until = {}
+    three_replicas(remote, tiny_fp8, [0.0, 1.0, 0.0])  # the only replica with a share is dead: the rest, evenly
+    remote._mark_dead("pool-1", "test")
+    assert torch.bincount(remote._assign(1, torch.tensor([5] * 10)), minlength=3).tolist() == [5, 0, 5]
+
+
 def test_dead_pools_are_routed_around_until_none_is_left(remote):
     experts = torch.arange(16)
     victim = remote.pool_ids.index("pool-1")

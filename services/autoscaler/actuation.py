@@ -22,6 +22,7 @@ def without_pools(placement: Placement, leaving: set[str]) -> Placement:
     remaining.pinned = {(l, e, p) for l, e, p in remaining.pinned if p not in leaving}
     for layer in remaining.layers:
         remaining.replicas[layer] = [[p for p in r if p not in leaving] for r in remaining.replicas[layer]]
+    remaining.shares = {}  # even until the re-plan that follows sets shares for what is left
     return remaining
 
 

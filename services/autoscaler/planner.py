@@ -10,7 +10,9 @@ Per layer, from the per-expert load (tokens) of a window:
    (no pool holds two replicas of one expert, every pool keeps within its slots), then a local search that moves
    or swaps replicas off the most loaded pool while that lowers it. Pinned replicas stay where they are;
    a replica already on a pool stays there while that pool's load remains within `slack` of what a fresh plan
-   reaches, so a plan moves few replicas when the load has not shifted much.
+   reaches, so a plan moves few replicas when the load has not shifted much;
+3. shares (shares.py): how much of its expert's load each replica takes, chosen to minimise the most loaded
+   pool for that packing (a replica on a pool that also holds other load takes less of its expert).
 The same input gives the same plan: ties go to the lowest index and the search is bounded by steps, not time.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.autoscaler.packing import Packing, fill, relieve
+from services.autoscaler.shares import balance_shares, pool_loads
 from services.errors import InvalidRequestError
 
 _CLOSE_ENOUGH = 1e-3  # a fresh plan's search stops within 0.1% of max(mean pool load, heaviest replica)
@@ -30,12 +33,28 @@ _CLOSE_ENOUGH = 1e-3  # a fresh plan's search stops within 0.1% of max(mean pool
 @dataclass
 class LayerPlan:
     pools: list[list[int]]  # pool -> expert ids (one replica each)
-    pool_load: list[float]  # expected tokens per pool (each expert's load split evenly over its replicas)
+    pool_load: list[float]  # expected tokens per pool, each expert's load split by `shares`
+    shares: list[list[float]]  # expert -> share of its load per replica, replicas in increasing pool order
+    even_load: list[float]  # expected tokens per pool were each expert's load split evenly over its replicas
 
     @property
     def balancedness(self) -> float:
-        loads = np.asarray(self.pool_load)
-        return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
+        return _balancedness(self.pool_load)
+
+    @property
+    def even_balancedness(self) -> float:
+        return _balancedness(self.even_load)
+
+
+def _balancedness(pool_load: list[float]) -> float:
+    loads = np.asarray(pool_load)
+    return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
+
+
+def with_shares(load: np.ndarray, pools: list[list[int]], even_load: list[float]) -> LayerPlan:
+    """A packing's LayerPlan, with the shares that balance it best."""
+    shares = balance_shares(load, pools)
+    return LayerPlan(pools, pool_loads(load, pools, shares).tolist(), shares, even_load)
 
 
 def replica_counts(load: np.ndarray, slots: int, max_per_expert: int, min_per_expert: int = 1) -> np.ndarray:
@@ -84,10 +103,12 @@ def plan_layer(
             raise InvalidRequestError(f"pinned replica of expert {expert} on pool {pool} is out of range")
     counts = replica_counts(load, num_pools * slots_per_pool, num_pools, min_replicas)
     fresh = _pack(load / counts, counts, num_pools, slots_per_pool, None, pinned, slack)
-    if not current:
-        return fresh
-    sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, max(fresh.pool_load))
-    return sticky if sticky.balancedness >= fresh.balancedness - slack else fresh
+    if current:
+        sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, max(fresh.pool_load))
+        chosen = sticky if _balancedness(sticky.pool_load) >= _balancedness(fresh.pool_load) - slack else fresh
+    else:
+        chosen = fresh
+    return with_shares(load, chosen.pools, chosen.pool_load)
 
 
 def _pack(
@@ -99,7 +120,7 @@ def _pack(
     pinned: set[tuple[int, int]] | None,
     slack: float,
     reach: float = 0.0,
-) -> LayerPlan:
+) -> _Packed:
     """Fresh (no `current`): greedy, then local search to within _CLOSE_ENOUGH of the bound. Sticky: replicas
     stay on their current pools while those stay within `slack` of `reach` (the fresh plan's maximum), then
     greedy for the rest, then local search only down to within `slack` / 2 of `reach`."""
@@ -117,7 +138,13 @@ def _pack(
     fill(pack, order, left)  # heaviest replicas first (LPT)
     goal = max(bound, reach) * (1 + slack / 2) if current else bound * (1 + _CLOSE_ENOUGH)
     relieve(pack, goal, max_steps=2 * int(counts.sum()))
-    return LayerPlan(pack.pools(), pack.pool_load())
+    return _Packed(pack.pools(), pack.pool_load())
+
+
+@dataclass
+class _Packed:
+    pools: list[list[int]]  # pool -> expert ids
+    pool_load: list[float]  # each expert's load split evenly over its replicas
 
 
 def _keep_current(pack: Packing, left: np.ndarray, current: list[list[int]], order: np.ndarray, target: float) -> None:

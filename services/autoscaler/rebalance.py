@@ -36,7 +36,8 @@ def propose(placement: Placement, load: np.ndarray) -> Proposal:
         for i, experts in enumerate(lp.pools):
             for e in experts:
                 replicas[e].append(pool_ids[i])
-        proposed.replicas[l] = replicas
+        proposed.replicas[l] = replicas  # each expert's replicas in pool order, as the plan's shares
+        proposed.set_shares(l, lp.shares)
     by_layer = {l: load[i].tolist() for i, l in enumerate(layers)}
     return Proposal(
         proposed,

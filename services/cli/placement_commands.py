@@ -45,7 +45,8 @@ def plan_command(
         fail(str(exc))
     seconds = time.perf_counter() - started
     if as_json:
-        typer.echo(json.dumps({"seconds": seconds, "layers": [{"pools": lp.pools} for lp in layers]}))
+        rows = [{"pools": lp.pools, "shares": lp.shares, "balancedness": lp.balancedness} for lp in layers]
+        typer.echo(json.dumps({"seconds": seconds, "layers": rows}))
         return
     typer.echo(
         f"planned {len(layers)} layers x {matrix.shape[1]} experts onto {pools} pools x {slots_per_pool} slots "
@@ -54,7 +55,8 @@ def plan_command(
     for i, lp in enumerate(layers):
         replicas = sum(len(p) for p in lp.pools)
         typer.echo(
-            f"layer {i:3d}: balancedness {lp.balancedness:.3f}, {replicas} replicas, "
+            f"layer {i:3d}: balancedness {lp.balancedness:.3f} ({lp.even_balancedness:.3f} split evenly), "
+            f"{replicas} replicas, "
             f"max pool load {max(lp.pool_load):.0f} tokens"
         )
 
@@ -174,6 +176,8 @@ def show(
     if as_json:
         data = json.loads(placement.to_json())
         data["layers"] = {str(l): placement.replicas[l] for l in layers}
+        if "shares" in data:
+            data["shares"] = {l: shares for l, shares in data["shares"].items() if int(l) in layers}
         typer.echo(json.dumps(data))
         return
     typer.echo(f"placement version {placement.version}, {len(placement.pools)} pools")
@@ -185,7 +189,12 @@ def show(
         typer.echo(f"layer {l}:")
         for e, pools in enumerate(placement.replicas[l]):
             pins = [p for p in pools if (l, e, p) in placement.pinned]
-            typer.echo(f"  expert {e:4d}: {', '.join(pools)}" + (f"  (pinned: {', '.join(pins)})" if pins else ""))
+            shares = placement.shares.get(l, {}).get(e)
+            typer.echo(
+                f"  expert {e:4d}: {', '.join(pools)}"
+                + (f"  (shares: {', '.join(f'{x:.3f}' for x in shares)})" if shares else "")
+                + (f"  (pinned: {', '.join(pins)})" if pins else "")
+            )
 
 
 @app.command("export")
@@ -256,6 +265,7 @@ def replicate(
         fail(f"{pool} already holds layer {layer} expert {expert}")
     new = placement.copy()
     new.replicas[layer][expert].append(pool)
+    new.reset_shares(layer, expert)
     what = f"replicate layer {layer} expert {expert} on {pool}"
     apply_placement(store, new, placement.version, dry_run, as_json, what)
 

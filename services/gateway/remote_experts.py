@@ -6,7 +6,9 @@ long-lived ForwardStream to that pool (`transport="stream"`, services.gateway.po
 call per pool per layer on a pool of caller threads, `transport="unary"`), every request with a deadline; the
 BF16 (or fp32) partial sums that come back are added on the gateway.
 
-Replicas: an expert with several replicas has its tokens dealt over them in turn (by token count).
+Replicas: an expert with several replicas has its tokens dealt over them by the placement's shares (by token
+count: with shares 0.25 / 0.75, a quarter of its pairs to the first replica); a dead replica's share goes to the
+live ones in proportion to theirs.
 Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
 `dead_for_s` passes) and the failed call's pairs are re-sent to other live replicas of the same experts; only
 when an expert has no live replica left does the step fail, with PoolUnavailableError. A pool that answers
@@ -99,12 +101,16 @@ class RemoteExperts:
             self.pool_ids = sorted(placement.pools)
             index = {p: i for i, p in enumerate(self.pool_ids)}
             self.replicas: dict[int, torch.Tensor] = {}  # layer -> [E, R] pool index, -1 padded
+            self.shares: dict[int, torch.Tensor] = {}  # layer -> [E, R] share of the expert's pairs, 0 padded
             for layer, experts in placement.replicas.items():
                 width = max(len(r) for r in experts)
                 table = torch.full((len(experts), width), -1, dtype=torch.int64)
+                shares = torch.zeros((len(experts), width), dtype=torch.float64)
                 for e, pools in enumerate(experts):
                     table[e, : len(pools)] = torch.tensor([index[p] for p in pools])
+                    shares[e, : len(pools)] = torch.tensor(placement.shares_of(layer, e), dtype=torch.float64)
                 self.replicas[layer] = table
+                self.shares[layer] = shares
             self._dead_until = {p: t for p, t in self._dead_until.items() if p in placement.pools}
             for pool_id, pool in placement.pools.items():
                 if pool_id not in self._channels:
@@ -119,20 +125,27 @@ class RemoteExperts:
                     self._streams[pool_id] = PoolStream(self._channels[pool_id])
 
     # ---- routing ----------------------------------------------------------------------------------------------
-    def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> torch.Tensor:
-        """[E, R] replica table with dead (and excluded) pools removed (-1), live replicas first."""
-        table = self.replicas[layer]
+    def _live_table(self, layer: int, exclude: set[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+        """([E, R] replica table, [E, R] shares) with dead (and excluded) pools removed (-1, share 0), live
+        replicas first; the dead replicas' shares go to the live ones in proportion (evenly where theirs are 0)."""
+        table, shares = self.replicas[layer], self.shares[layer]
         now = time.monotonic()
         dead = [i for i, p in enumerate(self.pool_ids) if self._dead_until.get(p, 0) > now or i in exclude]
         if not dead:
-            return table
-        alive = (table >= 0) & ~torch.isin(table, torch.tensor(dead))
+            return table, shares
+        alive = (table >= 0) & ~torch.isin(table, torch.tensor(dead))  # [E, R]
         order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
-        return torch.where(alive, table, -1).gather(1, order)
+        kept = torch.where(alive, shares, 0.0)  # [E, R]
+        total = kept.sum(1, keepdim=True)  # [E, 1]
+        even = alive / alive.sum(1, keepdim=True).clamp(min=1)  # [E, R]
+        kept = torch.where(total > 0, kept / total.clamp(min=1e-300), even)
+        return torch.where(alive, table, -1).gather(1, order), kept.gather(1, order)
 
     def _assign(self, layer: int, pair_expert: torch.Tensor, exclude: set[int] = frozenset()) -> torch.Tensor:
-        """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas in turn."""
-        table = self._live_table(layer, exclude)  # [E, R]
+        """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas by their shares (the
+        pair of rank r among its expert's n pairs goes to the replica whose cumulative share interval holds
+        (r + 0.5) / n)."""
+        table, shares = self._live_table(layer, exclude)  # [E, R], [E, R]
         if table.shape[1] == 1 and table is self.replicas[layer]:
             return table[pair_expert, 0]  # one replica of every expert, all live: nothing to deal (the common case)
         count = (table >= 0).sum(1)[pair_expert]  # [P]
@@ -146,7 +159,11 @@ class RemoteExperts:
         sorted_e = pair_expert[order]
         starts = torch.searchsorted(sorted_e, sorted_e, side="left")
         rank[order] = torch.arange(len(order)) - starts  # position of the pair among its expert's pairs
-        return table[pair_expert, rank % count]
+        pairs_of = torch.bincount(pair_expert, minlength=table.shape[0])[pair_expert]  # [P] pairs of its expert
+        point = (rank.to(torch.float64) + 0.5) / pairs_of  # [P] in (0, 1)
+        ends = shares.cumsum(1)[pair_expert]  # [P, R] where each replica's interval ends
+        replica = (ends <= point[:, None]).sum(1)  # [P] the first replica whose interval ends past the point
+        return table[pair_expert, torch.minimum(replica, count - 1)]
 
     def _send(self, layer: int, hidden: torch.Tensor, pairs: RoutedPairs, pool_of_pair: torch.Tensor) -> list[_Call]:
         started = time.perf_counter()

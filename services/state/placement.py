@@ -1,5 +1,9 @@
 """Expert placement: which pools hold a replica of each (layer, logical expert), under a version number.
 
+An expert with several replicas has its tokens split over them by per-replica shares (fractions summing to 1,
+in the order of its replicas); an expert without shares splits evenly. The planner sets shares so that a replica
+on a pool that also holds other load takes less of its expert.
+
 Gateways and pools hold a copy; every dispatch carries the version it was routed with. `spread` is the static
 placement (experts spread evenly over pools); the autoscaler will publish others through the same type.
 """
@@ -7,6 +11,7 @@ placement (experts spread evenly over pools); the autoscaler will publish others
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +20,10 @@ from services.format.config import ModelConfig
 
 PLACEMENT_SHAPE = (
     'expected {"version": N, "pools": [{"pool_id", "address", "slots"}, ...], '
-    '"layers": {"LAYER": [[pool_id, ...] per expert]}, "pinned": [[layer, expert, pool_id], ...]}'
+    '"layers": {"LAYER": [[pool_id, ...] per expert]}, "pinned": [[layer, expert, pool_id], ...], '
+    '"shares": {"LAYER": {"EXPERT": [share per replica, ...]}} (optional: experts not listed split evenly)}'
 )
+SHARE_TOLERANCE = 1e-6  # an expert's shares sum to 1 within this
 
 
 def default_slots(num_experts: int, replicas: int, pools: int) -> int:
@@ -40,6 +47,8 @@ class Placement:
     replicas: dict[int, list[list[str]]] = field(default_factory=dict)
     pinned: set[tuple[int, int, str]] = field(default_factory=set)  # (layer, expert, pool): replicas that stay put
     min_replicas: int = 1  # the redundancy floor every plan keeps where the pools have room (failover without loss)
+    # layer -> expert -> share of its tokens per replica (same order as `replicas`); experts not listed: even
+    shares: dict[int, dict[int, list[float]]] = field(default_factory=dict)
 
     @classmethod
     def spread(cls, cfg: ModelConfig, pools: list[Pool], version: int = 1, replicas: int = 1) -> Placement:
@@ -67,13 +76,34 @@ class Placement:
     def pools_for(self, layer: int, expert: int) -> list[str]:
         return self.replicas[layer][expert]
 
+    def shares_of(self, layer: int, expert: int) -> list[float]:
+        """The expert's share of its tokens per replica (in `replicas` order): as set, else even."""
+        given = self.shares.get(layer, {}).get(expert)
+        if given is not None:
+            return given
+        n = len(self.replicas[layer][expert])
+        return [1.0 / n] * n
+
+    def set_shares(self, layer: int, shares: list[list[float]]) -> None:
+        """One layer's shares, expert -> share per replica; kept only for experts whose split is not even."""
+        uneven = {e: [float(x) for x in row] for e, row in enumerate(shares) if not _is_even(row)}
+        if uneven:
+            self.shares[layer] = uneven
+        else:
+            self.shares.pop(layer, None)
+
+    def reset_shares(self, layer: int, expert: int) -> None:
+        """Even shares for one expert (after its replicas changed)."""
+        self.shares.get(layer, {}).pop(expert, None)
+        if not self.shares.get(layer, True):
+            del self.shares[layer]
+
     def pool_loads(self, layer: int, tokens) -> dict[str, float]:
-        """Expected tokens per pool for one layer: each expert's tokens split evenly over its replicas."""
+        """Expected tokens per pool for one layer: each expert's tokens split over its replicas by their shares."""
         loads = dict.fromkeys(sorted(self.pools), 0.0)
         for e, t in enumerate(tokens):
-            replicas = self.replicas[layer][e]
-            for p in replicas:
-                loads[p] += float(t) / len(replicas)
+            for p, share in zip(self.replicas[layer][e], self.shares_of(layer, e)):
+                loads[p] += float(t) * share
         return loads
 
     def balancedness(self, load_by_layer: dict[int, list[float]]) -> float:
@@ -133,6 +163,22 @@ class Placement:
             experts = self.replicas.get(layer)
             if experts is None or not 0 <= e < len(experts) or p not in experts[e]:
                 raise InvalidRequestError(f"pinned replica of layer {layer} expert {e} on {p} is not in the placement")
+        self._validate_shares()
+
+    def _validate_shares(self) -> None:
+        """Shares name placed experts, one per replica, each >= 0, summing to 1."""
+        for layer, experts in self.shares.items():
+            for e, shares in experts.items():
+                where = f"layer {layer} expert {e}"
+                if layer not in self.replicas or not 0 <= e < len(self.replicas[layer]):
+                    raise InvalidRequestError(f"shares given for {where}, which the placement does not have")
+                replicas = len(self.replicas[layer][e])
+                if len(shares) != replicas:
+                    raise InvalidRequestError(f"{where} has {replicas} replicas but {len(shares)} shares")
+                if not all(math.isfinite(x) and x >= 0 for x in shares):
+                    raise InvalidRequestError(f"{where}: shares must be finite and >= 0, got {shares}")
+                if abs(sum(shares) - 1.0) > SHARE_TOLERANCE:
+                    raise InvalidRequestError(f"{where}: shares sum to {sum(shares):.9g}, not 1")
 
     def copy(self) -> Placement:
         return Placement.from_json(self.to_json())
@@ -146,8 +192,15 @@ class Placement:
                 "layers": {str(layer): experts for layer, experts in sorted(self.replicas.items())},
                 "pinned": sorted([layer, e, p] for layer, e, p in self.pinned),
                 "min_replicas": self.min_replicas,
+                **({"shares": self._shares_json()} if self.shares else {}),
             }
         )
+
+    def _shares_json(self) -> dict[str, dict[str, list[float]]]:
+        return {
+            str(layer): {str(e): shares for e, shares in sorted(experts.items())}
+            for layer, experts in sorted(self.shares.items())
+        }
 
     @classmethod
     def from_json(cls, text: str) -> Placement:
@@ -156,7 +209,11 @@ class Placement:
             pools = {p["pool_id"]: Pool(p["pool_id"], p["address"], int(p.get("slots", 0))) for p in raw["pools"]}
             replicas = {int(layer): [list(map(str, r)) for r in experts] for layer, experts in raw["layers"].items()}
             pinned = {(int(layer), int(e), str(p)) for layer, e, p in raw.get("pinned", [])}
-            return cls(int(raw["version"]), pools, replicas, pinned, int(raw.get("min_replicas", 1)))
+            shares = {
+                int(layer): {int(e): [float(x) for x in row] for e, row in experts.items()}
+                for layer, experts in raw.get("shares", {}).items()
+            }
+            return cls(int(raw["version"]), pools, replicas, pinned, int(raw.get("min_replicas", 1)), shares)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"malformed placement: not JSON: {exc}") from None
         except KeyError as exc:
@@ -170,3 +227,7 @@ class Placement:
     @classmethod
     def load(cls, path: str | Path) -> Placement:
         return cls.from_json(Path(path).read_text())
+
+
+def _is_even(shares: list[float]) -> bool:
+    return all(abs(x - 1.0 / len(shares)) <= 1e-12 for x in shares)
