@@ -5,11 +5,14 @@ slots, under Zipf-skewed load; planner time and pool balancedness (mean / max po
 
 First the planner against EPLB's greedy (DeepSeek's published policy, re-implemented here: each redundant slot to
 the expert with the highest load per replica, then replicas heaviest first onto the least loaded GPU that has a
-slot left; it does not stop two replicas of one expert sharing a GPU) on the same loads, with three upper bounds on
-balancedness: `heaviest` = mean / max(mean, heaviest replica) of the replication that minimises that replica;
-`slot-aware` adds the lightest replicas (of other experts) that must share its pool when every slot is used, as
-both planners do; `any count` is the best slot-aware bound over every replica count (leaving slots empty), over
-the same greedy replication of each count. At V3 scale and at the test scale (tests/test_planner.py: 64 experts).
+slot left; it does not stop two replicas of one expert sharing a GPU) on the same loads. The planner's figure is
+with its replica shares (each replica's share of its expert's tokens, chosen per packing), beside the same
+packing split evenly. Upper bounds on balancedness: `heaviest` = mean / max(mean, heaviest replica) of the
+replication that minimises that replica; `slot-aware` adds the lightest replicas (of other experts) that must
+share its pool when every slot is used, as both planners do; `any count` is the best slot-aware bound over every
+replica count (leaving slots empty), over the same greedy replication of each count; `shares` bounds plans with
+any shares that use every slot (`shares_bound`). At V3 scale and at the test scale (tests/test_planner.py: 64
+experts).
 "Before" is the static spread (one replica per expert, dealt round-robin); "after" is the planner's placement.
 A re-plan after 5% load drift from the planned placement shows how many replicas move.
 Then the wall time of one live rebalance (plan + two-phase rollout) on the `small` preset: `expertmesh up`
@@ -76,6 +79,42 @@ def bounds(layer: np.ndarray, pools: int, slots: int) -> tuple[float, float, flo
     return mean / max(mean, heaviest), mean / max(mean, slot_aware), mean / max(mean, min(b for _, b in out))
 
 
+def shares_bound(layer: np.ndarray, pools: int, slots: int) -> tuple[float, bool]:
+    """Upper bound on one layer's balancedness with any shares, every slot used -> (bound, whether linking two
+    experts' replica groups might beat it).
+
+    With every slot used, each pool holding a replica of expert e also holds slots - 1 other replicas, each at
+    least the lightest expert's load c if it is not e's; shares only move load between pools that hold a replica
+    of one expert. An expert on n pools, alone among split experts there, puts w_e + (slots - 1) n c on them, so
+    a maximum T needs n >= w_e / (T - (slots - 1) c) replicas of it; the extra replicas of all experts are
+    pools * slots - E. The least T for which they suffice bounds the maximum. Experts linked through shared pools
+    form one group, which spreads over at most 1 + (its extra replicas) pools: linking two saves a replica only
+    where their needs round up by nearly one replica each; the flag says whether some pair does at that T."""
+    mean, c, extras = layer.sum() / pools, float(layer.min()), pools * slots - layer.shape[0]
+
+    def room(t: float) -> float:  # of a pool with maximum t, what its slots - 1 other replicas leave at least
+        return t - (slots - 1) * c
+
+    def feasible(t: float) -> bool:
+        n = np.maximum(1, np.ceil(layer / room(t) - 1e-12))  # [E] replicas each expert needs
+        return bool((n - 1).sum() <= extras and n.max() <= pools)
+
+    lo = max(mean, (slots - 1) * c * (1 + 1e-12))
+    hi = float(layer.max()) + slots * float(layer.max())
+    if feasible(lo):
+        return 1.0, False
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
+    a = layer / room(lo) - 1  # [E] fractional extra replicas each expert needs just below the bound
+    a = a[a > 0]
+    link_cost = 1 - c / room(lo)  # a linked pair's extra need: the sum of theirs and this
+    together = np.ceil(a[:, None] + a[None] + link_cost - 1e-12)  # [H, H]
+    apart = np.ceil(a[:, None] - 1e-12) + np.ceil(a[None] - 1e-12)  # [H, H]
+    saves = slots > 1 and bool(((together < apart) & ~np.eye(a.size, dtype=bool)).any())
+    return mean / lo, saves
+
+
 def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
     """Balancedness of the planner's packing before its local search (what the planner did before it had one)."""
     counts = replica_counts(layer, pools * slots, pools)
@@ -88,29 +127,34 @@ def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
 def compare() -> None:
     print(f"planner vs EPLB's greedy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(
-        "| scale | zipf s | pools x slots | planner (mean / min layer) | plan s wall / CPU "
-        "| EPLB greedy (mean / min) | greedy s | pools doubled by the greedy | planner before its search "
-        "| bound: heaviest / slot-aware / any count |"
+        "| scale | zipf s | pools x slots | planner with shares (mean / min layer) | planner split evenly "
+        "| plan s wall / CPU | EPLB greedy (mean / min) | greedy s | pools doubled by the greedy "
+        "| planner before its search | bound: heaviest / slot-aware / any count | bound with shares "
+        "| layers a link might beat it |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, layers, experts, shapes, exponents in SCALES:
         for s in exponents:
             load = zipf(s, seed=0, layers=layers, experts=experts)
             for pools, slots in shapes:
                 wall, cpu = time.perf_counter(), time.process_time()
-                planned = [lp.balancedness for lp in plan(load, pools, slots)]
+                layer_plans = plan(load, pools, slots)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                planned = [lp.balancedness for lp in layer_plans]
+                even = np.mean([lp.even_balancedness for lp in layer_plans])
                 t = time.perf_counter()
                 greedy = [eplb_greedy(layer, pools, slots) for layer in load]
                 greedy_s = time.perf_counter() - t
                 eplb = [g.mean() / g.max() for g, _ in greedy]
                 start = np.mean([greedy_start(layer, pools, slots) for layer in load])
                 bound = np.mean([bounds(layer, pools, slots) for layer in load], axis=0)
+                with_shares = [shares_bound(layer, pools, slots) for layer in load]
                 print(
                     f"| {name} {layers}x{experts} | {s} | {pools} x {slots} | {np.mean(planned):.3f} / "
-                    f"{min(planned):.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / {min(eplb):.3f} "
-                    f"| {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} | {start:.3f} "
-                    f"| {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} |"
+                    f"{min(planned):.3f} | {even:.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / "
+                    f"{min(eplb):.3f} | {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} "
+                    f"| {start:.3f} | {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} "
+                    f"| {np.mean([b for b, _ in with_shares]):.3f} | {sum(f for _, f in with_shares)} |"
                 )
 
 
@@ -172,7 +216,7 @@ def replans() -> None:
     print(f"\nre-plans at {LAYERS} layers x {EXPERTS} experts")
     print(
         "| zipf s | pools x slots | redundant | plan s wall / CPU | balancedness before | after (mean / min layer) "
-        "| re-plan s wall / CPU | re-plan balancedness | replicas moved after 5% drift |"
+        "| re-plan s wall / CPU | re-plan balancedness (split evenly) | replicas moved after 5% drift |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for s in (1.1, 1.0, 0.6):
@@ -191,6 +235,7 @@ def replans() -> None:
                 f"| {s} | {pools} x {slots} | {pools * slots - EXPERTS} | {wall:.3f} / {cpu:.3f} "
                 f"| {spread_balancedness(load, pools):.3f} | {np.mean(after):.3f} / {min(after):.3f} "
                 f"| {rewall:.3f} / {recpu:.3f} | {np.mean([lp.balancedness for lp in again]):.3f} "
+                f"({np.mean([lp.even_balancedness for lp in again]):.3f}) "
                 f"| {moved} of {pools * slots * LAYERS} |"
             )
 

@@ -101,6 +101,23 @@ def test_export_edit_apply(deployment, engine_tiny, tmp_path):
     assert "no placement file" in cli(deployment, "placement", "apply", str(tmp_path / "nope.json"), code=2).output
 
 
+def test_apply_and_show_shares(deployment, engine_tiny, tmp_path):
+    path = tmp_path / "placement.json"
+    cli(deployment, "placement", "export", str(path))
+    data = json.loads(path.read_text())
+    data["layers"]["3"][2] = ["pool-0", "pool-1"]
+    data["shares"] = {"3": {"2": [0.5, 0.6]}}
+    path.write_text(json.dumps(data))
+    refused = cli(deployment, "placement", "apply", str(path), code=2)
+    assert "layer 3 expert 2: shares sum to 1.1, not 1" in refused.output
+    data["shares"] = {"3": {"2": [0.25, 0.75]}}
+    path.write_text(json.dumps(data))
+    cli_json(deployment, "placement", "apply", str(path))
+    still_correct(deployment, engine_tiny)
+    assert cli_json(deployment, "placement", "show", "--layer", "3")["shares"] == {"3": {"2": [0.25, 0.75]}}
+    assert "expert    2: pool-0, pool-1  (shares: 0.250, 0.750)" in cli(deployment, "placement", "show").output
+
+
 def test_rebalance_after_load(deployment, engine_tiny, tiny_fp8):
     before = deployment.settled_routed_pairs(layer=1)
     client = GatewayClient(deployment.gateway)

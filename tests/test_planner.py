@@ -86,6 +86,9 @@ def test_placement_plan_cli_json(tmp_path):
     assert out["seconds"] >= 0 and len(out["layers"]) == 3
     assert all(len(layer["pools"]) == 4 for layer in out["layers"])
     assert sorted({e for pool in out["layers"][0]["pools"] for e in pool}) == list(range(16))
+    shares = out["layers"][0]["shares"]  # expert -> share per replica, replicas in pool order
+    assert [len(s) for s in shares] == [sum(e in pool for pool in out["layers"][0]["pools"]) for e in range(16)]
+    assert all(sum(s) == pytest.approx(1.0) for s in shares)
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ one expert at a time, its load is poured over its replicas' pools onto what the 
 least loaded pools first, to a common level), sweep after sweep over the experts with several replicas. Each
 step lowers the sum of squared pool loads, which is convex, so the sweeps converge to its minimum; at that
 minimum no load can pass from a pool to a less loaded one through an expert both hold, which is what a minimal
-maximum needs too. The sweeps stop once the most loaded pool has not come down by `GAIN` of the mean pool load
-over `PATIENCE` sweeps (the sum of squares converges slowly on long chains of shared pools, the maximum sooner),
-or after `MAX_SWEEPS`. Experts with one replica take it all. Deterministic: experts in index order, fixed
-tolerances, a bound on sweeps.
+maximum needs too. The sweeps stop once no share moves, once the most loaded pool has not come down by `GAIN`
+of the mean pool load over `PATIENCE` sweeps (the sum of squares converges slowly on long chains of shared pools,
+the maximum sooner), or after `MAX_SWEEPS`. Experts with one replica take it all. Deterministic: experts in index
+order, fixed tolerances, a bound on sweeps.
 """
 
 from __future__ import annotations
@@ -33,30 +33,33 @@ def balance_shares(load: np.ndarray, pools: list[list[int]]) -> list[list[float]
     """load [E]; pools: pool -> experts it holds (one replica each) -> expert -> share per replica, replicas in
     increasing pool order; shares sum to 1 (even for an expert without load)."""
     load = np.maximum(np.asarray(load, dtype=np.float64), 0.0)
-    holders: list[list[int]] = [[] for _ in range(load.shape[0])]
-    for pool, experts in enumerate(pools):
-        for expert in experts:
-            holders[expert].append(pool)
-    where = [np.asarray(h, dtype=np.int64) for h in holders]
-    part = [np.full(h.size, load[e] / max(h.size, 1)) for e, h in enumerate(where)]  # load per replica
-    pool_load = np.zeros(len(pools))  # [pools]
-    for h, x in zip(where, part):
-        np.add.at(pool_load, h, x)
-    split = [e for e, h in enumerate(where) if h.size > 1 and load[e] > 0]
-    gain = GAIN * pool_load.mean()
+    pool_of = np.asarray([p for p, experts in enumerate(pools) for _ in experts], dtype=np.int64)  # [N] replicas
+    expert_of = np.asarray([e for experts in pools for e in experts], dtype=np.int64)  # [N]
+    count = np.bincount(expert_of, minlength=load.shape[0])  # [E] replicas per expert
+    pool_load = np.bincount(pool_of, weights=(load / np.maximum(count, 1))[expert_of], minlength=len(pools))
+    order = np.argsort(expert_of, kind="stable")  # replicas grouped by expert, each group in pool order
+    starts = np.concatenate([[0], np.cumsum(count)])  # [E + 1]
+    split = [e for e in np.flatnonzero((count > 1) & (load > 0)).tolist()]
+    where = {e: pool_of[order[starts[e] : starts[e + 1]]] for e in split}  # expert -> its replicas' pools
+    part = {e: np.full(count[e], load[e] / count[e]) for e in split}  # expert -> its load per replica
+    mean = pool_load.mean()
     peaks = [float(pool_load.max())]  # the most loaded pool after each sweep
-    for _ in range(MAX_SWEEPS if split and peaks[0] > pool_load.mean() + gain else 0):
+    for _ in range(MAX_SWEEPS if split and peaks[0] > mean * (1 + GAIN) else 0):
+        moved = 0.0
         for e in split:
             h = where[e]
             others = pool_load[h] - part[e]
-            part[e] = water_fill(others, float(load[e]))
-            pool_load[h] = others + part[e]
+            new = water_fill(others, float(load[e]))
+            moved = max(moved, float(np.abs(new - part[e]).max()))
+            pool_load[h] = others + new
+            part[e] = new
         peaks.append(float(pool_load.max()))
-        if len(peaks) > PATIENCE and peaks[-1 - PATIENCE] - peaks[-1] < gain:
+        if moved <= mean * 1e-12 or (len(peaks) > PATIENCE and peaks[-1 - PATIENCE] - peaks[-1] < mean * GAIN):
             break
-    return [
-        (x / load[e]).tolist() if load[e] > 0 else [1.0 / h.size] * h.size for e, (h, x) in enumerate(zip(where, part))
-    ]
+    even = [[1.0 / c] * c for c in count.tolist()]
+    for e in split:
+        even[e] = (part[e] / load[e]).tolist()
+    return even
 
 
 def pool_loads(load: np.ndarray, pools: list[list[int]], shares: list[list[float]]) -> np.ndarray:
