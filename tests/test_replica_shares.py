@@ -82,6 +82,12 @@ def test_pool_loads_and_balancedness_follow_the_shares():
     assert placement.balancedness({3: tokens}) == pytest.approx(1.0)
 
 
+def test_pool_loads_skip_an_expert_without_replicas():
+    placement = two_pool_placement()
+    placement.replicas[3][1] = []  # its pool drained, before a re-plan places it again
+    assert placement.pool_loads(3, [100.0, 10.0, 30.0]) == {"a": 50.0, "b": 80.0}
+
+
 def test_reset_shares_after_a_replica_is_added():
     placement = two_pool_placement()
     placement.set_shares(3, [[0.25, 0.75], [1.0], [1.0]])

@@ -56,7 +56,7 @@ def balance_shares(load: np.ndarray, pools: list[list[int]]) -> list[list[float]
         peaks.append(float(pool_load.max()))
         if moved <= mean * 1e-12 or (len(peaks) > PATIENCE and peaks[-1 - PATIENCE] - peaks[-1] < mean * GAIN):
             break
-    even = [[1.0 / c] * c for c in count.tolist()]
+    even = [[1.0 / c] * c if c else [] for c in count.tolist()]
     for e in split:
         even[e] = (part[e] / load[e]).tolist()
     return even

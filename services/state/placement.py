@@ -82,7 +82,7 @@ class Placement:
         if given is not None:
             return given
         n = len(self.replicas[layer][expert])
-        return [1.0 / n] * n
+        return [1.0 / n] * n if n else []  # none for an expert left without replicas (its pools drained)
 
     def set_shares(self, layer: int, shares: list[list[float]]) -> None:
         """One layer's shares, expert -> share per replica; kept only for experts whose split is not even."""
