@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.format.model_writer import write_random_model  # noqa: E402
 from services.format.presets import preset_config  # noqa: E402
+from services.gateway.config import DEFAULT_MTP_MAX_BATCH  # noqa: E402
 from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
 from services.training.corpus import held_out_windows  # noqa: E402
@@ -101,13 +102,15 @@ def measure(engines: dict[str, Engine], prompts: list[list[int]], batch: int, ne
 
     for name in engines:
         run(name, 2)  # warm-up
-    best = {name: dict(t1=float("inf"), tn=float("inf")) for name in engines}
+    best = {name: dict(t1=float("inf"), tn=float("inf"), runs=[]) for name in engines}
     for _ in range(repeats):
         for name in engines:
-            best[name]["t1"] = min(best[name]["t1"], run(name, 1)[0])
+            t1 = run(name, 1)[0]
+            best[name]["t1"] = min(best[name]["t1"], t1)
             clock = clocks[name]
             steps, seconds = clock.steps, clock.seconds
             t, out = run(name, new_tokens)
+            best[name]["runs"].append(len(prompts) * (new_tokens - 1) / (t - t1))  # this repeat's decode tok/s
             if t < best[name]["tn"]:
                 best[name].update(tn=t, out=out, steps=clock.steps - steps, step_s=clock.seconds - seconds)
     figures = {}
@@ -118,6 +121,7 @@ def measure(engines: dict[str, Engine], prompts: list[list[int]], batch: int, ne
             drafts=drafts,
             accepted=accepted,
             steps=b["steps"],
+            runs=b["runs"],
             ms_per_step=1000 * b["step_s"] / b["steps"],
             out=b["out"],
         )
@@ -131,11 +135,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--waves", type=int, default=3, help="requests per run: this many times the batch")
+    ap.add_argument(
+        "--min-requests",
+        type=int,
+        default=24,
+        help="requests per run at least this many (acceptance differs from prompt to prompt: a few are no sample)",
+    )
     ap.add_argument("--preset", default="tiny", help="tiny (3 layers), or deep (24: MTP's pass a small part of a step)")
     ap.add_argument("--random", action="store_true", help="the random preset (acceptance means nothing)")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--mtp-steps", type=int, default=300)
     ap.add_argument("--spec-tokens", default="1", help="num_speculative_tokens of the MTP engines, comma-separated")
+    ap.add_argument(
+        "--mtp-max-batch",
+        type=int,
+        default=DEFAULT_MTP_MAX_BATCH,
+        help="the MTP engines' --mtp-max-batch (0: draft at every batch size)",
+    )
     ap.add_argument("--cache-dir", default=".cache/bench")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument(
@@ -152,10 +168,13 @@ def main() -> None:
     ks = [int(k) for k in args.spec_tokens.split(",")]
     engines = {"plain": Engine.from_dir(model, **options)}
     for k in ks:
-        engines[f"mtp{k}"] = Engine.from_dir(model, mtp=True, num_speculative_tokens=k, **options)
+        engines[f"mtp{k}"] = Engine.from_dir(
+            model, mtp=True, num_speculative_tokens=k, mtp_max_batch=args.mtp_max_batch, **options
+        )
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
-        got = measure(engines, prompts_for(model, args.waves * b, args.prompt_len), b, args.new_tokens, args.repeats)
+        n = max(args.waves * b, args.min_requests)
+        got = measure(engines, prompts_for(model, n, args.prompt_len), b, args.new_tokens, args.repeats)
         plain = got.pop("plain")
         expected = [g.token_ids for g in plain.pop("out")]
         for k in ks:
@@ -165,7 +184,7 @@ def main() -> None:
                 dict(
                     batch=b,
                     k=k,
-                    requests=args.waves * b,
+                    requests=n,
                     plain=plain,
                     mtp=spec,
                     speedup=spec["decode_tok_s"] / plain["decode_tok_s"],
@@ -174,7 +193,8 @@ def main() -> None:
             )
             log(f"batch {b}: {rows[-1]}")
     print(
-        f"\nmodel {model.name}, {args.waves} x batch requests (at most batch running), prompt {args.prompt_len}, "
+        f"\nmodel {model.name}, max({args.waves} x batch, {args.min_requests}) requests (at most batch running), "
+        f"prompt {args.prompt_len}, MTP engines' mtp_max_batch {args.mtp_max_batch}, "
         f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads, best of {args.repeats}"
     )
     print(
@@ -190,6 +210,14 @@ def main() -> None:
             f"{r['acceptance']:.1%} ({m['accepted']} / {m['drafts']}) | {p['ms_per_step']:.2f} | "
             f"{m['ms_per_step']:.2f} | {tokens / m['steps'] / min(r['batch'], r['requests']):.2f} |"
         )
+    print(
+        "every repeat's ratio (with MTP / plain, decode tok/s of the same repeat): "
+        + "; ".join(
+            f"batch {r['batch']} k {r['k']}: "
+            + ", ".join(f"{m / p:.2f}x" for p, m in zip(r["plain"]["runs"], r["mtp"]["runs"]))
+            for r in rows
+        )
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"model": str(model), "rows": rows}, indent=2) + "\n")
 

@@ -18,6 +18,7 @@ DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_WAITING = 1024
 MAX_SPECULATIVE_TOKENS = 8
+DEFAULT_MTP_MAX_BATCH = 8  # measured on CPU (BENCHMARKS.md, MTP): drafting pays up to 8 running, costs at 16 and 32
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ class GatewayConfig:
         "guesses (as vLLM does).",
     )
     mtp_max_batch: int = setting(
-        0,
-        "With --mtp: once more than this many requests run at once, those running stop "
-        "drafting for good (0: no limit; BENCHMARKS.md, MTP).",
+        DEFAULT_MTP_MAX_BATCH,
+        "With --mtp: once more than this many requests run at once, those running stop drafting for good: "
+        "verifying costs more than it saves in larger batches (0: no limit; BENCHMARKS.md, MTP).",
     )
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_transport: str = setting(

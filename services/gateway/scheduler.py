@@ -36,6 +36,7 @@ from services.gateway.config import (
     DEFAULT_MAX_RUNNING,
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_MAX_WAITING,
+    DEFAULT_MTP_MAX_BATCH,
 )
 from services.gateway.prefill_budget import PrefillBudget
 from services.gateway.requests import PositionScore, Request, RequestEvent
@@ -92,7 +93,7 @@ class Scheduler:
         max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
         max_running: int = DEFAULT_MAX_RUNNING,
         max_waiting: int = DEFAULT_MAX_WAITING,
-        mtp_max_batch: int = 0,
+        mtp_max_batch: int = DEFAULT_MTP_MAX_BATCH,
         max_decode_stall: float = DEFAULT_MAX_DECODE_STALL,
     ):
         self.cache = cache

@@ -26,6 +26,7 @@ from services.gateway.config import (
     DEFAULT_MAX_RUNNING,
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_MAX_WAITING,
+    DEFAULT_MTP_MAX_BATCH,
 )
 from services.gateway.model import GatewayModel
 from services.gateway.mtp import MTPModule
@@ -53,7 +54,7 @@ class ServingCore:
         before_step: Callable[[], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
         drafter: MTPDrafter | None = None,
-        mtp_max_batch: int = 0,
+        mtp_max_batch: int = DEFAULT_MTP_MAX_BATCH,
         max_decode_stall: float = DEFAULT_MAX_DECODE_STALL,
     ):
         self.model = model
