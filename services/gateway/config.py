@@ -18,7 +18,7 @@ DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_WAITING = 1024
 MAX_SPECULATIVE_TOKENS = 8
-DEFAULT_MTP_MAX_BATCH = 8  # measured on CPU (BENCHMARKS.md, MTP): drafting pays up to 8 running, costs at 16 and 32
+DEFAULT_MTP_MAX_BATCH = 4  # measured on CPU (BENCHMARKS.md, MTP): drafting pays at 1-4 running, breaks even at 8
 
 
 @dataclass(frozen=True)
