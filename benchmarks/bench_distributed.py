@@ -60,13 +60,18 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(2, vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
 
 
-def summarize(stamps: list[list[float]]) -> dict:
-    """stamps: per request, the arrival time of each generated token."""
+def summarize(stamps: list[list[float]], concurrency: int) -> dict:
+    """stamps: per request, the arrival time of each generated token. With --waves (C streams of requests one
+    after another) decode tok/s is C x the streams' decode rate: tokens after each request's first over the time
+    from its first token to its last, summed over every request (prefill left out)."""
     first, last = min(s[0] for s in stamps), max(s[-1] for s in stamps)
     all_in, first_out = max(s[0] for s in stamps), min(s[-1] for s in stamps)  # the window all C are decoding
     in_window = sum(1 for s in stamps for t in s if all_in < t <= first_out)
     gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]))
     pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3  # noqa: E731
+    if WAVES > 1:
+        in_window = concurrency * sum(len(s) - 1 for s in stamps)
+        all_in, first_out = 0.0, sum(s[-1] - s[0] for s in stamps)
     return {
         "decode_tok_s": in_window / (first_out - all_in) if first_out > all_in else float("nan"),
         "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
@@ -75,10 +80,15 @@ def summarize(stamps: list[list[float]]) -> dict:
     }
 
 
+WAVES = 1  # --waves: requests per stream, one after another (C x WAVES prompts: more text than C prompts)
+
+
 def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
-    stamps: list[list[float]] = [[] for _ in range(concurrency)]
+    n = concurrency * WAVES
+    stamps: list[list[float]] = [[] for _ in range(n)]
     requests = []
-    for i, p in enumerate(prompts(concurrency, engine.cfg.vocab_size)):
+    engine.scheduler.max_running = concurrency
+    for i, p in enumerate(prompts(n, engine.cfg.vocab_size)):
         requests.append(
             Request(
                 p,
@@ -89,30 +99,33 @@ def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
     for r in requests:
         engine.scheduler.submit(r)
     engine.core.run_until_idle()
-    return summarize(stamps)
+    return summarize(stamps, concurrency)
 
 
 def run_distributed(gateway: str, concurrency: int, new_tokens: int, vocab: int) -> dict:
     from expertmesh.v1 import gateway_pb2
 
-    stamps: list[list[float]] = [[] for _ in range(concurrency)]
+    n = concurrency * WAVES
+    stamps: list[list[float]] = [[] for _ in range(n)]
     client = GatewayClient(gateway, timeout_s=600)
+    texts = prompts(n, vocab)
 
-    def one(i: int, prompt: list[int]) -> None:
-        request = gateway_pb2.GenerateRequest(
-            token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        )
-        for msg in client.stub.Generate(request, timeout=600):
-            if msg.token_ids:
-                stamps[i].append(time.perf_counter())
+    def stream(first: int) -> None:
+        for i in range(first, n, concurrency):  # this stream's requests, one after another
+            request = gateway_pb2.GenerateRequest(
+                token_ids=texts[i], sampling=gateway_pb2.SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+            )
+            for msg in client.stub.Generate(request, timeout=600):
+                if msg.token_ids:
+                    stamps[i].append(time.perf_counter())
 
-    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts(concurrency, vocab))]
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     client.close()
-    return summarize(stamps)
+    return summarize(stamps, concurrency)
 
 
 def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
@@ -151,6 +164,13 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per figure")
     ap.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="requests per stream, one after another: decode tok/s is then C x (tokens after the first) / "
+        "(time from first to last token), summed over every request (prefill left out)",
+    )
+    ap.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -165,6 +185,8 @@ def main() -> None:
         help="the in-process engine, the gateway and the pools on this device",
     )
     args = ap.parse_args()
+    global WAVES
+    WAVES = args.waves
     model = args.model or Path(args.cache_dir) / f"{args.preset}-fp8"
     if args.model:
         from services.training.corpus import held_out_windows
@@ -173,7 +195,7 @@ def main() -> None:
     elif not (model / "config.json").exists():
         write_random_model(model, preset_config(args.preset), seed=0)
     levels = [int(c) for c in args.concurrency.split(",")]
-    cache_tokens = max(levels) * (PROMPT_LEN + args.new_tokens) * 2
+    cache_tokens = max(*levels, 32) * (PROMPT_LEN + args.new_tokens) * 2  # 32: dispatch_bytes' prefill
     variants = dict(v.split("=", 1) for v in args.variant) or {"distributed": ""}
 
     engine = Engine.from_dir(model, cache_tokens=cache_tokens, device=args.device)
@@ -195,8 +217,8 @@ def main() -> None:
                 local_runs[c].append(run_in_process(engine, c, args.new_tokens))
                 for name, up in ups.items():
                     remote_runs[name][c].append(run_distributed(up.gateway, c, args.new_tokens, engine.cfg.vocab_size))
+        report(args, engine, levels, local_runs, remote_runs, variants)
         wire = dispatch_bytes(engine, next(iter(ups.values())).redis)
-    report(args, engine, levels, local_runs, remote_runs, variants)
     print(
         f"\nwire bytes per token per MoE layer (all pools, whole ForwardRequest messages): fp8 {wire['fp8']:.0f}, "
         f"bf16 {wire['bf16']:.0f}, ratio {wire['fp8'] / wire['bf16']:.3f}"
