@@ -26,13 +26,15 @@ pytestmark = [
 ]
 
 PROMPT_LENGTHS = [3, 7, 12, 20, 33, 5]
+# 6 requests at once: above the default --mtp-max-batch (4), so the limit is raised for them to draft
+MTP_FLAGS = ["--mtp", "--num-speculative-tokens", "2", "--mtp-max-batch", "8"]
 
 
 def test_up_with_mtp_greedy_equals_in_process_without(tiny_fp8, tmp_path_factory, engine_tiny):
     g = torch.Generator().manual_seed(23)
     prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
     home = tmp_path_factory.mktemp("up-mtp")
-    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=home, extra=["--mtp", "--num-speculative-tokens", "2"])
+    up = UpProcess(tiny_fp8, pools=2, dispatch="fp32", home=home, extra=MTP_FLAGS)
     try:
         client = GatewayClient(up.gateway, timeout_s=180)
         try:
