@@ -146,19 +146,23 @@ class MTPDrafter:
             d = _Drafting(req, results[p.index], p.start + len(p.next_tokens), self._room(req, p.drafts), [])
             self._draw(d, logits[row])
             drafting.append(d)
+        everyone = drafting
         while True:  # num_speculative_tokens > 1: the MTP layer again, on its own last guess
             more = [j for j, d in enumerate(drafting) if len(d.result.draft) < d.drafts]
             if not more:
                 break
             drafting, states = [drafting[j] for j in more], states[more]
-            pairs_next = [SequenceBlocks(d.request.seq.blocks, d.position) for d in drafting]  # private views
+            views = [SequenceBlocks(d.request.seq.blocks, d.position) for d in drafting]  # private, as in _pairs
             batch = StepBatch.build(
-                [SequenceChunk(view, d.result.draft[-1:]) for view, d in zip(pairs_next, drafting)], self.cache
+                [SequenceChunk(view, d.result.draft[-1:]) for view, d in zip(views, drafting)], self.cache
             )
             logits, states = self._run(batch, states, batch.last_index.tolist())
             for row, d in enumerate(drafting):
                 d.position += 1
                 self._draw(d, logits[row])
+        for d in everyone:
+            if d.probs:
+                d.result.draft_probs = torch.stack(d.probs)  # [drafts, V]
 
     def _run(self, batch: StepBatch, hidden: torch.Tensor, logit_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP pass -> logits [N, V] (cpu) and the layer's output hidden states [N, H] at `logit_index`."""
@@ -192,7 +196,6 @@ class MTPDrafter:
         q = req.sampler.probs(logits)
         result.draft.append(int(torch.multinomial(q, 1, generator=req.sampler.generator)))
         d.probs.append(q)
-        result.draft_probs = torch.stack(d.probs)  # [drafts so far, V]
 
     def _pairs(
         self, index: int, chunk: PlannedChunk, start: int, hidden: torch.Tensor, result: ChunkResult
