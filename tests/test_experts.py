@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import cpu_routed
 from services.errors import ExpertNotHeldError, InvalidRequestError
 from services.expert.grouped import grouped_expert_forward
 from services.expert.store import ExpertStore, LayerWeights
@@ -39,7 +40,26 @@ def _reference(store, hidden, idx, w):
     return out
 
 
-PATHS = {"_per_expert": "per active expert", "_batched": "padded bmm", "_all_experts": "all experts, packed"}
+PATHS = {
+    "_routed_kernel": "the C kernel",
+    "_per_expert": "per active expert",
+    "_batched": "padded bmm",
+    "_all_experts": "all experts, packed",
+}
+
+
+def _choose(path, grouped, store, monkeypatch):
+    """Make grouped compute take `path` (or skip where this machine lacks it)."""
+    if path == "_all_experts" and not packing_available():
+        pytest.skip("torch without oneDNN: no packed path")
+    if path == "_routed_kernel":
+        if cpu_routed.library() is None:
+            pytest.skip("no C compiler: no CPU kernel")
+        monkeypatch.setattr(grouped, "KERNEL_MAX_ROWS_PER_EXPERT", 1 << 30)
+    else:  # the paths of machines without the kernel
+        monkeypatch.setattr(grouped.cpu_routed, "handles", lambda w: False)
+    store._stacks.clear()
+    monkeypatch.setattr(grouped, "_all_experts_pays", lambda *a: path == "_all_experts")
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 40])
@@ -47,9 +67,7 @@ PATHS = {"_per_expert": "per active expert", "_batched": "padded bmm", "_all_exp
 def test_every_grouped_path_equals_per_token_loop(store, tokens, path, monkeypatch):
     import services.expert.grouped as grouped
 
-    if path == "_all_experts" and not packing_available():
-        pytest.skip("torch without oneDNN: no packed path")
-    monkeypatch.setattr(grouped, "_all_experts_pays", lambda *a: path == "_all_experts")
+    _choose(path, grouped, store, monkeypatch)
     if path == "_batched":  # the path of devices without packed GEMMs
         monkeypatch.setattr(grouped.StackedExperts, "build", lambda r, g, d: grouped.StackedExperts(r, g, d))
         store._stacks.clear()
@@ -86,7 +104,7 @@ def test_decode_shapes_never_loop_over_experts(store, monkeypatch):
     hidden = torch.randn(8, store.cfg.hidden_size)
     idx = torch.stack([torch.randperm(16)[:4] for _ in range(8)])
     grouped.grouped_expert_forward(hidden, idx, torch.rand(8, 4), _Source(store, 1, True), 16)
-    assert calls == []  # 8 tokens x 4 experts over 16 held: one batched/packed chain, no per-expert loop
+    assert calls == []  # 8 tokens x 4 experts over 16 held: the kernel or one packed chain, no per-expert loop
 
 
 def test_partial_store_refuses_experts_it_does_not_hold(tiny_fp8):
@@ -105,15 +123,16 @@ def test_partial_store_refuses_experts_it_does_not_hold(tiny_fp8):
     assert s.loaded() == [(1, 2)] and s.stacked(1).gate_up.shape[0] == 1
 
 
-@pytest.mark.parametrize("path", ["_per_expert", "_all_experts"])
+@pytest.mark.parametrize("path", ["_per_expert", "_all_experts", "_routed_kernel"])
 def test_reduced_precision_compute_stays_within_bfloat16_rounding(store, path, monkeypatch):
     """fp8/bf16 dispatch is computed in bfloat16 (on hardware with native bf16) from the FP8 weights rounded to
     bfloat16: within bfloat16's rounding of the exact float32 result, with a stack of its own per dtype."""
     import services.expert.grouped as grouped
 
-    if path == "_all_experts" and not packing_available():
-        pytest.skip("torch without oneDNN: no packed path")
-    monkeypatch.setattr(grouped, "_all_experts_pays", lambda *a: path == "_all_experts")
+    _choose(path, grouped, store, monkeypatch)
+    taken = []
+    real = getattr(grouped, path)
+    monkeypatch.setattr(grouped, path, lambda *a: taken.append(path) or real(*a))
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(24, store.cfg.hidden_size, generator=g).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(24)])
@@ -124,7 +143,8 @@ def test_reduced_precision_compute_stays_within_bfloat16_rounding(store, path, m
     assert store.stacked(1).gate_up.dtype == torch.float32  # the exact path keeps its own
     ref = _reference(store, hidden.float(), idx, w)
     rel = float((ours.float() - ref).norm() / ref.norm())
-    assert 0 < rel < 0.01, rel
+    assert taken == [path] and 0 < rel < 0.01, (taken, rel)
+    store._stacks.clear()
 
 
 def test_compute_dtype_per_dispatch_format():

@@ -10,10 +10,12 @@ math:
     groups zero-padded to the largest (decode: most experts active with a few tokens each, where per-expert
     calls are all overhead). Inactive experts in the stack are computed on zeros, which pays once a quarter
     of the held experts are active;
-  * on CPU with oneDNN, when a cost model says so (decode-sized batches over many active experts), every token
-    through all held experts as two packed GEMMs (gate/up of all experts at once, then one down projection
-    over the routing-weighted activations, zero for experts a token does not use). Each weight is read once
-    with no per-call packing (MKL re-packs the weight on every call, which dominates at a few rows).
+  * on CPU, decode-sized groups (a few tokens per expert) through one C kernel (kernels.cpu_routed: only the
+    routed products, each weight row read once per expert), where the machine has a C compiler;
+  * on CPU with oneDNN and no C kernel, when a cost model says so (decode-sized batches over many active
+    experts), every token through all held experts as two packed GEMMs (gate/up of all experts at once, then
+    one down projection over the routing-weighted activations, zero for experts a token does not use). Each
+    weight is read once with no per-call packing (MKL re-packs the weight on every call, which dominates at a few rows).
 The weighted outputs are summed back per token with one index_add (the pool's partial combine).
 """
 
@@ -26,11 +28,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cpu_routed
 from services.errors import ExpertNotHeldError
 from services.math.layers import swiglu
 from services.math.packed_linear import Linear, packing_available
 from services.math.routed_pairs import RoutedPairs
 
+# The C kernel while experts get at most this many rows on average: at more, per-expert GEMMs (MKL) compute
+# faster than its dot products (BENCHMARKS.md, "Routed experts as one C kernel")
+KERNEL_MAX_ROWS_PER_EXPERT = 8
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
 # one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.
 SMALL_GROUP_ROWS = 32
@@ -56,7 +62,8 @@ class StackedExperts:
 
     @classmethod
     def build(cls, row_of_expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> StackedExperts:
-        if gate_up.device.type != "cpu" or not packing_available():
+        """The packed copies only where the C kernel cannot run these experts (it reads the plain stacks)."""
+        if gate_up.device.type != "cpu" or not packing_available() or cpu_routed.handles(gate_up):
             return cls(row_of_expert, gate_up, down)
         r, h, i = down.shape
         return cls(
@@ -128,10 +135,14 @@ def grouped_pairs_forward(
     counts = torch.bincount(pairs.expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
+    kernel = stacked is not None and hidden.device.type == "cpu" and cpu_routed.handles(stacked.gate_up)
+    if kernel and len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active:
+        return _routed_kernel(hidden, pairs, counts, stacked)
     packed = stacked is not None and stacked.gate_up_all is not None
     if packed and _all_experts_pays(hidden, stacked, active):
         return _all_experts(hidden, pairs, stacked)
-    mostly_active = not packed and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
+    # larger groups beside the kernel: per-expert GEMMs (the padded batch is for devices without the kernel)
+    mostly_active = not packed and not kernel and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
 
     order = pairs.expert.argsort(stable=True)  # pairs grouped by expert
     experts_sorted = pairs.expert[order]  # [P]
@@ -155,6 +166,19 @@ def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWei
         outputs.append(swiglu(x_sorted[start:end], *weights.expert(expert)))
         start = end
     return torch.cat(outputs)
+
+
+def _routed_kernel(
+    hidden: torch.Tensor, pairs: RoutedPairs, counts: torch.Tensor, stacked: StackedExperts
+) -> torch.Tensor:
+    """The pairs grouped by expert through the C kernel: [N, H] in hidden's dtype (accumulated in fp32)."""
+    active = torch.nonzero(counts).flatten()  # [G] ascending: the sorted pairs' group order
+    rows = _rows(stacked, active)  # [G]
+    order = pairs.expert.argsort(stable=True)  # [P]
+    out = cpu_routed.routed_swiglu(
+        hidden, stacked.gate_up, stacked.down, rows, counts[active], pairs.token[order], pairs.weight[order]
+    )
+    return out.to(hidden.dtype)
 
 
 def _all_experts_pays(hidden: torch.Tensor, stacked: StackedExperts, active: int) -> bool:

@@ -1,0 +1,124 @@
+"""The CPU routed-expert kernel (kernels/cpu/routed_swiglu.c, built with the machine's compiler) against a
+float64 per-pair reference: fp32 and bf16 weights, shapes that leave vector and row-block tails, 1-9 tokens per
+expert, experts not routed at all, one and several threads; its argument checks; and the fallback to torch
+when no compiler can build it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_routed
+
+pytestmark = pytest.mark.skipif(cpu_routed.library() is None, reason="no C compiler: no CPU kernel")
+
+
+def _case(h: int, i: int, experts: int, tokens: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(experts, 2 * i, h, generator=g) / h**0.5  # [R, 2I, H]
+    down = torch.randn(experts, h, i, generator=g) / i**0.5  # [R, H, I]
+    x = torch.randn(tokens, h, generator=g)  # [T, H]
+    # a skewed routing: low experts get many tokens, some experts none
+    expert = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]) // 2 * 2  # [T, K]
+    token = torch.arange(tokens).repeat_interleave(k)  # [P]
+    weight = torch.rand(tokens * k, generator=g)  # [P]
+    return x, gate_up, down, token, expert.flatten(), weight
+
+
+def _reference(x, gate_up, down, token, expert, weight):
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    i = down.shape[2]
+    for t, e, w in zip(token.tolist(), expert.tolist(), weight.tolist()):
+        gu = gate_up[e].double() @ x[t].double()
+        out[t] += w * (down[e].double() @ (F.silu(gu[:i]) * gu[i:]))
+    return out
+
+
+def _run(x, gate_up, down, token, expert, weight):
+    order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=gate_up.shape[0])
+    active = torch.nonzero(counts).flatten()
+    return cpu_routed.routed_swiglu(x, gate_up, down, active, counts[active], token[order], weight[order])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "h, i, tokens",
+    [(320, 96, 1), (320, 96, 9), (70, 37, 5), (512, 128, 32), (33, 7, 3)],  # (70, 37), (33, 7): every tail
+)
+def test_kernel_matches_float64_reference(h, i, tokens, threads, monkeypatch):
+    monkeypatch.setattr(cpu_routed, "BYTES_PER_THREAD", 1)  # as many threads as allowed, even for small work
+    torch.set_num_threads(threads)
+    try:
+        x, gate_up, down, token, expert, weight = _case(h, i, 12, tokens, 4, seed=h + tokens)
+        ref = _reference(x, gate_up, down, token, expert, weight)
+        ours = _run(x, gate_up, down, token, expert, weight)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+        # bf16 weights are read as bf16 and computed in fp32: exact against the bf16-rounded weights
+        gb, db = gate_up.bfloat16(), down.bfloat16()
+        ref_bf16 = _reference(x, gb, db, token, expert, weight)
+        torch.testing.assert_close(_run(x, gb, db, token, expert, weight).double(), ref_bf16, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_tokens_routed_to_nothing_stay_zero():
+    x, gate_up, down, token, expert, weight = _case(64, 32, 8, 6, 2, seed=1)
+    keep = token != 3  # token 3 has no pairs
+    out = _run(x, gate_up, down, token[keep], expert[keep], weight[keep])
+    assert out[3].abs().max() == 0 and out[2].abs().max() > 0
+
+
+def test_bad_arguments_are_refused_before_the_c_code_runs():
+    x, gate_up, down, token, expert, weight = _case(64, 32, 8, 6, 2, seed=2)
+    order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=8)
+    active = torch.nonzero(counts).flatten()
+    args = (x, gate_up, down, active, counts[active])
+    with pytest.raises(ValueError, match="token is outside 0..5"):
+        cpu_routed.routed_swiglu(*args, token[order] + 1, weight[order])
+    with pytest.raises(ValueError, match="stack row is outside 0..7"):
+        cpu_routed.routed_swiglu(x, gate_up, down, active + 8, counts[active], token[order], weight[order])
+    with pytest.raises(ValueError, match="groups and pairs disagree"):
+        cpu_routed.routed_swiglu(*args, token[order][:-1], weight[order][:-1])
+    with pytest.raises(ValueError, match="expert stacks"):
+        cpu_routed.routed_swiglu(x, gate_up, down.half(), active, counts[active], token[order], weight[order])
+
+
+def test_without_a_compiler_experts_run_through_torch(tmp_path):
+    """A machine without a C compiler (CC names a missing one) or with the kernel turned off: nothing is built,
+    the reason is logged, and an engine's routed experts give the same numbers through torch."""
+    script = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from kernels import cpu_routed
+from services.expert.grouped import StackedExperts
+assert cpu_routed.library() is None
+s = StackedExperts.build(torch.arange(2), torch.randn(2, 8, 16), torch.randn(2, 16, 4))
+print("packed" if s.gate_up_all is not None else "plain")
+"""
+    env = dict(os.environ, EXPERTMESH_KERNEL_CACHE=str(tmp_path / "k"))
+    cases = (({"CC": str(tmp_path / "no-such-cc")}, "not built"), ({"EXPERTMESH_CPU_KERNELS": "off"}, "off"))
+    for extra, says in cases:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert says in done.stderr
+        assert done.stdout.strip() in ("packed", "plain")  # the torch paths' stacks (packed where oneDNN is)
+    assert not (tmp_path / "k").exists() or not list((tmp_path / "k").glob("*.so"))
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path):
+    env = dict(os.environ, EXPERTMESH_KERNEL_CACHE=str(tmp_path))
+    script = "from kernels import cpu_routed; assert cpu_routed.library() is not None"
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    built = list(tmp_path.glob("routed_swiglu-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
