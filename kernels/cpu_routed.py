@@ -3,7 +3,8 @@
 Decode routes a few tokens to each of many experts. torch can only run that as one small GEMM chain per expert
 (call overhead and MKL's per-call weight packing) or as every token through every held expert (all the
 products, most of them thrown away). The kernel computes only the routed products, reading each weight row
-once per expert and reusing it for that expert's tokens, with fp32 accumulation; weights fp32 or bf16.
+once per expert and reusing it for that expert's tokens, with fp32 accumulation; weights fp32, bf16, or e4m3
+with their block scales (each weight the exact value a dequantized fp32 copy holds, from a quarter of the bytes).
 
 The kernel is compiled with the machine's C compiler (`$CC`, else `cc`/`gcc`) for this CPU (`-march=native`)
 into a cache directory (`$EXPERTMESH_KERNEL_CACHE`, else `$XDG_CACHE_HOME/expertmesh/kernels`, else
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "routed_swiglu.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-fopenmp")
-DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight dtypes the kernel reads, its codes
 # below this many bytes of weights per thread, one thread (starting one costs more than it saves)
 BYTES_PER_THREAD = 8 << 20
 
@@ -89,20 +91,72 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU expert kernel not built (%s): routed experts run through torch", e)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.em_routed_swiglu.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, p, p, p, p, p, i64, p, p, p, ctypes.c_int]
+    lib.em_routed_swiglu.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64]
+    lib.em_routed_swiglu.argtypes += [p, p, p, p, p, i64, p, p, p, ctypes.c_int]
     lib.em_routed_swiglu.restype = ctypes.c_int
     return lib
 
 
 def handles(weight: torch.Tensor) -> bool:
-    """Whether the kernel can run experts stacked as `weight` (a CPU tensor of a dtype it reads, once built)."""
-    return weight.device.type == "cpu" and weight.dtype in DTYPES and library() is not None
+    """Whether the kernel can run experts stacked as `weight` (a CPU tensor of a kind it reads, once built)."""
+    return weight.device.type == "cpu" and weight.dtype in KINDS and library() is not None
+
+
+@dataclass(frozen=True)
+class KernelWeights:
+    """A layer's held experts as the kernel reads them: gate and up [R, I, H] (each expert's rows contiguous,
+    `stride` elements apart from one expert to the next), down [R, H, I]; e4m3 with their fp32 128x128 block
+    scales [R, ceil(rows/128), ceil(cols/128)] (gate, up, down)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    stride: int
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def dense(cls, gate_up: torch.Tensor, down: torch.Tensor) -> KernelWeights:
+        """From a [R, 2I, H] gate_up stack (gate rows, then up rows) and [R, H, I] down, fp32 or bf16."""
+        r, i2, h = gate_up.shape
+        gate_up, down = gate_up.contiguous(), down.contiguous()
+        return cls(gate_up[:, : i2 // 2], gate_up[:, i2 // 2 :], down, i2 * h)._checked()
+
+    @classmethod
+    def e4m3(cls, gate, gate_scale, up, up_scale, down, down_scale) -> KernelWeights:
+        scales = tuple(s.to(torch.float32).contiguous() for s in (gate_scale, up_scale, down_scale))
+        gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
+        return cls(gate, up, down, gate.shape[1] * gate.shape[2], scales)._checked()
+
+    def _checked(self) -> KernelWeights:
+        r, i, h = self.gate.shape
+        kind = self.gate.dtype
+        if kind not in KINDS or {self.up.dtype, self.down.dtype} != {kind}:
+            raise ValueError(f"expert weights of {kind}, {self.up.dtype}, {self.down.dtype}: the kernel reads {KINDS}")
+        if self.up.shape != (r, i, h) or self.down.shape != (r, h, i):
+            raise ValueError(f"expert stacks {self.gate.shape}, {self.up.shape}, {self.down.shape} disagree")
+        for w in (self.gate, self.up):
+            if w.stride() != (self.stride, h, 1):
+                raise ValueError(f"gate/up strides {w.stride()}: each expert's rows must be contiguous")
+        if (self.scales is not None) != (kind == torch.float8_e4m3fn):
+            raise ValueError("block scales go with e4m3 weights, and only with them")
+        if self.scales is not None:
+            blocks = (-(-i // 128), -(-h // 128))
+            shapes = ((r, *blocks), (r, *blocks), (r, blocks[1], blocks[0]))
+            if tuple(tuple(s.shape) for s in self.scales) != shapes:
+                raise ValueError(f"block scales {[tuple(s.shape) for s in self.scales]} do not fit the weights")
+        return self
+
+    @property
+    def experts(self) -> int:
+        return self.gate.shape[0]
+
+    def nbytes_per_expert(self) -> int:
+        return 3 * self.gate.shape[1] * self.gate.shape[2] * self.gate.element_size()
 
 
 def routed_swiglu(
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    weights: KernelWeights,
     rows: torch.Tensor,
     counts: torch.Tensor,
     token: torch.Tensor,
@@ -110,16 +164,14 @@ def routed_swiglu(
 ) -> torch.Tensor:
     """out [T, H] fp32 = sum over pairs p of weight[p] * down_r(silu(gate_r(x[token[p]])) * up_r(x[token[p]])).
 
-    x [T, H]; gate_up [R, 2I, H] (gate rows, then up rows) and down [R, H, I] in one dtype of DTYPES; the pairs
-    grouped by expert: group g is counts[g] consecutive pairs through stack row rows[g] ([G] each); token [P] and
-    weight [P] per pair."""
+    x [T, H]; the pairs grouped by expert: group g is counts[g] consecutive pairs through stack row rows[g]
+    ([G] each); token [P] and weight [P] per pair."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
-    r, i2, h = gate_up.shape
-    i = i2 // 2
-    if down.shape != (r, h, i) or gate_up.dtype != down.dtype or gate_up.dtype not in DTYPES:
-        raise ValueError(f"expert stacks {tuple(gate_up.shape)} {gate_up.dtype} and {tuple(down.shape)} {down.dtype}")
+    r, i, h = weights.gate.shape
+    if x.dim() != 2 or x.shape[1] != h:
+        raise ValueError(f"activations {tuple(x.shape)} for experts of hidden size {h}")
     pairs = int(token.shape[0])
     if rows.shape != counts.shape or weight.shape != token.shape or int(counts.sum()) != pairs:
         raise ValueError("groups and pairs disagree")
@@ -129,19 +181,22 @@ def routed_swiglu(
     if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < r:
         raise ValueError(f"a group's stack row is outside 0..{r - 1}")
     x = x.to(torch.float32).contiguous()
-    gate_up, down = gate_up.contiguous(), down.contiguous()
     rows, counts, token = (t.to(torch.int64).contiguous() for t in (rows, counts, token))
     weight = weight.to(torch.float32).contiguous()
     start = torch.cumsum(counts, 0) - counts  # [G]
-    gu = torch.empty(pairs, i2)  # [P, 2I] scratch
+    gu = torch.empty(pairs, 2 * i)  # [P, 2I] scratch
     act = torch.empty(pairs, i)  # [P, I] scratch
     out = torch.zeros(x.shape[0], h)  # [T, H]
-    threads = max(1, min(torch.get_num_threads(), len(rows) * 3 * h * i * gate_up.element_size() // BYTES_PER_THREAD))
-    lib.em_routed_swiglu(
+    threads = max(1, min(torch.get_num_threads(), len(rows) * weights.nbytes_per_expert() // BYTES_PER_THREAD))
+    scales = [s.data_ptr() for s in weights.scales] if weights.scales is not None else [None] * 3
+    done = lib.em_routed_swiglu(
+        KINDS[weights.gate.dtype],
         x.data_ptr(),
-        gate_up.data_ptr(),
-        down.data_ptr(),
-        int(gate_up.dtype == torch.bfloat16),
+        weights.gate.data_ptr(),
+        weights.up.data_ptr(),
+        weights.down.data_ptr(),
+        *scales,
+        weights.stride,
         h,
         i,
         len(rows),
@@ -156,4 +211,6 @@ def routed_swiglu(
         out.data_ptr(),
         threads,
     )
+    if done != 0:
+        raise RuntimeError(f"the CPU expert kernel failed ({done})")
     return out

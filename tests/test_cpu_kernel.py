@@ -1,7 +1,7 @@
 """The CPU routed-expert kernel (kernels/cpu/routed_swiglu.c, built with the machine's compiler) against a
-float64 per-pair reference: fp32 and bf16 weights, shapes that leave vector and row-block tails, 1-9 tokens per
-expert, experts not routed at all, one and several threads; its argument checks; and the fallback to torch
-when no compiler can build it."""
+float64 per-pair reference: fp32, bf16 and e4m3 (block-scaled) weights, shapes that leave vector, row-block and
+128-block tails, 1-9 tokens per expert, experts not routed at all, one and several threads; its argument checks;
+and the fallback to torch when no compiler can build it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_routed
+from kernels.reference import weight_dequant, weight_quant
 
 pytestmark = pytest.mark.skipif(cpu_routed.library() is None, reason="no C compiler: no CPU kernel")
 
@@ -39,17 +40,25 @@ def _reference(x, gate_up, down, token, expert, weight):
     return out
 
 
-def _run(x, gate_up, down, token, expert, weight):
+def _run(x, gate_up, down, token, expert, weight, kernel_weights=None):
     order = expert.argsort(stable=True)
     counts = torch.bincount(expert, minlength=gate_up.shape[0])
     active = torch.nonzero(counts).flatten()
-    return cpu_routed.routed_swiglu(x, gate_up, down, active, counts[active], token[order], weight[order])
+    kw = kernel_weights or cpu_routed.KernelWeights.dense(gate_up, down)
+    return cpu_routed.routed_swiglu(x, kw, active, counts[active], token[order], weight[order])
+
+
+def _quantized(w):
+    """[R, N, K] -> e4m3 [R, N, K], scales [R, ceil(N/128), ceil(K/128)], dequantized fp32 [R, N, K]."""
+    parts = [weight_quant(w[e]) for e in range(w.shape[0])]
+    q, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return q, s, torch.stack([weight_dequant(q[e], s[e]) for e in range(w.shape[0])])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "h, i, tokens",
-    [(320, 96, 1), (320, 96, 9), (70, 37, 5), (512, 128, 32), (33, 7, 3)],  # (70, 37), (33, 7): every tail
+    [(320, 96, 1), (320, 96, 9), (70, 37, 5), (512, 128, 32), (33, 7, 3), (300, 150, 6)],  # every tail
 )
 def test_kernel_matches_float64_reference(h, i, tokens, threads, monkeypatch):
     monkeypatch.setattr(cpu_routed, "BYTES_PER_THREAD", 1)  # as many threads as allowed, even for small work
@@ -64,6 +73,15 @@ def test_kernel_matches_float64_reference(h, i, tokens, threads, monkeypatch):
         gb, db = gate_up.bfloat16(), down.bfloat16()
         ref_bf16 = _reference(x, gb, db, token, expert, weight)
         torch.testing.assert_close(_run(x, gb, db, token, expert, weight).double(), ref_bf16, rtol=1e-5, atol=1e-5)
+        # e4m3 with block scales: each weight is the dequantized fp32 value, so the output equals the fp32 kernel's
+        # on the dequantized copy bit for bit
+        i = down.shape[2]
+        (gq, gs, g32), (uq, us, u32), (dq, ds, d32) = map(_quantized, (gate_up[:, :i], gate_up[:, i:], down))
+        e4m3 = cpu_routed.KernelWeights.e4m3(gq, gs, uq, us, dq, ds)
+        dense = _run(x, torch.cat([g32, u32], 1), d32, token, expert, weight)
+        assert torch.equal(_run(x, gate_up, down, token, expert, weight, e4m3), dense)
+        ref_e4m3 = _reference(x, torch.cat([g32, u32], 1), d32, token, expert, weight)
+        torch.testing.assert_close(dense.double(), ref_e4m3, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(2)
 
@@ -80,15 +98,25 @@ def test_bad_arguments_are_refused_before_the_c_code_runs():
     order = expert.argsort(stable=True)
     counts = torch.bincount(expert, minlength=8)
     active = torch.nonzero(counts).flatten()
-    args = (x, gate_up, down, active, counts[active])
+    kw = cpu_routed.KernelWeights.dense(gate_up, down)
+    args = (x, kw, active, counts[active])
     with pytest.raises(ValueError, match="token is outside 0..5"):
         cpu_routed.routed_swiglu(*args, token[order] + 1, weight[order])
     with pytest.raises(ValueError, match="stack row is outside 0..7"):
-        cpu_routed.routed_swiglu(x, gate_up, down, active + 8, counts[active], token[order], weight[order])
+        cpu_routed.routed_swiglu(x, kw, active + 8, counts[active], token[order], weight[order])
     with pytest.raises(ValueError, match="groups and pairs disagree"):
         cpu_routed.routed_swiglu(*args, token[order][:-1], weight[order][:-1])
-    with pytest.raises(ValueError, match="expert stacks"):
-        cpu_routed.routed_swiglu(x, gate_up, down.half(), active, counts[active], token[order], weight[order])
+    with pytest.raises(ValueError, match="activations"):
+        cpu_routed.routed_swiglu(x[:, :-1], kw, active, counts[active], token[order], weight[order])
+    with pytest.raises(ValueError, match="the kernel reads"):
+        cpu_routed.KernelWeights.dense(gate_up, down.half())
+    with pytest.raises(ValueError, match="disagree"):
+        cpu_routed.KernelWeights.dense(gate_up, down[:, :, :-1])
+    q = gate_up[:, :32].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="block scales"):
+        cpu_routed.KernelWeights.e4m3(
+            q, torch.ones(8, 1, 2), q, torch.ones(8, 1, 1), down.to(q.dtype), torch.ones(8, 1, 1)
+        )
 
 
 def test_without_a_compiler_experts_run_through_torch(tmp_path):
@@ -98,6 +126,7 @@ def test_without_a_compiler_experts_run_through_torch(tmp_path):
 import logging, torch
 logging.basicConfig(level=logging.INFO)
 from kernels import cpu_routed
+from kernels.reference import weight_dequant, weight_quant
 from services.expert.grouped import StackedExperts
 assert cpu_routed.library() is None
 s = StackedExperts.build(torch.arange(2), torch.randn(2, 8, 16), torch.randn(2, 16, 4))

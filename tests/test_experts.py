@@ -153,3 +153,28 @@ def test_compute_dtype_per_dispatch_format():
     assert compute_dtype(torch.float32) == torch.float32  # fp32 dispatch is exact
     assert compute_dtype(torch.float8_e4m3fn) == compute_dtype(torch.bfloat16) == reduced_compute_dtype()
     assert reduced_compute_dtype("cuda") == torch.bfloat16
+
+
+def test_a_store_without_dense_copies_runs_its_e4m3_bytes_through_the_kernel(tiny_fp8, store, monkeypatch):
+    """A CPU store that keeps only the FP8 weights (cache_dense=False) computes decode batches from the e4m3 bytes
+    in the C kernel: the same numbers, bit for bit, as the kernel over the dense fp32 stack."""
+    import services.expert.grouped as grouped
+
+    if cpu_routed.library() is None:
+        pytest.skip("no C compiler: no CPU kernel")
+    fp8_store = ExpertStore(CheckpointReader(tiny_fp8), cache_dense=False)
+    for e in range(fp8_store.cfg.n_routed_experts):
+        fp8_store.load(1, e)
+    taken = []
+    real = grouped._routed_kernel
+    monkeypatch.setattr(grouped, "_routed_kernel", lambda *a: taken.append(a[3].gate.dtype) or real(*a))
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(6, fp8_store.cfg.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(6)])
+    w = torch.rand(6, 4, generator=g)
+    ours = grouped_expert_forward(hidden, idx, w, LayerWeights(fp8_store, 1), 16)
+    dense = grouped_expert_forward(hidden, idx, w, _Source(store, 1, True), 16)
+    store._stacks.clear()
+    assert taken == [torch.float8_e4m3fn, torch.float32]
+    assert torch.equal(ours, dense)
+    assert not fp8_store._stacks and not fp8_store._dense  # no dense copy was made

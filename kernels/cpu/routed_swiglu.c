@@ -1,19 +1,25 @@
 /* Routed-expert SwiGLU on the CPU over (token, expert) pairs grouped by expert: only the routed products,
- * each weight row read once per group, no per-expert call overhead. Called through ctypes by
+ * each weight row read once per group of 4 tokens, no per-expert call overhead. Called through ctypes by
  * kernels/cpu_routed.py (which builds this file with the machine's C compiler).
  *
- * x [T, H] fp32; weights of a layer's stack, fp32 or bf16 (raw 16-bit words):
- *   gate_up [R, 2I, H] (gate rows, then up rows), down [R, H, I];
- * groups g = 0..G-1: pairs start[g] .. start[g] + count[g] - 1 go through stack row row[g];
- * pair p: token[p], routing weight pw[p]. out [T, H] fp32 (zeroed by the caller) += sum over the token's pairs
- * of pw * down(silu(gate(x)) * up(x)). Scratch: gu [P, 2I], h [P, I].
- * Work is split over weight rows (the output columns), so threads never write the same element: phase 1 the
- * 2I gate/up rows, phase 2 the H down rows. Each dot product accumulates in fp32.
+ * x [T, H] fp32. A layer's stacked expert weights, of one kind:
+ *   EM_F32, EM_BF16 (raw 16-bit words): gate [R, I, H] and up [R, I, H], `stride` elements from one expert's
+ *     rows to the next's (I * H, or 2 * I * H for the two halves of one [R, 2I, H] gate_up stack), down [R, H, I];
+ *   EM_E4M3 (raw bytes) with fp32 128x128 block scales gate_s, up_s [R, ceil(I/128), ceil(H/128)], down_s
+ *     [R, ceil(H/128), ceil(I/128)]: each weight is e4m3 * scale rounded to fp32 once, the very value a
+ *     dequantized fp32 copy holds, computed as it is read (a quarter of the bytes of fp32).
+ * Groups g = 0..G-1: pairs start[g] .. start[g] + count[g] - 1 go through stack row row[g]; pair p: token[p],
+ * routing weight pw[p]. out [T, H] fp32 (zeroed by the caller) += sum over the token's pairs of
+ * pw * down(silu(gate(x)) * up(x)). Scratch: gu [P, 2I], h [P, I].
+ * Work is split over weight rows (output columns), so threads never write the same element: phase 1 the 2I
+ * gate/up rows, phase 2 the H down rows. Dot products accumulate in fp32.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+enum { EM_F32 = 0, EM_BF16 = 1, EM_E4M3 = 2 };
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -21,6 +27,15 @@
 #define VW 8
 #endif
 typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint8_t vb __attribute__((vector_size(VW)));
+
+static inline vf as_vf(vu u) {
+  vf f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 static inline vf load_f32(const float *p) {
   vf v;
@@ -28,16 +43,44 @@ static inline vf load_f32(const float *p) {
   return v;
 }
 
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-
 static inline vf load_bf16(const uint16_t *p) { /* bf16 is the top half of an fp32 */
   vh w;
   memcpy(&w, p, sizeof w);
-  vu u = __builtin_convertvector(w, vu) << 16;
-  vf v;
-  memcpy(&v, &u, sizeof v);
-  return v;
+  return as_vf(__builtin_convertvector(w, vu) << 16);
+}
+
+/* e4m3 (bias 7, no infinities) exactly: its exponent and mantissa bits placed in an fp32's (bias 127), scaled
+ * by 2^120 (exact, subnormals included), then the sign */
+static inline vf load_e4m3(const uint8_t *p) {
+  vb b;
+  memcpy(&b, p, sizeof b);
+  const vu u = __builtin_convertvector(b, vu);
+  vu mag;
+  const vf f = as_vf((u & 0x7F) << 20) * 0x1p120f;
+  memcpy(&mag, &f, sizeof mag);
+  return as_vf(mag | (u & 0x80) << 24);
+}
+
+static inline float scalar_w(int kind, const void *w, const float *sc, int64_t k) {
+  uint32_t u;
+  float f;
+  switch (kind) {
+    case EM_BF16:
+      u = (uint32_t)((const uint16_t *)w)[k] << 16;
+      memcpy(&f, &u, 4);
+      return f;
+    case EM_E4M3:
+      u = ((const uint8_t *)w)[k];
+      uint32_t mag = (u & 0x7F) << 20;
+      memcpy(&f, &mag, 4);
+      f *= 0x1p120f;
+      memcpy(&mag, &f, 4);
+      mag |= (u & 0x80) << 24;
+      memcpy(&f, &mag, 4);
+      return f * sc[k >> 7];
+    default:
+      return ((const float *)w)[k];
+  }
 }
 
 static inline float hsum(vf v) {
@@ -46,117 +89,119 @@ static inline float hsum(vf v) {
   return s;
 }
 
-static inline float scalar_w(const void *w, int bf16, int64_t k) {
-  if (bf16) {
-    uint32_t u = (uint32_t)((const uint16_t *)w)[k] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-  }
-  return ((const float *)w)[k];
-}
+/* Up to 4 weight rows of one kind: their starts, and for e4m3 their rows of block scales. */
+typedef struct {
+  const void *w[4];
+  const float *sc[4];
+} rows_t;
 
-/* res[r * 4 + q] = dot(weight row r, vector q), for nr (<= 4) consecutive rows of length n and nq (<= 4)
- * vectors. Rows of 16-bit words when bf16. */
-static void dots(const void *w, int bf16, int64_t n, int nr, const float *const *v, int nq, float *res) {
-  vf acc[4][4];
-  memset(acc, 0, sizeof acc);
-  int64_t k = 0;
-  for (; k + VW <= n; k += VW) {
-    vf wr[4], xv[4];
-    for (int r = 0; r < nr; r++)
-      wr[r] = bf16 ? load_bf16((const uint16_t *)w + r * n + k) : load_f32((const float *)w + r * n + k);
-    for (int q = 0; q < nq; q++) xv[q] = load_f32(v[q] + k);
-    for (int r = 0; r < nr; r++)
-      for (int q = 0; q < nq; q++) acc[r][q] += wr[r] * xv[q];
-  }
-  for (int r = 0; r < nr; r++) {
-    const void *row = bf16 ? (const void *)((const uint16_t *)w + r * n) : (const void *)((const float *)w + r * n);
-    for (int q = 0; q < nq; q++) {
-      float s = hsum(acc[r][q]);
-      for (int64_t j = k; j < n; j++) s += scalar_w(row, bf16, j) * v[q][j];
-      res[r * 4 + q] = s;
-    }
-  }
-}
+#define LOAD_F32(p, k, sc) load_f32((const float *)(p) + (k))
+#define LOAD_BF16(p, k, sc) load_bf16((const uint16_t *)(p) + (k))
+#define LOAD_E4M3(p, k, sc) (load_e4m3((const uint8_t *)(p) + (k)) * (sc)[(k) >> 7])
 
-/* The same specialised for NR rows, NQ vectors and the weight type (the hot loop: acc stays in registers). */
-#define DOTS(NAME, WT, LOAD, NR, NQ)                                                                        \
-  static void NAME(const void *w_, int64_t n, const float *const *v, float *res) {                          \
-    const WT *w = (const WT *)w_;                                                                           \
-    vf acc[NR][NQ];                                                                                         \
-    for (int r = 0; r < NR; r++)                                                                            \
-      for (int q = 0; q < NQ; q++) acc[r][q] = (vf){0};                                                     \
-    int64_t k = 0;                                                                                          \
-    for (; k + VW <= n; k += VW) {                                                                          \
-      vf wr[NR];                                                                                            \
-      for (int r = 0; r < NR; r++) wr[r] = LOAD(w + r * n + k);                                             \
-      for (int q = 0; q < NQ; q++) {                                                                        \
-        const vf xq = load_f32(v[q] + k);                                                                   \
-        for (int r = 0; r < NR; r++) acc[r][q] += wr[r] * xq;                                               \
-      }                                                                                                     \
-    }                                                                                                       \
-    for (int r = 0; r < NR; r++)                                                                            \
-      for (int q = 0; q < NQ; q++) {                                                                        \
-        float s = hsum(acc[r][q]);                                                                          \
-        for (int64_t j = k; j < n; j++) s += scalar_w(w + r * n, sizeof(WT) == 2, j) * v[q][j];             \
-        res[r * 4 + q] = s;                                                                                 \
-      }                                                                                                     \
+/* res[r * 4 + q] = dot(row r, vector q) over n values, for NR rows and NQ vectors (acc stays in registers) */
+#define DOTS(NAME, KIND, LOAD, NR, NQ)                                                           \
+  static void NAME(const rows_t *rw, int64_t n, const float *const *v, float *res) {             \
+    vf acc[NR][NQ];                                                                              \
+    for (int r = 0; r < NR; r++)                                                                 \
+      for (int q = 0; q < NQ; q++) acc[r][q] = (vf){0};                                          \
+    int64_t k = 0;                                                                               \
+    for (; k + VW <= n; k += VW) {                                                               \
+      vf wr[NR];                                                                                 \
+      for (int r = 0; r < NR; r++) wr[r] = LOAD(rw->w[r], k, rw->sc[r]);                         \
+      for (int q = 0; q < NQ; q++) {                                                             \
+        const vf xq = load_f32(v[q] + k);                                                        \
+        for (int r = 0; r < NR; r++) acc[r][q] += wr[r] * xq;                                    \
+      }                                                                                          \
+    }                                                                                            \
+    for (int r = 0; r < NR; r++)                                                                 \
+      for (int q = 0; q < NQ; q++) {                                                             \
+        float s = hsum(acc[r][q]);                                                               \
+        for (int64_t j = k; j < n; j++) s = fmaf(scalar_w(KIND, rw->w[r], rw->sc[r], j), v[q][j], s); \
+        res[r * 4 + q] = s;                                                                      \
+      }                                                                                          \
   }
-/* rows per block: fp32 rows one at a time (blocks of 2 and 4 rows measured slower), bf16 rows in fours (their
- * conversion shared by the vectors) */
-#define F32_ROWS 1
-#define BF16_ROWS 4
-DOTS(f32_1, float, load_f32, F32_ROWS, 1)
-DOTS(f32_2, float, load_f32, F32_ROWS, 2)
-DOTS(f32_3, float, load_f32, F32_ROWS, 3)
-DOTS(f32_4, float, load_f32, F32_ROWS, 4)
-DOTS(bf16_1, uint16_t, load_bf16, BF16_ROWS, 1)
-DOTS(bf16_2, uint16_t, load_bf16, BF16_ROWS, 2)
-DOTS(bf16_3, uint16_t, load_bf16, BF16_ROWS, 3)
-DOTS(bf16_4, uint16_t, load_bf16, BF16_ROWS, 4)
 
-typedef void (*dots_fn)(const void *, int64_t, const float *const *, float *);
-static const dots_fn DOTS_F32[5] = {0, f32_1, f32_2, f32_3, f32_4};
-static const dots_fn DOTS_BF16[5] = {0, bf16_1, bf16_2, bf16_3, bf16_4};
+/* rows per block by kind: fp32 one at a time (blocks of 2 and 4 measured slower), the converted kinds in fours */
+#define DOTS_KIND(KIND, LOAD, NR)        \
+  DOTS(KIND##_1, KIND, LOAD, NR, 1)      \
+  DOTS(KIND##_2, KIND, LOAD, NR, 2)      \
+  DOTS(KIND##_3, KIND, LOAD, NR, 3)      \
+  DOTS(KIND##_4, KIND, LOAD, NR, 4)      \
+  DOTS(KIND##_tail, KIND, LOAD, 1, 1)
+DOTS_KIND(EM_F32, LOAD_F32, 1)
+DOTS_KIND(EM_BF16, LOAD_BF16, 4)
+DOTS_KIND(EM_E4M3, LOAD_E4M3, 4)
 
-/* nr (<= 4) rows from w, in blocks of the type's row count (the kernel's) or one at a time for a tail */
-static void block_dots(const void *w, int bf16, int64_t n, int nr, const float *const *v, int nq, float *res) {
-  const int rows = bf16 ? BF16_ROWS : F32_ROWS;
-  const size_t esz = bf16 ? 2 : 4;
+typedef void (*dots_fn)(const rows_t *, int64_t, const float *const *, float *);
+static const int ROWS[3] = {1, 4, 4};
+static const dots_fn BLOCK[3][5] = {
+    {0, EM_F32_1, EM_F32_2, EM_F32_3, EM_F32_4},
+    {0, EM_BF16_1, EM_BF16_2, EM_BF16_3, EM_BF16_4},
+    {0, EM_E4M3_1, EM_E4M3_2, EM_E4M3_3, EM_E4M3_4},
+};
+static const dots_fn TAIL[3] = {EM_F32_tail, EM_BF16_tail, EM_E4M3_tail};
+
+/* nr (<= 4) rows against nq (<= 4) vectors: in blocks of the kind's row count, then row by row */
+static void block_dots(int kind, const rows_t *rw, int nr, int64_t n, const float *const *v, int nq, float *res) {
   int r = 0;
-  for (; r + rows <= nr; r += rows)
-    (bf16 ? DOTS_BF16 : DOTS_F32)[nq]((const char *)w + r * n * esz, n, v, res + r * 4);
-  if (r < nr) dots((const char *)w + r * n * esz, bf16, n, nr - r, v, nq, res + r * 4);
+  if (nr == 4 || ROWS[kind] == 1)
+    for (; r + ROWS[kind] <= nr; r += ROWS[kind]) {
+      rows_t part = *rw;
+      for (int a = 0; a < ROWS[kind]; a++) part.w[a] = rw->w[r + a], part.sc[a] = rw->sc[r + a];
+      BLOCK[kind][nq](&part, n, v, res + r * 4);
+    }
+  for (; r < nr; r++)
+    for (int q = 0; q < nq; q++) {
+      rows_t one = {{rw->w[r]}, {rw->sc[r]}};
+      TAIL[kind](&one, n, v + q, res + r * 4 + q);
+    }
 }
 
 typedef struct {
+  int kind;
   const float *x;
-  const void *gate_up, *down;
-  int bf16;
-  int64_t h, i, groups;
+  const void *gate, *up, *down;
+  const float *gate_s, *up_s, *down_s;
+  int64_t stride, h, i, groups;
   const int64_t *start, *count, *row, *token;
   float *gu, *hbuf, *out;
   int phase;       /* 0: gate/up rows into gu; 1: down rows into out */
-  int64_t r0, r1;  /* this thread's weight rows */
+  int64_t r0, r1;  /* this part's weight rows */
 } job_t;
+
+static size_t elem_size(int kind) { return kind == EM_F32 ? 4 : kind == EM_BF16 ? 2 : 1; }
+
+/* weight row r of stack row e: phase 0 rows [0, I) gate, [I, 2I) up, each [H]; phase 1 down rows [I] */
+static void row_of(const job_t *j, int64_t e, int64_t r, const void **w, const float **sc) {
+  const size_t es = elem_size(j->kind);
+  const int64_t h = j->h, i = j->i, hb = (h + 127) / 128, ib = (i + 127) / 128;
+  if (j->phase == 0) {
+    const int up = r >= i;
+    const int64_t rr = up ? r - i : r;
+    *w = (const char *)(up ? j->up : j->gate) + ((size_t)e * j->stride + rr * h) * es;
+    if (j->kind == EM_E4M3) *sc = (up ? j->up_s : j->gate_s) + ((size_t)e * ib + rr / 128) * hb;
+  } else {
+    *w = (const char *)j->down + ((size_t)e * h + r) * i * es;
+    if (j->kind == EM_E4M3) *sc = j->down_s + ((size_t)e * hb + r / 128) * ib;
+  }
+}
 
 static void *run(void *arg) {
   const job_t *j = (const job_t *)arg;
   const int64_t h = j->h, i2 = 2 * j->i, n = j->phase == 0 ? h : j->i;
-  const size_t esz = j->bf16 ? 2 : 4;
   const float *v[4];
   float res[16];
   for (int64_t g = 0; g < j->groups; g++) {
-    const int64_t s = j->start[g], c = j->count[g], stack_row = j->row[g];
+    const int64_t s = j->start[g], c = j->count[g], e = j->row[g];
     for (int64_t p0 = s; p0 < s + c; p0 += 4) {
       const int nq = (int)(s + c - p0 < 4 ? s + c - p0 : 4);
       for (int q = 0; q < nq; q++) v[q] = j->phase == 0 ? j->x + j->token[p0 + q] * h : j->hbuf + (p0 + q) * j->i;
       for (int64_t r = j->r0; r < j->r1; r += 4) {
         const int nr = (int)(j->r1 - r < 4 ? j->r1 - r : 4);
-        const char *w = j->phase == 0 ? (const char *)j->gate_up + ((size_t)stack_row * i2 + r) * h * esz
-                                      : (const char *)j->down + ((size_t)stack_row * h + r) * j->i * esz;
-        block_dots(w, j->bf16, n, nr, v, nq, res);
+        rows_t rw = {{0}, {0}};
+        for (int a = 0; a < nr; a++) row_of(j, e, r + a, &rw.w[a], &rw.sc[a]);
+        block_dots(j->kind, &rw, nr, n, v, nq, res);
         for (int a = 0; a < nr; a++)
           for (int q = 0; q < nq; q++) {
             if (j->phase == 0)
@@ -211,11 +256,14 @@ static void parallel(const job_t *base, int64_t rows, int threads) {
 }
 #endif
 
-int em_routed_swiglu(const float *x, const void *gate_up, const void *down, int bf16, int64_t h, int64_t i,
+int em_routed_swiglu(int kind, const float *x, const void *gate, const void *up, const void *down,
+                     const float *gate_s, const float *up_s, const float *down_s, int64_t stride, int64_t h, int64_t i,
                      int64_t groups, const int64_t *start, const int64_t *count, const int64_t *row,
                      const int64_t *token, const float *pair_weight, int64_t pairs, float *gu, float *hbuf,
                      float *out, int threads) {
-  job_t j = {x, gate_up, down, bf16, h, i, groups, start, count, row, token, gu, hbuf, out, 0, 0, 0};
+  if (kind < EM_F32 || kind > EM_E4M3) return -1;
+  job_t j = {kind, x, gate, up, down, gate_s, up_s, down_s, stride, h, i, groups, start, count, row, token,
+             gu, hbuf, out, 0, 0, 0};
   parallel(&j, 2 * i, threads);
   for (int64_t p = 0; p < pairs; p++) {
     const float *g = gu + p * 2 * i, *u = g + i;

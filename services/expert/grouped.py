@@ -59,11 +59,14 @@ class StackedExperts:
     down: torch.Tensor  # [R, H, I]
     gate_up_all: Linear | None = None  # [R * 2I, H] packed, rows expert-major (CPU with oneDNN only)
     down_all: Linear | None = None  # [H, R * I] packed, columns expert-major
+    kernel: cpu_routed.KernelWeights | None = None  # the plain stacks as the CPU kernel reads them
 
     @classmethod
     def build(cls, row_of_expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> StackedExperts:
         """The packed copies only where the C kernel cannot run these experts (it reads the plain stacks)."""
-        if gate_up.device.type != "cpu" or not packing_available() or cpu_routed.handles(gate_up):
+        if cpu_routed.handles(gate_up):
+            return cls(row_of_expert, gate_up, down, kernel=cpu_routed.KernelWeights.dense(gate_up, down))
+        if gate_up.device.type != "cpu" or not packing_available():
             return cls(row_of_expert, gate_up, down)
         r, h, i = down.shape
         return cls(
@@ -86,6 +89,12 @@ class Fp8Experts:
     up_scale: torch.Tensor
     down: torch.Tensor  # [R, H, I] e4m3
     down_scale: torch.Tensor  # [R, ceil(H/128), ceil(I/128)] fp32
+
+    def kernel(self) -> cpu_routed.KernelWeights:
+        """The e4m3 stacks as the CPU kernel reads them (views, no copy)."""
+        return cpu_routed.KernelWeights.e4m3(
+            self.gate, self.gate_scale, self.up, self.up_scale, self.down, self.down_scale
+        )
 
     def mlp(self, x_sorted: torch.Tensor, counts: list[int], rows: list[int]) -> torch.Tensor:
         """x_sorted [P, H] sorted by expert (counts[g] rows through stack row rows[g]) -> [P, H] fp32."""
@@ -114,6 +123,10 @@ class ExpertWeightsSource(Protocol):
         """The FP8 stack, when this source computes its experts as FP8 GEMMs."""
         ...
 
+    def fp8_only(self) -> Fp8Experts | None:
+        """The FP8 stack of a CPU source that keeps no dense copies (for the CPU kernel, which reads e4m3)."""
+        ...
+
 
 def grouped_expert_forward(
     hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, weights: ExpertWeightsSource, num_experts: int
@@ -135,9 +148,13 @@ def grouped_pairs_forward(
     counts = torch.bincount(pairs.expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
-    kernel = stacked is not None and hidden.device.type == "cpu" and cpu_routed.handles(stacked.gate_up)
-    if kernel and len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active:
-        return _routed_kernel(hidden, pairs, counts, stacked)
+    kernel = stacked is not None and stacked.kernel is not None and hidden.device.type == "cpu"
+    decode_sized = len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active
+    if kernel and decode_sized:
+        return _routed_kernel(hidden, pairs, counts, stacked.kernel, stacked.row_of_expert)
+    fp8_only = weights.fp8_only() if stacked is None and hasattr(weights, "fp8_only") else None
+    if fp8_only is not None and decode_sized and hidden.device.type == "cpu" and cpu_routed.handles(fp8_only.gate):
+        return _routed_kernel(hidden, pairs, counts, fp8_only.kernel(), fp8_only.row_of_expert)
     packed = stacked is not None and stacked.gate_up_all is not None
     if packed and _all_experts_pays(hidden, stacked, active):
         return _all_experts(hidden, pairs, stacked)
@@ -169,15 +186,17 @@ def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWei
 
 
 def _routed_kernel(
-    hidden: torch.Tensor, pairs: RoutedPairs, counts: torch.Tensor, stacked: StackedExperts
+    hidden: torch.Tensor,
+    pairs: RoutedPairs,
+    counts: torch.Tensor,
+    weights: cpu_routed.KernelWeights,
+    row_of_expert: torch.Tensor,
 ) -> torch.Tensor:
     """The pairs grouped by expert through the C kernel: [N, H] in hidden's dtype (accumulated in fp32)."""
     active = torch.nonzero(counts).flatten()  # [G] ascending: the sorted pairs' group order
-    rows = _rows(stacked, active)  # [G]
+    rows = _rows(row_of_expert, active)  # [G]
     order = pairs.expert.argsort(stable=True)  # [P]
-    out = cpu_routed.routed_swiglu(
-        hidden, stacked.gate_up, stacked.down, rows, counts[active], pairs.token[order], pairs.weight[order]
-    )
+    out = cpu_routed.routed_swiglu(hidden, weights, rows, counts[active], pairs.token[order], pairs.weight[order])
     return out.to(hidden.dtype)
 
 
@@ -192,8 +211,8 @@ def _all_experts_pays(hidden: torch.Tensor, stacked: StackedExperts, active: int
     return all_experts < per_expert
 
 
-def _rows(stacked: StackedExperts, experts: torch.Tensor) -> torch.Tensor:
-    rows = stacked.row_of_expert[experts]  # [P]
+def _rows(row_of_expert: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    rows = row_of_expert[experts]  # [P]
     if bool((rows < 0).any()):
         raise ExpertNotHeldError(f"expert {int(experts[rows < 0][0])} is not held here")
     return rows
@@ -203,7 +222,7 @@ def _all_experts(hidden: torch.Tensor, pairs: RoutedPairs, stacked: StackedExper
     """Every token through every held expert, weighted by its routing weight (0 where not routed): [T, H]."""
     t = hidden.shape[0]
     r, _, i = stacked.down.shape
-    rows = _rows(stacked, pairs.expert)  # [P]
+    rows = _rows(stacked.row_of_expert, pairs.expert)  # [P]
     weight = hidden.new_zeros(t, r).index_put_((pairs.token, rows), pairs.weight.to(hidden.dtype), accumulate=True)
     gate, up = stacked.gate_up_all(hidden).view(t, r, 2, i).unbind(2)  # [T, R, I] each
     act = F.silu(gate) * up * weight[:, :, None]  # [T, R, I]
@@ -213,7 +232,7 @@ def _all_experts(hidden: torch.Tensor, pairs: RoutedPairs, stacked: StackedExper
 def _batched(
     x_sorted: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, cap: int, stacked: StackedExperts
 ) -> torch.Tensor:
-    rows = _rows(stacked, experts_sorted)  # [P]
+    rows = _rows(stacked.row_of_expert, experts_sorted)  # [P]
     starts = torch.cumsum(counts, 0) - counts  # [E]
     pos = torch.arange(x_sorted.shape[0]) - starts[experts_sorted]  # [P] position within its group
     r, h = stacked.gate_up.shape[0], x_sorted.shape[1]

@@ -201,3 +201,7 @@ class LayerWeights:
 
     def fp8(self) -> Fp8Experts | None:
         return self.store.fp8_stacked(self.layer) if self.store.uses_fp8(self.dtype) else None
+
+    def fp8_only(self) -> Fp8Experts | None:
+        keeps_fp8_only = not self.store.cache_dense and self.store.device.type == "cpu"
+        return self.store.fp8_stacked(self.layer) if keeps_fp8_only else None
