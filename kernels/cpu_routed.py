@@ -91,8 +91,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU expert kernel not built (%s): routed experts run through torch", e)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.em_routed_swiglu.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, i64, i64, i64, i64]
-    lib.em_routed_swiglu.argtypes += [p, p, p, p, p, i64, p, p, p, ctypes.c_int]
+    lib.em_routed_swiglu.argtypes = [ctypes.c_int, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, p]
+    lib.em_routed_swiglu.argtypes.append(ctypes.c_int)
     lib.em_routed_swiglu.restype = ctypes.c_int
     return lib
 
@@ -155,43 +155,33 @@ class KernelWeights:
 
 
 def routed_swiglu(
-    x: torch.Tensor,
-    weights: KernelWeights,
-    rows: torch.Tensor,
-    counts: torch.Tensor,
-    token: torch.Tensor,
-    weight: torch.Tensor,
+    x: torch.Tensor, weights: KernelWeights, token: torch.Tensor, row: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """out [T, H] fp32 = sum over pairs p of weight[p] * down_r(silu(gate_r(x[token[p]])) * up_r(x[token[p]])).
-
-    x [T, H]; the pairs grouped by expert: group g is counts[g] consecutive pairs through stack row rows[g]
-    ([G] each); token [P] and weight [P] per pair."""
+    """out [T, H] fp32 = sum over pairs p of weight[p] * down_r(silu(gate_r(x[token[p]])) * up_r(x[token[p]])),
+    r = row[p] (the expert's row in the stacks). x [T, H]; token, row, weight [P], in any order (the kernel groups
+    the pairs by row, after checking every index)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
     r, i, h = weights.gate.shape
     if x.dim() != 2 or x.shape[1] != h:
         raise ValueError(f"activations {tuple(x.shape)} for experts of hidden size {h}")
-    pairs = int(token.shape[0])
-    if rows.shape != counts.shape or weight.shape != token.shape or int(counts.sum()) != pairs:
-        raise ValueError("groups and pairs disagree")
-    # the C code indexes with these: out of range would be a write outside the tensors, never an error
-    if pairs and not 0 <= int(token.min()) <= int(token.max()) < x.shape[0]:
-        raise ValueError(f"a pair's token is outside 0..{x.shape[0] - 1}")
-    if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < r:
-        raise ValueError(f"a group's stack row is outside 0..{r - 1}")
+    if not token.shape == row.shape == weight.shape or token.dim() != 1:
+        raise ValueError(
+            f"pairs of {tuple(token.shape)} tokens, {tuple(row.shape)} rows, {tuple(weight.shape)} weights"
+        )
     x = x.to(torch.float32).contiguous()
-    rows, counts, token = (t.to(torch.int64).contiguous() for t in (rows, counts, token))
+    token, row = token.to(torch.int64).contiguous(), row.to(torch.int64).contiguous()
     weight = weight.to(torch.float32).contiguous()
-    start = torch.cumsum(counts, 0) - counts  # [G]
-    gu = torch.empty(pairs, 2 * i)  # [P, 2I] scratch
-    act = torch.empty(pairs, i)  # [P, I] scratch
     out = torch.zeros(x.shape[0], h)  # [T, H]
-    threads = max(1, min(torch.get_num_threads(), len(rows) * weights.nbytes_per_expert() // BYTES_PER_THREAD))
+    # threads by the weight bytes the pairs may touch (at most every held expert)
+    touched = min(len(token), r) * weights.nbytes_per_expert()
+    threads = max(1, min(torch.get_num_threads(), touched // BYTES_PER_THREAD))
     scales = [s.data_ptr() for s in weights.scales] if weights.scales is not None else [None] * 3
-    done = lib.em_routed_swiglu(
+    rc = lib.em_routed_swiglu(
         KINDS[weights.gate.dtype],
         x.data_ptr(),
+        x.shape[0],
         weights.gate.data_ptr(),
         weights.up.data_ptr(),
         weights.down.data_ptr(),
@@ -199,18 +189,20 @@ def routed_swiglu(
         weights.stride,
         h,
         i,
-        len(rows),
-        start.data_ptr(),
-        counts.data_ptr(),
-        rows.data_ptr(),
+        r,
         token.data_ptr(),
+        row.data_ptr(),
         weight.data_ptr(),
-        pairs,
-        gu.data_ptr(),
-        act.data_ptr(),
+        len(token),
         out.data_ptr(),
         threads,
     )
-    if done != 0:
-        raise RuntimeError(f"the CPU expert kernel failed ({done})")
+    if rc == -2:
+        raise ValueError(f"a pair's token is outside 0..{x.shape[0] - 1}")
+    if rc == -3:
+        raise ValueError(f"a pair's stack row is outside 0..{r - 1}")
+    if rc == -4:
+        raise MemoryError(f"the CPU expert kernel could not allocate its scratch for {len(token)} pairs")
+    if rc != 0:
+        raise RuntimeError(f"the CPU expert kernel failed ({rc})")
     return out

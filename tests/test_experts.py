@@ -167,7 +167,7 @@ def test_a_store_without_dense_copies_runs_its_e4m3_bytes_through_the_kernel(tin
         fp8_store.load(1, e)
     taken = []
     real = grouped._routed_kernel
-    monkeypatch.setattr(grouped, "_routed_kernel", lambda *a: taken.append(a[3].gate.dtype) or real(*a))
+    monkeypatch.setattr(grouped, "_routed_kernel", lambda *a: taken.append(a[2].gate.dtype) or real(*a))
     g = torch.Generator().manual_seed(9)
     hidden = torch.randn(6, fp8_store.cfg.hidden_size, generator=g)
     idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(6)])

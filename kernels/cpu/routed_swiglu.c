@@ -8,15 +8,15 @@
  *   EM_E4M3 (raw bytes) with fp32 128x128 block scales gate_s, up_s [R, ceil(I/128), ceil(H/128)], down_s
  *     [R, ceil(H/128), ceil(I/128)]: each weight is e4m3 * scale rounded to fp32 once, the very value a
  *     dequantized fp32 copy holds, computed as it is read (a quarter of the bytes of fp32).
- * Groups g = 0..G-1: pairs start[g] .. start[g] + count[g] - 1 go through stack row row[g]; pair p: token[p],
- * routing weight pw[p]. out [T, H] fp32 (zeroed by the caller) += sum over the token's pairs of
- * pw * down(silu(gate(x)) * up(x)). Scratch: gu [P, 2I], h [P, I].
+ * Pairs p: token[p] through stack row row[p] with routing weight pw[p], in any order (grouped by row here).
+ * out [T, H] fp32 (zeroed by the caller) += sum over the token's pairs of pw * down(silu(gate(x)) * up(x)).
  * Work is split over weight rows (output columns), so threads never write the same element: phase 1 the 2I
  * gate/up rows, phase 2 the H down rows. Dot products accumulate in fp32.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { EM_F32 = 0, EM_BF16 = 1, EM_E4M3 = 2 };
@@ -256,21 +256,66 @@ static void parallel(const job_t *base, int64_t rows, int threads) {
 }
 #endif
 
-int em_routed_swiglu(int kind, const float *x, const void *gate, const void *up, const void *down,
-                     const float *gate_s, const float *up_s, const float *down_s, int64_t stride, int64_t h, int64_t i,
-                     int64_t groups, const int64_t *start, const int64_t *count, const int64_t *row,
-                     const int64_t *token, const float *pair_weight, int64_t pairs, float *gu, float *hbuf,
+/* Error codes (the caller names what was wrong) */
+enum { EM_OK = 0, EM_BAD_KIND = -1, EM_BAD_TOKEN = -2, EM_BAD_ROW = -3, EM_NO_MEMORY = -4 };
+
+/* Scratch of the calling thread, grown as needed and kept (a fresh allocation of this size is a fresh mapping
+ * whose pages fault in on every call). */
+static __thread char *scratch;
+static __thread size_t scratch_size;
+
+static void *scratch_of(size_t bytes) {
+  if (bytes > scratch_size) {
+    char *grown = realloc(scratch, bytes);
+    if (!grown) return 0;
+    scratch = grown, scratch_size = bytes;
+  }
+  return scratch;
+}
+
+/* The pairs in any order: pair p is token[p] through stack row row[p] (of R) with weight pw[p]. They are
+ * grouped by stack row here (a stable counting sort), after checking every index. */
+int em_routed_swiglu(int kind, const float *x, int64_t tokens, const void *gate, const void *up, const void *down,
+                     const float *gate_s, const float *up_s, const float *down_s, int64_t stride, int64_t h,
+                     int64_t i, int64_t r, const int64_t *token, const int64_t *row, const float *pw, int64_t pairs,
                      float *out, int threads) {
-  if (kind < EM_F32 || kind > EM_E4M3) return -1;
-  job_t j = {kind, x, gate, up, down, gate_s, up_s, down_s, stride, h, i, groups, start, count, row, token,
-             gu, hbuf, out, 0, 0, 0};
+  if (kind < EM_F32 || kind > EM_E4M3) return EM_BAD_KIND;
+  for (int64_t p = 0; p < pairs; p++) {
+    if (token[p] < 0 || token[p] >= tokens) return EM_BAD_TOKEN;
+    if (row[p] < 0 || row[p] >= r) return EM_BAD_ROW;
+  }
+  const size_t n_first = (size_t)r + 1, n_groups = 3 * ((size_t)r + 1), n_pairs = (size_t)pairs;
+  const size_t bytes = (n_first + n_groups + n_pairs) * sizeof(int64_t) + (n_pairs * (3 * i + 1)) * sizeof(float);
+  char *mem = scratch_of(bytes);
+  if (!mem) return EM_NO_MEMORY;
+  int64_t *first = (int64_t *)mem;                   /* [R + 1] first sorted pair of each row */
+  int64_t *start = first + n_first;                  /* [G] x 3: start, count, row of each group */
+  int64_t *sorted_token = start + n_groups;          /* [P] */
+  float *sorted_pw = (float *)(sorted_token + n_pairs);  /* [P] */
+  float *gu = sorted_pw + n_pairs;                   /* [P, 2I] */
+  float *hbuf = gu + n_pairs * 2 * i;                /* [P, I] */
+  memset(first, 0, n_first * sizeof *first);
+  for (int64_t p = 0; p < pairs; p++) first[row[p] + 1]++;
+  for (int64_t e = 0; e < r; e++) first[e + 1] += first[e];
+  int64_t *count = start + r + 1, *group_row = count + r + 1, groups = 0;
+  for (int64_t e = 0; e < r; e++)
+    if (first[e + 1] > first[e]) {
+      start[groups] = first[e], count[groups] = first[e + 1] - first[e], group_row[groups] = e;
+      groups++;
+    }
+  for (int64_t p = 0; p < pairs; p++) { /* first[] becomes the next free place of each row */
+    const int64_t at = first[row[p]]++;
+    sorted_token[at] = token[p], sorted_pw[at] = pw[p];
+  }
+  job_t j = {kind, x, gate, up, down, gate_s, up_s, down_s, stride, h, i, groups, start, count, group_row,
+             sorted_token, gu, hbuf, out, 0, 0, 0};
   parallel(&j, 2 * i, threads);
   for (int64_t p = 0; p < pairs; p++) {
     const float *g = gu + p * 2 * i, *u = g + i;
     float *hp = hbuf + p * i;
-    for (int64_t k = 0; k < i; k++) hp[k] = g[k] / (1.f + expf(-g[k])) * u[k] * pair_weight[p];
+    for (int64_t k = 0; k < i; k++) hp[k] = g[k] / (1.f + expf(-g[k])) * u[k] * sorted_pw[p];
   }
   j.phase = 1;
   parallel(&j, h, threads);
-  return 0;
+  return EM_OK;
 }

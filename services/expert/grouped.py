@@ -21,6 +21,7 @@ The weighted outputs are summed back per token with one index_add (the pool's pa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,7 +35,7 @@ from services.math.layers import swiglu
 from services.math.packed_linear import Linear, packing_available
 from services.math.routed_pairs import RoutedPairs
 
-# The C kernel while experts get at most this many rows on average: at more, per-expert GEMMs (MKL) compute
+# The C kernel while active experts get at most this many rows on average: at more, per-expert GEMMs (MKL) compute
 # faster than its dot products (BENCHMARKS.md, "Routed experts as one C kernel")
 KERNEL_MAX_ROWS_PER_EXPERT = 8
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
@@ -90,6 +91,7 @@ class Fp8Experts:
     down: torch.Tensor  # [R, H, I] e4m3
     down_scale: torch.Tensor  # [R, ceil(H/128), ceil(I/128)] fp32
 
+    @functools.cached_property
     def kernel(self) -> cpu_routed.KernelWeights:
         """The e4m3 stacks as the CPU kernel reads them (views, no copy)."""
         return cpu_routed.KernelWeights.e4m3(
@@ -148,18 +150,14 @@ def grouped_pairs_forward(
     counts = torch.bincount(pairs.expert, minlength=num_experts)  # [E]
     stacked = weights.stacked()
     active = int((counts > 0).sum())
-    kernel = stacked is not None and stacked.kernel is not None and hidden.device.type == "cpu"
-    decode_sized = len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active
-    if kernel and decode_sized:
-        return _routed_kernel(hidden, pairs, counts, stacked.kernel, stacked.row_of_expert)
-    fp8_only = weights.fp8_only() if stacked is None and hasattr(weights, "fp8_only") else None
-    if fp8_only is not None and decode_sized and hidden.device.type == "cpu" and cpu_routed.handles(fp8_only.gate):
-        return _routed_kernel(hidden, pairs, counts, fp8_only.kernel(), fp8_only.row_of_expert)
+    kernel = _kernel_weights(hidden, stacked, weights)
+    if kernel is not None and len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active:
+        return _routed_kernel(hidden, pairs, *kernel)
     packed = stacked is not None and stacked.gate_up_all is not None
     if packed and _all_experts_pays(hidden, stacked, active):
         return _all_experts(hidden, pairs, stacked)
     # larger groups beside the kernel: per-expert GEMMs (the padded batch is for devices without the kernel)
-    mostly_active = not packed and not kernel and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
+    mostly_active = not packed and kernel is None and stacked is not None and 4 * active >= stacked.gate_up.shape[0]
 
     order = pairs.expert.argsort(stable=True)  # pairs grouped by expert
     experts_sorted = pairs.expert[order]  # [P]
@@ -185,18 +183,31 @@ def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWei
     return torch.cat(outputs)
 
 
+def _kernel_weights(
+    hidden: torch.Tensor, stacked: StackedExperts | None, weights: ExpertWeightsSource
+) -> tuple[cpu_routed.KernelWeights, torch.Tensor] | None:
+    """(the CPU kernel's view of the experts, row_of_expert) where it can run them: the dense stack, or the e4m3
+    stack of a source that keeps no dense copies."""
+    if hidden.device.type != "cpu":
+        return None
+    if stacked is not None:
+        return (stacked.kernel, stacked.row_of_expert) if stacked.kernel is not None else None
+    fp8_only = weights.fp8_only() if hasattr(weights, "fp8_only") else None
+    if fp8_only is not None and cpu_routed.handles(fp8_only.gate):
+        return fp8_only.kernel, fp8_only.row_of_expert
+    return None
+
+
 def _routed_kernel(
-    hidden: torch.Tensor,
-    pairs: RoutedPairs,
-    counts: torch.Tensor,
-    weights: cpu_routed.KernelWeights,
-    row_of_expert: torch.Tensor,
+    hidden: torch.Tensor, pairs: RoutedPairs, weights: cpu_routed.KernelWeights, row_of_expert: torch.Tensor
 ) -> torch.Tensor:
-    """The pairs grouped by expert through the C kernel: [N, H] in hidden's dtype (accumulated in fp32)."""
-    active = torch.nonzero(counts).flatten()  # [G] ascending: the sorted pairs' group order
-    rows = _rows(row_of_expert, active)  # [G]
-    order = pairs.expert.argsort(stable=True)  # [P]
-    out = cpu_routed.routed_swiglu(hidden, weights, rows, counts[active], pairs.token[order], pairs.weight[order])
+    """The pairs through the C kernel (it groups them by expert): [N, H] in hidden's dtype (accumulated in fp32)."""
+    rows = row_of_expert[pairs.expert]  # [P]
+    try:
+        out = cpu_routed.routed_swiglu(hidden, weights, pairs.token, rows, pairs.weight)
+    except ValueError:
+        _rows(row_of_expert, pairs.expert)  # an expert not held here is named as such
+        raise
     return out.to(hidden.dtype)
 
 
