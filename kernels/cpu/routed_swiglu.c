@@ -201,6 +201,10 @@ static void *run(void *arg) {
         const int nr = (int)(j->r1 - r < 4 ? j->r1 - r : 4);
         rows_t rw = {{0}, {0}};
         for (int a = 0; a < nr; a++) row_of(j, e, r + a, &rw.w[a], &rw.sc[a]);
+        if (j->kind != EM_F32) { /* the next block's rows, fetched while this one computes (fp32: no gain) */
+          const size_t bytes = (size_t)nr * n * elem_size(j->kind);
+          for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)rw.w[0] + bytes + b);
+        }
         block_dots(j->kind, &rw, nr, n, v, nq, res);
         for (int a = 0; a < nr; a++)
           for (int q = 0; q < nq; q++) {
