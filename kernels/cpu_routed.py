@@ -75,6 +75,15 @@ def _build(cc: str) -> Path:
     return target
 
 
+def _load(cc: str) -> ctypes.CDLL:
+    path = _build(cc)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:  # a damaged cached build (a full disk, a killed copy): once more from the source
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_build(cc)))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None (turned off, no compiler, or the build failed: logged once)."""
@@ -86,7 +95,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found (set CC): routed experts run through torch, about 2x slower at decode")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = _load(cc)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("CPU expert kernel not built (%s): routed experts run through torch", e)
         return None

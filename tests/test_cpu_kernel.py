@@ -139,10 +139,13 @@ print("packed" if s.gate_up_all is not None else "plain")
     assert not (tmp_path / "k").exists() or not list((tmp_path / "k").glob("*.so"))
 
 
-def test_build_is_cached_per_source_and_cpu(tmp_path):
+def test_build_is_cached_per_source_and_cpu_and_a_damaged_one_rebuilt(tmp_path):
     env = dict(os.environ, EXPERTMESH_KERNEL_CACHE=str(tmp_path))
     script = "from kernels import cpu_routed; assert cpu_routed.library() is not None"
     for _ in range(2):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     built = list(tmp_path.glob("routed_swiglu-*.so"))
-    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+    assert len(built) == 1 and len(list(tmp_path.iterdir())) == 1
+    built[0].write_bytes(b"not a shared object")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    assert built[0].read_bytes()[:4] == b"\x7fELF"
