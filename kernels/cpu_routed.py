@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "routed_swiglu.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-fopenmp")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight dtypes the kernel reads, its codes
 # below this many bytes of weights per thread, one thread (starting one costs more than it saves)
 BYTES_PER_THREAD = 8 << 20
@@ -154,10 +154,6 @@ class KernelWeights:
             if tuple(tuple(s.shape) for s in self.scales) != shapes:
                 raise ValueError(f"block scales {[tuple(s.shape) for s in self.scales]} do not fit the weights")
         return self
-
-    @property
-    def experts(self) -> int:
-        return self.gate.shape[0]
 
     def nbytes_per_expert(self) -> int:
         return 3 * self.gate.shape[1] * self.gate.shape[2] * self.gate.element_size()

@@ -14,7 +14,6 @@
  * gate/up rows, phase 2 the H down rows. Dot products accumulate in fp32.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,8 +186,7 @@ static void row_of(const job_t *j, int64_t e, int64_t r, const void **w, const f
   }
 }
 
-static void *run(void *arg) {
-  const job_t *j = (const job_t *)arg;
+static void run(const job_t *j) {
   const int64_t h = j->h, i2 = 2 * j->i, n = j->phase == 0 ? h : j->i;
   const float *v[4];
   float res[16];
@@ -216,7 +214,6 @@ static void *run(void *arg) {
       }
     }
   }
-  return 0;
 }
 
 #define MAX_THREADS 256
@@ -234,31 +231,15 @@ static int split(const job_t *base, int64_t rows, int threads, job_t *jobs) {
   return threads;
 }
 
-#ifdef _OPENMP
-/* OpenMP: loaded after torch, this resolves to torch's own libgomp, so the parts run on torch's worker threads
- * (a second pool of threads would compete with torch's spinning workers for the same cores) */
+/* On torch's own libgomp (this file is built with -fopenmp and loaded after torch, so the loader resolves
+ * libgomp.so.1 to torch's copy): the parts run on torch's worker threads (a second pool of threads would compete
+ * with torch's spinning workers for the same cores) */
 static void parallel(const job_t *base, int64_t rows, int threads) {
   job_t jobs[MAX_THREADS];
   threads = split(base, rows, threads, jobs);
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int t = 0; t < threads; t++) run(&jobs[t]);
 }
-#else
-static void parallel(const job_t *base, int64_t rows, int threads) {
-  job_t jobs[MAX_THREADS];
-  pthread_t th[MAX_THREADS];
-  int started[MAX_THREADS] = {0};
-  threads = split(base, rows, threads, jobs);
-  for (int t = 1; t < threads; t++) started[t] = pthread_create(&th[t], 0, run, &jobs[t]) == 0;
-  run(&jobs[0]);
-  for (int t = 1; t < threads; t++) {
-    if (started[t])
-      pthread_join(th[t], 0);
-    else
-      run(&jobs[t]); /* no thread to be had: this one does the part */
-  }
-}
-#endif
 
 /* Error codes (the caller names what was wrong) */
 enum { EM_OK = 0, EM_BAD_KIND = -1, EM_BAD_TOKEN = -2, EM_BAD_ROW = -3, EM_NO_MEMORY = -4 };
