@@ -6,104 +6,21 @@ products, most of them thrown away). The kernel computes only the routed product
 once per expert and reusing it for that expert's tokens, with fp32 accumulation; weights fp32, bf16, or e4m3
 with their block scales (each weight the exact value a dequantized fp32 copy holds, from a quarter of the bytes).
 
-The kernel is compiled with the machine's C compiler (`$CC`, else `cc`/`gcc`) for this CPU (`-march=native`)
-into a cache directory (`$EXPERTMESH_KERNEL_CACHE`, else `$XDG_CACHE_HOME/expertmesh/kernels`, else
-`~/.cache/expertmesh/kernels`), keyed by the source, the flags and the CPU's features. Where no compiler is
-found or the build fails, `library()` is None and callers use torch (logged once, with the reason).
-`EXPERTMESH_CPU_KERNELS=off` turns the kernel off.
+kernels/cpu_build.py builds it (with the other CPU kernels) at first use; where it cannot, `library()` is None
+and callers use torch.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from kernels.cpu_build import library
 
-SOURCE = Path(__file__).with_name("cpu") / "routed_swiglu.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight dtypes the kernel reads, its codes
 # below this many bytes of weights per thread, one thread (starting one costs more than it saves)
 BYTES_PER_THREAD = 8 << 20
-
-
-def cache_dir() -> Path:
-    if os.environ.get("EXPERTMESH_KERNEL_CACHE"):
-        return Path(os.environ["EXPERTMESH_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "expertmesh" / "kernels"
-
-
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _cpu_features().encode()]))
-    target = cache_dir() / f"routed_swiglu-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: processes building at once each write their own file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load(cc: str) -> ctypes.CDLL:
-    path = _build(cc)
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:  # a damaged cached build (a full disk, a killed copy): once more from the source
-        path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_build(cc)))
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (turned off, no compiler, or the build failed: logged once)."""
-    if os.environ.get("EXPERTMESH_CPU_KERNELS", "on").lower() in ("0", "off", "false", "no"):
-        log.info("CPU expert kernel turned off (EXPERTMESH_CPU_KERNELS); routed experts run through torch")
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        log.warning("no C compiler found (set CC): routed experts run through torch, about 2x slower at decode")
-        return None
-    try:
-        lib = _load(cc)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU expert kernel not built (%s): routed experts run through torch", e)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.em_routed_swiglu.argtypes = [ctypes.c_int, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, p]
-    lib.em_routed_swiglu.argtypes.append(ctypes.c_int)
-    lib.em_routed_swiglu.restype = ctypes.c_int
-    return lib
 
 
 def handles(weight: torch.Tensor) -> bool:

@@ -115,15 +115,15 @@ def test_bad_arguments_are_refused_before_anything_is_written():
 
 
 def test_without_a_compiler_experts_run_through_torch(tmp_path):
-    """A machine without a C compiler (CC names a missing one) or with the kernel turned off: nothing is built,
-    the reason is logged, and an engine's routed experts give the same numbers through torch."""
+    """A machine without a C compiler (CC names a missing one) or with the kernels turned off: nothing is built,
+    the reason is logged, and routed experts and attention run through torch."""
     script = """
 import logging, torch
 logging.basicConfig(level=logging.INFO)
-from kernels import cpu_routed
+from kernels import cpu_attention, cpu_routed
 from kernels.reference import weight_dequant, weight_quant
 from services.expert.grouped import StackedExperts
-assert cpu_routed.library() is None
+assert cpu_routed.library() is None and not cpu_attention.available()
 s = StackedExperts.build(torch.arange(2), torch.randn(2, 8, 16), torch.randn(2, 16, 4))
 print("packed" if s.gate_up_all is not None else "plain")
 """
@@ -144,7 +144,7 @@ def test_build_is_cached_per_source_and_cpu_and_a_damaged_one_rebuilt(tmp_path):
     script = "from kernels import cpu_routed; assert cpu_routed.library() is not None"
     for _ in range(2):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
-    built = list(tmp_path.glob("routed_swiglu-*.so"))
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
     assert len(built) == 1 and len(list(tmp_path.iterdir())) == 1
     built[0].write_bytes(b"not a shared object")
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)

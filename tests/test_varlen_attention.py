@@ -1,14 +1,26 @@
 """Attention over a mixed step attends per sequence (decodes batched over their own keys, long chunks alone in
-query blocks): the same outputs as each sequence stepped alone, including chunks longer than a query block."""
+query blocks): the same outputs as each sequence stepped alone, including chunks longer than a query block.
+Each test runs through the CPU attention kernel and through torch's path."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from kernels import cpu_attention
 from services.attention import mla
 from services.attention.batch import SequenceChunk
 from services.attention.kv_cache import PagedLatentCache, SequenceBlocks
 from tests.model_steps import build_step
+
+
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def attention_path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(mla.cpu_attention, "handles", lambda *a: False)
+    elif not cpu_attention.available():
+        pytest.skip("no C compiler: no CPU attention kernel")
+    return request.param
 
 
 def _ids(n, seed):

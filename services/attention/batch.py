@@ -10,6 +10,7 @@ B x longest chunk x longest context. Built once per step and shared by every lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,6 +41,11 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @cached_property
+    def sequence_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """offsets, lengths, key_lengths as [B] int64 tensors (once per step, for every layer)."""
+        return tuple(torch.tensor(x, dtype=torch.int64) for x in (self.offsets, self.lengths, self.key_lengths))
 
     @property
     def attn_mask(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_attention
 from services.attention.batch import StepBatch
 from services.attention.kv_cache import PagedLatentCache
 from services.attention.rope import Rotary
@@ -93,6 +94,8 @@ class MLA:
         mixed one batches its decodes over their own keys and runs each longer chunk alone, in query blocks over
         the keys those queries can see (the cost is what the tokens need: new tokens x context)."""
         dtype, device = q_nope.dtype, q_nope.device
+        if self.absorb and cpu_attention.handles(q_nope, cache.data):
+            return self._attend_kernel(q_nope, q_pe, batch, cache, layer)
         if batch.uniform and batch.lengths[0] <= QUERY_BLOCK:  # decode steps, short equal chunks
             b, s = len(batch.lengths), batch.lengths[0]
             rows = cache.gather(layer, batch.key_slots).to(dtype)  # [B, L, C + R]: latent | roped k_pe
@@ -117,6 +120,19 @@ class MLA:
                         q_nope[None, o + q0 : o + q1], q_pe[None, o + q0 : o + q1], rows[:, :visible], mask
                     )[0]
         return out
+
+    def _attend_kernel(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int
+    ) -> torch.Tensor:
+        """The absorbed attention of every sequence in one C kernel pass over its keys in the paged cache (CPU,
+        float32): no gathered context, no padding, no score tensor (kernels/cpu_attention.py)."""
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, nh, C]
+        q_cat = torch.cat((q_lat, q_pe), dim=-1)  # [T, nh, C + R]: latent | rope parts
+        q_start, q_len, k_len = batch.sequence_tensors
+        o_lat = cpu_attention.latent_attention(
+            q_cat, cache.data[layer], batch.key_slots, q_start, q_len, k_len, self.c, self.scale
+        )  # [T, nh, C]
+        return torch.einsum("thc,hdc->thd", o_lat, self.w_uv)  # [T, nh, v]
 
     def _attend_short(
         self,
