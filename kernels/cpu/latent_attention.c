@@ -110,8 +110,8 @@ static const vi THI[3] = {{4, 5, 6, 7, 12, 13, 14, 15}, {2, 3, 10, 11, 6, 7, 14,
 static inline void transpose_vw(vf *r) {
   int stage = 0;
   for (int h = VW / 2; h >= 1; h /= 2, stage++)
-    for (int i = 0; i < VW; i++)
-      if (i / h % 2 == 0) {
+    for (int base = 0; base < VW; base += 2 * h)
+      for (int i = base; i < base + h; i++) {
         const vf a = r[i], b = r[i + h];
         r[i] = __builtin_shuffle(a, b, TLO[stage]);
         r[i + h] = __builtin_shuffle(a, b, THI[stage]);

@@ -1,12 +1,12 @@
 """The decode-stall bound: how many prefill tokens a step may carry while requests decode.
 
 A prefill chunk rides in the same step as the running decodes, so every decode waits for it. At long context a
-prompt token costs nearly as much as a whole decode step (its attention reads every earlier key: on the tiny
-preset on CPU one token at 16K context costs about 2 ms against a 3 ms decode step), so no fixed token budget
-bounds the stall. The budget is therefore kept in time: a step with decodes may last at most `max_decode_stall`
+prompt token costs a good part of a whole decode step (its attention reads every earlier key: BENCHMARKS.md, long
+prompts, for the tiny preset at 16K context), so no fixed token budget bounds the stall. The budget is therefore kept in time: a step with decodes may last at most `max_decode_stall`
 times a decode-only step. The scheduler reports every executed step's wall time; from the recent decode-only
 steps (the median of the last few) and the last mixed step (its prefill tokens, and the time they added over a
-decode-only step) the next step's prefill tokens are scaled to fill the allowed time, growing at most 2x a step.
+decode-only step) the next step's prefill tokens are scaled to fill AIM of the allowed time (a margin for the
+steps that run slower than the estimate), growing at most 2x a step.
 When no decode-only step was timed in the last REFERENCE_EVERY mixed steps (or ever), the next step runs the
 decodes alone to time them. Without decodes, prefill takes the whole step budget (--max-step-tokens).
 """
@@ -17,6 +17,9 @@ import statistics
 from collections import deque
 
 REFERENCE_EVERY = 64  # mixed steps between two decode-only steps that time the decodes alone
+# the share of the allowed time the budget aims to fill: step times scatter around the estimate (a shared CPU,
+# a cost not quite linear in tokens), and the bound is meant for the slow steps too, not only the median
+AIM = 0.8
 
 
 class PrefillBudget:
@@ -47,7 +50,7 @@ class PrefillBudget:
         if not self._decode_s:
             return
         decode_s = statistics.median(self._decode_s)
-        allowed = (self.max_decode_stall - 1) * decode_s  # time the prefill may add to a decode step
+        allowed = AIM * (self.max_decode_stall - 1) * decode_s  # time the prefill may add to a decode step
         added = max(seconds - decode_s, 1e-6)
         fit = int(prefill_tokens * allowed / added)
         self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))
