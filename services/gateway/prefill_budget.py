@@ -1,12 +1,13 @@
 """The decode-stall bound: how many prefill tokens a step may carry while requests decode.
 
 A prefill chunk rides in the same step as the running decodes, so every decode waits for it. At long context a
-prompt token costs a good part of a whole decode step (its attention reads every earlier key: BENCHMARKS.md, long
-prompts, for the tiny preset at 16K context), so no fixed token budget bounds the stall. The budget is therefore kept in time: a step with decodes may last at most `max_decode_stall`
-times a decode-only step. The scheduler reports every executed step's wall time; from the recent decode-only
-steps (the median of the last few) and the last mixed step (its prefill tokens, and the time they added over a
-decode-only step) the next step's prefill tokens are scaled to fill AIM of the allowed time (a margin for the
-steps that run slower than the estimate), growing at most 2x a step.
+prompt token costs a good part of a whole decode step (its attention reads every earlier key: BENCHMARKS.md,
+long prompts, for the tiny preset at 16K context), so no fixed token budget bounds the stall. The budget is
+therefore kept in time: a step with decodes may last at most `max_decode_stall` times a decode-only step. The
+scheduler reports every executed step's wall time; from the recent decode-only steps (the median of the last
+few) and the last mixed step (its prefill tokens, and the time they added over a decode-only step) the next
+step's prefill tokens are scaled to fill AIM of the allowed time (a margin for the steps that run slower than
+the estimate), growing at most 2x a step.
 When no decode-only step was timed in the last REFERENCE_EVERY mixed steps (or ever), the next step runs the
 decodes alone to time them. Without decodes, prefill takes the whole step budget (--max-step-tokens).
 """
