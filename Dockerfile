@@ -16,8 +16,8 @@ ARG TORCH_INDEX=
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp
 
 WORKDIR /app
-# a C compiler: the CPU expert kernel (kernels/cpu/routed_swiglu.c) is built for the node's CPU when a pool or
-# gateway starts (into $HOME/.cache, /tmp here), and Triton compiles its launcher with it on CUDA
+# a C compiler: the CPU kernels (kernels/cpu/*.c: routed experts, attention) are built for the node's CPU when a
+# pool or gateway starts (into $HOME/.cache, /tmp here), and Triton compiles its launcher with it on CUDA
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN case "$DEVICE" in \
       cpu) index=https://download.pytorch.org/whl/cpu ;; \

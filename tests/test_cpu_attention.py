@@ -51,7 +51,7 @@ def _reference(q, cache, key_slots, q_start, q_len, k_len, c, scale):
 
 @pytest.mark.parametrize(
     "nh, c, d",
-    [(4, 64, 80), (3, 20, 27), (16, 32, 48)],  # the tiny preset; tails everywhere; transposed at 1 token
+    [(4, 64, 80), (3, 20, 27), (16, 32, 48)],  # the tiny preset; tails everywhere; transposed from 2 tokens
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_matches_a_float64_reference(nh, c, d, threads, monkeypatch):
