@@ -11,7 +11,7 @@ packing split evenly. Upper bounds on balancedness: `heaviest` = mean / max(mean
 replication that minimises that replica; `slot-aware` adds the lightest replicas (of other experts) that must
 share its pool when every slot is used, as both planners do; `any count` is the best slot-aware bound over every
 replica count (leaving slots empty), over the same greedy replication of each count; `shares` bounds plans with
-any shares that use every slot (`shares_bound`). At V3 scale and at the test scale (tests/test_planner.py: 64
+any shares, slots left empty or not (`shares_bound`). At V3 scale and at the test scale (tests/test_planner.py: 64
 experts).
 "Before" is the static spread (one replica per expert, dealt round-robin); "after" is the planner's placement.
 A re-plan after 5% load drift from the planned placement shows how many replicas move.
@@ -21,6 +21,7 @@ with 2 pools of 40 slots (64 experts: 25% redundant), after a burst of generatio
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -79,40 +80,62 @@ def bounds(layer: np.ndarray, pools: int, slots: int) -> tuple[float, float, flo
     return mean / max(mean, heaviest), mean / max(mean, slot_aware), mean / max(mean, min(b for _, b in out))
 
 
+def slot_cost(weight: np.ndarray, size: np.ndarray, t: float, c: float, pools: int, slots: int) -> np.ndarray:
+    """[K] total load and [K] number of experts of K groups -> [K] the fewest slots each group takes (replicas plus
+    slots left empty) for no pool to exceed t; inf where none does.
+
+    A group of g experts with N replicas, joined through pools they share, spans P <= N - g + 1 pools; their
+    other slots * P - N slots hold other experts' whole replicas (at least c each) or stay empty. More pools add
+    t of room for `slots` slots (t > slots * c), so P = N - g + 1 is the cheapest; the group needs
+    N + max(0, slots * P - N - floor((P t - load) / c)) slots."""
+    p = np.arange(1, pools + 1)[None]  # [1, P]
+    n = p + size[:, None] - 1  # [K, P] replicas
+    room = p * t - weight[:, None]  # [K, P]
+    fillers = np.floor(np.maximum(room, 0.0) / c + 1e-9)
+    cost = n + np.maximum(0, slots * p - n - fillers)
+    return np.where(room >= 0, cost, np.inf).min(axis=1)
+
+
 def shares_bound(layer: np.ndarray, pools: int, slots: int) -> tuple[float, bool]:
-    """Upper bound on one layer's balancedness with any shares, every slot used -> (bound, whether linking two
-    experts' replica groups might beat it).
+    """Upper bound on one layer's balancedness with any shares and slots left empty where that helps ->
+    (bound, whether a group of linked experts might beat it).
 
-    With every slot used, each pool holding a replica of expert e also holds slots - 1 other replicas, each at
-    least the lightest expert's load c if it is not e's; shares only move load between pools that hold a replica
-    of one expert. An expert on n pools, alone among split experts there, puts w_e + (slots - 1) n c on them, so
-    a maximum T needs n >= w_e / (T - (slots - 1) c) replicas of it; the extra replicas of all experts are
-    pools * slots - E. The least T for which they suffice bounds the maximum. Experts linked through shared pools
-    form one group, which spreads over at most 1 + (its extra replicas) pools: linking two saves a replica only
-    where their needs round up by nearly one replica each; the flag says whether some pair does at that T."""
-    mean, c, extras = layer.sum() / pools, float(layer.min()), pools * slots - layer.shape[0]
+    Shares move load only between pools that hold a replica of one expert. An expert alone among split experts
+    on its pools takes slot_cost(its load, 1, T) slots for a maximum T; all experts' costs must fit in
+    pools x slots. The least T for which they do bounds the maximum. Experts linked through shared pools form one
+    group, which spans one pool fewer than apart (slot_cost of their summed load); the flag says whether a group
+    of two or three of the 40 heaviest costs fewer slots than apart at that T (then the bound may not hold)."""
+    key = (np.sort(layer).tobytes(), pools, slots)
+    if key not in _SHARES_BOUND:
+        _SHARES_BOUND[key] = _shares_bound(np.sort(layer)[::-1], pools, slots)
+    return _SHARES_BOUND[key]
 
-    def room(t: float) -> float:  # of a pool with maximum t, what its slots - 1 other replicas leave at least
-        return t - (slots - 1) * c
 
-    def feasible(t: float) -> bool:
-        n = np.maximum(1, np.ceil(layer / room(t) - 1e-12))  # [E] replicas each expert needs
-        return bool((n - 1).sum() <= extras and n.max() <= pools)
+_SHARES_BOUND: dict[tuple[bytes, int, int], tuple[float, bool]] = {}  # the layers are permutations of one load
 
-    lo = max(mean, (slots - 1) * c * (1 + 1e-12))
-    hi = float(layer.max()) + slots * float(layer.max())
-    if feasible(lo):
+
+def _shares_bound(layer: np.ndarray, pools: int, slots: int) -> tuple[float, bool]:
+    mean, c, ones = layer.sum() / pools, max(float(layer.min()), 1e-12 * layer.max()), np.ones(layer.size)
+
+    def cost(t: float) -> np.ndarray:
+        return slot_cost(layer, ones, t, c, pools, slots)
+
+    lo, hi = mean, float(layer.max()) + slots * float(layer.max())
+    if cost(lo).sum() <= pools * slots:
         return 1.0, False
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if feasible(mid) else (mid, hi)
-    a = layer / room(lo) - 1  # [E] fractional extra replicas each expert needs just below the bound
-    a = a[a > 0]
-    link_cost = 1 - c / room(lo)  # a linked pair's extra need: the sum of theirs and this
-    together = np.ceil(a[:, None] + a[None] + link_cost - 1e-12)  # [H, H]
-    apart = np.ceil(a[:, None] - 1e-12) + np.ceil(a[None] - 1e-12)  # [H, H]
-    saves = slots > 1 and bool(((together < apart) & ~np.eye(a.size, dtype=bool)).any())
-    return mean / lo, saves
+        lo, hi = (lo, mid) if cost(mid).sum() <= pools * slots else (mid, hi)
+    alone = cost(lo)  # [E] just below the bound
+    top = np.arange(min(40, layer.size))
+    groups = [np.asarray(g) for k in (2, 3) for g in itertools.combinations(top.tolist(), k)]
+    if not groups or slots == 1:
+        return mean / hi, False
+    members = np.stack([np.pad(g, (0, 3 - g.size), constant_values=-1) for g in groups])  # [K, 3], -1 pads
+    weight = np.where(members >= 0, layer[members], 0.0).sum(axis=1)
+    apart = np.where(members >= 0, alone[members], 0.0).sum(axis=1)
+    together = slot_cost(weight, (members >= 0).sum(axis=1), lo, c, pools, slots)
+    return mean / hi, bool((together < apart).any())
 
 
 def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
@@ -130,7 +153,7 @@ def compare() -> None:
         "| scale | zipf s | pools x slots | planner with shares (mean / min layer) | planner split evenly "
         "| plan s wall / CPU | EPLB greedy (mean / min) | greedy s | pools doubled by the greedy "
         "| planner before its search | bound: heaviest / slot-aware / any count | bound with shares "
-        "| layers a link might beat it |"
+        "| layers a linked group might beat it |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, layers, experts, shapes, exponents in SCALES:
