@@ -36,27 +36,32 @@ def handles(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def latent_attention(
-    q: torch.Tensor,
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
     cache: torch.Tensor,
     key_slots: torch.Tensor,
     q_start: torch.Tensor,
     q_len: torch.Tensor,
     k_len: torch.Tensor,
-    c: int,
     scale: float,
 ) -> torch.Tensor:
-    """q [T, nh, D] (absorbed q_nope | roped q_pe), cache [slots, D] (one layer: latent | roped k_pe) -> [T, nh, C]
-    = softmax(scale * q . keys) . values, values the first C of each key row. Sequence b's new tokens are q rows
-    q_start[b] .. + q_len[b], the last q_len[b] of its k_len[b] keys at cache slots key_slots[b, :k_len[b]];
-    each sees the keys up to its own position. Every index is checked before anything is computed."""
+    """q_lat [T, nh, C] (absorbed q_nope) and q_pe [T, nh, R] (roped), any token and head strides; cache
+    [slots, C + R] (one layer: latent | roped k_pe) -> [T, nh, C] = softmax(scale * q . keys) . values, values the
+    first C of each key row, laid out head-major (a view of [nh, T, C], ready for the per-head W_UV GEMM).
+    Sequence b's new tokens are rows q_start[b] .. + q_len[b], the last q_len[b] of its k_len[b] keys at cache
+    slots key_slots[b, :k_len[b]]; each sees the keys up to its own position. Every index is checked before
+    anything is computed."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU attention kernel is not available")
-    t, nh, d = q.shape
-    if q.dtype != torch.float32 or cache.dtype != torch.float32:
-        raise ValueError(f"query rows of {q.dtype} and a cache of {cache.dtype}: the kernel reads float32")
-    if cache.dim() != 2 or cache.shape[1] != d or not 0 < c <= d:
-        raise ValueError(f"a cache of {tuple(cache.shape)} for query rows of {d} values, {c} of them latent")
+    if q_lat.dim() != 3 or q_pe.dim() != 3 or q_lat.shape[:2] != q_pe.shape[:2]:
+        raise ValueError(f"query parts of {tuple(q_lat.shape)} and {tuple(q_pe.shape)}: both [T, nh, ...]")
+    t, nh, c = q_lat.shape
+    d = c + q_pe.shape[2]
+    if q_lat.dtype != torch.float32 or q_pe.dtype != torch.float32 or cache.dtype != torch.float32:
+        raise ValueError(f"query rows of {q_lat.dtype} and a cache of {cache.dtype}: the kernel reads float32")
+    if cache.dim() != 2 or cache.shape[1] != d or c <= 0:
+        raise ValueError(f"a cache of {tuple(cache.shape)} for query rows of {c} latent + {d - c} rope values")
     b = len(q_len)
     if key_slots.dim() != 2 or key_slots.shape[0] != b or not len(q_start) == len(k_len) == b:
         raise ValueError(
@@ -64,13 +69,14 @@ def latent_attention(
         )
     if not cache.is_contiguous():
         raise ValueError("the cache layer must be contiguous")
-    q = q.contiguous()
+    q_lat, q_pe = (x if x.stride(2) == 1 else x.contiguous() for x in (q_lat, q_pe))
     key_slots, q_start, q_len, k_len = (x.to(torch.int64).contiguous() for x in (key_slots, q_start, q_len, k_len))
-    out = torch.empty(t, nh, c)  # [T, nh, C]
+    out = torch.empty(nh, t, c)  # [nh, T, C]
     work = int((q_len * k_len).sum()) * nh * (d + c) if b else 0
     threads = max(1, min(torch.get_num_threads(), work // WORK_PER_THREAD))
     rc = lib.em_latent_attention(
-        q.data_ptr(),
+        *(q_lat.data_ptr(), q_lat.stride(0), q_lat.stride(1)),
+        *(q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1)),
         t,
         nh,
         c,
@@ -84,7 +90,7 @@ def latent_attention(
         k_len.data_ptr(),
         b,
         scale,
-        out.data_ptr(),
+        *(out.data_ptr(), out.stride(1), out.stride(0)),
         threads,
     )
     if rc == -2:
@@ -95,4 +101,4 @@ def latent_attention(
         raise MemoryError("the CPU attention kernel could not allocate its scratch")
     if rc != 0:
         raise RuntimeError(f"the CPU attention kernel failed ({rc})")
-    return out
+    return out.transpose(0, 1)  # [T, nh, C]

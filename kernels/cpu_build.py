@@ -30,7 +30,11 @@ SIGNATURES = {
     # kind, x, T, gate, up, down, 3 scales, stride, H, I, R, token, row, weight, P, out, threads
     "em_routed_swiglu": [_INT, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     # q, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len, k_len, B, scale, out, threads
-    "em_latent_attention": [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32, _P, _INT],
+    "em_latent_attention": [
+        *(_P, _I64, _I64) * 2,  # q_lat, q_pe: each with its token and head strides
+        *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),
+        *(_P, _I64, _I64, _INT),  # out with its strides, threads
+    ],
 }
 
 

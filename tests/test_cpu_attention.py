@@ -62,7 +62,7 @@ def test_kernel_matches_a_float64_reference(nh, c, d, threads, monkeypatch):
         # (a key block is 32 or 64 keys), a token and drafts, a short chunk at a long context
         chunks = [(1, 1), (1, 300), (5, 5), (70, 200), (3, 150), (4, 1000), (1, 64)]
         q, cache, key_slots, q_start, q_len, k_len = _case(nh, c, d, chunks, seed=nh)
-        out = cpu_attention.latent_attention(q, cache, key_slots, q_start, q_len, k_len, c, 0.17)
+        out = cpu_attention.latent_attention(q[..., :c], q[..., c:], cache, key_slots, q_start, q_len, k_len, 0.17)
         ref = _reference(q, cache, key_slots, q_start, q_len, k_len, c, 0.17)
         assert out.shape == (q.shape[0], nh, c)
         assert (out.double() - ref).abs().max().item() < 2e-5
@@ -74,8 +74,9 @@ def test_sharp_scores_do_not_overflow():
     """Scores far apart (a key 60 above the rest, others ~-1e4): the online softmax rescales without inf or NaN."""
     q, cache, key_slots, q_start, q_len, k_len = _case(4, 16, 24, [(2, 130)], seed=3)
     cache[key_slots[0, 100]] *= 30.0
-    out = cpu_attention.latent_attention(q * 10, cache, key_slots, q_start, q_len, k_len, 16, 1.0)
-    ref = _reference(q * 10, cache, key_slots, q_start, q_len, k_len, 16, 1.0)
+    q = q * 10
+    out = cpu_attention.latent_attention(q[..., :16], q[..., 16:], cache, key_slots, q_start, q_len, k_len, 1.0)
+    ref = _reference(q, cache, key_slots, q_start, q_len, k_len, 16, 1.0)
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
 
@@ -100,18 +101,21 @@ def test_mla_through_the_kernel_equals_torchs_path(engine_tiny, monkeypatch):
 
 def test_bad_arguments_name_what_is_wrong():
     q, cache, key_slots, q_start, q_len, k_len = _case(4, 16, 24, [(2, 40), (1, 9)], seed=1)
+    lat, pe = q[..., :16], q[..., 16:]
     run = cpu_attention.latent_attention
     bad = key_slots.clone()
     bad[1, 3] = cache.shape[0]
     with pytest.raises(ValueError, match="outside the cache"):
-        run(q, cache, bad, q_start, q_len, k_len, 16, 1.0)
+        run(lat, pe, cache, bad, q_start, q_len, k_len, 1.0)
     with pytest.raises(ValueError, match="more new tokens than keys"):
-        run(q, cache, key_slots, q_start, q_len, torch.tensor([1, 9]), 16, 1.0)
+        run(lat, pe, cache, key_slots, q_start, q_len, torch.tensor([1, 9]), 1.0)
     with pytest.raises(ValueError, match="outside the step"):
-        run(q, cache, key_slots, q_start + 1, q_len, k_len, 16, 1.0)
+        run(lat, pe, cache, key_slots, q_start + 1, q_len, k_len, 1.0)
     with pytest.raises(ValueError, match="float32"):
-        run(q.double(), cache, key_slots, q_start, q_len, k_len, 16, 1.0)
+        run(lat.double(), pe, cache, key_slots, q_start, q_len, k_len, 1.0)
     with pytest.raises(ValueError, match="latent"):
-        run(q, cache[:, :-1], key_slots, q_start, q_len, k_len, 16, 1.0)
+        run(lat, pe, cache[:, :-1], key_slots, q_start, q_len, k_len, 1.0)
     with pytest.raises(ValueError, match="sequences"):
-        run(q, cache, key_slots[:1], q_start, q_len, k_len, 16, 1.0)
+        run(lat, pe, cache, key_slots[:1], q_start, q_len, k_len, 1.0)
+    with pytest.raises(ValueError, match="both"):
+        run(lat, pe[:1], cache, key_slots, q_start, q_len, k_len, 1.0)

@@ -6,11 +6,13 @@
  * keys are the whole row, the values its first C entries. So a sequence's query rows (its new tokens x heads)
  * all stream the one key row per position, and the work is what the tokens need: rows x keys x (D + C).
  *
- * q [T, nh, D] fp32 (D = C + R: W_UK-absorbed q_nope, then roped q_pe), flat over the step's tokens;
+ * query rows, flat over the step's tokens: q_lat [T, nh, C] fp32 (W_UK-absorbed q_nope) and q_pe [T, nh, R]
+ * fp32 (roped), each at its own token and head strides (values contiguous), read as one row of D = C + R;
  * cache [slots, D] fp32 (one layer); key_slots [B, width]: the cache slot of each sequence's keys in order;
  * per sequence b: its new tokens are q rows q_start[b] .. + q_len[b], at the last q_len[b] of its k_len[b] key
  * positions (causal: new token j sees keys 0 .. k_len - q_len + j).
- * out [T, nh, C] fp32 = softmax(scale * q . keys) . values, per row; fp32 throughout.
+ * out [T, nh, C] fp32 at its token and head strides = softmax(scale * q . keys) . values, per row; fp32
+ * throughout.
  * Returns 0, or -1 bad sizes, -2 a sequence's tokens outside 0..T-1 or more new tokens than keys (or keys past
  * width), -3 a key slot outside the cache, -4 no memory. Nothing is written unless every index is valid.
  */
@@ -160,11 +162,13 @@ static inline vf vexp(vf x) {
 }
 
 typedef struct {
-  const float *q, *cache;
+  const float *q_lat, *q_pe, *cache;
+  int64_t lat_ts, lat_hs, pe_ts, pe_hs; /* token and head strides of the two query parts */
   const int64_t *key_slots;
   int64_t nh, c, d, width;
   float scale;
   float *out;
+  int64_t out_ts, out_hs;
 } args_t;
 
 typedef struct {
@@ -269,7 +273,12 @@ static void run_item(const args_t *a, const int64_t *q_start, const int64_t *q_l
   const int64_t nh = a->nh, d = a->d, c = a->c;
   const int64_t rows = (it->t1 - it->t0) * nh, rp = (rows + RB - 1) / RB * RB;
   const int64_t first = k_len[it->b] - q_len[it->b]; /* keys before the chunk's first token */
-  memcpy(w->q, a->q + (q_start[it->b] + it->t0) * nh * d, rows * d * sizeof(float));
+  const int64_t t0 = q_start[it->b] + it->t0; /* the item's first token in the step */
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t t = t0 + r / nh, h = r % nh;
+    memcpy(w->q + r * d, a->q_lat + t * a->lat_ts + h * a->lat_hs, c * sizeof(float));
+    memcpy(w->q + r * d + c, a->q_pe + t * a->pe_ts + h * a->pe_hs, (d - c) * sizeof(float));
+  }
   memset(w->q + rows * d, 0, (rp - rows) * d * sizeof(float));
   memset(w->acc, 0, rp * c * sizeof(float));
   for (int64_t r = 0; r < rp; r++) {
@@ -300,17 +309,18 @@ static void run_item(const args_t *a, const int64_t *q_start, const int64_t *q_l
       accumulate(a, w, r0, key, kb);
     }
   }
-  float *out = a->out + (q_start[it->b] + it->t0) * nh * c;
   for (int64_t r = 0; r < rows; r++) {
+    float *out = a->out + (t0 + r / nh) * a->out_ts + (r % nh) * a->out_hs;
     const float inv = 1.f / w->l[r];
-    for (int64_t j = 0; j < c; j++) out[r * c + j] = w->acc[r * c + j] * inv;
+    for (int64_t j = 0; j < c; j++) out[j] = w->acc[r * c + j] * inv;
   }
 }
 
-int em_latent_attention(const float *q, int64_t t, int64_t nh, int64_t c, int64_t d, const float *cache,
+int em_latent_attention(const float *q_lat, int64_t lat_ts, int64_t lat_hs, const float *q_pe, int64_t pe_ts,
+                        int64_t pe_hs, int64_t t, int64_t nh, int64_t c, int64_t d, const float *cache,
                         int64_t slots, const int64_t *key_slots, int64_t width, const int64_t *q_start,
                         const int64_t *q_len, const int64_t *k_len, int64_t b, float scale, float *out,
-                        int threads) {
+                        int64_t out_ts, int64_t out_hs, int threads) {
   if (t < 0 || nh <= 0 || c <= 0 || d < c || b < 0 || width < 0 || slots < 0) return -1;
   const int64_t tokens = (ROW_TARGET + nh - 1) / nh; /* new tokens a work item */
   int64_t items = 0;
@@ -327,7 +337,8 @@ int em_latent_attention(const float *q, int64_t t, int64_t nh, int64_t c, int64_
   for (int64_t s = 0; s < b; s++)
     for (int64_t t0 = 0; t0 < q_len[s]; t0 += tokens)
       list[n++] = (item_t){s, t0, t0 + tokens < q_len[s] ? t0 + tokens : q_len[s]};
-  const args_t a = {q, cache, key_slots, nh, c, d, width, scale, out};
+  const args_t a = {q_lat, q_pe, cache, lat_ts, lat_hs, pe_ts, pe_hs, key_slots, nh, c, d, width, scale,
+                    out, out_ts, out_hs};
   const int64_t rp = (tokens * nh + RB - 1) / RB * RB;
   int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)

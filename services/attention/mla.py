@@ -70,8 +70,7 @@ class MLA:
         batch: StepBatch,
         cache: PagedLatentCache,
         layer: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: torch.Tensor,
     ) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. Writes the new tokens' latents to the cache, then attends."""
         t = x.shape[0]
@@ -81,8 +80,8 @@ class MLA:
         latent, k_pe = a[:, self.q_lora :].split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
         q = linear(q_in, w.q_b).reshape(t, self.nh, self.dn + self.dr)  # [T, nh, nope + rope]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        q_pe = Rotary.apply(q_pe, cos, sin)  # [T, nh, R]
-        cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, cos, sin))
+        q_pe = Rotary.apply(q_pe, rotation)  # [T, nh, R]
+        cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, rotation))
 
         out = self._attend(q_nope, q_pe, batch, cache, layer)  # [T, nh, v]
         return linear(out.reshape(t, self.nh * self.dv), w.o)
@@ -126,13 +125,12 @@ class MLA:
     ) -> torch.Tensor:
         """The absorbed attention of every sequence in one C kernel pass over its keys in the paged cache (CPU,
         float32): no gathered context, no padding, no score tensor (kernels/cpu_attention.py)."""
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, nh, C]
-        q_cat = torch.cat((q_lat, q_pe), dim=-1)  # [T, nh, C + R]: latent | rope parts
+        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, nh, C], head-major
         q_start, q_len, k_len = batch.sequence_tensors
         o_lat = cpu_attention.latent_attention(
-            q_cat, cache.data[layer], batch.key_slots, q_start, q_len, k_len, self.c, self.scale
-        )  # [T, nh, C]
-        return torch.einsum("thc,hdc->thd", o_lat, self.w_uv)  # [T, nh, v]
+            q_lat, q_pe, cache.data[layer], batch.key_slots, q_start, q_len, k_len, self.scale
+        )  # [T, nh, C], head-major
+        return torch.bmm(o_lat.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, nh, v]
 
     def _attend_short(
         self,

@@ -137,9 +137,9 @@ class GatewayModel:
         what the MTP layer reads) at those flat token indices."""
         cfg = self.cfg
         x = self.embed[batch.token_ids]  # [T, H]
-        cos, sin = self.rotary.cos_sin(batch.positions)  # [T, R/2]
+        rotation = self.rotary.rotation(batch.positions)  # [T, R/2] complex
         for layer in self.layers:
-            x = yield from self.layer_stages(layer, x, batch, cache, cos, sin, routing_trace)
+            x = yield from self.layer_stages(layer, x, batch, cache, rotation, routing_trace)
         if hidden_index is not None:
             index = logit_index if logit_index is not None else batch.last_index
             hidden = rms_norm(x[hidden_index], self.norm, cfg.rms_norm_eps)  # [M, H]
@@ -156,13 +156,12 @@ class GatewayModel:
         x: torch.Tensor,
         batch: StepBatch,
         cache: PagedLatentCache,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: torch.Tensor,
         routing_trace: list | None = None,
     ) -> Generator[None, None, torch.Tensor]:
         """One decoder layer (x [T, H] -> [T, H]), pausing while its routed experts are computed elsewhere."""
         eps = self.cfg.rms_norm_eps
-        x = x + layer.attention.forward(rms_norm(x, layer.input_norm, eps), batch, cache, layer.index, cos, sin)
+        x = x + layer.attention.forward(rms_norm(x, layer.input_norm, eps), batch, cache, layer.index, rotation)
         h = rms_norm(x, layer.post_attention_norm, eps)
         if layer.dense is not None:
             return x + layer.dense(h)

@@ -89,8 +89,8 @@ class MTPModule:
         e = rms_norm(self.embed[batch.token_ids], self.enorm, eps)  # [T, H]
         h = rms_norm(hidden.to(e.dtype), self.hnorm, eps)  # [T, H]
         x = linear(torch.cat((e, h), dim=-1), self.eh_proj)  # [T, H]
-        cos, sin = model.rotary.cos_sin(batch.positions)
-        x = yield from model.layer_stages(self.block, x, batch, cache, cos, sin)
+        rotation = model.rotary.rotation(batch.positions)
+        x = yield from model.layer_stages(self.block, x, batch, cache, rotation)
         out = rms_norm(x[logit_index], self.head_norm, eps)  # [N, H]
         logits = linear(out, self.head).to(torch.float32)
         return (logits, out) if with_hidden else logits

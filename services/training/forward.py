@@ -77,10 +77,10 @@ class TrainingModel:
         cfg, p = self.cfg, self.params
         b, t = ids.shape
         x = p["model.embed_tokens.weight"][ids]  # [B, T, H]
-        cos, sin = self.rotary.cos_sin(torch.arange(t))  # [T, R/2]
+        rotation = self.rotary.rotation(torch.arange(t))  # [T, R/2] complex
         for layer in range(cfg.num_hidden_layers):
             pre = f"model.layers.{layer}."
-            x = x + self.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
+            x = x + self.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps), rotation)
             h = rms_norm(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps).reshape(b * t, -1)
             if cfg.is_moe_layer(layer):
                 x = x + self.moe(layer, h, loads).view(b, t, -1)
@@ -93,7 +93,7 @@ class TrainingModel:
         logits = self.forward(ids, loads)[:, :-1]  # [B, T-1, V]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
-    def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(self, layer: int, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """MLA, naive form, causal over whole sequences. x [B, T, H] (normed) -> [B, T, H]."""
         cfg, p = self.cfg, self.params
         pre, eps = f"model.layers.{layer}.self_attn.", cfg.rms_norm_eps
@@ -114,8 +114,8 @@ class TrainingModel:
         latent, k_pe = F.linear(x, p[pre + "kv_a_proj_with_mqa.weight"]).split([c, dr], dim=-1)  # [B, T, C], [B, T, R]
         kv = F.linear(rms_norm(latent, p[pre + "kv_a_layernorm.weight"], eps), p[pre + "kv_b_proj.weight"])
         k_nope, v = kv.view(b, t, nh, dn + dv).split([dn, dv], dim=-1)  # [B, T, nh, nope], [B, T, nh, v]
-        q_pe = _rope(q_pe, cos, sin)
-        k_pe = _rope(k_pe[:, :, None, :], cos, sin).expand(b, t, nh, dr)  # one head, shared by all
+        q_pe = _rope(q_pe, rotation)
+        k_pe = _rope(k_pe[:, :, None, :], rotation).expand(b, t, nh, dr)  # one head, shared by all
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, nope + R]
         k = torch.cat((k_nope, k_pe), dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=cfg.softmax_scale)
@@ -146,10 +146,10 @@ class TrainingModel:
         return routed
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, R] rotated at positions 0..T-1 (cos/sin [T, R/2]): the serving engine's own Rotary.apply,
+def _rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, R] rotated at positions 0..T-1 (rotation [T, R/2]): the serving engine's own Rotary.apply,
     which takes the position first."""
-    return Rotary.apply(x.transpose(0, 1), cos, sin).transpose(0, 1)
+    return Rotary.apply(x.transpose(0, 1), rotation).transpose(0, 1)
 
 
 def _stored_copy_of(cfg: ModelConfig, spec: TensorSpec) -> str | None:

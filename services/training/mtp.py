@@ -46,10 +46,10 @@ def final_hidden(model: TrainingModel, ids: torch.Tensor) -> torch.Tensor:
     cfg, p = model.cfg, model.params
     b, t = ids.shape
     x = p["model.embed_tokens.weight"][ids]
-    cos, sin = model.rotary.cos_sin(torch.arange(t))
+    rotation = model.rotary.rotation(torch.arange(t))
     for layer in range(cfg.num_hidden_layers):
         pre = f"model.layers.{layer}."
-        x = x + model.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
+        x = x + model.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps), rotation)
         h = rms_norm(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps).reshape(b * t, -1)
         ffn = model.moe(layer, h, None) if cfg.is_moe_layer(layer) else model.mlp(pre + "mlp.", h)
         x = x + ffn.view(b, t, -1)
@@ -67,8 +67,8 @@ def mtp_logits(
     b, s = next_ids.shape
     e = rms_norm(p[pre + "embed_tokens.weight"][next_ids], p[pre + "enorm.weight"], eps)
     x = F.linear(torch.cat((e, rms_norm(hidden, p[pre + "hnorm.weight"], eps)), dim=-1), p[pre + "eh_proj.weight"])
-    cos, sin = model.rotary.cos_sin(torch.arange(s))
-    x = x + model.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], eps), cos, sin)
+    rotation = model.rotary.rotation(torch.arange(s))
+    x = x + model.attention(layer, rms_norm(x, p[pre + "input_layernorm.weight"], eps), rotation)
     h = rms_norm(x, p[pre + "post_attention_layernorm.weight"], eps).reshape(b * s, -1)
     x = x + model.moe(layer, h, loads).view(b, s, -1)
     return F.linear(rms_norm(x, p[pre + "shared_head.norm.weight"], eps), p[pre + "shared_head.head.weight"])
