@@ -155,3 +155,29 @@ def test_a_proposal_records_the_planned_shares_on_the_placement():
     assert proposal.balancedness_after > proposal.balancedness_before
     again = Placement.from_json(proposed.to_json())
     assert again.balancedness(by_layer) == pytest.approx(proposal.balancedness_after)
+
+
+@pytest.mark.slow  # a real redis-server
+def test_rebalance_rolls_out_a_change_of_shares_alone(redis_server):
+    """`expertmesh rebalance` where the best plan keeps every replica in place and only its shares change: the
+    shares are published as a new placement version (no pool is called: the pools' addresses are closed ports)."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from services.cli.app import app
+    from services.state.load_store import RedisLoadStore
+    from services.state.placement_store import RedisPlacementStore
+
+    store = RedisPlacementStore(redis_server.url)
+    store.publish(two_pool_placement())
+    counts = np.array([[100, 60, 10]], dtype=np.int64)  # split evenly: pool a 110, pool b 60
+    RedisLoadStore.from_url(redis_server.url, [3], 3).write({int(time.time() // 5): counts})
+    args = ["rebalance", "--redis", redis_server.url, "--window", "30", "--json"]
+    dry = json.loads(CliRunner().invoke(app, [*args, "--dry-run"]).stdout)
+    assert dry["moves"] == 0 and dry["balancedness_before"] < 0.8 and dry["balancedness_after"] > 0.99
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)
+    assert done["loads"] == done["unloads"] == 0 and done["version"] == 2
+    assert store.get().shares_of(3, 0) == pytest.approx([0.25, 0.75], abs=1e-6)  # both pools 85 tokens

@@ -331,6 +331,10 @@ def unpin(
     _pin(layer, expert, pool, redis_url, False)
 
 
+# a plan that loads nothing is still rolled out when its replica shares alone raise balancedness by this much
+SHARES_MIN_GAIN = 1e-3
+
+
 def rebalance(
     dry_run: bool = typer.Option(False, "--dry-run"),
     window: float = typer.Option(60.0, "--window", min=1.0, help="Seconds of load to plan for."),
@@ -361,7 +365,7 @@ def rebalance(
             )
         )
         return
-    if proposal.moves == 0:
+    if proposal.moves == 0 and proposal.balancedness_after <= proposal.balancedness_before + SHARES_MIN_GAIN:
         if as_json:
             typer.echo(
                 json.dumps(
