@@ -50,9 +50,17 @@ def prompt(n: int, seed: int) -> list[int]:
 def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: bool) -> dict:
     """Submit every prompt at once (beside an already running decode when `with_runner`); step until idle.
     busy_itl: the gaps between consecutive tokens of every decoding request (the runner, and prompts that are
-    through their prefill) that end before the last prompt's first token, i.e. while some prompt prefills."""
+    through their prefill) that end before the last prompt's first token, i.e. while some prompt prefills.
+    decode_only: the wall times of the steps in that window that carried no prompt tokens (the decode-stall
+    bound's reference: it holds a step with prompt tokens to --max-decode-stall times these)."""
     core = engine.core
     times: dict[int, list[float]] = {}
+    steps_seen: list[tuple[float, bool, float]] = []  # (ended at, carried prompt tokens, wall seconds)
+    observe = core.scheduler.observe
+
+    def timed(plan, seconds):
+        steps_seen.append((time.perf_counter(), any(c.prefill for c in plan.chunks), seconds))
+        observe(plan, seconds)
 
     def on_event(i):
         return lambda ev: times.setdefault(i, []).append(time.perf_counter())
@@ -74,9 +82,13 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: 
     for r in reqs:
         core.submit(r)
     steps = 0
-    while not all(r.done for r in reqs):
-        core.step()
-        steps += 1
+    core.scheduler.observe = timed
+    try:
+        while not all(r.done for r in reqs):
+            core.step()
+            steps += 1
+    finally:
+        core.scheduler.observe = observe
     total = time.perf_counter() - started
     prefill_end = max(times[i][0] for i in range(len(reqs)))
     if runner is not None:
@@ -89,6 +101,7 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, with_runner: 
         "ttft": [times[i][0] - started for i in range(len(reqs))],
         "idle_itl": statistics.median([b - a for a, b in zip(idle, idle[1:])]) if len(idle) > 2 else None,
         "busy_itl": sorted(during),
+        "decode_only": sorted(s for at, prefill, s in steps_seen if at <= prefill_end and not prefill),
     }
 
 
@@ -135,7 +148,9 @@ def report(length: int, concurrency: int, alone: list[dict], one: dict, together
     print(
         f"{length:6d} tokens x1 beside a running decode: TTFT {one['ttft'][0]:.2f} s; its ITL idle "
         f"{one['idle_itl'] * 1e3:.1f} ms, while the prompt prefills p50 {pct(one['busy_itl'], 0.5) * 1e3:.1f} / "
-        f"p99 {one_p99 * 1e3:.1f} ms ({one_p99 / one['idle_itl']:.1f}x idle, {len(one['busy_itl'])} tokens)"
+        f"p99 {one_p99 * 1e3:.1f} ms ({one_p99 / one['idle_itl']:.1f}x idle, {len(one['busy_itl'])} tokens); "
+        f"decode-only steps meanwhile p50 {pct(one['decode_only'], 0.5) * 1e3:.1f} ms "
+        f"(p99 {one_p99 / pct(one['decode_only'], 0.5):.1f}x that, {len(one['decode_only'])} steps)"
     )
     print(
         f"{length:6d} tokens x{concurrency}: total {together['total']:.2f} s vs {serial:.2f} s one after another "
