@@ -149,8 +149,12 @@ def report(length: int, concurrency: int, alone: list[dict], one: dict, together
         f"{length:6d} tokens x1 beside a running decode: TTFT {one['ttft'][0]:.2f} s; its ITL idle "
         f"{one['idle_itl'] * 1e3:.1f} ms, while the prompt prefills p50 {pct(one['busy_itl'], 0.5) * 1e3:.1f} / "
         f"p99 {one_p99 * 1e3:.1f} ms ({one_p99 / one['idle_itl']:.1f}x idle, {len(one['busy_itl'])} tokens); "
-        f"decode-only steps meanwhile p50 {pct(one['decode_only'], 0.5) * 1e3:.1f} ms "
-        f"(p99 {one_p99 / pct(one['decode_only'], 0.5):.1f}x that, {len(one['decode_only'])} steps)"
+        + (
+            f"decode-only steps meanwhile p50 {pct(one['decode_only'], 0.5) * 1e3:.1f} ms "
+            f"(p99 {one_p99 / pct(one['decode_only'], 0.5):.1f}x that, {len(one['decode_only'])} steps)"
+            if one["decode_only"]
+            else "no decode-only step meanwhile"
+        )
     )
     print(
         f"{length:6d} tokens x{concurrency}: total {together['total']:.2f} s vs {serial:.2f} s one after another "

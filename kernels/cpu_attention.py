@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import library
+from kernels.cpu_build import check_status, library
 
 # below this many multiply-adds, one thread (starting a second costs more than it saves)
 WORK_PER_THREAD = 1 << 20
@@ -93,12 +93,12 @@ def latent_attention(
         *(out.data_ptr(), out.stride(1), out.stride(0)),
         threads,
     )
-    if rc == -2:
-        raise ValueError("a sequence's new tokens lie outside the step, or it has more new tokens than keys")
-    if rc == -3:
-        raise ValueError(f"a key slot lies outside the cache's {cache.shape[0]} slots")
-    if rc == -4:
-        raise MemoryError("the CPU attention kernel could not allocate its scratch")
-    if rc != 0:
-        raise RuntimeError(f"the CPU attention kernel failed ({rc})")
+    check_status(
+        rc,
+        "attention",
+        {
+            -2: "a sequence's new tokens lie outside the step, or it has more new tokens than keys",
+            -3: f"a key slot lies outside the cache's {cache.shape[0]} slots",
+        },
+    )
     return out.transpose(0, 1)  # [T, nh, C]

@@ -29,13 +29,28 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     # kind, x, T, gate, up, down, 3 scales, stride, H, I, R, token, row, weight, P, out, threads
     "em_routed_swiglu": [_INT, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
-    # q, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len, k_len, B, scale, out, threads
+    # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
+    # k_len, B, scale, out with token and head strides, threads
     "em_latent_attention": [
-        *(_P, _I64, _I64) * 2,  # q_lat, q_pe: each with its token and head strides
+        *(_P, _I64, _I64) * 2,
         *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),
-        *(_P, _I64, _I64, _INT),  # out with its strides, threads
+        *(_P, _I64, _I64, _INT),
     ],
 }
+# the entry points' status codes: 0 done, -1 bad sizes, -2 and -3 an index out of range (what each means is the
+# kernel's own), -4 no memory for the scratch
+
+
+def check_status(rc: int, kernel: str, bad_index: dict[int, str]) -> None:
+    """A kernel's status -> nothing (0), ValueError naming the index out of range (-2, -3: `bad_index` says
+    which), MemoryError (-4) or RuntimeError."""
+    if rc == 0:
+        return
+    if rc in bad_index:
+        raise ValueError(bad_index[rc])
+    if rc == -4:
+        raise MemoryError(f"the CPU {kernel} kernel could not allocate its scratch")
+    raise RuntimeError(f"the CPU {kernel} kernel failed ({rc})")
 
 
 def cache_dir() -> Path:

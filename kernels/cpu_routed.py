@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_build import library
+from kernels.cpu_build import check_status, library
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight dtypes the kernel reads, its codes
 # below this many bytes of weights per thread, one thread (starting one costs more than it saves)
@@ -119,12 +119,9 @@ def routed_swiglu(
         out.data_ptr(),
         threads,
     )
-    if rc == -2:
-        raise ValueError(f"a pair's token is outside 0..{x.shape[0] - 1}")
-    if rc == -3:
-        raise ValueError(f"a pair's stack row is outside 0..{r - 1}")
-    if rc == -4:
-        raise MemoryError(f"the CPU expert kernel could not allocate its scratch for {len(token)} pairs")
-    if rc != 0:
-        raise RuntimeError(f"the CPU expert kernel failed ({rc})")
+    check_status(
+        rc,
+        "expert",
+        {-2: f"a pair's token is outside 0..{x.shape[0] - 1}", -3: f"a pair's stack row is outside 0..{r - 1}"},
+    )
     return out

@@ -6,6 +6,7 @@ and the fallback to torch when no compiler can build it."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -71,12 +72,13 @@ def test_kernel_matches_float64_reference(h, i, tokens, threads, monkeypatch):
         ref_bf16 = _reference(x, gb, db, token, expert, weight)
         torch.testing.assert_close(_run(x, gb, db, token, expert, weight).double(), ref_bf16, rtol=1e-5, atol=1e-5)
         # e4m3 with block scales: each weight is the dequantized fp32 value, so the output equals the fp32 kernel's
-        # on the dequantized copy bit for bit
+        # on the dequantized copy (bit for bit where the compiler fuses both paths' products alike, as it does for
+        # AVX-512; the 8-lane build differs in the last bit of some sums)
         i = down.shape[2]
         (gq, gs, g32), (uq, us, u32), (dq, ds, d32) = map(_quantized, (gate_up[:, :i], gate_up[:, i:], down))
         e4m3 = cpu_routed.KernelWeights.e4m3(gq, gs, uq, us, dq, ds)
         dense = _run(x, torch.cat([g32, u32], 1), d32, token, expert, weight)
-        assert torch.equal(_run(x, gate_up, down, token, expert, weight, e4m3), dense)
+        torch.testing.assert_close(_run(x, gate_up, down, token, expert, weight, e4m3), dense, rtol=1e-6, atol=1e-6)
         ref_e4m3 = _reference(x, torch.cat([g32, u32], 1), d32, token, expert, weight)
         torch.testing.assert_close(dense.double(), ref_e4m3, rtol=1e-5, atol=1e-5)
     finally:
@@ -149,3 +151,31 @@ def test_build_is_cached_per_source_and_cpu_and_a_damaged_one_rebuilt(tmp_path):
     built[0].write_bytes(b"not a shared object")
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     assert built[0].read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.slow  # builds the kernels a second time
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+def test_the_8_lane_build_passes_the_kernel_tests_too(tmp_path):
+    """CPUs without AVX-512 (AVX2: most laptops, many cloud machines) get the kernels built for 8-float vectors:
+    the compiler with -mno-avx512f after -march=native builds that form here, and the kernels' own tests run
+    against it."""
+    cc = tmp_path / "cc"
+    real = os.environ.get("CC") or "cc"
+    cc.write_text(f'#!/bin/sh\nexec {real} "$@" -mno-avx512f\n')
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc), EXPERTMESH_KERNEL_CACHE=str(tmp_path / "k"))
+    tests = ["tests/test_cpu_kernel.py", "tests/test_cpu_attention.py", "tests/test_varlen_attention.py"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout  # built, and run: not skipped
+    built = list((tmp_path / "k").glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    listing = subprocess.run(["objdump", "-d", str(built[0])], capture_output=True, text=True)
+    if listing.returncode == 0:  # binutils at hand: no 512-bit register anywhere in the 8-lane build
+        assert "zmm" not in listing.stdout and "ymm" in listing.stdout
