@@ -10,9 +10,9 @@ with its replica shares (each replica's share of its expert's tokens, chosen per
 packing split evenly. Upper bounds on balancedness: `heaviest` = mean / max(mean, heaviest replica) of the
 replication that minimises that replica; `slot-aware` adds the lightest replicas (of other experts) that must
 share its pool when every slot is used, as both planners do; `any count` is the best slot-aware bound over every
-replica count (leaving slots empty), over the same greedy replication of each count; `shares` bounds plans with
-any shares, slots left empty or not (`shares_bound`). At V3 scale and at the test scale (tests/test_planner.py: 64
-experts).
+replica count (leaving slots empty), over the same greedy replication of each count; `any plan` bounds every
+plan: any shares, slots used or empty, replicas sharing pools in any pattern (`any_plan_bound`). At V3 scale
+and at the test scale (tests/test_planner.py: 64 experts).
 "Before" is the static spread (one replica per expert, dealt round-robin); "after" is the planner's placement.
 A re-plan after 5% load drift from the planned placement shows how many replicas move.
 Then the wall time of one live rebalance (plan + two-phase rollout) on the `small` preset: `expertmesh up`
@@ -21,7 +21,6 @@ with 2 pools of 40 slots (64 experts: 25% redundant), after a burst of generatio
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
@@ -80,62 +79,43 @@ def bounds(layer: np.ndarray, pools: int, slots: int) -> tuple[float, float, flo
     return mean / max(mean, heaviest), mean / max(mean, slot_aware), mean / max(mean, min(b for _, b in out))
 
 
-def slot_cost(weight: np.ndarray, size: np.ndarray, t: float, c: float, pools: int, slots: int) -> np.ndarray:
-    """[K] total load and [K] number of experts of K groups -> [K] the fewest slots each group takes (replicas plus
-    slots left empty) for no pool to exceed t; inf where none does.
-
-    A group of g experts with N replicas, joined through pools they share, spans P <= N - g + 1 pools; their
-    other slots * P - N slots hold other experts' whole replicas (at least c each) or stay empty. More pools add
-    t of room for `slots` slots (t > slots * c), so P = N - g + 1 is the cheapest; the group needs
-    N + max(0, slots * P - N - floor((P t - load) / c)) slots."""
-    p = np.arange(1, pools + 1)[None]  # [1, P]
-    n = p + size[:, None] - 1  # [K, P] replicas
-    room = p * t - weight[:, None]  # [K, P]
-    fillers = np.floor(np.maximum(room, 0.0) / c + 1e-9)
-    cost = n + np.maximum(0, slots * p - n - fillers)
-    return np.where(room >= 0, cost, np.inf).min(axis=1)
+# fractions f of T / slots tried as the weight c in any_plan_bound (every one gives a valid bound; the least is kept)
+FILLER_FRACTIONS = np.linspace(0.0025, 0.9975, 200)
 
 
-def shares_bound(layer: np.ndarray, pools: int, slots: int) -> tuple[float, bool]:
-    """Upper bound on one layer's balancedness with any shares and slots left empty where that helps ->
-    (bound, whether a group of linked experts might beat it).
+def any_plan_bound(layer: np.ndarray, pools: int, slots: int) -> float:
+    """Upper bound on one layer's balancedness for any plan: any shares, slots used or left empty, replicas of
+    experts sharing pools in any pattern.
 
-    Shares move load only between pools that hold a replica of one expert. An expert alone among split experts
-    on its pools takes slot_cost(its load, 1, T) slots for a maximum T; all experts' costs must fit in
-    pools x slots. The least T for which they do bounds the maximum. Experts linked through shared pools form one
-    group, which spans one pool fewer than apart (slot_cost of their summed load); the flag says whether a group
-    of two or three of the 40 heaviest costs fewer slots than apart at that T (then the bound may not hold)."""
-    key = (np.sort(layer).tobytes(), pools, slots)
-    if key not in _SHARES_BOUND:
-        _SHARES_BOUND[key] = _shares_bound(np.sort(layer)[::-1], pools, slots)
-    return _SHARES_BOUND[key]
+    For a maximum pool load T and any weight 0 <= c < T / slots: split the experts into the connected parts of
+    "has a replica on the same pool". A part of g experts, N replicas, load W on P pools of K = slots x P slots is
+    connected, so g <= N - P + 1 <= (slots - 1) P + 1, and W <= P T; together they give
+    K (T - (slots - 1) c) >= W + (g - 1) (T - slots c), i.e. K >= X + (g - 1) rho with X the sum of
+    x_e = w_e / (T - (slots - 1) c) over its experts and rho = (T - slots c) / (T - (slots - 1) c) < 1. Alone an
+    expert takes ceil(x_e) slots; a part takes ceil(X + (g - 1) rho), fewer by floor(sum of (ceil(x_e) - x_e)
+    - (g - 1) rho), and fewer by s >= 1 only if the sum of its (ceil(x_e) - x_e - rho) reaches s (1 - rho). So
+    every part together saves at most floor(sum of max(0, ceil(x_e) - x_e - rho) / (1 - rho)) slots: T needs
+    sum of ceil(x_e) minus that <= pools x slots, for every c. The least such T bounds the maximum (the count is
+    monotone in T for each c = f T / slots); c ranges over FILLER_FRACTIONS."""
+    mean = layer.sum() / pools
+    f = FILLER_FRACTIONS[:, None]  # [F, 1]
 
+    def fits(t: float) -> bool:
+        room = t * (1 - (slots - 1) * f / slots)  # [F, 1]
+        x = layer[None] / room  # [F, E]
+        need = np.ceil(x - 1e-12)  # [F, E] slots each expert takes alone
+        rho = (1 - f) / (1 - (slots - 1) * f / slots)  # [F, 1]
+        saved = np.floor((np.maximum(0.0, need - x - rho).sum(axis=1, keepdims=True) / (1 - rho)) + 1e-9)
+        cost = need.sum(axis=1, keepdims=True) - (saved if slots > 1 else 0.0)  # [F, 1]
+        return bool((cost <= pools * slots).all())
 
-_SHARES_BOUND: dict[tuple[bytes, int, int], tuple[float, bool]] = {}  # the layers are permutations of one load
-
-
-def _shares_bound(layer: np.ndarray, pools: int, slots: int) -> tuple[float, bool]:
-    mean, c, ones = layer.sum() / pools, max(float(layer.min()), 1e-12 * layer.max()), np.ones(layer.size)
-
-    def cost(t: float) -> np.ndarray:
-        return slot_cost(layer, ones, t, c, pools, slots)
-
-    lo, hi = mean, float(layer.max()) + slots * float(layer.max())
-    if cost(lo).sum() <= pools * slots:
-        return 1.0, False
+    lo, hi = mean, float(layer.max()) * (slots + 1)
+    if fits(lo):
+        return 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if cost(mid).sum() <= pools * slots else (mid, hi)
-    alone = cost(lo)  # [E] just below the bound
-    top = np.arange(min(40, layer.size))
-    groups = [np.asarray(g) for k in (2, 3) for g in itertools.combinations(top.tolist(), k)]
-    if not groups or slots == 1:
-        return mean / hi, False
-    members = np.stack([np.pad(g, (0, 3 - g.size), constant_values=-1) for g in groups])  # [K, 3], -1 pads
-    weight = np.where(members >= 0, layer[members], 0.0).sum(axis=1)
-    apart = np.where(members >= 0, alone[members], 0.0).sum(axis=1)
-    together = slot_cost(weight, (members >= 0).sum(axis=1), lo, c, pools, slots)
-    return mean / hi, bool((together < apart).any())
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return mean / hi
 
 
 def greedy_start(layer: np.ndarray, pools: int, slots: int) -> float:
@@ -152,10 +132,10 @@ def compare() -> None:
     print(
         "| scale | zipf s | pools x slots | planner with shares (mean / min layer) | planner split evenly "
         "| plan s wall / CPU | EPLB greedy (mean / min) | greedy s | pools doubled by the greedy "
-        "| planner before its search | bound: heaviest / slot-aware / any count | bound with shares "
-        "| layers a linked group might beat it |"
+        "| planner before its search | bound: heaviest / slot-aware / any count "
+        "| bound: any plan |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, layers, experts, shapes, exponents in SCALES:
         for s in exponents:
             load = zipf(s, seed=0, layers=layers, experts=experts)
@@ -171,13 +151,13 @@ def compare() -> None:
                 eplb = [g.mean() / g.max() for g, _ in greedy]
                 start = np.mean([greedy_start(layer, pools, slots) for layer in load])
                 bound = np.mean([bounds(layer, pools, slots) for layer in load], axis=0)
-                with_shares = [shares_bound(layer, pools, slots) for layer in load]
+                any_plan = [any_plan_bound(layer, pools, slots) for layer in load]
                 print(
                     f"| {name} {layers}x{experts} | {s} | {pools} x {slots} | {np.mean(planned):.3f} / "
                     f"{min(planned):.3f} | {even:.3f} | {wall:.3f} / {cpu:.3f} | {np.mean(eplb):.3f} / "
                     f"{min(eplb):.3f} | {greedy_s:.3f} | {sum(d for _, d in greedy)} of {pools * layers} "
                     f"| {start:.3f} | {bound[0]:.3f} / {bound[1]:.3f} / {bound[2]:.3f} "
-                    f"| {np.mean([b for b, _ in with_shares]):.3f} | {sum(f for _, f in with_shares)} |"
+                    f"| {np.mean(any_plan):.3f} |"
                 )
 
 
