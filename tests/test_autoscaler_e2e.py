@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,8 @@ def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
             "0",
             "--slots-per-pool",
             "16",
+            "--device",
+            "cpu",
         ],
     )
     try:
@@ -219,6 +222,7 @@ def test_pools_scale_with_utilisation(tiny_fp8, tmp_path_factory, engine_tiny):
 
         grew = wait_until(grown_under_load, 60, "a pool to be added under load", interval_s=0)
         newcomer = next(p for p in grew.pools if p not in ("pool-0", "pool-1"))
+        assert _pool_argv(newcomer)[-2:] == ["--device", "cpu"]  # the autoscaler starts it on up's device
         # registered first, then a rebalance gives it experts
         wait_until(lambda: store.get().experts_on(newcomer), 30, "the new pool to get experts", 0.2)
         expected = engine_tiny.generate([prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
@@ -278,3 +282,15 @@ def test_replica_floor_survives_a_skewed_rebalance_and_a_pool_kill(skewed_model,
         assert [r["token_ids"] for r in results] == [g.token_ids for g in expected]
     finally:
         up.stop()
+
+
+def _pool_argv(pool_id: str) -> list[str]:
+    """The command line of the running pool process with this id."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")[:-1]
+        except OSError:  # gone meanwhile
+            continue
+        if "services.expert.server" in argv and pool_id in argv:
+            return argv
+    raise AssertionError(f"no process of {pool_id}")

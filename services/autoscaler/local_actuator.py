@@ -36,8 +36,9 @@ class LocalActuator:
         window_s: float = 30.0,
         grace_s: float = 2.0,
         log_dir: Path | None = None,
+        device: str = "auto",
     ):
-        self.store, self.model_dir, self.threads = store, model_dir, threads
+        self.store, self.model_dir, self.threads, self.device = store, model_dir, threads, device
         self.window_s, self.grace_s, self.log_dir = window_s, grace_s, log_dir
         self.started: dict[str, subprocess.Popen] = {}
 
@@ -51,7 +52,7 @@ class LocalActuator:
             pool_id, port = f"pool-{next_ordinal + k}", free_port()
             out = open(self.log_dir / f"{pool_id}.log", "ab") if self.log_dir else subprocess.DEVNULL
             self.started[pool_id] = subprocess.Popen(
-                pool_argv(self.model_dir, pool_id, self.store.url, port, self.threads),
+                pool_argv(self.model_dir, pool_id, self.store.url, port, self.threads, device=self.device),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -30,6 +30,7 @@ from services.autoscaler.leadership import LeaderOnlyStore
 from services.autoscaler.rebalance import propose
 from services.autoscaler.rollout import RolloutResult, rollout
 from services.errors import ExpertmeshError
+from services.math.device import DEVICE_CHOICES
 from services.rpc import tls
 from services.rpc.health import is_serving
 from services.rpc.metrics import AutoscalerMetrics, serve_metrics
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--local-pools", action="store_true", help="scale pools as local processes (expertmesh up)")
     ap.add_argument("--pool-threads", type=int, default=1)
+    ap.add_argument(
+        "--pool-device", default="auto", choices=DEVICE_CHOICES, help="the device of the pools it starts locally"
+    )
     ap.add_argument("--log-dir", help="where local pool processes log")
     ap.add_argument("--statefulset", help="the pool StatefulSet (with --kubernetes)")
     ap.add_argument("--lease", help="the Lease for leader election (with --kubernetes)")
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             config.load_window_s,
             config.grace_s,
             Path(args.log_dir) if args.log_dir else None,
+            args.pool_device,
         )
     _release_on_sigterm(elector)
     try:

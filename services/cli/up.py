@@ -257,7 +257,8 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
     address = f"127.0.0.1:{gateway.grpc_port}"
     wait_serving(address, layout.start_timeout_s, "gateway", gone)
     if layout.autoscale:
-        local = ["--local-pools", "--pool-threads", str(pool_threads), "--log-dir", str(dep.logs)]
+        local = ["--local-pools", "--pool-threads", str(pool_threads), "--pool-device", gateway.device]
+        local += ["--log-dir", str(dep.logs)]
         dep.spawn("autoscaler", [sys.executable, "-m", "services.autoscaler.service", "--redis", redis_url,
                                  "--metrics-port", str(metrics["autoscaler"]), "--model", str(gateway.model),
                                  *local, *to_argv(autoscaler)])  # fmt: skip
