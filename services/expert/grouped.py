@@ -67,7 +67,7 @@ class StackedExperts:
         """The packed copies only where the C kernel cannot run these experts (it reads the plain stacks)."""
         if cpu_routed.handles(gate_up):
             return cls(row_of_expert, gate_up, down, kernel=cpu_routed.KernelWeights.dense(gate_up, down))
-        if gate_up.device.type != "cpu" or not packing_available():
+        if gate_up.device.type != "cpu" or not packing_available(gate_up.dtype):
             return cls(row_of_expert, gate_up, down)
         r, h, i = down.shape
         return cls(
@@ -162,25 +162,34 @@ def grouped_pairs_forward(
     order = pairs.expert.argsort(stable=True)  # pairs grouped by expert
     experts_sorted = pairs.expert[order]  # [P]
     token_of = pairs.token[order]  # [P]
-    x_sorted = hidden[token_of]  # [P, H]
     w_sorted = pairs.weight[order].to(hidden.dtype)  # [P]
     cap = int(counts.max())
     if mostly_active and cap <= SMALL_GROUP_ROWS:
-        y = _batched(x_sorted, experts_sorted, counts, cap, stacked)
-    else:
-        y = _per_expert(x_sorted, counts, weights)
-    return torch.zeros_like(hidden).index_add_(0, token_of, y * w_sorted[:, None])
+        y = _batched(hidden[token_of], experts_sorted, counts, cap, stacked)  # [P, H]
+        return torch.zeros_like(hidden).index_add_(0, token_of, y * w_sorted[:, None])
+    return _per_expert(hidden, token_of, w_sorted, counts, weights)
 
 
-def _per_expert(x_sorted: torch.Tensor, counts: torch.Tensor, weights: ExpertWeightsSource) -> torch.Tensor:
-    outputs = []
+def _per_expert(
+    hidden: torch.Tensor,
+    token_of: torch.Tensor,
+    w_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    weights: ExpertWeightsSource,
+) -> torch.Tensor:
+    """Each active expert's SwiGLU on its tokens' rows, weighted and added into their outputs -> [N, H]. No
+    [P, H] copy of the gathered inputs, outputs or weighted outputs: at a prefill those are tens of MB a layer,
+    each a pass over freshly mapped memory (the same sums, in the same order: expert by expert)."""
+    out = torch.zeros_like(hidden)
     start = 0
     counts_list = counts.tolist()
     for expert in torch.nonzero(counts).flatten().tolist():
         end = start + counts_list[expert]
-        outputs.append(swiglu(x_sorted[start:end], *weights.expert(expert)))
+        tokens = token_of[start:end]  # [n]
+        y = swiglu(hidden.index_select(0, tokens), *weights.expert(expert))  # [n, H]
+        out.index_add_(0, tokens, y.mul_(w_sorted[start:end, None]))
         start = end
-    return torch.cat(outputs)
+    return out
 
 
 def _kernel_weights(

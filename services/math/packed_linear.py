@@ -10,6 +10,8 @@ oneDNN, a `Linear` is the plain weight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +19,18 @@ PACK_MIN_ELEMENTS = 1 << 18  # [512, 512] and up: below it the per-call overhead
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+@functools.cache
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN packs `dtype` weights here: torch built with it and, for bfloat16, a CPU with the
+    instructions oneDNN needs for it (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has none). Probed once
+    per dtype with a small weight."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(32, 32, dtype=dtype), 32)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Linear:
@@ -33,7 +45,7 @@ class Linear:
                 weight.device.type == "cpu"
                 and weight.dtype in PACK_DTYPES
                 and weight.numel() >= PACK_MIN_ELEMENTS
-                and packing_available()
+                and packing_available(weight.dtype)
             )
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32) if pack else None
         self.weight = weight if keep_plain or self.packed is None else None  # [out, in]
