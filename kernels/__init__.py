@@ -1,6 +1,7 @@
 """FP8 kernels. Call these: they run the Triton kernels on CUDA tensors and the torch references elsewhere.
 
-Dense: `act_quant`, `weight_dequant`, `fp8_gemm` (kernels/triton_fp8.py). Routed experts: `grouped_fp8_gemm`,
+Dense: `act_quant`, `weight_dequant`, `fp8_gemm` (kernels/triton_fp8.py; act_quant and `act_dequant_finite` on
+the CPU: kernels/cpu_act.py). Routed experts: `grouped_fp8_gemm`,
 `grouped_fp8_swiglu` and the whole expert MLP over rows sorted by expert, `grouped_fp8_mlp`
 (kernels/triton_grouped.py).
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import cpu_act, reference
+from kernels.cpu_act import act_dequant_bytes, act_dequant_finite
 from kernels.reference import BLOCK, FP8_DTYPE, FP8_MAX, act_dequant, weight_quant
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "FP8_MAX",
     "act_quant",
     "act_dequant",
+    "act_dequant_finite",
+    "act_dequant_bytes",
     "weight_dequant",
     "weight_quant",
     "fp8_gemm",
@@ -40,7 +44,7 @@ def _triton_grouped():
 
 
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton().act_quant(x) if x.is_cuda else reference.act_quant(x)
+    return _triton().act_quant(x) if x.is_cuda else cpu_act.act_quant(x)
 
 
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted((Path(__file__).with_name("cpu")).glob("*.c")))
+HEADERS = tuple(sorted((Path(__file__).with_name("cpu")).glob("*.h")))  # part of the build's key
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # every entry point and its C signature (argument types; each returns an int status)
@@ -31,6 +32,13 @@ SIGNATURES = {
     "em_routed_swiglu": [_INT, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
     # k_len, B, scale, out with token and head strides, threads
+    # x, T, K, row stride, q, scales | q, scales, T, K, kind, out
+    "em_act_quant": [_P, _I64, _I64, _I64, _P, _P],
+    "em_act_dequant": [_P, _P, _I64, _I64, _INT, _P],
+    # token, expert, weight, owner, P, T, O, pairs_of, rows_of, token_out, expert_out, weight_out, packed, rows
+    "em_split_pairs": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P],
+    # packed, weight, P, rows, experts, held, token, expert, weight_out
+    "em_check_pairs": [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
     "em_latent_attention": [
         *(_P, _I64, _I64) * 2,
         *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),
@@ -71,7 +79,11 @@ def _cpu_features() -> str:
 
 
 def _build(cc: str) -> Path:
-    parts = [s.read_bytes() for s in SOURCES] + [" ".join(FLAGS).encode(), cc.encode(), _cpu_features().encode()]
+    parts = [s.read_bytes() for s in SOURCES + HEADERS] + [
+        " ".join(FLAGS).encode(),
+        cc.encode(),
+        _cpu_features().encode(),
+    ]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -103,16 +115,16 @@ def _load(cc: str) -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The built kernels, or None (turned off, no compiler, or the build failed: logged once)."""
     if os.environ.get("EXPERTMESH_CPU_KERNELS", "on").lower() in ("0", "off", "false", "no"):
-        log.info("CPU kernels turned off (EXPERTMESH_CPU_KERNELS): routed experts and attention run through torch")
+        log.info("CPU kernels turned off (EXPERTMESH_CPU_KERNELS): the CPU kernels' work runs through torch")
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        log.warning("no C compiler found (set CC): routed experts and attention run through torch (slower)")
+        log.warning("no C compiler found (set CC): the CPU kernels' work runs through torch (slower)")
         return None
     try:
         lib = _load(cc)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernels not built (%s): routed experts and attention run through torch", e)
+        log.warning("CPU kernels not built (%s): the CPU kernels' work runs through torch", e)
         return None
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)

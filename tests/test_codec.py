@@ -28,7 +28,8 @@ def _batch(seed: int = 0):
 
 def _one_pools_share(pairs: RoutedPairs) -> RoutedPairs:
     """The pairs of experts 0-7 (some tokens have none, so rows are a proper subset)."""
-    return pairs.select(pairs.expert < 8)
+    keep = pairs.expert < 8
+    return RoutedPairs(pairs.token[keep], pairs.expert[keep], pairs.weight[keep])
 
 
 def _over_the_wire(request: expert_pool_pb2.ForwardRequest) -> expert_pool_pb2.ForwardRequest:

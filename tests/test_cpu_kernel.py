@@ -118,7 +118,7 @@ def test_bad_arguments_are_refused_before_anything_is_written():
 
 def test_without_a_compiler_experts_run_through_torch(tmp_path):
     """A machine without a C compiler (CC names a missing one) or with the kernels turned off: nothing is built,
-    the reason is logged, and routed experts and attention run through torch."""
+    the reason is logged, and routed experts, attention and the dispatch codec run through torch."""
     script = """
 import logging, torch
 logging.basicConfig(level=logging.INFO)
@@ -126,6 +126,12 @@ from kernels import cpu_attention, cpu_routed
 from kernels.reference import weight_dequant, weight_quant
 from services.expert.grouped import StackedExperts
 assert cpu_routed.library() is None and not cpu_attention.available()
+from services.dispatch import codec
+from services.math.routed_pairs import RoutedPairs
+pairs = RoutedPairs.from_topk(torch.tensor([[0, 3], [2, 3]]), torch.rand(2, 2))
+_, request = codec.encode_request(1, codec.DispatchRows(torch.randn(2, 256), "fp8"), pairs)
+batch = codec.decode_request(request, 256, 4)
+assert batch.hidden.shape == (2, 256) and batch.pairs.expert.tolist() == [0, 3, 2, 3]
 s = StackedExperts.build(torch.arange(2), torch.randn(2, 8, 16), torch.randn(2, 16, 4))
 print("packed" if s.gate_up_all is not None else "plain")
 """
@@ -164,7 +170,12 @@ def test_the_8_lane_build_passes_the_kernel_tests_too(tmp_path):
     cc.write_text(f'#!/bin/sh\nexec {real} "$@" -mno-avx512f\n')
     cc.chmod(0o755)
     env = dict(os.environ, CC=str(cc), EXPERTMESH_KERNEL_CACHE=str(tmp_path / "k"))
-    tests = ["tests/test_cpu_kernel.py", "tests/test_cpu_attention.py", "tests/test_varlen_attention.py"]
+    tests = [
+        "tests/test_cpu_kernel.py",
+        "tests/test_cpu_attention.py",
+        "tests/test_varlen_attention.py",
+        "tests/test_cpu_codec_kernels.py",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
         env=env,

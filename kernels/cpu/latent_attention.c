@@ -22,11 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
+#include "simd.h"
+
 #define NV 4           /* score vectors a row holds for one key block */
 #define KB (NV * VW)   /* keys a block */
 #define RB 4           /* query rows computed together */
@@ -34,33 +31,6 @@
 /* from this many rows a key block is transposed once (then every score is a plain FMA over keys); fewer rows
  * take dot products per key, each summed across lanes by a shuffle tree (measured faster up to 16 rows) */
 #define TRANSPOSE_ROWS 32
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-static inline vf loadv(const float *p) {
-  vf v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void storev(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 is exact: one broadcast, no add */
-
-static inline vf vsel(vi m, vf a, vf b) { /* m ? a : b, lane by lane */
-  vi ai, bi;
-  memcpy(&ai, &a, sizeof ai);
-  memcpy(&bi, &b, sizeof bi);
-  ai = (ai & m) | (bi & ~m);
-  memcpy(&a, &ai, sizeof a);
-  return a;
-}
-
-static inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < VW; i++) s += v[i];
-  return s;
-}
 
 static inline float hmax(vf v) {
   float m = v[0];
@@ -127,9 +97,9 @@ static void transpose_block(const float *const *key, int64_t kb, int64_t d, floa
     int64_t j0 = 0;
     for (; j0 + VW <= d; j0 += VW) {
       vf r[VW];
-      for (int i = 0; i < VW; i++) r[i] = loadv(key[k0 + i] + j0);
+      for (int i = 0; i < VW; i++) r[i] = load_f32(key[k0 + i] + j0);
       transpose_vw(r);
-      for (int i = 0; i < VW; i++) storev(kt + (j0 + i) * KB + k0, r[i]);
+      for (int i = 0; i < VW; i++) store_f32(kt + (j0 + i) * KB + k0, r[i]);
     }
     for (; j0 < d; j0++)
       for (int i = 0; i < VW; i++) kt[j0 * KB + k0 + i] = key[k0 + i][j0];
@@ -190,8 +160,8 @@ static void scores_dot(const args_t *a, const scratch_t *w, int64_t r0, const fl
   for (int64_t k = 0; k < kb; k++) {
     vf acc[RB] = {{0}};
     for (int64_t j = 0; j < dv; j += VW) {
-      const vf kv = loadv(key[k] + j);
-      for (int r = 0; r < RB; r++) acc[r] += loadv(w->q + (r0 + r) * d + j) * kv;
+      const vf kv = load_f32(key[k] + j);
+      for (int r = 0; r < RB; r++) acc[r] += load_f32(w->q + (r0 + r) * d + j) * kv;
     }
     float sum[RB];
     hsum4(acc, sum);
@@ -207,14 +177,14 @@ static void scores_t(const args_t *a, const scratch_t *w, int64_t r0) {
   vf acc[RB][NV] = {{{0}}};
   for (int64_t j = 0; j < a->d; j++) {
     vf kv[NV];
-    for (int v = 0; v < NV; v++) kv[v] = loadv(w->kt + j * KB + v * VW);
+    for (int v = 0; v < NV; v++) kv[v] = load_f32(w->kt + j * KB + v * VW);
     for (int r = 0; r < RB; r++) {
       const vf qv = splat(w->q[(r0 + r) * a->d + j]);
       for (int v = 0; v < NV; v++) acc[r][v] += qv * kv[v];
     }
   }
   for (int r = 0; r < RB; r++)
-    for (int v = 0; v < NV; v++) storev(w->s + (r0 + r) * KB + v * VW, acc[r][v] * a->scale);
+    for (int v = 0; v < NV; v++) store_f32(w->s + (r0 + r) * KB + v * VW, acc[r][v] * a->scale);
 }
 
 /* online softmax over the block for row r (keys k0 .. k0 + kb - 1): probabilities into s, acc rescaled */
@@ -228,15 +198,15 @@ static void softmax_block(const args_t *a, const scratch_t *w, int64_t r, int64_
   }
   vf mv = splat(w->m[r]);
   for (int v = 0; v < NV; v++) {
-    const vi in = loadv(IOTA + v * VW) < splat((float)valid);
-    mv = vsel(in & (loadv(s + v * VW) > mv), loadv(s + v * VW), mv);
+    const vi in = load_f32(IOTA + v * VW) < splat((float)valid);
+    mv = vsel(in & (load_f32(s + v * VW) > mv), load_f32(s + v * VW), mv);
   }
   const float mx = hmax(mv);
   vf sum = {0};
   for (int v = 0; v < NV; v++) {
-    const vi in = loadv(IOTA + v * VW) < splat((float)valid);
-    const vf p = vsel(in, vexp(loadv(s + v * VW) - mx), splat(0.f));
-    storev(s + v * VW, p);
+    const vi in = load_f32(IOTA + v * VW) < splat((float)valid);
+    const vf p = vsel(in, vexp(load_f32(s + v * VW) - mx), splat(0.f));
+    store_f32(s + v * VW, p);
     sum += p;
   }
   const float corr = w->m[r] == -FLT_MAX ? 0.f : expf(w->m[r] - mx);
@@ -253,12 +223,12 @@ static void accumulate(const args_t *a, const scratch_t *w, int64_t r0, const fl
   const int64_t c = a->c, cv = c / VW * VW;
   for (int64_t j = 0; j < cv; j += VW) {
     vf acc[RB];
-    for (int r = 0; r < RB; r++) acc[r] = loadv(w->acc + (r0 + r) * c + j);
+    for (int r = 0; r < RB; r++) acc[r] = load_f32(w->acc + (r0 + r) * c + j);
     for (int64_t k = 0; k < kb; k++) {
-      const vf v = loadv(key[k] + j);
+      const vf v = load_f32(key[k] + j);
       for (int r = 0; r < RB; r++) acc[r] += splat(w->s[(r0 + r) * KB + k]) * v;
     }
-    for (int r = 0; r < RB; r++) storev(w->acc + (r0 + r) * c + j, acc[r]);
+    for (int r = 0; r < RB; r++) store_f32(w->acc + (r0 + r) * c + j, acc[r]);
   }
   for (int64_t j = cv; j < c; j++)
     for (int r = 0; r < RB; r++) {

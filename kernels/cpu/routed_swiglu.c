@@ -18,47 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 enum { EM_F32 = 0, EM_BF16 = 1, EM_E4M3 = 2 };
-
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef uint8_t vb __attribute__((vector_size(VW)));
-
-static inline vf as_vf(vu u) {
-  vf f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-static inline vf load_f32(const float *p) {
-  vf v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline vf load_bf16(const uint16_t *p) { /* bf16 is the top half of an fp32 */
-  vh w;
-  memcpy(&w, p, sizeof w);
-  return as_vf(__builtin_convertvector(w, vu) << 16);
-}
-
-/* e4m3 (bias 7, no infinities) exactly: its exponent and mantissa bits placed in an fp32's (bias 127), scaled
- * by 2^120 (exact, subnormals included), then the sign */
-static inline vf load_e4m3(const uint8_t *p) {
-  vb b;
-  memcpy(&b, p, sizeof b);
-  const vu u = __builtin_convertvector(b, vu);
-  vu mag;
-  const vf f = as_vf((u & 0x7F) << 20) * 0x1p120f;
-  memcpy(&mag, &f, sizeof mag);
-  return as_vf(mag | (u & 0x80) << 24);
-}
 
 static inline float scalar_w(int kind, const void *w, const float *sc, int64_t k) {
   uint32_t u;
@@ -69,24 +31,12 @@ static inline float scalar_w(int kind, const void *w, const float *sc, int64_t k
       memcpy(&f, &u, 4);
       return f;
     case EM_E4M3:
-      u = ((const uint8_t *)w)[k];
-      uint32_t mag = (u & 0x7F) << 20;
-      memcpy(&f, &mag, 4);
-      f *= 0x1p120f;
-      memcpy(&mag, &f, 4);
-      mag |= (u & 0x80) << 24;
-      memcpy(&f, &mag, 4);
-      return f * sc[k >> 7];
+      return e4m3_value(((const uint8_t *)w)[k]) * sc[k >> 7];
     default:
       return ((const float *)w)[k];
   }
 }
 
-static inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < VW; i++) s += v[i];
-  return s;
-}
 
 /* Up to 4 weight rows of one kind: their starts, and for e4m3 their rows of block scales. */
 typedef struct {

@@ -8,20 +8,23 @@ A `ForwardRequest` carries one MoE layer's share of a batch for one pool:
 and the `ForwardResponse` the partial sums [N, H] (bfloat16 with fp8/bf16 dispatch, float32 with fp32), as
 DeepSeek does in production for fp8.
 
-Gateway side: `DispatchRows` quantizes a layer's activations once; `encode_request` encodes any subset of rows
-with one pool's pairs; `decode_partial` reads the answer. Pool side: `decode_request` decodes and validates a
-request into a `PoolBatch` (every malformed field raises InvalidRequestError naming it); `encode_response`
-encodes the partial sums. Which experts the pool holds is the pool's own check, not the codec's.
+Gateway side: `DispatchRows` quantizes a layer's activations once; `split_for_pools` splits the layer's pairs
+over the pools and gathers every pool's rows; `encode_request` writes one pool's share into its request;
+`decode_partial` reads the answer. Pool side: `decode_request` decodes and validates a request into a
+`PoolBatch` (every malformed field raises InvalidRequestError naming it); `encode_response` encodes the partial
+sums. Which experts the pool holds is the pool's own check, not the codec's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import kernels
 from expertmesh.v1 import expert_pool_pb2, tensor_pb2
+from kernels import cpu_pairs
 from services.dispatch import DISPATCH_DTYPES, wire
 from services.dispatch.precision import compute_dtype
 from services.errors import InvalidRequestError
@@ -52,11 +55,13 @@ class DispatchRows:
             raise ValueError(f"unknown dispatch dtype {dispatch!r} (choose from {', '.join(DISPATCH_DTYPES)})")
         self.dispatch = dispatch
 
-    def fill(self, rows: torch.Tensor, request: expert_pool_pb2.ForwardRequest) -> None:
-        """rows [N] -> the request's hidden (and hidden_scale with e4m3)."""
-        wire.fill(request.hidden, self.values[rows])
-        if self.scales is not None:
-            wire.fill(request.hidden_scale, self.scales[rows])
+    def gather(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """rows [R] -> (their values' bytes [R, H * itemsize], their scales [R, ceil(H/128)] with e4m3), on the
+        host."""
+        index = rows.to(self.values.device)
+        values = self.values.view(torch.uint8).index_select(0, index).cpu().numpy()
+        scales = self.scales.index_select(0, index).cpu().numpy() if self.scales is not None else None
+        return values, scales
 
 
 def reply_element_type(dispatch: str) -> int:
@@ -64,27 +69,82 @@ def reply_element_type(dispatch: str) -> int:
     return tensor_pb2.ELEMENT_TYPE_FLOAT32 if dispatch == "fp32" else tensor_pb2.ELEMENT_TYPE_BFLOAT16
 
 
+@dataclass
+class PoolShare:
+    """The pairs of a layer that go to one pool and the bytes of its request, gathered for every pool at once."""
+
+    owner: int  # the pool's index
+    tokens: torch.Tensor  # [N] the batch rows the pool is sent, each once, in order of first appearance
+    hidden: np.ndarray  # [N, H * itemsize] uint8: those rows in the dispatch format
+    scales: np.ndarray | None  # [N, ceil(H/128)] float32, with e4m3
+    packed: np.ndarray  # [P, 2] int32: (row of the request's hidden, expert)
+    weights: np.ndarray  # [P] float32
+    _split: cpu_pairs.Split | None  # None: no pairs
+    _first: int  # the share's first pair in the split
+
+    def pairs(self) -> RoutedPairs:
+        """The share's pairs (token: a row of the batch), for failover."""
+        if self._split is None:
+            return RoutedPairs.empty()
+        end = self._first + len(self.weights)
+        s = self._split
+        return RoutedPairs(s.token[self._first : end], s.expert[self._first : end], s.weight[self._first : end])
+
+
+def split_for_pools(rows: DispatchRows, pairs: RoutedPairs, owner: torch.Tensor, n_owners: int) -> list[PoolShare]:
+    """A layer's pairs (tokens: rows of `rows`) and the pool index [P] each goes to -> one share per pool that has
+    pairs, in ascending pool order: the pairs split in one pass (kernels.cpu_pairs), every pool's rows gathered
+    at once."""
+    split = cpu_pairs.split_pairs(pairs.token, pairs.expert, pairs.weight, owner, rows.values.shape[0], n_owners)
+    hidden, scales = rows.gather(split.rows)  # [R, H * itemsize], [R, kb]
+    packed, weights = split.packed.numpy(), split.weight.numpy()
+    shares = []
+    for o, first, n, row0, r in split.owners():
+        shares.append(
+            PoolShare(
+                o,
+                split.rows[row0 : row0 + r],
+                hidden[row0 : row0 + r],
+                scales[row0 : row0 + r] if scales is not None else None,
+                packed[first : first + n],
+                weights[first : first + n],
+                split,
+                first,
+            )
+        )
+    return shares
+
+
 def encode_request(
     layer: int,
     rows: DispatchRows,
-    pairs: RoutedPairs,
+    share: PoolShare | RoutedPairs,
     placement_version: int = 0,
     into: expert_pool_pb2.ForwardRequest | None = None,
 ) -> tuple[torch.Tensor, expert_pool_pb2.ForwardRequest]:
-    """One pool's request: `pairs` name rows of `rows` (the whole batch), written into `into` (a stream message's
-    field: no copy) or a new message. -> (tokens [N]: the batch rows sent, ascending, each once; the request,
-    whose pairs name rows of its own hidden)."""
-    tokens = torch.unique(pairs.token)  # [N]
-    local = torch.searchsorted(tokens, pairs.token)  # [P] row of the request's hidden
-    packed = torch.stack((local, pairs.expert), dim=1).to(torch.int32)  # [P, 2]
+    """One pool's request: its share (or pairs, all for this pool, whose tokens are rows of `rows`), written into
+    `into` (a stream message's field: no copy) or a new message. -> (tokens [N]: the batch rows sent, each once;
+    the request, whose pairs name rows of its own hidden)."""
+    if isinstance(share, RoutedPairs):
+        found = split_for_pools(rows, share, torch.zeros_like(share.token), 1)
+        share = found[0] if found else _empty_share(rows)
     request = into if into is not None else expert_pool_pb2.ForwardRequest()
     request.layer = layer
-    rows.fill(tokens, request)
-    wire.fill(request.pairs, packed)
-    wire.fill(request.pair_weights, pairs.weight.to(torch.float32))
+    n, h = len(share.tokens), rows.values.shape[1]
+    wire.fill_array(request.hidden, wire.ELEMENT_TYPES[rows.values.dtype], (n, h), share.hidden)
+    if share.scales is not None:
+        wire.fill_array(request.hidden_scale, tensor_pb2.ELEMENT_TYPE_FLOAT32, share.scales.shape, share.scales)
+    wire.fill_array(request.pairs, tensor_pb2.ELEMENT_TYPE_INT32, share.packed.shape, share.packed)
+    wire.fill_array(request.pair_weights, tensor_pb2.ELEMENT_TYPE_FLOAT32, share.weights.shape, share.weights)
     request.response_dtype = reply_element_type(rows.dispatch)
     request.placement_version = placement_version
-    return tokens, request
+    return share.tokens, request
+
+
+def _empty_share(rows: DispatchRows) -> PoolShare:
+    none = torch.empty(0, dtype=torch.int64)
+    hidden, scales = rows.gather(none)
+    return PoolShare(0, none, hidden, scales, np.empty((0, 2), np.int32), np.empty(0, np.float32), None, 0)
 
 
 def decode_partial(
@@ -109,13 +169,22 @@ class PoolBatch:
     hidden: torch.Tensor  # [N, H] in the compute dtype
     pairs: RoutedPairs  # token: row of hidden
     reply_dtype: torch.dtype  # of the partial sums to answer with
+    held_checked: bool = False  # whether every expert was found in the `held` mask the decode was given
 
 
 def decode_request(
-    request: expert_pool_pb2.ForwardRequest, hidden_size: int, n_experts: int, device_type: str = "cpu"
+    request: expert_pool_pb2.ForwardRequest,
+    hidden_size: int,
+    n_experts: int,
+    device_type: str = "cpu",
+    held: torch.Tensor | None = None,
 ) -> PoolBatch:
     """Decode and check a request against the model (hidden size, expert count). The hidden states come in the
-    compute dtype of their dispatch format on this hardware (services.dispatch.precision)."""
+    compute dtype of their dispatch format on this hardware (services.dispatch.precision). `held` [E] bool: the
+    experts the pool holds, checked on the fast path (`held_checked`); the pool checks them itself otherwise."""
+    fast = _decode_fast(request, hidden_size, n_experts, device_type, held)
+    if fast is not None:
+        return fast
     reply_dtype = REPLY_DTYPES.get(request.response_dtype)
     if reply_dtype is None:
         raise InvalidRequestError(
@@ -124,6 +193,51 @@ def decode_request(
     hidden = _decode_hidden(request, hidden_size, device_type)
     pairs = _decode_pairs(request, hidden.shape[0], n_experts)
     return PoolBatch(request.layer, hidden, pairs, reply_dtype)
+
+
+def _decode_fast(request, hidden_size: int, n_experts: int, device_type: str, held) -> PoolBatch | None:
+    """The common request (e4m3 hidden states with their scales, some pairs) read straight from its bytes in two
+    C passes (dequantize and check; check and widen the pairs); None for anything else or anything wrong, which
+    the full decode then reads and names."""
+    if device_type != "cpu":
+        return None
+    reply_dtype = REPLY_DTYPES.get(request.response_dtype)
+    hidden, scale, pairs, weights = request.hidden, request.hidden_scale, request.pairs, request.pair_weights
+    if (
+        reply_dtype is None
+        or hidden.dtype != tensor_pb2.ELEMENT_TYPE_FLOAT8_E4M3
+        or scale.dtype != tensor_pb2.ELEMENT_TYPE_FLOAT32
+        or pairs.dtype != tensor_pb2.ELEMENT_TYPE_INT32
+        or weights.dtype != tensor_pb2.ELEMENT_TYPE_FLOAT32
+        or len(hidden.shape) != 2
+        or len(pairs.shape) != 2
+    ):
+        return None
+    n, p, kb = hidden.shape[0], pairs.shape[0], -(-hidden_size // SCALE_BLOCK)
+    if (
+        not 0 < n <= MAX_TOKENS_PER_CALL
+        or p <= 0
+        or hidden.shape[1] != hidden_size
+        or list(scale.shape) != [n, kb]
+        or pairs.shape[1] != 2
+        or list(weights.shape) != [p]
+    ):
+        return None
+    data, scale_data, pair_data, weight_data = hidden.data, scale.data, pairs.data, weights.data
+    if (
+        len(data) != n * hidden_size
+        or len(scale_data) != 4 * n * kb
+        or len(pair_data) != 8 * p
+        or len(weight_data) != 4 * p
+    ):
+        return None
+    decoded = kernels.act_dequant_bytes(data, scale_data, n, hidden_size, compute_dtype(torch.float8_e4m3fn, "cpu"))
+    if decoded is None or not decoded[1]:
+        return None
+    checked = cpu_pairs.check_pairs(pair_data, weight_data, p, n, n_experts, held)
+    if checked is None:
+        return None
+    return PoolBatch(request.layer, decoded[0], RoutedPairs(*checked), reply_dtype, held_checked=held is not None)
 
 
 def encode_response(
@@ -153,6 +267,7 @@ def _decode_hidden(request: expert_pool_pb2.ForwardRequest, hidden_size: int, de
         if has_scale:
             raise InvalidRequestError("hidden_scale: only with FLOAT8_E4M3 hidden states")
         x = x.to(dtype)
+        finite = bool(torch.isfinite(x).all())
     else:
         if not has_scale:
             raise InvalidRequestError("hidden_scale: required with FLOAT8_E4M3 hidden states")
@@ -163,8 +278,8 @@ def _decode_hidden(request: expert_pool_pb2.ForwardRequest, hidden_size: int, de
                 f"hidden_scale: expected FLOAT32 {list(expect)}, got "
                 f"{wire.element_type_name(request.hidden_scale.dtype)} {list(s.shape)}"
             )
-        x = kernels.act_dequant(x, s, dtype)
-    if not bool(torch.isfinite(x).all()):
+        x, finite = kernels.act_dequant_finite(x, s, dtype)  # one pass where the CPU kernel is built
+    if not finite:
         raise InvalidRequestError("hidden: holds a non-finite value")
     return x
 

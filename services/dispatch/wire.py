@@ -40,6 +40,14 @@ def fill(msg: tensor_pb2.Tensor, t: torch.Tensor) -> tensor_pb2.Tensor:
     return msg
 
 
+def fill_array(msg: tensor_pb2.Tensor, element_type: int, shape, array) -> tensor_pb2.Tensor:
+    """Write a host array's bytes into `msg` as `element_type` of `shape` (the caller's promise that they fit)."""
+    msg.dtype = element_type
+    msg.shape[:] = shape
+    msg.data = array.tobytes()
+    return msg
+
+
 def decode(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
     """Tensor message -> torch tensor; malformed messages raise InvalidRequestError naming `field`."""
     dtype = TORCH_DTYPES.get(msg.dtype)

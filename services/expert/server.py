@@ -32,7 +32,7 @@ from services.rpc import grpc_status, malformed
 from services.rpc.draining import DrainingInterceptor
 from services.rpc.grpc_server import ManagedServer
 from services.rpc.metrics import PoolMetrics, serve_metrics
-from services.rpc.telemetry import setup_tracing, tracer
+from services.rpc.telemetry import hot_span, setup_tracing
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pool_pb2.DESCRIPTOR.services_by_name["ExpertPoolService"].full_name
@@ -80,7 +80,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
             return answer
         answer.id = message.id
         parent = propagate.extract(message.trace_context) if message.trace_context else None
-        with tracer().start_as_current_span(FORWARD_STREAM_SPAN, context=parent, kind=SpanKind.SERVER):
+        with hot_span(FORWARD_STREAM_SPAN, context=parent, kind=SpanKind.SERVER):
             try:
                 await self._answer(message.request, into=answer.response)
             except Exception as exc:  # noqa: BLE001 - answered in band; the stream keeps serving
@@ -96,10 +96,11 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         batch = self._decode(request)
         decoded = time.perf_counter()
         n_pairs = len(batch.pairs)
-        with tracer().start_as_current_span("expert.compute") as span:
-            span.set_attribute("expertmesh.layer", batch.layer)
-            span.set_attribute("expertmesh.tokens", batch.hidden.shape[0])
-            span.set_attribute("expertmesh.pairs", n_pairs)
+        with hot_span("expert.compute") as span:
+            if span is not None:
+                span.set_attribute("expertmesh.layer", batch.layer)
+                span.set_attribute("expertmesh.tokens", batch.hidden.shape[0])
+                span.set_attribute("expertmesh.pairs", n_pairs)
             args = (
                 batch.hidden.to(self.store.device),
                 batch.pairs,
@@ -125,9 +126,12 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     def _decode(self, request) -> codec.PoolBatch:
         """The request checked against the model (codec) and against what this pool holds."""
         self.store.check(request.layer, 0)
-        batch = codec.decode_request(request, self.cfg.hidden_size, self.cfg.n_routed_experts, self.store.device.type)
-        if len(batch.pairs):
-            missing = batch.pairs.expert[~self.store.held_mask(batch.layer)[batch.pairs.expert]]
+        held = self.store.held_mask(request.layer)  # [E] bool
+        batch = codec.decode_request(
+            request, self.cfg.hidden_size, self.cfg.n_routed_experts, self.store.device.type, held
+        )
+        if len(batch.pairs) and not batch.held_checked:
+            missing = batch.pairs.expert[~held[batch.pairs.expert]]
             if missing.numel():
                 raise ExpertNotHeldError(
                     f"pool {self.pool_id} does not hold expert {int(missing.min())} of layer {batch.layer}"

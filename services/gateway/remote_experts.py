@@ -21,6 +21,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from services.errors import InvalidRequestError, PoolUnavailableError
 from services.gateway.pool_stream import MESSAGE_SPAN, PoolCallError, PoolStream
 from services.math.experts import Pending
 from services.math.routed_pairs import RoutedPairs
-from services.rpc import tls
+from services.rpc import telemetry, tls
 from services.rpc.grpc_server import CHANNEL_OPTIONS
 from services.rpc.telemetry import tracer
 from services.state.placement import Placement
@@ -53,7 +54,7 @@ MAX_CONCURRENT_CALLS = 64  # unary transport: pool calls in flight at once (thre
 class _Call:
     pool: int  # index into pool_ids
     tokens: torch.Tensor  # [N] rows of `hidden` sent, each once
-    pairs: RoutedPairs  # the pairs sent (token: row of the layer's `hidden`)
+    pairs: Callable[[], RoutedPairs]  # -> the pairs sent (token: row of the layer's `hidden`), for failover
     future: Future | None  # -> ForwardResponse, or raises grpc.RpcError
     sent_at: float
     span: trace.Span | None = None  # streamed and traced: the request's client span
@@ -169,11 +170,11 @@ class RemoteExperts:
         started = time.perf_counter()
         rows = codec.DispatchRows(hidden, self.dispatch_dtype)  # e4m3 quantization once for every pool
         prepared = []
-        for p, share in pairs.by_owner(pool_of_pair):
+        for share in codec.split_for_pools(rows, pairs, pool_of_pair, len(self.pool_ids)):
             message = expert_pool_pb2.ForwardStreamRequest() if self.transport == "stream" else None
             into = message.request if message is not None else None  # written in place: no copy of the tensors
             tokens, request = codec.encode_request(layer, rows, share, self.placement.version, into)  # tokens [N_p]
-            prepared.append((_Call(p, tokens, share, None, 0.0), message or request))
+            prepared.append((_Call(share.owner, tokens, share.pairs, None, 0.0), message or request))
         encoded = time.perf_counter()
         calls = []
         for call, request in prepared:
@@ -207,11 +208,13 @@ class RemoteExperts:
         return span
 
     def start(self, layer: int, hidden: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> Pending:
-        span = tracer().start_span(
-            "moe.dispatch", attributes={"expertmesh.layer": layer, "expertmesh.tokens": topk_idx.shape[0]}
-        )
+        span, token = trace.INVALID_SPAN, None  # no span at all where tracing is off (services.rpc.telemetry)
+        if telemetry.active():
+            span = tracer().start_span(
+                "moe.dispatch", attributes={"expertmesh.layer": layer, "expertmesh.tokens": topk_idx.shape[0]}
+            )
+            token = otel_context.attach(trace.set_span_in_context(span))  # pool calls: children of the dispatch
         pairs = RoutedPairs.from_topk(topk_idx, topk_w)  # [T*K]
-        token = otel_context.attach(trace.set_span_in_context(span))  # pool calls become children of the dispatch
         try:
             with self._lock:
                 calls = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert))
@@ -219,7 +222,8 @@ class RemoteExperts:
             span.end()
             raise
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
 
         def wait() -> torch.Tensor:
             out = torch.zeros_like(hidden)
@@ -271,7 +275,7 @@ class RemoteExperts:
             if not failed:
                 return
             self.failovers += len(failed)
-            pairs = RoutedPairs.cat([c.pairs for c in failed])
+            pairs = RoutedPairs.cat([c.pairs() for c in failed])
             ctx = otel_context.attach(trace.set_span_in_context(span))
             try:
                 with self._lock:

@@ -1,13 +1,14 @@
 """A batch's top-k routing as flat (token, expert, weight) pairs: the one form in which the gateway splits a
 batch over pools and a pool (or the in-process engine) runs grouped expert compute.
 
-`RoutedPairs.from_topk` is the only place where top-k routing is flattened; `by_owner` splits pairs over the
-pools chosen for them, `cat` joins them back (failover re-sends the pairs of failed calls).
+`RoutedPairs.from_topk` is the only place where top-k routing is flattened; the dispatch codec splits pairs over
+the pools chosen for them (services.dispatch.codec.split_for_pools), `cat` joins them back (failover re-sends
+the pairs of failed calls).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,3 @@ class RoutedPairs:
 
     def __len__(self) -> int:
         return self.token.numel()
-
-    def select(self, mask: torch.Tensor) -> RoutedPairs:
-        """The pairs where `mask` [P] (bool) is set, in order."""
-        return RoutedPairs(self.token[mask], self.expert[mask], self.weight[mask])
-
-    def by_owner(self, owner: torch.Tensor) -> Iterator[tuple[int, RoutedPairs]]:
-        """owner [P] (a pool index per pair) -> (owner, its pairs) for each owner present, in ascending order."""
-        for o in torch.unique(owner).tolist():
-            yield o, self.select(owner == o)

@@ -8,16 +8,29 @@ request's spans on the gateway and the pools join one trace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from opentelemetry import trace
 
 TRACER_NAME = "expertmesh"
 _instrumented = False
+_active = False
 
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
+
+
+def active() -> bool:
+    """Whether this process set up tracing. The per-layer hot paths (a gateway's dispatch, a pool's message)
+    make no spans at all when it did not: a non-recording span still costs tens of microseconds to make."""
+    return _active
+
+
+def hot_span(name: str, **kwargs):
+    """`tracer().start_as_current_span` where tracing is active, else a context that yields None."""
+    return tracer().start_as_current_span(name, **kwargs) if _active else contextlib.nullcontext()
 
 
 def exporting_requested() -> bool:
@@ -47,6 +60,8 @@ def setup_tracing(service_name: str, span_processor=None) -> bool:
     provider.add_span_processor(span_processor)
     trace.set_tracer_provider(provider)
     instrument_grpc()
+    global _active
+    _active = True
     return True
 
 
