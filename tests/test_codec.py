@@ -191,3 +191,15 @@ def test_the_old_repeated_pair_fields_are_gone():
     fields = expert_pool_pb2.ForwardRequest.DESCRIPTOR.fields_by_name
     assert not {"pair_token", "pair_expert", "pair_weight"} & set(fields)
     assert {f.number for f in fields.values()}.isdisjoint({4, 5, 6})
+
+
+@pytest.mark.parametrize("dispatch", ["fp8", "bf16", "fp32"])
+def test_activations_of_any_layout_encode_as_their_values(dispatch):
+    """A strided view of the activations (a column slice of a wider tensor) encodes as its values."""
+    wide = torch.randn(T, 2 * H)
+    x = wide[:, H:]  # [T, H], row stride 2H
+    _, pairs = _batch()
+    tokens, request = codec.encode_request(1, codec.DispatchRows(x, dispatch), pairs)
+    _, expected = codec.encode_request(1, codec.DispatchRows(x.contiguous(), dispatch), pairs)
+    assert request.SerializeToString() == expected.SerializeToString()
+

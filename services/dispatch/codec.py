@@ -50,7 +50,8 @@ class DispatchRows:
         if dispatch == "fp8":
             self.values, self.scales = kernels.act_quant(x)  # [T, H] e4m3, [T, ceil(H/128)] fp32
         elif dispatch in ("bf16", "fp32"):
-            self.values, self.scales = x.to(torch.bfloat16 if dispatch == "bf16" else torch.float32), None
+            values = x.to(torch.bfloat16 if dispatch == "bf16" else torch.float32).contiguous()  # bytes per row
+            self.values, self.scales = values, None
         else:
             raise ValueError(f"unknown dispatch dtype {dispatch!r} (choose from {', '.join(DISPATCH_DTYPES)})")
         self.dispatch = dispatch
