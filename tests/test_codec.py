@@ -202,4 +202,3 @@ def test_activations_of_any_layout_encode_as_their_values(dispatch):
     tokens, request = codec.encode_request(1, codec.DispatchRows(x, dispatch), pairs)
     _, expected = codec.encode_request(1, codec.DispatchRows(x.contiguous(), dispatch), pairs)
     assert request.SerializeToString() == expected.SerializeToString()
-
