@@ -26,6 +26,7 @@ import numpy as np
 from services.autoscaler.packing import Packing, fill, relieve
 from services.autoscaler.shares import balance_shares, pool_loads
 from services.errors import InvalidRequestError
+from services.state.placement import layer_balancedness
 
 _CLOSE_ENOUGH = 1e-3  # a fresh plan's search stops within 0.1% of max(mean pool load, heaviest replica)
 
@@ -39,16 +40,11 @@ class LayerPlan:
 
     @property
     def balancedness(self) -> float:
-        return _balancedness(self.pool_load)
+        return layer_balancedness(self.pool_load)
 
     @property
     def even_balancedness(self) -> float:
-        return _balancedness(self.even_load)
-
-
-def _balancedness(pool_load: list[float]) -> float:
-    loads = np.asarray(pool_load)
-    return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
+        return layer_balancedness(self.even_load)
 
 
 def with_shares(load: np.ndarray, pools: list[list[int]], even_load: list[float]) -> LayerPlan:
@@ -105,7 +101,9 @@ def plan_layer(
     fresh = _pack(load / counts, counts, num_pools, slots_per_pool, None, pinned, slack)
     if current:
         sticky = _pack(load / counts, counts, num_pools, slots_per_pool, current, pinned, slack, max(fresh.pool_load))
-        chosen = sticky if _balancedness(sticky.pool_load) >= _balancedness(fresh.pool_load) - slack else fresh
+        chosen = (
+            sticky if layer_balancedness(sticky.pool_load) >= layer_balancedness(fresh.pool_load) - slack else fresh
+        )
     else:
         chosen = fresh
     return with_shares(load, chosen.pools, chosen.pool_load)

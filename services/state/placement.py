@@ -26,6 +26,13 @@ PLACEMENT_SHAPE = (
 SHARE_TOLERANCE = 1e-6  # an expert's shares sum to 1 within this
 
 
+def layer_balancedness(pool_load) -> float:
+    """One layer's pool loads -> mean / max (1.0: perfect; 1.0 with no load)."""
+    loads = list(pool_load)
+    top = max(loads, default=0.0)
+    return sum(loads) / len(loads) / top if top > 0 else 1.0
+
+
 def default_slots(num_experts: int, replicas: int, pools: int) -> int:
     """Experts per layer a pool may hold when not told: its initial share plus 25% room for redundant replicas."""
     share = -(-num_experts * replicas // pools)
@@ -112,7 +119,7 @@ class Placement:
         for layer, tokens in load_by_layer.items():
             loads = list(self.pool_loads(layer, tokens).values())
             if max(loads) > 0:
-                values.append(sum(loads) / len(loads) / max(loads))
+                values.append(layer_balancedness(loads))
         return sum(values) / len(values) if values else 1.0
 
     def below_floor(self) -> list[tuple[int, int]]:
