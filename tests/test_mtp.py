@@ -111,6 +111,29 @@ def test_mtp_logits_match_an_independent_reference(engine_mtp, tiny_fp8_dense):
     assert ours.std().item() > 0.5  # logits that say something, not a degenerate zero
 
 
+def test_feeding_the_mtp_cache_writes_what_the_whole_layer_writes(engine_mtp):
+    """`MTPModule.feed` (cache entries only, for positions after which no guess is wanted) writes the entries the
+    whole layer writes: the guess at the last position, read over fed entries, equals the whole layer's there."""
+    from services.gateway.model import run_interleaved
+
+    ids = torch.randint(2, 1024, (T,), generator=torch.Generator().manual_seed(6)).tolist()
+    hidden, whole = _ours(engine_mtp, ids)  # [T, H] main hidden states; [T - 1, V] the layer over every pair
+    model, cache, mtp = engine_mtp.model, engine_mtp.cache, engine_mtp.core.runner.drafter.mtp
+    seq = SequenceBlocks()
+    try:
+        cache.reserve(seq, len(ids))
+        seq.length = len(ids)
+        mtp.feed(
+            model, build_step([SequenceChunk(SequenceBlocks(seq.blocks, 0), ids[1:-1])], cache), cache, hidden[:-2]
+        )
+        last = build_step([SequenceChunk(SequenceBlocks(seq.blocks, T - 2), ids[-1:])], cache)
+        fed = run_interleaved([mtp.forward_stages(model, last, cache, hidden[-2:-1], torch.tensor([0]))])[0]
+    finally:
+        cache.release(seq)
+    assert (fed[0] - whole[-1]).abs().max().item() <= 1e-5
+    assert (fed[0] - whole[-2]).abs().max().item() > 1e-2  # a different position's guess is not the same
+
+
 def _greedy(n):
     from services.gateway.sampling import SamplingParams
 

@@ -310,20 +310,47 @@ def test_recursive_drafts_keep_greedy_output_identical(tiny_fp8, plain_outputs, 
     assert [g.token_ids for g in first] == [g.token_ids for g in again]
 
 
-def test_above_mtp_max_batch_the_running_requests_stop_drafting(tiny_fp8, plain_outputs):
+def _recording_drafts(monkeypatch) -> dict:
+    """Every draft proposed, by (prompt, tokens produced once the step's tokens are in)."""
+    drafts, propose = {}, MTPDrafter.propose
+
+    def record(self, chunks, starts, hidden, results):
+        propose(self, chunks, starts, hidden, results)
+        for chunk, result in zip(chunks, results):
+            if result.draft:
+                done = len(chunk.request.output) + 1 + len(result.extra)
+                drafts[(tuple(chunk.request.prompt), done)] = list(result.draft)
+
+    monkeypatch.setattr(MTPDrafter, "propose", record)
+    return drafts
+
+
+def test_above_mtp_max_batch_drafting_pauses_and_resumes_where_it_left_off(tiny_fp8, plain_outputs, monkeypatch):
+    """While more requests run than --mtp-max-batch, none drafts; the MTP layer's cache is still fed (its entries
+    only), so when the batch shrinks drafting resumes, and each draft then is the one an unpaused run proposes
+    at that position."""
     prompts, params, plain = plain_outputs
+    drafts = _recording_drafts(monkeypatch)
     engine = Engine.from_dir(tiny_fp8, mtp=True, mtp_max_batch=3, **OPTIONS)  # 4 run at once: above the limit
     out = engine.generate(prompts, params)
     assert [g.token_ids for g in out] == [g.token_ids for g in plain]
-    first_wave = [g.draft_tokens for g in out[:4]]
-    assert first_wave == [0, 0, 0, 0]  # admitted together (max_running 4): never drafted
-    assert engine.scheduler.mtp_max_batch == 3
+    paused = dict(drafts)
+    resumed = {key: d for key, d in paused.items() if key[0] == tuple(prompts[0])}
+    assert resumed and min(done for _, done in resumed) > 4  # it drafted again, after steps without drafts
+    drafts.clear()
+    alone = Engine.from_dir(tiny_fp8, mtp=True, **OPTIONS)
+    alone.generate(prompts[:1], params[:1])  # never paused
+    assert all(drafts.get(key) == d for key, d in resumed.items()), "a resumed draft differs from the unpaused one"
     cache = PagedLatentCache(preset_config("tiny"), num_blocks=8, block_size=16)
     sched = Scheduler(cache, eos_token_ids=(1,), mtp_max_batch=1)
     reqs = [Request(_ids(3, 70 + i), SamplingParams(max_tokens=8)) for i in range(2)]
     for r in reqs:
         sched.submit(r)
     sched.commit(sched.plan(), [ChunkResult(token=7, draft=[8]), ChunkResult(token=7, draft=[8])])
-    plan = sched.plan()  # two running, limit 1: no draft planned, and none ever again
-    assert all(c.draft == [] and c.request.mtp_off for c in plan.chunks)
-    assert not MTPDrafter.wants(plan.chunks[0])
+    plan = sched.plan()  # two running, limit 1: no draft planned
+    assert all(c.draft == [] and c.request.mtp_paused for c in plan.chunks)
+    assert MTPDrafter.wants(plan.chunks[0])  # its MTP cache is still fed
+    sched.commit(plan, [ChunkResult(token=7), ChunkResult(token=7)])
+    sched.cancel(reqs[1])
+    plan = sched.plan()  # one left: drafting resumes
+    assert [c.request for c in plan.chunks] == [reqs[0]] and not reqs[0].mtp_paused

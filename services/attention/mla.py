@@ -77,14 +77,29 @@ class MLA:
         w, eps = self.w, self.cfg.rms_norm_eps
         a = linear(x, self.in_proj)  # [T, q_lora + C + R]
         q_in = rms_norm(a[:, : self.q_lora], w.q_a_norm, eps) if self.q_lora else x
-        latent, k_pe = a[:, self.q_lora :].split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
         q = linear(q_in, w.q_b).reshape(t, self.nh, self.dn + self.dr)  # [T, nh, nope + rope]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_pe = Rotary.apply(q_pe, rotation)  # [T, nh, R]
-        cache.write(layer, batch.slots, rms_norm(latent, w.kv_a_norm, eps), Rotary.apply(k_pe, rotation))
+        self._write(a, batch, cache, layer, rotation)
 
         out = self._attend(q_nope, q_pe, batch, cache, layer)  # [T, nh, v]
         return linear(out.reshape(t, self.nh * self.dv), w.o)
+
+    def write_latents(
+        self, x: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int, rotation: torch.Tensor
+    ) -> None:
+        """Only the cache entries `forward` writes for x [T, H] (normed), without attending: for positions whose
+        output nobody reads (the MTP layer's, fed so that later positions can attend to them)."""
+        self._write(linear(x, self.in_proj), batch, cache, layer, rotation)
+
+    def _write(
+        self, a: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int, rotation: torch.Tensor
+    ) -> None:
+        """a [T, q_lora + C + R] (the input projection) -> the tokens' latents and roped k_pe in the cache."""
+        latent, k_pe = a[:, self.q_lora :].split([self.c, self.dr], dim=-1)  # [T, C], [T, R]
+        cache.write(
+            layer, batch.slots, rms_norm(latent, self.w.kv_a_norm, self.cfg.rms_norm_eps), Rotary.apply(k_pe, rotation)
+        )
 
     def _attend(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: StepBatch, cache: PagedLatentCache, layer: int

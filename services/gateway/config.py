@@ -63,8 +63,8 @@ class GatewayConfig:
     )
     mtp_max_batch: int = setting(
         DEFAULT_MTP_MAX_BATCH,
-        "With --mtp: once more than this many requests run at once, those running stop drafting for good: "
-        "verifying costs more than it saves in larger batches (0: no limit; BENCHMARKS.md, MTP).",
+        "With --mtp: while more than this many requests run at once, drafting pauses (verifying costs more than "
+        "it saves in larger batches) and resumes when fewer run (0: no limit; BENCHMARKS.md, MTP).",
     )
     pool_call_deadline_s: float = setting(10.0, "Seconds per expert-pool call before it fails over.")
     pool_transport: str = setting(

@@ -86,14 +86,29 @@ class MTPModule:
         a further application of the layer reads in place of h). Pauses while the block's routed experts are
         computed, as the main layers do."""
         eps = model.cfg.rms_norm_eps
-        e = rms_norm(self.embed[batch.token_ids], self.enorm, eps)  # [T, H]
-        h = rms_norm(hidden.to(e.dtype), self.hnorm, eps)  # [T, H]
-        x = linear(torch.cat((e, h), dim=-1), self.eh_proj)  # [T, H]
+        x = self._block_input(batch, hidden, eps)  # [T, H]
         rotation = model.rotary.rotation(batch.positions)
         x = yield from model.layer_stages(self.block, x, batch, cache, rotation)
         out = rms_norm(x[logit_index], self.head_norm, eps)  # [N, H]
         logits = linear(out, self.head).to(torch.float32)
         return (logits, out) if with_hidden else logits
+
+    @torch.inference_mode()
+    def feed(self, model: GatewayModel, batch: StepBatch, cache: PagedLatentCache, hidden: torch.Tensor) -> None:
+        """Only the block's latent cache entries for the pairs (those forward_stages writes, the same values),
+        without its attention, experts or head: for positions after which no guess is wanted (prompt positions
+        short of the last, requests not drafting while the batch is large), so that later guesses can attend to
+        them."""
+        eps = model.cfg.rms_norm_eps
+        x = rms_norm(self._block_input(batch, hidden, eps), self.block.input_norm, eps)  # [T, H]
+        rotation = model.rotary.rotation(batch.positions)
+        self.block.attention.write_latents(x, batch, cache, self.block.index, rotation)
+
+    def _block_input(self, batch: StepBatch, hidden: torch.Tensor, eps: float) -> torch.Tensor:
+        """eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]) -> [T, H]."""
+        e = rms_norm(self.embed[batch.token_ids], self.enorm, eps)  # [T, H]
+        h = rms_norm(hidden.to(e.dtype), self.hnorm, eps)  # [T, H]
+        return linear(torch.cat((e, h), dim=-1), self.eh_proj)
 
 
 def check_weights(reader: CheckpointReader, with_experts: bool = True) -> list[TensorSpec]:

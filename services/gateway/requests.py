@@ -56,7 +56,7 @@ class Request:
     draft_probs: object | None = None
     draft_tokens: int = 0
     accepted_tokens: int = 0
-    mtp_off: bool = False  # drafts no more: it ran in a batch above the drafting limit (its MTP layer missed a step)
+    mtp_paused: bool = False  # no drafts while the batch is above the drafting limit (its MTP cache is still fed)
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False

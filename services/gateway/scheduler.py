@@ -149,17 +149,8 @@ class Scheduler:
         requests decode, at most what keeps the step within the decode-stall bound)."""
         self._drop_cancelled()
         self._admit()
-        if self.mtp_max_batch and len(self.running) > self.mtp_max_batch:
-            stopped = [r for r in self.running if not r.mtp_off]
-            for r in self.running:  # drafting costs more than it saves in batches this large: stop, for good
-                r.mtp_off, r.draft, r.draft_probs = True, [], None
-            if stopped:
-                log.info(
-                    "MTP drafting off for %d requests: %d run at once, above --mtp-max-batch %d",
-                    len(stopped),
-                    len(self.running),
-                    self.mtp_max_batch,
-                )
+        if self.mtp_max_batch:
+            self._pause_drafting(len(self.running) > self.mtp_max_batch)
         chunks = [PlannedChunk(r, [r.output[-1]]) for r in self.running if not r.prefilling]
         budget = self.max_step_tokens - len(chunks)
         for chunk in chunks:  # 1 + drafts for a sequence whose last step proposed some, as many as the budget allows
@@ -216,6 +207,23 @@ class Scheduler:
             self._told(req)
 
     # ---- internals -------------------------------------------------------------------------------------
+    def _pause_drafting(self, above: bool) -> None:
+        """Drafting costs more than it saves in batches above --mtp-max-batch: paused while the batch is that
+        large (the MTP layer's cache is still fed), resumed when it is not."""
+        changed = [r for r in self.running if r.mtp_paused != above]
+        for r in self.running:
+            r.mtp_paused = above
+            if above:
+                r.draft, r.draft_probs = [], None
+        if changed:
+            log.info(
+                "MTP drafting %s for %d requests: %d run at once (--mtp-max-batch %d)",
+                "paused" if above else "resumed",
+                len(changed),
+                len(self.running),
+                self.mtp_max_batch,
+            )
+
     def _commit_tokens(self, req: Request, chunk: PlannedChunk, result: ChunkResult) -> None:
         """The step's tokens (1, or up to 1 + drafts with MTP) in order, until the request finishes; then the next
         draft, for a request that goes on."""

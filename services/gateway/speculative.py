@@ -17,7 +17,10 @@ num_speculative_tokens k > 1 the one MTP layer is applied again, as vLLM does: t
 output hidden state (after shared_head.norm, the analogue of the main model's final norm) at the position before,
 at the next position guesses d_{j+1}. Those entries are overwritten with the main model's pairs once the drafts
 are verified. Prefill chunks feed it too (the next token of a prompt position is the prompt's, or the sampled one
-at its end), so the MTP layer sees the whole prefix.
+at its end), so the MTP layer sees the whole prefix. Positions after which no guess is wanted (all of a chunk's but
+its last, and every position of a request whose drafting is paused while the batch is above --mtp-max-batch) only
+get their cache entries written (`MTPModule.feed`: no attention, experts or head for them), the same values the
+whole layer writes; so a paused request resumes drafting when the batch shrinks.
 """
 
 from __future__ import annotations
@@ -87,6 +90,19 @@ class _Pairs:
     drafts: int  # drafts wanted after the last pair (0: none)
 
 
+def _split_last(p: _Pairs) -> list[_Pairs]:
+    """A part that wants drafts, split so that only its last position runs the whole MTP layer (the guess after
+    it is the only one read); the positions before it are fed first."""
+    n = len(p.next_tokens)
+    if not p.drafts or n == 1:
+        return [p]
+    last = p.start + n - 1
+    return [
+        _Pairs(p.index, SequenceBlocks(p.seq.blocks, p.start), p.start, p.next_tokens[:-1], p.hidden[:-1], 0),
+        _Pairs(p.index, SequenceBlocks(p.seq.blocks, last), last, p.next_tokens[-1:], p.hidden[-1:], p.drafts),
+    ]
+
+
 @dataclass
 class _Drafting:
     """A sequence whose drafts are being proposed: where the next pair goes and what it reads."""
@@ -112,7 +128,7 @@ class MTPDrafter:
         """Whether the chunk's sequence feeds the MTP layer this step: a generate request for which a draft may
         still pay (after this step at least 2 tokens may be left to generate)."""
         req = chunk.request
-        if req.is_score or req.mtp_off:
+        if req.is_score:
             return False
         produced = len(req.output) if not req.prefilling else 0
         return req.params.max_tokens - produced >= 3
@@ -133,15 +149,19 @@ class MTPDrafter:
             for p in [self._pairs(i, c, starts[i], hidden[i], results[i])]
             if p is not None
         ]
+        pairs = [part for p in pairs for part in _split_last(p)]
+        fed = [p for p in pairs if not p.drafts]  # no guess wanted after them: their cache entries only
+        if fed:
+            batch = StepBatch.build([SequenceChunk(p.seq, p.next_tokens) for p in fed], self.cache)
+            device = self.model.device
+            self.mtp.feed(self.model, batch.to(device), self.cache, torch.cat([p.hidden for p in fed]).to(device))
+        pairs = [p for p in pairs if p.drafts]
         if not pairs:
             return
         batch = StepBatch.build([SequenceChunk(p.seq, p.next_tokens) for p in pairs], self.cache)
-        ends = batch.last_index.tolist()
-        wanted = [k for k, p in enumerate(pairs) if p.drafts]
-        logits, states = self._run(batch, torch.cat([p.hidden for p in pairs]), [ends[k] for k in wanted])
+        logits, states = self._run(batch, torch.cat([p.hidden for p in pairs]), batch.last_index.tolist())
         drafting = []
-        for row, k in enumerate(wanted):
-            p = pairs[k]
+        for row, p in enumerate(pairs):
             req = chunks[p.index].request
             d = _Drafting(req, results[p.index], p.start + len(p.next_tokens), self._room(req, p.drafts), [])
             self._draw(d, logits[row])
@@ -210,7 +230,12 @@ class MTPDrafter:
         kept = len(chunk.token_ids) if req.prefilling else 1 + result.accepted
         known = req.prompt + req.output + emitted  # token at each position (output[-1] at start for a decode)
         next_tokens = known[start + 1 : start + 1 + kept]
-        # drafts worth verifying: a step emits at most drafts + 1 tokens, and max_tokens - produced are left
-        drafts = 0 if result.token is None else min(self.num_speculative_tokens, req.params.max_tokens - produced - 1)
+        # drafts worth verifying: a step emits at most drafts + 1 tokens, and max_tokens - produced are left; none
+        # while drafting is paused (the batch is above --mtp-max-batch)
+        drafts = (
+            0
+            if result.token is None or req.mtp_paused
+            else min(self.num_speculative_tokens, req.params.max_tokens - produced - 1)
+        )
         # a private view of the sequence's blocks: building the MTP batch must not advance the sequence's length
         return _Pairs(index, SequenceBlocks(req.seq.blocks, start), start, next_tokens, hidden[:kept], drafts)
