@@ -53,11 +53,7 @@ def act_dequant_finite(
             f"and {scale.dtype} {tuple(scale.shape)}"
         )
     q, scale = q.contiguous(), scale.contiguous()
-    out = torch.empty(t, k, dtype=dtype)
-    rc = lib.em_act_dequant(q.data_ptr(), scale.data_ptr(), t, k, DEQUANT_KINDS[dtype], out.data_ptr())
-    if rc not in (0, 1):
-        check_status(rc, "act_dequant", {})
-    return out, rc == 0
+    return _dequant(lib, q.data_ptr(), scale.data_ptr(), t, k, dtype)
 
 
 def act_dequant_bytes(q: bytes, scale: bytes, t: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool] | None:
@@ -67,6 +63,11 @@ def act_dequant_bytes(q: bytes, scale: bytes, t: int, k: int, dtype: torch.dtype
     lib = library()
     if lib is None or dtype not in DEQUANT_KINDS or t <= 0 or k <= 0:
         return None
+    return _dequant(lib, q, scale, t, k, dtype)
+
+
+def _dequant(lib, q, scale, t: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """The kernel on e4m3 [t, k] and fp32 scales (addresses, or bytes objects) -> ([t, k] in `dtype`, finite)."""
     out = torch.empty(t, k, dtype=dtype)
     rc = lib.em_act_dequant(q, scale, t, k, DEQUANT_KINDS[dtype], out.data_ptr())
     if rc not in (0, 1):

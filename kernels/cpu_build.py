@@ -30,8 +30,6 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     # kind, x, T, gate, up, down, 3 scales, stride, H, I, R, token, row, weight, P, out, threads
     "em_routed_swiglu": [_INT, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
-    # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
-    # k_len, B, scale, out with token and head strides, threads
     # x, T, K, row stride, q, scales | q, scales, T, K, kind, out
     "em_act_quant": [_P, _I64, _I64, _I64, _P, _P],
     "em_act_dequant": [_P, _P, _I64, _I64, _INT, _P],
@@ -39,6 +37,8 @@ SIGNATURES = {
     "em_split_pairs": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P],
     # packed, weight, P, rows, experts, held, token, expert, weight_out
     "em_check_pairs": [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
+    # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
+    # k_len, B, scale, out with token and head strides, threads
     "em_latent_attention": [
         *(_P, _I64, _I64) * 2,
         *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),

@@ -114,7 +114,7 @@ def check_pairs(
     out = torch.empty(3, n_pairs, dtype=torch.int64)
     weight_out = out[2].view(torch.float32)[:n_pairs]
     if held is not None:
-        held = held.contiguous().view(torch.uint8) if held.dtype == torch.bool else held.to(torch.uint8).contiguous()
+        held = held.contiguous().view(torch.uint8)  # bool: one byte each, 0 or 1
     rc = lib.em_check_pairs(
         packed,
         weight,

@@ -98,7 +98,7 @@ def _split_last(p: _Pairs) -> list[_Pairs]:
         return [p]
     last = p.start + n - 1
     return [
-        _Pairs(p.index, SequenceBlocks(p.seq.blocks, p.start), p.start, p.next_tokens[:-1], p.hidden[:-1], 0),
+        _Pairs(p.index, p.seq, p.start, p.next_tokens[:-1], p.hidden[:-1], 0),
         _Pairs(p.index, SequenceBlocks(p.seq.blocks, last), last, p.next_tokens[-1:], p.hidden[-1:], p.drafts),
     ]
 
