@@ -4,6 +4,11 @@ over each pool transport (a unary Forward call per pool per layer, or the long-l
 transports interleaved round by round.
 
   .venv/bin/python benchmarks/bench_dispatch.py [--tokens 1,32] [--calls 300] [--rounds 3]
+      [--replicas-per-expert 2 --clients dealt,fewest]
+
+`--clients`: which dispatch clients to compare (default: stream,unary): `stream`, `unary`, and over the stream
+`dealt` (every layer dealt over the replicas by their shares) and `fewest` (every layer to the fewest pools that
+hold its experts); with `--replicas-per-expert 2` every expert is on both pools.
 
 Per layer (medians over the calls of the best round): the whole dispatch as the gateway's compute thread waits
 for it; gateway encode (quantize to e4m3, build every pool's request) and send; per pool request: the round
@@ -71,6 +76,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per transport; the best is shown")
     ap.add_argument("--cache-dir", default=".cache/bench")
+    ap.add_argument("--clients", default=",".join(POOL_TRANSPORTS), help="stream, unary, dealt, fewest")
+    ap.add_argument("--replicas-per-expert", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the gateway's compute thread under `up` on this machine
     model = Path(args.cache_dir) / f"{args.preset}-fp8"
@@ -80,11 +87,17 @@ def main() -> None:
     sizes = [int(t) for t in args.tokens.split(",")]
     rounds: dict[tuple[int, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as home:
-        up = UpProcess(model, 2, "fp8", Path(home))
+        extra = ["--replicas-per-expert", str(args.replicas_per_expert)]
+        up = UpProcess(model, 2, "fp8", Path(home), extra=extra)
         try:
             placement = RedisPlacementStore(up.redis).get()
             layer = sorted(placement.replicas)[0]
-            remotes = {t: RemoteExperts(placement, "fp8", transport=t) for t in POOL_TRANSPORTS}
+            options = {
+                **{t: {"transport": t} for t in POOL_TRANSPORTS},
+                "dealt": {"fewest_pools_max_tokens": 0},
+                "fewest": {"fewest_pools_max_tokens": max(sizes)},
+            }
+            remotes = {c: RemoteExperts(placement, "fp8", **options[c]) for c in args.clients.split(",")}
             for _ in range(args.rounds):
                 for tokens in sizes:
                     for transport, remote in remotes.items():
@@ -96,11 +109,12 @@ def main() -> None:
         finally:
             up.stop()
     print(
-        f"preset {args.preset}, 2 pools, fp8 dispatch, layer {layer}, {args.calls} calls a round, best of "
+        f"preset {args.preset}, 2 pools, {args.replicas_per_expert} replicas of each expert, fp8 dispatch, layer "
+        f"{layer}, {args.calls} calls a round, best of "
         f"{args.rounds} interleaved rounds (ms, medians)"
     )
     print(
-        "| tokens | transport | layer total | gateway encode + send | pool round trip | pool decode | compute "
+        "| tokens | client | layer total | gateway encode + send | pool round trip | pool decode | compute "
         "| transport, pool encode, hand-offs | gateway combine |"
     )
     print("|---|---|---|---|---|---|---|---|---|")

@@ -46,6 +46,7 @@ class LocalLayout:
     slots_per_pool: int
     start_timeout_s: float
     autoscale: bool
+    pool_threads: int = 0  # torch threads per pool (0: the pools share half the cores)
 
 
 def up(
@@ -77,6 +78,12 @@ def up(
     ),
     pool_transport: str = typer.Option(
         _G.pool_transport, "--pool-transport", help=_help(GatewayConfig, "pool_transport")
+    ),
+    fewest_pools_max_tokens: int = typer.Option(
+        _G.fewest_pools_max_tokens,
+        "--fewest-pools-max-tokens",
+        min=0,
+        help=_help(GatewayConfig, "fewest_pools_max_tokens"),
     ),
     drain_timeout_s: float = typer.Option(
         _G.drain_timeout_s, "--drain-timeout-s", min=0.0, help=_help(GatewayConfig, "drain_timeout_s")
@@ -112,6 +119,12 @@ def up(
         _G.num_speculative_tokens, "--num-speculative-tokens", help=_help(GatewayConfig, "num_speculative_tokens")
     ),
     mtp_max_batch: int = typer.Option(_G.mtp_max_batch, "--mtp-max-batch", help=_help(GatewayConfig, "mtp_max_batch")),
+    threads: int = typer.Option(
+        _G.threads, "--threads", min=0, help="The gateway's torch threads (0 here: half the machine's cores)."
+    ),
+    pool_threads: int = typer.Option(
+        0, "--pool-threads", min=0, help="Each pool's torch threads (0: the pools share the other half of the cores)."
+    ),
 ) -> None:
     """Run the platform locally: Redis, N expert pools and the gateway, until Ctrl-C or SIGTERM."""
     home = state_dir()
@@ -141,7 +154,9 @@ def up(
             cache_tokens=cache_tokens,
             micro_batches=micro_batches,
             pool_transport=pool_transport,
+            fewest_pools_max_tokens=fewest_pools_max_tokens,
             drain_timeout_s=drain_timeout_s,
+            threads=threads,
         )
         autoscaler = AutoscalerConfig(
             autoscale_interval_s=autoscale_interval_s,
@@ -160,7 +175,7 @@ def up(
             check_redis(redis_url)
         except RedisUnreachableError as exc:
             fail(str(exc))
-    layout = LocalLayout(pools, replicas_per_expert, slots_per_pool, start_timeout_s, autoscale)
+    layout = LocalLayout(pools, replicas_per_expert, slots_per_pool, start_timeout_s, autoscale, pool_threads)
     logs = home / "logs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     run_deployment(home, Deployment(logs, gateway_drain_s=drain_timeout_s), layout, gateway, autoscaler)
@@ -241,9 +256,11 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
         redis_url, pool_list, version = _first_placement(dep, layout, gateway)
     except ExpertmeshError as exc:
         raise RuntimeError(str(exc)) from None
-    # on one machine the gateway and the pools share the cores: half for the gateway, half split over the pools
+    # on one machine the gateway and the pools share the cores: by default half for the gateway, half split over
+    # the pools (--threads, --pool-threads override)
     cores = os.cpu_count() or 1
-    gateway_threads, pool_threads = max(1, cores // 2), max(1, cores // (2 * layout.pools))
+    gateway_threads = gateway.threads or max(1, cores // 2)
+    pool_threads = layout.pool_threads or max(1, cores // (2 * layout.pools))
     metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
     _spawn_pools(dep, pool_list, gateway, redis_url, pool_threads, metrics)
     gateway = dataclasses.replace(gateway, redis=redis_url, threads=gateway_threads, metrics_port=metrics["gateway"])

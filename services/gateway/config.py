@@ -18,6 +18,7 @@ DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
 DEFAULT_MAX_WAITING = 1024
 MAX_SPECULATIVE_TOKENS = 8
+DEFAULT_FEWEST_POOLS_MAX_TOKENS = 4  # measured on CPU (BENCHMARKS.md, distributed serving)
 DEFAULT_MTP_MAX_BATCH = 4  # measured on CPU (BENCHMARKS.md, MTP): drafting pays at 1-4 running, breaks even at 8
 
 
@@ -73,6 +74,12 @@ class GatewayConfig:
         "call per pool per MoE layer, for proxies that do not carry long-lived streams).",
         choices=POOL_TRANSPORTS,
     )
+    fewest_pools_max_tokens: int = setting(
+        DEFAULT_FEWEST_POOLS_MAX_TOKENS,
+        "A MoE layer of at most this many tokens goes to as few pools as hold its experts (one round trip instead "
+        "of one per pool, where experts are replicated); larger ones are dealt over the replicas by their shares "
+        "(0: always dealt).",
+    )
     pool_wait_s: float = setting(120.0, "Seconds to wait at start for every pool of the placement to serve.")
     placement_wait_s: float = setting(600.0, "Seconds to wait at start for a placement to appear in Redis.")
     api_key: str | None = setting(
@@ -104,6 +111,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_decode_stall != 0 and self.max_decode_stall <= 1:
             raise ValueError(f"max_decode_stall must be 0 (off) or > 1, got {self.max_decode_stall}")
+        if self.fewest_pools_max_tokens < 0:
+            raise ValueError(f"fewest_pools_max_tokens must be >= 0 (0: off), got {self.fewest_pools_max_tokens}")
         if self.mtp_max_batch < 0:
             raise ValueError(f"mtp_max_batch must be >= 0 (0: no limit), got {self.mtp_max_batch}")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:

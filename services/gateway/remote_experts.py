@@ -8,7 +8,9 @@ BF16 (or fp32) partial sums that come back are added on the gateway.
 
 Replicas: an expert with several replicas has its tokens dealt over them by the placement's shares (by token
 count: with shares 0.25 / 0.75, a quarter of its pairs to the first replica); a dead replica's share goes to the
-live ones in proportion to theirs.
+live ones in proportion to theirs. A layer of at most `fewest_pools_max_tokens` tokens goes instead to as few
+pools as hold its experts: at such sizes a pool's work is small beside a round trip, and every extra pool in
+flight adds one (ties go round the pools in turn, so that they share the work).
 Failover: a pool whose call fails is marked dead (no more routing to it until the placement changes or
 `dead_for_s` passes) and the failed call's pairs are re-sent to other live replicas of the same experts; only
 when an expert has no live replica left does the step fail, with PoolUnavailableError. A pool that answers
@@ -17,6 +19,7 @@ FAILED_PRECONDITION (it no longer holds the expert: a rollout dropped it) is ski
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import threading
@@ -35,6 +38,7 @@ from opentelemetry.trace import SpanKind
 from expertmesh.v1 import expert_pool_pb2
 from services.dispatch import DISPATCH_DTYPES, POOL_TRANSPORTS, codec
 from services.errors import InvalidRequestError, PoolUnavailableError
+from services.gateway.config import DEFAULT_FEWEST_POOLS_MAX_TOKENS
 from services.gateway.pool_stream import MESSAGE_SPAN, PoolCallError, PoolStream
 from services.math.experts import Pending
 from services.math.routed_pairs import RoutedPairs
@@ -69,12 +73,15 @@ class RemoteExperts:
         dead_for_s: float = DEAD_FOR_S,
         metrics=None,
         transport: str = "stream",
+        fewest_pools_max_tokens: int = DEFAULT_FEWEST_POOLS_MAX_TOKENS,
     ):
         if dispatch_dtype not in DISPATCH_DTYPES:
             raise ValueError(f"dispatch dtype must be one of {DISPATCH_DTYPES}, got {dispatch_dtype!r}")
         if transport not in POOL_TRANSPORTS:
             raise ValueError(f"transport must be one of {POOL_TRANSPORTS}, got {transport!r}")
         self.transport = transport
+        self.fewest_pools_max_tokens = fewest_pools_max_tokens
+        self._turn = 0  # the pool that wins the next tie of _fewest_pools
         self.timings: list[dict] | None = None  # a list to fill: where each pool request's time went
         self.dispatch_dtype = dispatch_dtype
         self.deadline_s = deadline_s
@@ -142,10 +149,12 @@ class RemoteExperts:
         kept = torch.where(total > 0, kept / total.clamp(min=1e-300), even)
         return torch.where(alive, table, -1).gather(1, order), kept.gather(1, order)
 
-    def _assign(self, layer: int, pair_expert: torch.Tensor, exclude: set[int] = frozenset()) -> torch.Tensor:
-        """[P] experts -> [P] pool index: each expert's pairs dealt over its live replicas by their shares (the
-        pair of rank r among its expert's n pairs goes to the replica whose cumulative share interval holds
-        (r + 0.5) / n)."""
+    def _assign(
+        self, layer: int, pair_expert: torch.Tensor, tokens: int, exclude: set[int] = frozenset()
+    ) -> torch.Tensor:
+        """[P] experts (of `tokens` tokens) -> [P] pool index: each expert's pairs dealt over its live replicas by
+        their shares (the pair of rank r among its expert's n pairs goes to the replica whose cumulative share
+        interval holds (r + 0.5) / n); for at most `fewest_pools_max_tokens` tokens, the fewest pools instead."""
         table, shares = self._live_table(layer, exclude)  # [E, R], [E, R]
         if table.shape[1] == 1 and table is self.replicas[layer]:
             return table[pair_expert, 0]  # one replica of every expert, all live: nothing to deal (the common case)
@@ -155,6 +164,8 @@ class RemoteExperts:
             raise PoolUnavailableError(
                 ",".join(self.placement.pools_for(layer, expert)), f"no live replica of layer {layer} expert {expert}"
             )
+        if tokens <= self.fewest_pools_max_tokens:
+            return self._fewest_pools(table, pair_expert)
         order = torch.argsort(pair_expert, stable=True)
         rank = torch.empty_like(order)
         sorted_e = pair_expert[order]
@@ -165,6 +176,21 @@ class RemoteExperts:
         ends = shares.cumsum(1)[pair_expert]  # [P, R] where each replica's interval ends
         replica = (ends <= point[:, None]).sum(1)  # [P] the first replica whose interval ends past the point
         return table[pair_expert, torch.minimum(replica, count - 1)]
+
+    def _fewest_pools(self, table: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
+        """[P] experts -> [P] pool index, over as few pools as hold them all (greedy cover: the pool holding the most
+        of the experts left, until none is left; ties to the pool next in turn). table [E, R]: live replicas, -1
+        padded; every expert of `pair_expert` has one."""
+        experts = pair_expert.tolist()
+        holders = {e: [p for p in table[e].tolist() if p >= 0] for e in set(experts)}
+        n, first = len(self.pool_ids), self._turn
+        self._turn = (first + 1) % n
+        chosen: dict[int, int] = {}
+        while len(chosen) < len(holders):
+            held = collections.Counter(p for e, pools in holders.items() if e not in chosen for p in pools)
+            best = max(held, key=lambda p: (held[p], -((p - first) % n)))
+            chosen.update((e, best) for e, pools in holders.items() if e not in chosen and best in pools)
+        return torch.tensor([chosen[e] for e in experts], dtype=torch.int64)
 
     def _send(self, layer: int, hidden: torch.Tensor, pairs: RoutedPairs, pool_of_pair: torch.Tensor) -> list[_Call]:
         started = time.perf_counter()
@@ -217,7 +243,7 @@ class RemoteExperts:
         pairs = RoutedPairs.from_topk(topk_idx, topk_w)  # [T*K]
         try:
             with self._lock:
-                calls = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert))
+                calls = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert, topk_idx.shape[0]))
         except BaseException:
             span.end()
             raise
@@ -279,7 +305,8 @@ class RemoteExperts:
             ctx = otel_context.attach(trace.set_span_in_context(span))
             try:
                 with self._lock:
-                    pending = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert, exclude))
+                    tokens = int(pairs.token.unique().numel())
+                    pending = self._send(layer, hidden, pairs, self._assign(layer, pairs.expert, tokens, exclude))
             finally:
                 otel_context.detach(ctx)
         raise PoolUnavailableError("all", f"layer {layer}: retries exhausted")

@@ -203,6 +203,7 @@ class GatewayRuntime:
             config.pool_call_deadline_s,
             metrics=metrics,
             transport=config.pool_transport,
+            fewest_pools_max_tokens=config.fewest_pools_max_tokens,
         )
         follower = recorder = None
         if config.redis:
