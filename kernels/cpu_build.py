@@ -29,6 +29,7 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 # every entry point and its C signature (argument types; each returns an int status)
 SIGNATURES = {
     # kind, x, T, gate, up, down, 3 scales, stride, H, I, R, token, row, weight, P, out, threads
+    "em_e4m3_fast": [],
     "em_routed_swiglu": [_INT, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     # x, T, K, row stride, q, scales | q, scales, T, K, kind, out
     "em_act_quant": [_P, _I64, _I64, _I64, _P, _P],

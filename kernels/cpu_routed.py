@@ -23,6 +23,13 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight 
 BYTES_PER_THREAD = 8 << 20
 
 
+def fast_e4m3() -> bool:
+    """Whether the kernel converts e4m3 weights through fp16 in hardware (F16C or AVX-512), which makes reading them
+    faster than reading fp32 (BENCHMARKS.md); without, its e4m3 path is exact but slower."""
+    lib = library()
+    return lib is not None and lib.em_e4m3_fast() == 1
+
+
 def handles(weight: torch.Tensor) -> bool:
     """Whether the kernel can run experts stacked as `weight` (a CPU tensor of a kind it reads, once built)."""
     return weight.device.type == "cpu" and weight.dtype in KINDS and library() is not None
@@ -72,8 +79,6 @@ class KernelWeights:
                 raise ValueError(f"block scales {[tuple(s.shape) for s in self.scales]} do not fit the weights")
         return self
 
-    def nbytes_per_expert(self) -> int:
-        return 3 * self.gate.shape[1] * self.gate.shape[2] * self.gate.element_size()
 
 
 def routed_swiglu(
@@ -96,8 +101,9 @@ def routed_swiglu(
     token, row = token.to(torch.int64).contiguous(), row.to(torch.int64).contiguous()
     weight = weight.to(torch.float32).contiguous()
     out = torch.zeros(x.shape[0], h)  # [T, H]
-    # threads by the weight bytes the pairs may touch (at most every held expert)
-    touched = min(len(token), r) * weights.nbytes_per_expert()
+    # threads by the weights the pairs may touch (at most every held expert), counted as fp32 bytes: e4m3 reads
+    # fewer bytes but converts each weight, work of the same order
+    touched = min(len(token), r) * 3 * i * h * 4
     threads = max(1, min(torch.get_num_threads(), touched // BYTES_PER_THREAD))
     scales = [s.data_ptr() for s in weights.scales] if weights.scales is not None else [None] * 3
     rc = lib.em_routed_swiglu(

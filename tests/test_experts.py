@@ -22,6 +22,9 @@ class _Source(LayerWeights):
     def stacked(self):
         return super().stacked() if self.use_stack else None
 
+    def fp8_kernel(self):
+        return super().fp8_kernel() if self.use_stack else None
+
 
 @pytest.fixture(scope="module")
 def store(tiny_fp8):
@@ -56,6 +59,7 @@ def _choose(path, grouped, store, monkeypatch, dtype=torch.float32):
         if cpu_routed.library() is None:
             pytest.skip("no C compiler: no CPU kernel")
         monkeypatch.setattr(grouped, "KERNEL_MAX_ROWS_PER_EXPERT", 1 << 30)
+        monkeypatch.setattr(grouped, "KERNEL_E4M3_MAX_ROWS_PER_EXPERT", 1 << 30)
     else:  # the paths of machines without the kernel
         monkeypatch.setattr(grouped.cpu_routed, "handles", lambda w: False)
     if path == "_per_expert":  # not the padded batch that machines without packing take for small groups
@@ -85,6 +89,32 @@ def test_every_grouped_path_equals_per_token_loop(store, tokens, path, monkeypat
     store._stacks.clear()  # the next test builds its own
     assert taken == [path]
     torch.testing.assert_close(ours, _reference(store, hidden, idx, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_the_kernel_on_e4m3_weights_equals_it_on_their_dense_copy(store, tokens, monkeypatch):
+    """The kernel reading the e4m3 stack (what it prefers where it converts e4m3 in hardware) gives what it gives
+    on the dequantized fp32 stack: the same weight values, sums equal to fp32 rounding."""
+    import services.expert.grouped as grouped
+
+    if cpu_routed.library() is None:
+        pytest.skip("no C compiler: no CPU kernel")
+    monkeypatch.setattr(grouped, "KERNEL_MAX_ROWS_PER_EXPERT", 1 << 30)
+    monkeypatch.setattr(grouped, "KERNEL_E4M3_MAX_ROWS_PER_EXPERT", 1 << 30)
+    g = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, store.cfg.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(tokens)])
+    w = torch.rand(tokens, 4, generator=g)
+    kinds = []
+    real = grouped._routed_kernel
+    monkeypatch.setattr(grouped, "_routed_kernel", lambda h, p, k, r: kinds.append(k.gate.dtype) or real(h, p, k, r))
+    monkeypatch.setattr(cpu_routed, "fast_e4m3", lambda: True)
+    on_e4m3 = grouped_expert_forward(hidden, idx, w, _Source(store, 1, True), 16)
+    monkeypatch.setattr(cpu_routed, "fast_e4m3", lambda: False)
+    on_dense = grouped_expert_forward(hidden, idx, w, _Source(store, 1, True), 16)
+    assert kinds == [torch.float8_e4m3fn, torch.float32]
+    torch.testing.assert_close(on_e4m3, on_dense, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_e4m3, _reference(store, hidden, idx, w), rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_stack_experts_run_one_by_one(store):
@@ -163,6 +193,7 @@ def test_a_store_without_dense_copies_runs_its_e4m3_bytes_through_the_kernel(tin
 
     if cpu_routed.library() is None:
         pytest.skip("no C compiler: no CPU kernel")
+    monkeypatch.setattr(cpu_routed, "fast_e4m3", lambda: False)  # the dense store on its fp32 stack
     fp8_store = ExpertStore(CheckpointReader(tiny_fp8), cache_dense=False)
     for e in range(fp8_store.cfg.n_routed_experts):
         fp8_store.load(1, e)

@@ -191,6 +191,15 @@ static void parallel(const job_t *base, int64_t rows, int threads) {
   for (int t = 0; t < threads; t++) run(&jobs[t]);
 }
 
+/* 1 where load_e4m3 converts through fp16 in hardware (simd.h), 0 where it runs the bit-manipulating fallback */
+int em_e4m3_fast(void) {
+#if defined(__AVX512F__) || defined(__F16C__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 /* Error codes (the caller names what was wrong) */
 enum { EM_OK = 0, EM_BAD_KIND = -1, EM_BAD_TOKEN = -2, EM_BAD_ROW = -3, EM_NO_MEMORY = -4 };
 

@@ -36,8 +36,10 @@ from services.math.packed_linear import Linear, packing_available
 from services.math.routed_pairs import RoutedPairs
 
 # The C kernel while active experts get at most this many rows on average: at more, per-expert GEMMs (MKL) compute
-# faster than its dot products (BENCHMARKS.md, "Routed experts as one C kernel")
+# faster than its dot products (BENCHMARKS.md, "Routed experts as one C kernel"); on e4m3 weights (a quarter of
+# the bytes, converted as they are read) it holds out longer (BENCHMARKS.md, "e4m3 weights converted through fp16")
 KERNEL_MAX_ROWS_PER_EXPERT = 8
+KERNEL_E4M3_MAX_ROWS_PER_EXPERT = 24
 # Groups of up to this many rows are weight-bandwidth bound: padding them to the largest costs no time, while
 # one batched call saves a matmul chain per expert. Larger groups are compute bound: run them unpadded.
 SMALL_GROUP_ROWS = 32
@@ -125,8 +127,8 @@ class ExpertWeightsSource(Protocol):
         """The FP8 stack, when this source computes its experts as FP8 GEMMs."""
         ...
 
-    def fp8_only(self) -> Fp8Experts | None:
-        """The FP8 stack of a CPU source that keeps no dense copies (for the CPU kernel, which reads e4m3)."""
+    def fp8_kernel(self) -> Fp8Experts | None:
+        """The FP8 stack for the CPU kernel (which reads e4m3), where it is to run on it."""
         ...
 
 
@@ -151,8 +153,8 @@ def grouped_pairs_forward(
     stacked = weights.stacked()
     active = int((counts > 0).sum())
     kernel = _kernel_weights(hidden, stacked, weights)
-    if kernel is not None and len(pairs) <= KERNEL_MAX_ROWS_PER_EXPERT * active:
-        return _routed_kernel(hidden, pairs, *kernel)
+    if kernel is not None and len(pairs) <= kernel[2] * active:
+        return _routed_kernel(hidden, pairs, *kernel[:2])
     packed = stacked is not None and stacked.gate_up_all is not None
     if packed and _all_experts_pays(hidden, stacked, active):
         return _all_experts(hidden, pairs, stacked)
@@ -194,16 +196,16 @@ def _per_expert(
 
 def _kernel_weights(
     hidden: torch.Tensor, stacked: StackedExperts | None, weights: ExpertWeightsSource
-) -> tuple[cpu_routed.KernelWeights, torch.Tensor] | None:
-    """(the CPU kernel's view of the experts, row_of_expert) where it can run them: the dense stack, or the e4m3
-    stack of a source that keeps no dense copies."""
+) -> tuple[cpu_routed.KernelWeights, torch.Tensor, int] | None:
+    """(the CPU kernel's view of the experts, row_of_expert, the most rows per active expert it is used for) where
+    it can run them: the e4m3 stack where the source gives one, else the dense stack."""
     if hidden.device.type != "cpu":
         return None
-    if stacked is not None:
-        return (stacked.kernel, stacked.row_of_expert) if stacked.kernel is not None else None
-    fp8_only = weights.fp8_only() if hasattr(weights, "fp8_only") else None
-    if fp8_only is not None and cpu_routed.handles(fp8_only.gate):
-        return fp8_only.kernel, fp8_only.row_of_expert
+    fp8 = weights.fp8_kernel() if hasattr(weights, "fp8_kernel") else None
+    if fp8 is not None and cpu_routed.handles(fp8.gate):
+        return fp8.kernel, fp8.row_of_expert, KERNEL_E4M3_MAX_ROWS_PER_EXPERT
+    if stacked is not None and stacked.kernel is not None:
+        return stacked.kernel, stacked.row_of_expert, KERNEL_MAX_ROWS_PER_EXPERT
     return None
 
 

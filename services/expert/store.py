@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_routed
 from services.dispatch.precision import fp8_experts
 from services.errors import ExpertNotHeldError, InvalidRequestError
 from services.expert.grouped import Fp8Experts, StackedExperts
@@ -202,6 +203,9 @@ class LayerWeights:
     def fp8(self) -> Fp8Experts | None:
         return self.store.fp8_stacked(self.layer) if self.store.uses_fp8(self.dtype) else None
 
-    def fp8_only(self) -> Fp8Experts | None:
-        keeps_fp8_only = not self.store.cache_dense and self.store.device.type == "cpu"
-        return self.store.fp8_stacked(self.layer) if keeps_fp8_only else None
+    def fp8_kernel(self) -> Fp8Experts | None:
+        """The e4m3 stack for the CPU kernel: where the store keeps no dense copies, and beside them where the
+        kernel converts e4m3 fast (reading a quarter of the bytes then beats reading fp32: BENCHMARKS.md)."""
+        if self.store.device.type != "cpu" or (self.store.cache_dense and not cpu_routed.fast_e4m3()):
+            return None
+        return self.store.fp8_stacked(self.layer)
