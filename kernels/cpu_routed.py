@@ -80,7 +80,6 @@ class KernelWeights:
         return self
 
 
-
 def routed_swiglu(
     x: torch.Tensor, weights: KernelWeights, token: torch.Tensor, row: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
