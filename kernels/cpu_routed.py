@@ -19,6 +19,7 @@ import torch
 from kernels.cpu_build import check_status, library
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}  # weight dtypes the kernel reads, its codes
+E4M3_MAX_SCALE = 2.0**119  # block scales the kernel reads e4m3 with (it multiplies by scale * 2^8, kept finite)
 # below this many bytes of weights per thread, one thread (starting one costs more than it saves)
 BYTES_PER_THREAD = 8 << 20
 
@@ -57,6 +58,8 @@ class KernelWeights:
     @classmethod
     def e4m3(cls, gate, gate_scale, up, up_scale, down, down_scale) -> KernelWeights:
         scales = tuple(s.to(torch.float32).contiguous() for s in (gate_scale, up_scale, down_scale))
+        if any(bool((s.abs() >= E4M3_MAX_SCALE).any()) for s in scales):
+            raise ValueError(f"e4m3 block scales of {E4M3_MAX_SCALE:g} and above: the kernel does not read them")
         gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
         return cls(gate, up, down, gate.shape[1] * gate.shape[2], scales)._checked()
 

@@ -44,24 +44,35 @@ typedef struct {
   const float *sc[4];
 } rows_t;
 
-#define LOAD_F32(p, k, sc) load_f32((const float *)(p) + (k))
-#define LOAD_BF16(p, k, sc) load_bf16((const uint16_t *)(p) + (k))
-#define LOAD_E4M3(p, k, sc) (load_e4m3((const uint8_t *)(p) + (k)) * (sc)[(k) >> 7])
+/* LOAD(p, k, s): VW weights from row p at k as fp32; s: the row's block-scale vector (e4m3 only) for k's 128-block,
+ * made once per block by SCALE. e4m3: (the value / 2^8) * (scale * 2^8), the one rounding of value * scale (exact
+ * powers of two: scales are checked to leave scale * 2^8 finite, kernels/cpu_routed.py) */
+#define LOAD_F32(p, k, s) load_f32((const float *)(p) + (k))
+#define LOAD_BF16(p, k, s) load_bf16((const uint16_t *)(p) + (k))
+#define LOAD_E4M3(p, k, s) (load_e4m3_div256((const uint8_t *)(p) + (k)) * (s))
+#define SCALE_NONE(sc, k) ((vf){0})
+#define SCALE_E4M3(sc, k) splat((sc)[(k) >> 7] * 0x1p8f)
 
 /* res[r * 4 + q] = dot(row r, vector q) over n values, for NR rows and NQ vectors (acc stays in registers) */
-#define DOTS(NAME, KIND, LOAD, NR, NQ)                                                           \
+#define DOTS(NAME, KIND, LOAD, SCALE, NR, NQ)                                                    \
   static void NAME(const rows_t *rw, int64_t n, const float *const *v, float *res) {             \
     vf acc[NR][NQ];                                                                              \
     for (int r = 0; r < NR; r++)                                                                 \
       for (int q = 0; q < NQ; q++) acc[r][q] = (vf){0};                                          \
     int64_t k = 0;                                                                               \
-    for (; k + VW <= n; k += VW) {                                                               \
-      vf wr[NR];                                                                                 \
-      for (int r = 0; r < NR; r++) wr[r] = LOAD(rw->w[r], k, rw->sc[r]);                         \
-      for (int q = 0; q < NQ; q++) {                                                             \
-        const vf xq = load_f32(v[q] + k);                                                        \
-        for (int r = 0; r < NR; r++) acc[r][q] += wr[r] * xq;                                    \
+    while (k + VW <= n) { /* 128-blocks: a block scale per row made once */                     \
+      const int64_t block_end = (k | 127) + 1 < n ? (k | 127) + 1 : n;                           \
+      vf s[NR];                                                                                  \
+      for (int r = 0; r < NR; r++) s[r] = SCALE(rw->sc[r], k);                                   \
+      for (; k + VW <= block_end; k += VW) {                                                     \
+        vf wr[NR];                                                                               \
+        for (int r = 0; r < NR; r++) wr[r] = LOAD(rw->w[r], k, s[r]);                            \
+        for (int q = 0; q < NQ; q++) {                                                           \
+          const vf xq = load_f32(v[q] + k);                                                      \
+          for (int r = 0; r < NR; r++) acc[r][q] += wr[r] * xq;                                  \
+        }                                                                                        \
       }                                                                                          \
+      if (k < block_end) break; /* fewer than VW values left: the scalar tail */                \
     }                                                                                            \
     for (int r = 0; r < NR; r++)                                                                 \
       for (int q = 0; q < NQ; q++) {                                                             \
@@ -72,15 +83,15 @@ typedef struct {
   }
 
 /* rows per block by kind: fp32 one at a time (blocks of 2 and 4 measured slower), the converted kinds in fours */
-#define DOTS_KIND(KIND, LOAD, NR)        \
-  DOTS(KIND##_1, KIND, LOAD, NR, 1)      \
-  DOTS(KIND##_2, KIND, LOAD, NR, 2)      \
-  DOTS(KIND##_3, KIND, LOAD, NR, 3)      \
-  DOTS(KIND##_4, KIND, LOAD, NR, 4)      \
-  DOTS(KIND##_tail, KIND, LOAD, 1, 1)
-DOTS_KIND(EM_F32, LOAD_F32, 1)
-DOTS_KIND(EM_BF16, LOAD_BF16, 4)
-DOTS_KIND(EM_E4M3, LOAD_E4M3, 4)
+#define DOTS_KIND(KIND, LOAD, SCALE, NR)      \
+  DOTS(KIND##_1, KIND, LOAD, SCALE, NR, 1)     \
+  DOTS(KIND##_2, KIND, LOAD, SCALE, NR, 2)     \
+  DOTS(KIND##_3, KIND, LOAD, SCALE, NR, 3)     \
+  DOTS(KIND##_4, KIND, LOAD, SCALE, NR, 4)     \
+  DOTS(KIND##_tail, KIND, LOAD, SCALE, 1, 1)
+DOTS_KIND(EM_F32, LOAD_F32, SCALE_NONE, 1)
+DOTS_KIND(EM_BF16, LOAD_BF16, SCALE_NONE, 4)
+DOTS_KIND(EM_E4M3, LOAD_E4M3, SCALE_E4M3, 4)
 
 typedef void (*dots_fn)(const rows_t *, int64_t, const float *const *, float *);
 static const int ROWS[3] = {1, 4, 4};

@@ -63,35 +63,37 @@ static inline vf load_bf16(const uint16_t *p) { /* bf16 is the top half of an fp
  * denormals, which some CPUs multiply slowly). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline vf load_e4m3(const uint8_t *p) {
+static inline vf load_e4m3_div256(const uint8_t *p) {
   __m256i w = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8);
   w = _mm256_and_si256(_mm256_srai_epi16(w, 1), _mm256_set1_epi16((short)0xBFFF));
   const __m512 f = _mm512_cvtph_ps(w);
   vf v;
   memcpy(&v, &f, sizeof v);
-  return v * 0x1p8f;
+  return v;
 }
 #elif defined(__F16C__)
 #include <immintrin.h>
-static inline vf load_e4m3(const uint8_t *p) {
+static inline vf load_e4m3_div256(const uint8_t *p) {
   __m128i w = _mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)p));
   w = _mm_and_si128(_mm_srai_epi16(w, 1), _mm_set1_epi16((short)0xBFFF));
   const __m256 f = _mm256_cvtph_ps(w);
   vf v;
   memcpy(&v, &f, sizeof v);
-  return v * 0x1p8f;
+  return v;
 }
 #else
-static inline vf load_e4m3(const uint8_t *p) {
+static inline vf load_e4m3_div256(const uint8_t *p) {
   vb b;
   memcpy(&b, p, sizeof b);
   const vu u = __builtin_convertvector(b, vu);
   vu mag;
-  const vf f = as_vf((u & 0x7F) << 20) * 0x1p120f;
+  const vf f = as_vf((u & 0x7F) << 20) * 0x1p112f;
   memcpy(&mag, &f, sizeof mag);
   return as_vf(mag | (u & 0x80) << 24);
 }
 #endif
+
+static inline vf load_e4m3(const uint8_t *p) { return load_e4m3_div256(p) * 0x1p8f; } /* exact */
 
 /* one e4m3 byte's value, as load_e4m3 computes it lane by lane */
 static inline float e4m3_value(uint8_t b) {

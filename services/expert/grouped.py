@@ -94,11 +94,14 @@ class Fp8Experts:
     down_scale: torch.Tensor  # [R, ceil(H/128), ceil(I/128)] fp32
 
     @functools.cached_property
-    def kernel(self) -> cpu_routed.KernelWeights:
-        """The e4m3 stacks as the CPU kernel reads them (views, no copy)."""
-        return cpu_routed.KernelWeights.e4m3(
-            self.gate, self.gate_scale, self.up, self.up_scale, self.down, self.down_scale
-        )
+    def kernel(self) -> cpu_routed.KernelWeights | None:
+        """The e4m3 stacks as the CPU kernel reads them (views, no copy); None for scales it does not read."""
+        try:
+            return cpu_routed.KernelWeights.e4m3(
+                self.gate, self.gate_scale, self.up, self.up_scale, self.down, self.down_scale
+            )
+        except ValueError:
+            return None
 
     def mlp(self, x_sorted: torch.Tensor, counts: list[int], rows: list[int]) -> torch.Tensor:
         """x_sorted [P, H] sorted by expert (counts[g] rows through stack row rows[g]) -> [P, H] fp32."""
@@ -202,7 +205,7 @@ def _kernel_weights(
     if hidden.device.type != "cpu":
         return None
     fp8 = weights.fp8_kernel() if hasattr(weights, "fp8_kernel") else None
-    if fp8 is not None and cpu_routed.handles(fp8.gate):
+    if fp8 is not None and cpu_routed.handles(fp8.gate) and fp8.kernel is not None:
         return fp8.kernel, fp8.row_of_expert, KERNEL_E4M3_MAX_ROWS_PER_EXPERT
     if stacked is not None and stacked.kernel is not None:
         return stacked.kernel, stacked.row_of_expert, KERNEL_MAX_ROWS_PER_EXPERT
