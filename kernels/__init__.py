@@ -48,7 +48,7 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return _triton().weight_dequant(q, scale_inv, dtype) if q.is_cuda else reference.weight_dequant(q, scale_inv, dtype)
+    return _triton().weight_dequant(q, scale_inv, dtype) if q.is_cuda else cpu_act.weight_dequant(q, scale_inv, dtype)
 
 
 def fp8_gemm(

@@ -1,9 +1,10 @@
-"""Per-token FP8 activations on the CPU as one C pass each way (kernels/cpu/act_fp8.c), built on first use.
+"""Per-token FP8 activations on the CPU as one C pass each way (kernels/cpu/act_fp8.c), built on first use; and
+block-scaled FP8 weights dequantized by the same pass.
 
 The torch references (kernels/reference.py) run act_quant as ~10 ops over the activations (abs, amax, clamp,
 divide, clamp, convert, reshapes) and act_dequant plus the pool's finiteness check as ~5; at decode sizes each op
 costs more in dispatch than in arithmetic, and the e4m3 conversions run 5-9 ns an element on CPUs without
-AVX-512. The kernels give the references' results bit for bit. act_quant falls back to the reference for input
+AVX-512 (and weight_dequant ~6-16 ns a weight). The kernels give the references' results bit for bit. act_quant falls back to the reference for input
 holding a NaN or an infinity (whose NaN rules are then torch's exactly) and where the kernels are not built.
 """
 
@@ -15,6 +16,7 @@ from kernels import reference
 from kernels.cpu_build import check_status, library
 
 DEQUANT_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+WEIGHTS_PER_THREAD = 1 << 20  # weight_dequant: below this many weights per thread, one thread
 
 
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +66,26 @@ def act_dequant_bytes(q: bytes, scale: bytes, t: int, k: int, dtype: torch.dtype
     if lib is None or dtype not in DEQUANT_KINDS or t <= 0 or k <= 0:
         return None
     return _dequant(lib, q, scale, t, k, dtype)
+
+
+def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """reference.weight_dequant for a CPU [N, K] e4m3 weight and its [ceil(N/128), ceil(K/128)] block scales, in
+    one pass (rows split over torch's threads for large weights). The reference runs where the kernel is not
+    built, for other dtypes or shapes (it names what is wrong), and where an output is not finite (torch's NaN
+    rules then)."""
+    lib = library()
+    n, k = q.shape if q.dim() == 2 else (0, 0)
+    usable = lib is not None and dtype in DEQUANT_KINDS and q.device.type == "cpu" and n > 0 and k > 0
+    if not usable or q.dtype != reference.FP8_DTYPE or scale_inv.shape != (-(-n // 128), -(-k // 128)):
+        return reference.weight_dequant(q, scale_inv, dtype)
+    qc, sc = q.contiguous(), scale_inv.to(torch.float32).contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    threads = max(1, min(torch.get_num_threads(), n * k // WEIGHTS_PER_THREAD))
+    rc = lib.em_fp8_dequant(qc.data_ptr(), sc.data_ptr(), n, k, 128, DEQUANT_KINDS[dtype], out.data_ptr(), threads)
+    if rc == 1:
+        return reference.weight_dequant(q, scale_inv, dtype)
+    check_status(rc, "weight_dequant", {})
+    return out
 
 
 def _dequant(lib, q, scale, t: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

@@ -34,6 +34,8 @@ SIGNATURES = {
     # x, T, K, row stride, q, scales | q, scales, T, K, kind, out
     "em_act_quant": [_P, _I64, _I64, _I64, _P, _P],
     "em_act_dequant": [_P, _P, _I64, _I64, _INT, _P],
+    # q, scales, N, K, rows per scale row, kind, out, threads
+    "em_fp8_dequant": [_P, _P, _I64, _I64, _I64, _INT, _P, _INT],
     # token, expert, weight, owner, P, T, O, pairs_of, rows_of, token_out, expert_out, weight_out, packed, rows
     "em_split_pairs": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P],
     # packed, weight, P, rows, experts, held, token, expert, weight_out

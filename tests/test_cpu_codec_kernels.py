@@ -1,7 +1,8 @@
 """The dispatch codec's CPU kernels (kernels/cpu/act_fp8.c, kernels/cpu/routed_pairs.c) against the torch code
 they replace: act_quant bit for bit against the reference (every e4m3 value and every rounding tie, random bit
 patterns, scales from 1e-8 to 1e30, partial 128-groups), act_dequant and its finiteness check (NaN bytes,
-non-finite scales, overflow), the gateway's split of pairs over pools against its torch form, and the pool's
+non-finite scales, overflow), weight_dequant bit for bit (every byte, 128x128 blocks, threads, torch's NaN rules
+where an output is not finite), the gateway's split of pairs over pools against its torch form, and the pool's
 check of the pairs it is sent (each kind of bad pair refused); then a pool request decoded on the fast path
 equals the same request decoded by the full checks."""
 
@@ -99,6 +100,42 @@ def _random_pairs(tokens: int, k: int, owners: int, seed: int, shuffled: bool):
         torch.rand(token.numel(), generator=g),
         torch.randint(0, owners, (token.numel(),), generator=g),
     )
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16 if x.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k, threads", [(256, 512, 1), (129, 300, 1), (1, 1, 1), (520, 260, 2), (2048, 1024, 2)])
+def test_weight_dequant_is_the_reference_bit_for_bit(dtype, n, k, threads, monkeypatch):
+    """Every byte value but NaN, scales over 128x128 blocks (partial ones too, a different scale per block, tiny to
+    huge), rows split over threads."""
+    monkeypatch.setattr(cpu_act, "WEIGHTS_PER_THREAD", 1 << 10)
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(n * k)
+        q = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8)
+        q[(q & 0x7F) == 0x7F] = 0  # no NaN bytes (below)
+        q = q.view(torch.float8_e4m3fn)
+        scale = 10.0 ** torch.empty(-(-n // 128), -(-k // 128)).uniform_(-30, 30, generator=g)
+        assert torch.equal(
+            _bits(cpu_act.weight_dequant(q, scale, dtype)), _bits(reference.weight_dequant(q, scale, dtype))
+        )
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_weight_dequant_gives_torchs_nan_and_inf():
+    q = torch.ones(130, 140, dtype=torch.float32).to(torch.float8_e4m3fn)
+    scale = torch.ones(2, 2)
+    q.view(torch.uint8)[5, 7] = 0xFF  # NaN
+    scale[1, 1] = float("inf")
+    ours, ref = cpu_act.weight_dequant(q, scale), reference.weight_dequant(q, scale)
+    assert torch.equal(ours.isnan(), ref.isnan()) and bool(ours[5, 7].isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())  # inf where the scale is
+    with pytest.raises(ValueError, match="scale shape"):
+        cpu_act.weight_dequant(q, torch.ones(1, 2))
 
 
 @pytest.mark.parametrize(

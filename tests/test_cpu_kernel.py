@@ -161,13 +161,14 @@ def test_build_is_cached_per_source_and_cpu_and_a_damaged_one_rebuilt(tmp_path):
 
 @pytest.mark.slow  # builds the kernels a second time
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
-def test_the_8_lane_build_passes_the_kernel_tests_too(tmp_path):
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-f16c"])
+def test_the_8_lane_build_passes_the_kernel_tests_too(tmp_path, flags):
     """CPUs without AVX-512 (AVX2: most laptops, many cloud machines) get the kernels built for 8-float vectors:
     the compiler with -mno-avx512f after -march=native builds that form here, and the kernels' own tests run
-    against it."""
+    against it; with -mno-f16c too, the e4m3 conversion without fp16 hardware (simd.h)."""
     cc = tmp_path / "cc"
     real = os.environ.get("CC") or "cc"
-    cc.write_text(f'#!/bin/sh\nexec {real} "$@" -mno-avx512f\n')
+    cc.write_text(f'#!/bin/sh\nexec {real} "$@" {flags}\n')
     cc.chmod(0o755)
     env = dict(os.environ, CC=str(cc), EXPERTMESH_KERNEL_CACHE=str(tmp_path / "k"))
     tests = [

@@ -1,6 +1,6 @@
-/* Per-token FP8 activations on the CPU, one pass each way. Called through ctypes by kernels/cpu_act.py; the
- * torch references (kernels/reference.py act_quant, act_dequant) define the results and these are
- * bit-identical to them (tests/test_cpu_act.py).
+/* Per-token FP8 activations on the CPU, one pass each way, and block-scaled FP8 weights dequantized. Called
+ * through ctypes by kernels/cpu_act.py; the torch references (kernels/reference.py act_quant, act_dequant,
+ * weight_dequant) define the results and these are bit-identical to them (tests/test_cpu_codec_kernels.py).
  *
  * em_act_quant: x [T, K] fp32 (row stride `ld`) -> q [T, K] e4m3 bytes, s [T, ceil(K/128)] fp32:
  *   s = max(amax of the 128 channels, 1e-4) / 448, q = e4m3(clamp(x / s, +-448)), rounded to nearest even.
@@ -9,7 +9,9 @@
  * em_act_dequant: q [T, K] e4m3 bytes, s [T, ceil(K/128)] fp32 -> out [T, K] fp32 (kind 0) or bf16 (kind 1, raw
  *   16-bit words): q * s in fp32, then rounded to the output type. Status 1 when any output would not be finite
  *   (a NaN byte, a non-finite scale, a product that overflows); the output is then incomplete.
- * Both return -1 for bad sizes.
+ * em_fp8_dequant: the same over q [N, K] whose scale rows each cover `rows_per_scale` rows (1: activations, 128:
+ *   weights in 128x128 blocks, s [ceil(N/128), ceil(K/128)]), rows split over `threads` OpenMP threads.
+ * All return -1 for bad sizes.
  */
 #include <stdint.h>
 #include <string.h>
@@ -103,52 +105,64 @@ int em_act_quant(const float *x, int64_t t_rows, int64_t k, int64_t ld, uint8_t 
   return 0;
 }
 
-int em_act_dequant(const uint8_t *q, const float *s, int64_t t_rows, int64_t k, int kind, void *out) {
-  if (t_rows < 0 || k <= 0 || (kind != 0 && kind != 1)) return -1;
-  const int64_t kb = (k + BLOCK - 1) / BLOCK;
+/* one row of em_fp8_dequant: q [K] with its scales [ceil(K/128)] -> out [K]; whether an output is not finite */
+static uint32_t dequant_row(const uint8_t *q, const float *s, int64_t k, int kind, void *out) {
   uint32_t bad = 0;
-  for (int64_t i = 0; i < t_rows * k; i++) bad |= (q[i] & 0x7F) == 0x7F; /* e4m3fn's NaN bytes */
-  for (int64_t i = 0; i < t_rows * kb; i++) bad |= (bits_of(s[i]) & 0x7F800000u) == 0x7F800000u;
-  if (bad) return 1;
-  for (int64_t t = 0; t < t_rows; t++) {
-    for (int64_t b = 0; b < kb; b++) {
-      const int64_t lo = b * BLOCK, n = (k - lo < BLOCK) ? k - lo : BLOCK, at = t * k + lo;
-      const float scale = s[t * kb + b];
-      const vf vs = splat(scale);
-      int64_t j = 0;
-      if (kind == 0) {
-        float *o = (float *)out + at;
-        for (; j + VW <= n; j += VW) {
-          const vf v = load_e4m3(q + at + j) * vs;
-          vu u;
-          memcpy(&u, &v, sizeof u);
-          bad |= hor((u & 0x7F800000u) == 0x7F800000u);
-          memcpy(o + j, &v, sizeof v);
-        }
-        for (; j < n; j++) {
-          const float v = e4m3_value(q[at + j]) * scale;
-          bad |= (bits_of(v) & 0x7F800000u) == 0x7F800000u;
-          o[j] = v;
-        }
-      } else {
-        uint16_t *o = (uint16_t *)out + at;
-        for (; j + VW <= n; j += VW) {
-          const vf v = load_e4m3(q + at + j) * vs;
-          vu u;
-          memcpy(&u, &v, sizeof u);
-          u = (u + 0x7FFFu + ((u >> 16) & 1)) >> 16; /* to bf16, nearest even (inputs finite: no wrap) */
-          bad |= hor((u & 0x7F80u) == 0x7F80u);
-          const vh h = __builtin_convertvector(u, vh);
-          memcpy(o + j, &h, sizeof h);
-        }
-        for (; j < n; j++) {
-          const uint32_t u = bits_of(e4m3_value(q[at + j]) * scale), h = (u + 0x7FFFu + ((u >> 16) & 1)) >> 16;
-          bad |= (h & 0x7F80u) == 0x7F80u;
-          o[j] = (uint16_t)h;
-        }
+  for (int64_t lo = 0; lo < k; lo += BLOCK) {
+    const int64_t n = (k - lo < BLOCK) ? k - lo : BLOCK;
+    const float scale = s[lo / BLOCK];
+    const vf vs = splat(scale);
+    int64_t j = 0;
+    if (kind == 0) {
+      float *o = (float *)out + lo;
+      for (; j + VW <= n; j += VW) {
+        const vf v = load_e4m3(q + lo + j) * vs;
+        vu u;
+        memcpy(&u, &v, sizeof u);
+        bad |= hor((u & 0x7F800000u) == 0x7F800000u);
+        memcpy(o + j, &v, sizeof v);
+      }
+      for (; j < n; j++) {
+        const float v = e4m3_value(q[lo + j]) * scale;
+        bad |= (bits_of(v) & 0x7F800000u) == 0x7F800000u;
+        o[j] = v;
+      }
+    } else {
+      uint16_t *o = (uint16_t *)out + lo;
+      for (; j + VW <= n; j += VW) {
+        const vf v = load_e4m3(q + lo + j) * vs;
+        vu u;
+        memcpy(&u, &v, sizeof u);
+        u = (u + 0x7FFFu + ((u >> 16) & 1)) >> 16; /* to bf16, nearest even (inputs finite: no wrap) */
+        bad |= hor((u & 0x7F80u) == 0x7F80u);
+        const vh h = __builtin_convertvector(u, vh);
+        memcpy(o + j, &h, sizeof h);
+      }
+      for (; j < n; j++) {
+        const uint32_t u = bits_of(e4m3_value(q[lo + j]) * scale), h = (u + 0x7FFFu + ((u >> 16) & 1)) >> 16;
+        bad |= (h & 0x7F80u) == 0x7F80u;
+        o[j] = (uint16_t)h;
       }
     }
-    if (bad) return 1;
   }
-  return 0;
+  return bad;
+}
+
+int em_fp8_dequant(const uint8_t *q, const float *s, int64_t rows, int64_t k, int64_t rows_per_scale, int kind,
+                   void *out, int threads) {
+  if (rows < 0 || k <= 0 || rows_per_scale <= 0 || (kind != 0 && kind != 1)) return -1;
+  const int64_t kb = (k + BLOCK - 1) / BLOCK, scale_rows = (rows + rows_per_scale - 1) / rows_per_scale;
+  const size_t width = kind == 0 ? 4 : 2;
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < rows * k; i++) bad |= (q[i] & 0x7F) == 0x7F; /* e4m3fn's NaN bytes */
+  for (int64_t i = 0; i < scale_rows * kb; i++) bad |= (bits_of(s[i]) & 0x7F800000u) == 0x7F800000u;
+  if (bad) return 1;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) reduction(| : bad) schedule(static)
+  for (int64_t t = 0; t < rows; t++)
+    bad |= dequant_row(q + t * k, s + (t / rows_per_scale) * kb, k, kind, (char *)out + (size_t)(t * k) * width);
+  return bad ? 1 : 0;
+}
+
+int em_act_dequant(const uint8_t *q, const float *s, int64_t t_rows, int64_t k, int kind, void *out) {
+  return em_fp8_dequant(q, s, t_rows, k, 1, kind, out, 1);
 }
