@@ -4,8 +4,9 @@ block-scaled FP8 weights dequantized by the same pass.
 The torch references (kernels/reference.py) run act_quant as ~10 ops over the activations (abs, amax, clamp,
 divide, clamp, convert, reshapes) and act_dequant plus the pool's finiteness check as ~5; at decode sizes each op
 costs more in dispatch than in arithmetic, and the e4m3 conversions run 5-9 ns an element on CPUs without
-AVX-512 (and weight_dequant ~6-16 ns a weight). The kernels give the references' results bit for bit. act_quant falls back to the reference for input
-holding a NaN or an infinity (whose NaN rules are then torch's exactly) and where the kernels are not built.
+AVX-512 (torch's weight_dequant 6-16 ns a weight). The kernels give the references' results bit for bit.
+act_quant falls back to the reference for input holding a NaN or an infinity (whose NaN rules are then torch's
+exactly) and where the kernels are not built.
 """
 
 from __future__ import annotations
