@@ -170,6 +170,14 @@ def test_pools_headless_and_identity(rendered):
     assert headless["spec"]["clusterIP"] == "None"
     args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--pool-id=$(POD_NAME)" in args  # stable identities become pool ids
+    assert "--dense-experts" not in args  # the pools keep FP8 only unless pools.denseExperts
+
+
+def test_pools_keep_dense_copies_when_asked():
+    result = render("--set", "pools.denseExperts=true")
+    assert result.returncode == 0, result.stderr
+    sts = one(list(yaml.safe_load_all(result.stdout)), "StatefulSet", "-pools")
+    assert "--dense-experts" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_autoscaler_rbac_is_scoped(rendered):

@@ -26,9 +26,10 @@ class _Context:
         raise _Aborted(code, details)
 
 
-@pytest.fixture
-def servicer(tiny_fp8):
-    store = ExpertStore(CheckpointReader(tiny_fp8), dtype=torch.float32, cache_dense=True)
+@pytest.fixture(params=[False, True], ids=["fp8-only", "dense-copies"])
+def servicer(tiny_fp8, request):
+    """A pool as `start_pool` makes it: FP8 weights only (the default), or with dense copies (--dense-experts)."""
+    store = ExpertStore(CheckpointReader(tiny_fp8), dtype=torch.float32, cache_dense=request.param)
     s = ExpertPoolServicer(store, "pool-0")
     s.load([(1, 2), (1, 5)])
     yield s
@@ -68,3 +69,22 @@ def test_a_valid_request_equals_the_in_process_expert(servicer):
         ref = 0.5 * swiglu(hidden[row : row + 1], *servicer.store.compute_weights(1, expert))[0]
         torch.testing.assert_close(got[row], ref, rtol=1e-6, atol=1e-6)
     assert (servicer.forward_calls, servicer.routed_pairs) == (1, 2)
+
+
+def test_a_pool_without_dense_copies_holds_a_fifth_of_the_bytes(tiny_fp8):
+    """FP8 bytes (with their scales) only, against FP8 plus a dense fp32 copy: what the pool reports as its weight
+    bytes, and the same answers."""
+    pools = {}
+    for dense in (False, True):
+        pools[dense] = ExpertPoolServicer(
+            ExpertStore(CheckpointReader(tiny_fp8), dtype=torch.float32, cache_dense=dense), f"pool-{dense}"
+        )
+        pools[dense].load([(1, e) for e in range(16)])
+    fp8, both = pools[False].store.nbytes(), pools[True].store.nbytes()
+    weights = 16 * 3 * 320 * 96
+    assert weights <= fp8 < 1.1 * weights and both >= fp8 + 4 * weights  # a byte a weight; 4 more with the copies
+    hidden = torch.randn(4, 320)
+    answers = [codec.decode_partial(_forward(p, _request(1, [1, 4, 9, 15], hidden)), 4, 320) for p in pools.values()]
+    torch.testing.assert_close(answers[0], answers[1], rtol=1e-6, atol=1e-6)
+    for p in pools.values():
+        p.compute.shutdown(wait=True)

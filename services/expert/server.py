@@ -195,11 +195,13 @@ async def start_pool(
     port: int = 0,
     metrics: PoolMetrics | None = None,
     device: str = "cpu",
+    dense_experts: bool = False,
 ) -> tuple[ManagedServer, ExpertPoolServicer]:
     """Bind, report NOT_SERVING, load the assigned experts, then report SERVING. `device` (cpu, cuda, auto) is
-    resolved first: asking for a missing GPU fails before anything binds. On cuda the experts stay FP8."""
+    resolved first: asking for a missing GPU fails before anything binds. The experts stay FP8 (on the CPU the
+    kernel reads their e4m3 bytes); `dense_experts` keeps a dense fp32 copy of each beside them on the CPU."""
     store = ExpertStore(
-        CheckpointReader(model_dir), dtype=torch.float32, cache_dense=True, device=resolve_device(device)
+        CheckpointReader(model_dir), dtype=torch.float32, cache_dense=dense_experts, device=resolve_device(device)
     )
     servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
@@ -220,11 +222,12 @@ async def serve(
     port: int = 0,
     metrics_port: int = 0,
     device: str = "cpu",
+    dense_experts: bool = False,
 ) -> None:
     setup_tracing(f"expertmesh-pool-{pool_id}")
     metrics = PoolMetrics()
     serve_metrics(metrics_port, host)
-    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port, metrics, device)
+    managed, servicer = await start_pool(model_dir, pool_id, experts, host, port, metrics, device, dense_experts)
     managed.stop_on_signals()
     print(f"READY {managed.address}", flush=True)
     await managed.wait_for_stop()
@@ -282,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=DEVICE_CHOICES,
         help=DEVICE_HELP + " On cuda the routed experts stay FP8 (block-scaled FP8 grouped GEMMs).",
     )
+    ap.add_argument(
+        "--dense-experts",
+        action="store_true",
+        help="Keep a dense fp32 copy of every held expert beside its FP8 bytes (CPU): 5x the memory, for large "
+        "prefill batches (without, the CPU kernel reads the e4m3 bytes; BENCHMARKS.md, e4m3 weights).",
+    )
     args = ap.parse_args(argv)
     try:
         resolve_device(args.device)  # a missing GPU is a one-line startup error, before Redis is read
@@ -303,7 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         except InvalidRequestError as exc:
             sys.exit(f"expertmesh pool: {exc}")
     torch.set_num_threads(max(1, args.threads))
-    asyncio.run(serve(args.model, args.pool_id, experts, args.host, args.port, args.metrics_port, args.device))
+    asyncio.run(
+        serve(
+            args.model, args.pool_id, experts, args.host, args.port, args.metrics_port, args.device, args.dense_experts
+        )
+    )
 
 
 if __name__ == "__main__":

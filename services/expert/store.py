@@ -157,10 +157,12 @@ class ExpertStore:
         return self.fp8_compute and (dtype or self.dtype) != torch.float32
 
     def prepare(self, layer: int, dtype: torch.dtype | None = None) -> None:
-        """Build the layer's compute form for `dtype` now rather than on the first batch."""
+        """Build the layer's compute forms for `dtype` now rather than on the first batch: the e4m3 stack where
+        FP8 GEMMs or the CPU kernel read it, the dense stack where one is kept."""
         if self.uses_fp8(dtype):
             self.fp8_stacked(layer)
         else:
+            LayerWeights(self, layer, dtype).fp8_kernel()  # builds the e4m3 stack where the CPU kernel reads it
             self.stacked(layer, dtype)
 
     def fp8_stacked(self, layer: int) -> Fp8Experts | None:
@@ -185,7 +187,10 @@ class ExpertStore:
         return self._fp8_stacks[layer]
 
     def nbytes(self) -> int:
-        return sum(w.nbytes() for w in self._fp8.values())
+        """Bytes of weights held: the FP8 ones and any dense copies."""
+        dense = [t for pair in self._dense.values() for t in pair]
+        dense += [t for s in self._stacks.values() for t in (s.gate_up, s.down)]
+        return sum(w.nbytes() for w in self._fp8.values()) + sum(t.numel() * t.element_size() for t in dense)
 
 
 class LayerWeights:
