@@ -21,6 +21,7 @@ from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 
 from expertmesh.v1 import expert_pool_pb2, expert_pool_pb2_grpc
+from kernels import cpu_routed
 from services.dispatch import codec
 from services.dispatch.precision import reduced_compute_dtype
 from services.errors import ExpertNotHeldError, InvalidRequestError
@@ -199,10 +200,13 @@ async def start_pool(
 ) -> tuple[ManagedServer, ExpertPoolServicer]:
     """Bind, report NOT_SERVING, load the assigned experts, then report SERVING. `device` (cpu, cuda, auto) is
     resolved first: asking for a missing GPU fails before anything binds. The experts stay FP8 (on the CPU the
-    kernel reads their e4m3 bytes); `dense_experts` keeps a dense fp32 copy of each beside them on the CPU."""
-    store = ExpertStore(
-        CheckpointReader(model_dir), dtype=torch.float32, cache_dense=dense_experts, device=resolve_device(device)
-    )
+    kernel reads their e4m3 bytes); `dense_experts` keeps a dense fp32 copy of each beside them on the CPU (also
+    kept where the kernel cannot convert e4m3 in hardware)."""
+    resolved = resolve_device(device)
+    # without the kernel's hardware e4m3 conversion (no C compiler, no F16C) FP8-only experts would compute slower
+    # than from dense copies: keep them there
+    dense = dense_experts or (resolved.type == "cpu" and not cpu_routed.fast_e4m3())
+    store = ExpertStore(CheckpointReader(model_dir), dtype=torch.float32, cache_dense=dense, device=resolved)
     servicer = ExpertPoolServicer(store, pool_id, metrics)
     managed = ManagedServer([SERVICE_NAME], host, port)
     expert_pool_pb2_grpc.add_ExpertPoolServiceServicer_to_server(servicer, managed.server)  # before start
@@ -289,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dense-experts",
         action="store_true",
         help="Keep a dense fp32 copy of every held expert beside its FP8 bytes (CPU): 5x the memory, for large "
-        "prefill batches (without, the CPU kernel reads the e4m3 bytes; BENCHMARKS.md, e4m3 weights).",
+        "prefill batches (without, the CPU kernel reads the e4m3 bytes; kept anyway where it cannot convert them "
+        "in hardware; BENCHMARKS.md, e4m3 weights).",
     )
     args = ap.parse_args(argv)
     try:
