@@ -100,8 +100,8 @@ def main() -> None:
             remotes = {c: RemoteExperts(placement, "fp8", **options[c]) for c in args.clients.split(",")}
             for _ in range(args.rounds):
                 for tokens in sizes:
-                    for transport, remote in remotes.items():
-                        rounds.setdefault((tokens, transport), []).append(
+                    for client, remote in remotes.items():
+                        rounds.setdefault((tokens, client), []).append(
                             one_round(remote, layer, cfg, tokens, args.calls)
                         )
             for remote in remotes.values():
@@ -118,16 +118,16 @@ def main() -> None:
         "| transport, pool encode, hand-offs | gateway combine |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for (tokens, transport), rs in rounds.items():
+    for (tokens, client), rs in rounds.items():
         r = min(rs, key=lambda r: r["total"])
         print(
-            f"| {tokens} | {transport} | {r['total']:.2f} | {r['encode']:.2f} + {r['send']:.2f} | "
+            f"| {tokens} | {client} | {r['total']:.2f} | {r['encode']:.2f} + {r['send']:.2f} | "
             f"{r['round_trip']:.2f} | {r['pool_decode']:.2f} | {r['compute']:.2f} | {r['transport']:.2f} | "
             f"{r['combine']:.2f} |"
         )
     print("every round's layer total:")
-    for (tokens, transport), rs in rounds.items():
-        print(f"  {tokens} tokens, {transport}: " + ", ".join(f"{r['total']:.2f}" for r in rs))
+    for (tokens, client), rs in rounds.items():
+        print(f"  {tokens} tokens, {client}: " + ", ".join(f"{r['total']:.2f}" for r in rs))
 
 
 if __name__ == "__main__":

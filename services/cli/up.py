@@ -46,7 +46,7 @@ class LocalLayout:
     slots_per_pool: int
     start_timeout_s: float
     autoscale: bool
-    pool_threads: int = 0  # torch threads per pool (0: the pools share half the cores)
+    pool_threads: int  # torch threads per pool (0: the pools share half the cores)
 
 
 def up(

@@ -152,6 +152,12 @@ class ExpertStore:
                 self._dense.pop((layer, e, dtype), None)
         return self._stacks[(layer, dtype)]
 
+    @property
+    def kernel_reads_e4m3(self) -> bool:
+        """Whether the CPU kernel runs on the e4m3 stack: where no dense copies are kept, and beside them where it
+        converts e4m3 in hardware (reading a quarter of the bytes then beats reading fp32: BENCHMARKS.md)."""
+        return self.device.type == "cpu" and (not self.cache_dense or cpu_routed.fast_e4m3())
+
     def uses_fp8(self, dtype: torch.dtype | None = None) -> bool:
         """Whether compute in `dtype` runs as FP8 grouped GEMMs (reduced precision with `fp8_compute`)."""
         return self.fp8_compute and (dtype or self.dtype) != torch.float32
@@ -159,10 +165,9 @@ class ExpertStore:
     def prepare(self, layer: int, dtype: torch.dtype | None = None) -> None:
         """Build the layer's compute forms for `dtype` now rather than on the first batch: the e4m3 stack where
         FP8 GEMMs or the CPU kernel read it, the dense stack where one is kept."""
-        if self.uses_fp8(dtype):
+        if self.uses_fp8(dtype) or self.kernel_reads_e4m3:
             self.fp8_stacked(layer)
-        else:
-            LayerWeights(self, layer, dtype).fp8_kernel()  # builds the e4m3 stack where the CPU kernel reads it
+        if not self.uses_fp8(dtype):
             self.stacked(layer, dtype)
 
     def fp8_stacked(self, layer: int) -> Fp8Experts | None:
@@ -209,8 +214,5 @@ class LayerWeights:
         return self.store.fp8_stacked(self.layer) if self.store.uses_fp8(self.dtype) else None
 
     def fp8_kernel(self) -> Fp8Experts | None:
-        """The e4m3 stack for the CPU kernel: where the store keeps no dense copies, and beside them where the
-        kernel converts e4m3 fast (reading a quarter of the bytes then beats reading fp32: BENCHMARKS.md)."""
-        if self.store.device.type != "cpu" or (self.store.cache_dense and not cpu_routed.fast_e4m3()):
-            return None
-        return self.store.fp8_stacked(self.layer)
+        """The e4m3 stack, where the CPU kernel runs on it (ExpertStore.kernel_reads_e4m3)."""
+        return self.store.fp8_stacked(self.layer) if self.store.kernel_reads_e4m3 else None

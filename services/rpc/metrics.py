@@ -178,7 +178,9 @@ class PoolMetrics:
         )
         self.routed_pairs = Counter("moe_pool_routed_pairs_total", "(token, expert) pairs computed.", registry=r)
         self.experts_loaded = Gauge("moe_pool_experts_loaded", "(layer, expert) replicas held.", registry=r)
-        self.weight_bytes = Gauge("moe_pool_weight_bytes", "Bytes of FP8 expert weights held.", registry=r)
+        self.weight_bytes = Gauge(
+            "moe_pool_weight_bytes", "Bytes of expert weights held: FP8 ones and any dense copies.", registry=r
+        )
 
 
 class AutoscalerMetrics:
