@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import threading
@@ -153,6 +154,21 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Variables set for the processes started inside (a variant's `env:NAME=VALUE` words)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -205,8 +221,12 @@ def main() -> None:
         ups = {}
         for name, extra in variants.items():
             home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            extra = ["--micro-batches", str(args.micro_batches), "--device", args.device, *extra.split()]
-            ups[name] = UpProcess(model, args.pools, "fp8", home, cache_tokens=cache_tokens, extra=extra)
+            words = extra.split()
+            env = dict(w[len("env:") :].split("=", 1) for w in words if w.startswith("env:"))
+            extra = ["--micro-batches", str(args.micro_batches), "--device", args.device]
+            extra += [w for w in words if not w.startswith("env:")]
+            with environment(env):
+                ups[name] = UpProcess(model, args.pools, "fp8", home, cache_tokens=cache_tokens, extra=extra)
             stack.callback(ups[name].stop)
         for c in levels:  # warm-ups at every level (first-use costs of both sides are not measured)
             run_in_process(engine, c, 8)

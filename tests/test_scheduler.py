@@ -118,6 +118,32 @@ def test_prefill_beside_decodes_is_held_to_the_decode_stall_bound_by_measured_st
     assert short.done and [len(c.token_ids) for c in sched.plan().chunks] == [512]
 
 
+def test_a_burst_of_prompts_beside_few_decodes_gets_the_bound_times_their_ratio():
+    """8 prompts arriving while 1 request decodes: the allowed prefill grows 8x (a burst is not fed a few prompts a
+    step for as many steps); 2 decoding -> 4x; fewer prompting than decoding -> the bound itself."""
+    sched, _ = _plain_scheduler(blocks=400, max_step_tokens=2048, max_decode_stall=4.0)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    first = Request(_ids(4, 2), params)
+    sched.submit(first)
+    _commit_tokens(sched, sched.plan())  # its prefill, alone
+    plan = sched.plan()
+    sched.observe(plan, 0.010)  # a decode-only step: 10 ms
+    _commit_tokens(sched, plan)
+    burst = [Request(_ids(100, 3 + i), params) for i in range(8)]
+    for r in burst:
+        sched.submit(r)
+    plan = sched.plan()  # until measured, 1/16 of the budget (128 tokens) per prompting request per decoding one
+    assert [len(c.token_ids) for c in plan.chunks] == [1, 100, 100, 100, 100, 100, 100, 100, 100]
+    sched.observe(plan, 0.010 + 800 * 0.0001)  # 0.1 ms a token, 80 ms added at 8x: 24 ms allowed at 1x -> 240
+    _commit_tokens(sched, plan)
+    assert all(not r.prefilling for r in burst)
+    late = [Request(_ids(600, 20 + i), params) for i in range(2)]
+    for r in late:
+        sched.submit(r)
+    plan = sched.plan()  # 9 decoding, 2 prompting: the bound itself, 240 tokens
+    assert [len(c.token_ids) for c in plan.chunks] == [1] * 9 + [240]
+
+
 def test_decode_stall_bound_off_gives_prefill_what_the_decodes_leave():
     sched, _ = _plain_scheduler(blocks=64, max_step_tokens=64, max_decode_stall=0)
     params = SamplingParams(max_tokens=6, ignore_eos=True)

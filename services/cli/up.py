@@ -73,6 +73,14 @@ def up(
     cache_tokens: int = typer.Option(
         _G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")
     ),
+    max_step_tokens: int = typer.Option(
+        _G.max_step_tokens, "--max-step-tokens", min=1, help=_help(GatewayConfig, "max_step_tokens")
+    ),
+    max_decode_stall: float = typer.Option(
+        _G.max_decode_stall, "--max-decode-stall", min=0.0, help=_help(GatewayConfig, "max_decode_stall")
+    ),
+    max_running: int = typer.Option(_G.max_running, "--max-running", min=1, help=_help(GatewayConfig, "max_running")),
+    max_waiting: int = typer.Option(_G.max_waiting, "--max-waiting", min=1, help=_help(GatewayConfig, "max_waiting")),
     micro_batches: int = typer.Option(
         _G.micro_batches, "--micro-batches", min=1, help=_help(GatewayConfig, "micro_batches")
     ),
@@ -152,6 +160,10 @@ def up(
             num_speculative_tokens=num_speculative_tokens,
             mtp_max_batch=mtp_max_batch,
             cache_tokens=cache_tokens,
+            max_step_tokens=max_step_tokens,
+            max_decode_stall=max_decode_stall,
+            max_running=max_running,
+            max_waiting=max_waiting,
             micro_batches=micro_batches,
             pool_transport=pool_transport,
             fewest_pools_max_tokens=fewest_pools_max_tokens,

@@ -10,6 +10,12 @@ step's prefill tokens are scaled to fill AIM of the allowed time (a margin for t
 the estimate), growing at most 2x a step.
 When no decode-only step was timed in the last REFERENCE_EVERY mixed steps (or ever), the next step runs the
 decodes alone to time them. Without decodes, prefill takes the whole step budget (--max-step-tokens).
+
+The bound weighs the requests on both sides: when more requests wait for their prompts than decode, the allowed
+stall grows by their ratio (prompting / decoding). One long prompt beside a running decode is held to the bound;
+a burst of 31 short prompts arriving while one request decodes goes in at the next step, as vLLM's token budget
+would take them, instead of a few prompts a step: one longer stall for the one decode, not twenty, and the
+burst's last first token seconds earlier.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ class PrefillBudget:
         self._decode_s: deque[float] = deque(maxlen=3)  # wall times of the latest decode-only steps
         self._mixed_steps = 0  # since the last decode-only step
 
-    def allow(self, decoding: bool, budget: int) -> int:
-        """Prefill tokens the next step may carry, out of `budget` (the step's tokens the decodes left)."""
+    def allow(self, decoding: int, prompting: int, budget: int) -> int:
+        """Prefill tokens the next step may carry, out of `budget` (the step's tokens the decodes left), beside
+        `decoding` decode chunks, for `prompting` requests whose prompts are not all in yet."""
         if not decoding or not self.max_decode_stall:
             return budget
         if not self._decode_s or self._mixed_steps >= REFERENCE_EVERY:
             return 0  # time the decodes alone first
-        return min(budget, self.tokens)
+        return min(budget, self.tokens * max(1, prompting // decoding))
 
     def observe(self, decodes: int, prefill_tokens: int, seconds: float) -> None:
         """An executed step: its decode chunks, its prefill tokens and its wall time."""
@@ -54,4 +61,4 @@ class PrefillBudget:
         allowed = AIM * (self.max_decode_stall - 1) * decode_s  # time the prefill may add to a decode step
         added = max(seconds - decode_s, 1e-6)
         fit = int(prefill_tokens * allowed / added)
-        self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))
+        self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))  # per 1 prompting : 1 decoding

@@ -9,8 +9,9 @@ finishes requests.
 Prefill and decode share steps fairly: while any request decodes, a step carries only as many prefill tokens as
 keep its wall time within `max_decode_stall` (4) times a decode-only step, so a long prompt's chunks delay the
 running decodes by a stated bound however long its context is; the serving core reports each step's time
-(`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens. With
-no request decoding, prefill takes the whole `max_step_tokens`.
+(`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens (the
+bound grows by the ratio of prompting to decoding requests where more prompt: a burst is not fed a few prompts a
+step). With no request decoding, prefill takes the whole `max_step_tokens`.
 
 It is the one owner of the latent cache's blocks, given out as they are needed (as vLLM does): a request is
 admitted when the cache holds its prompt and its first new token with a watermark to spare (first come first
@@ -160,7 +161,10 @@ class Scheduler:
                 chunk.token_ids, chunk.draft = chunk.token_ids + req.draft[:take], req.draft[:take]
                 budget -= take
         chunks = self._reserve_decodes(chunks)
-        budget = self.prefill_budget.allow(bool(chunks), self.max_step_tokens - sum(len(c.token_ids) for c in chunks))
+        prompting = sum(1 for r in self.running if r.prefilling)
+        budget = self.prefill_budget.allow(
+            len(chunks), prompting, self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
+        )
         for req in self.running:
             if req.prefilling and budget > 0:
                 take = req.feed(req.fed, budget)
