@@ -13,7 +13,8 @@ concurrent is measured while all C requests are decoding: the tokens that arrive
 first token and the first request's last token, over that window. (Over the whole run, from the first first
 token to the last token, it also counts the ramp: gRPC requests reach the gateway over some milliseconds, so
 the first step admits only some of them and the others' prefill runs while those decode; the in-process
-engine gets all C before its first step. Both figures are printed.) Inter-token latency is the gap between
+engine gets all C before its first step. Both figures are printed, and the last request's first token, from
+the submissions.) Inter-token latency is the gap between
 consecutive tokens of a request (p50, p99). The in-process engine runs the same scheduler with the same
 requests. Each figure is the best of `--repeats` runs, the in-process and distributed runs interleaved so that
 both see the same state of a machine whose speed drifts; every run's ratio is printed too. Also: wire bytes
@@ -61,7 +62,7 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(2, vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
 
 
-def summarize(stamps: list[list[float]], concurrency: int) -> dict:
+def summarize(stamps: list[list[float]], concurrency: int, start: float) -> dict:
     """stamps: per request, the arrival time of each generated token. With --waves (C streams of requests one
     after another) decode tok/s is C x the streams' decode rate: tokens after each request's first over the time
     from its first token to its last, summed over every request (prefill left out)."""
@@ -78,6 +79,7 @@ def summarize(stamps: list[list[float]], concurrency: int) -> dict:
         "whole_run_tok_s": sum(len(s) - 1 for s in stamps) / (last - first),
         "itl_p50_ms": pick(0.50),
         "itl_p99_ms": pick(0.99),
+        "ttft_max_s": max(s[0] for s in stamps) - start,  # the last request's first token, from the submissions
     }
 
 
@@ -97,10 +99,11 @@ def run_in_process(engine: Engine, concurrency: int, new_tokens: int) -> dict:
                 on_event=lambda ev, i=i: stamps[i].append(time.perf_counter()),
             )
         )
+    start = time.perf_counter()
     for r in requests:
         engine.scheduler.submit(r)
     engine.core.run_until_idle()
-    return summarize(stamps, concurrency)
+    return summarize(stamps, concurrency, start)
 
 
 def run_distributed(gateway: str, concurrency: int, new_tokens: int, vocab: int) -> dict:
@@ -121,12 +124,13 @@ def run_distributed(gateway: str, concurrency: int, new_tokens: int, vocab: int)
                     stamps[i].append(time.perf_counter())
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(concurrency)]
+    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     client.close()
-    return summarize(stamps, concurrency)
+    return summarize(stamps, concurrency, start)
 
 
 def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
@@ -257,9 +261,9 @@ def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
         print(f"\n{name} (up {variants[name] or 'defaults'}):")
         print(
             "| concurrent | in-process tok/s | ITL p50 / p99 ms | distributed tok/s | ITL p50 / p99 ms "
-            "| distributed / in-process | whole run: in-process, distributed tok/s, ratio |"
+            "| distributed / in-process | whole run: in-process, distributed tok/s, ratio | last first token s |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for c in levels:
             l, r = best(local_runs[c]), best(runs[c])
             print(
@@ -267,7 +271,8 @@ def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
                 f"{r['decode_tok_s']:.1f} | "
                 f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['decode_tok_s'] / l['decode_tok_s']:.2f}x | "
                 f"{l['whole_run_tok_s']:.1f}, {r['whole_run_tok_s']:.1f}, "
-                f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x |"
+                f"{r['whole_run_tok_s'] / l['whole_run_tok_s']:.2f}x | "
+                f"{l['ttft_max_s']:.2f}, {r['ttft_max_s']:.2f} |"
             )
         first = next(iter(remote_runs))
         if name != first:
