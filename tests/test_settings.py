@@ -95,6 +95,9 @@ def test_bad_settings_are_refused_by_name():
         GatewayConfig(cache_tokens=0)
     with pytest.raises(ValueError, match="dispatch_dtype"):
         GatewayConfig(dispatch_dtype="fp16")
+    for stall in (0.5, float("inf"), float("nan")):  # inf would overflow the prefill budget's token count
+        with pytest.raises(ValueError, match="max_decode_stall"):
+            GatewayConfig(max_decode_stall=stall)
 
 
 def test_gateway_pod_grace_outlasts_its_drain(chart):

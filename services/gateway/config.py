@@ -4,6 +4,7 @@ light clients (`up`, the CLI) read it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +111,8 @@ class GatewayConfig:
         for name in ("cache_tokens", "block_size", "max_step_tokens", "max_running", "max_waiting", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_decode_stall != 0 and self.max_decode_stall <= 1:
-            raise ValueError(f"max_decode_stall must be 0 (off) or > 1, got {self.max_decode_stall}")
+        if not math.isfinite(self.max_decode_stall) or (self.max_decode_stall != 0 and self.max_decode_stall <= 1):
+            raise ValueError(f"max_decode_stall must be 0 (off) or a finite number > 1, got {self.max_decode_stall}")
         if self.fewest_pools_max_tokens < 0:
             raise ValueError(f"fewest_pools_max_tokens must be >= 0 (0: off), got {self.fewest_pools_max_tokens}")
         if self.mtp_max_batch < 0:
