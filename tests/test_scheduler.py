@@ -144,6 +144,32 @@ def test_a_burst_of_prompts_beside_few_decodes_gets_the_bound_times_their_ratio(
     assert [len(c.token_ids) for c in plan.chunks] == [1] * 9 + [240]
 
 
+def test_short_prompts_go_before_a_long_one_and_only_they_grow_the_bound():
+    """Beside a decode, a long prompt (admitted first) and two that fit whole in the bound's 128 tokens: the short
+    ones are fed first, and the allowance is 2 x 128 (two short prompts per decoding request); eight long prompts
+    alone would not grow it."""
+    sched, _ = _plain_scheduler(blocks=600, max_step_tokens=2048, max_decode_stall=4.0)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    first = Request(_ids(4, 2), params)
+    sched.submit(first)
+    _commit_tokens(sched, sched.plan())
+    plan = sched.plan()
+    sched.observe(plan, 0.010)
+    _commit_tokens(sched, plan)
+    long, short = Request(_ids(1000, 3), params), [Request(_ids(100, 4 + i), params) for i in range(2)]
+    for r in (long, *short):
+        sched.submit(r)
+    plan = sched.plan()
+    assert [(c.request, len(c.token_ids)) for c in plan.chunks] == [(first, 1), *((r, 100) for r in short), (long, 56)]
+    sched.observe(plan, 0.010 + 256 * 0.0001)  # 24 ms allowed at 1x, 25.6 ms added at 2x: 240 tokens
+    _commit_tokens(sched, plan)
+    more_long = [Request(_ids(1000, 10 + i), params) for i in range(6)]
+    for r in more_long:
+        sched.submit(r)
+    plan = sched.plan()  # 3 decoding, 7 long prompts: the bound itself
+    assert [len(c.token_ids) for c in plan.chunks] == [1, 1, 1, 240]
+
+
 def test_decode_stall_bound_off_gives_prefill_what_the_decodes_leave():
     sched, _ = _plain_scheduler(blocks=64, max_step_tokens=64, max_decode_stall=0)
     params = SamplingParams(max_tokens=6, ignore_eos=True)

@@ -11,11 +11,12 @@ the estimate), growing at most 2x a step.
 When no decode-only step was timed in the last REFERENCE_EVERY mixed steps (or ever), the next step runs the
 decodes alone to time them. Without decodes, prefill takes the whole step budget (--max-step-tokens).
 
-The bound weighs the requests on both sides: when more requests wait for their prompts than decode, the allowed
-stall grows by their ratio (prompting / decoding). One long prompt beside a running decode is held to the bound;
-a burst of 31 short prompts arriving while one request decodes goes in at the next step, as vLLM's token budget
-would take them, instead of a few prompts a step: one longer stall for the one decode, not twenty, and the
-burst's last first token seconds earlier.
+Short prompts weigh against the decodes: a prompt whose rest fits whole in what the bound lets in (`short`)
+is fed before the long ones, and when more short prompts wait than requests decode, the allowed stall grows by
+their ratio (short prompting / decoding). A burst of 31 short prompts arriving while one request decodes goes in
+at the next step, as vLLM's token budget would take it, instead of a few prompts a step: one longer stall for the
+one decode, not twenty, and the burst's last first token seconds earlier. Long prompts never grow the bound: one
+or eight 16K prompts beside a decode are fed at the bound's pace.
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ class PrefillBudget:
         self._decode_s: deque[float] = deque(maxlen=3)  # wall times of the latest decode-only steps
         self._mixed_steps = 0  # since the last decode-only step
 
-    def allow(self, decoding: int, prompting: int, budget: int) -> int:
+    def short(self, left: int) -> bool:
+        """Whether a prompt with `left` tokens still to feed fits whole in what the bound lets in beside decodes."""
+        return left <= self.tokens
+
+    def allow(self, decoding: int, left: list[int], budget: int) -> int:
         """Prefill tokens the next step may carry, out of `budget` (the step's tokens the decodes left), beside
-        `decoding` decode chunks, for `prompting` requests whose prompts are not all in yet."""
+        `decoding` decode chunks, for the prompts with `left` tokens still to feed."""
         if not decoding or not self.max_decode_stall:
             return budget
         if not self._decode_s or self._mixed_steps >= REFERENCE_EVERY:
             return 0  # time the decodes alone first
-        return min(budget, self.tokens * max(1, prompting // decoding))
+        short = sum(1 for n in left if self.short(n))
+        return min(budget, self.tokens * max(1, short // decoding))
 
     def observe(self, decodes: int, prefill_tokens: int, seconds: float) -> None:
         """An executed step: its decode chunks, its prefill tokens and its wall time."""

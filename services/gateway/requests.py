@@ -75,6 +75,11 @@ class Request:
         """Tokens written before the next one is sampled: the prompt, then what a preemption made it recompute."""
         return len(self.prompt) + len(self.recompute)
 
+    @property
+    def feed_left(self) -> int:
+        """Tokens of the feed not yet written."""
+        return self.feed_length - self.fed
+
     def feed(self, start: int, n: int) -> list[int]:
         """Tokens start..start+n-1 of the prompt followed by `recompute`."""
         if start + n <= len(self.prompt):

@@ -10,8 +10,8 @@ Prefill and decode share steps fairly: while any request decodes, a step carries
 keep its wall time within `max_decode_stall` (4) times a decode-only step, so a long prompt's chunks delay the
 running decodes by a stated bound however long its context is; the serving core reports each step's time
 (`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens (the
-bound grows by the ratio of prompting to decoding requests where more prompt: a burst is not fed a few prompts a
-step). With no request decoding, prefill takes the whole `max_step_tokens`.
+bound grows by the ratio of short prompting to decoding requests where more short prompts wait, and those go
+first: a burst is not fed a few prompts a step). With no request decoding, prefill takes the whole `max_step_tokens`.
 
 It is the one owner of the latent cache's blocks, given out as they are needed (as vLLM does): a request is
 admitted when the cache holds its prompt and its first new token with a watermark to spare (first come first
@@ -161,12 +161,13 @@ class Scheduler:
                 chunk.token_ids, chunk.draft = chunk.token_ids + req.draft[:take], req.draft[:take]
                 budget -= take
         chunks = self._reserve_decodes(chunks)
-        prompting = sum(1 for r in self.running if r.prefilling)
-        budget = self.prefill_budget.allow(
-            len(chunks), prompting, self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
-        )
-        for req in self.running:
-            if req.prefilling and budget > 0:
+        prompting = [r for r in self.running if r.prefilling]
+        left = self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
+        budget = self.prefill_budget.allow(len(chunks), [r.feed_left for r in prompting], left)
+        if chunks:  # beside decodes, the prompts that fit whole first (first come first served within each kind)
+            prompting.sort(key=lambda r: not self.prefill_budget.short(r.feed_left))
+        for req in prompting:
+            if budget > 0:
                 take = req.feed(req.fed, budget)
                 chunks.append(PlannedChunk(req, take, prefill=True))
                 budget -= len(take)
