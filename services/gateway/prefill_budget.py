@@ -67,4 +67,4 @@ class PrefillBudget:
         allowed = AIM * (self.max_decode_stall - 1) * decode_s  # time the prefill may add to a decode step
         added = max(seconds - decode_s, 1e-6)
         fit = int(prefill_tokens * allowed / added)
-        self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))  # per 1 prompting : 1 decoding
+        self.tokens = max(1, min(fit, 2 * self.tokens, self.max_step_tokens))  # at ratio 1

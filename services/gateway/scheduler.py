@@ -9,9 +9,9 @@ finishes requests.
 Prefill and decode share steps fairly: while any request decodes, a step carries only as many prefill tokens as
 keep its wall time within `max_decode_stall` (4) times a decode-only step, so a long prompt's chunks delay the
 running decodes by a stated bound however long its context is; the serving core reports each step's time
-(`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens (the
-bound grows by the ratio of short prompting to decoding requests where more short prompts wait, and those go
-first: a burst is not fed a few prompts a step). With no request decoding, prefill takes the whole `max_step_tokens`.
+(`observe()`) and services/gateway/prefill_budget.py turns the times into the next step's prefill tokens (prompts
+that fit whole go first, and where more of them wait than requests decode the bound grows by that ratio: a burst
+is not fed a few prompts a step). With no request decoding, prefill takes the whole `max_step_tokens`.
 
 It is the one owner of the latent cache's blocks, given out as they are needed (as vLLM does): a request is
 admitted when the cache holds its prompt and its first new token with a watermark to spare (first come first
@@ -162,8 +162,8 @@ class Scheduler:
                 budget -= take
         chunks = self._reserve_decodes(chunks)
         prompting = [r for r in self.running if r.prefilling]
-        left = self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
-        budget = self.prefill_budget.allow(len(chunks), [r.feed_left for r in prompting], left)
+        room = self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
+        budget = self.prefill_budget.allow(len(chunks), [r.feed_left for r in prompting], room)
         if chunks:  # beside decodes, the prompts that fit whole first (first come first served within each kind)
             prompting.sort(key=lambda r: not self.prefill_budget.short(r.feed_left))
         for req in prompting:
