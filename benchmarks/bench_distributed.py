@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import threading
@@ -158,21 +157,6 @@ def dispatch_bytes(engine: Engine, redis_url: str) -> dict[str, float]:
     return out
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """Variables set for the processes started inside (a variant's `env:NAME=VALUE` words)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -196,6 +180,7 @@ def main() -> None:
         default=[],
         metavar="NAME=ARGS",
         help="a distributed deployment to compare, its extra `up` arguments (e.g. 'unary=--pool-transport unary'); "
+        "and env:NAME=VALUE words for its environment (e.g. 'passive=--threads 2 env:OMP_WAIT_POLICY=PASSIVE'); "
         "repeat for more; each gets its own `up`, all interleaved run by run (default: one with no extra arguments)",
     )
     ap.add_argument(
@@ -226,11 +211,10 @@ def main() -> None:
         for name, extra in variants.items():
             home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             words = extra.split()
-            env = dict(w[len("env:") :].split("=", 1) for w in words if w.startswith("env:"))
+            env = dict(w[len("env:") :].split("=", 1) for w in words if w.startswith("env:"))  # env:NAME=VALUE
             extra = ["--micro-batches", str(args.micro_batches), "--device", args.device]
             extra += [w for w in words if not w.startswith("env:")]
-            with environment(env):
-                ups[name] = UpProcess(model, args.pools, "fp8", home, cache_tokens=cache_tokens, extra=extra)
+            ups[name] = UpProcess(model, args.pools, "fp8", home, cache_tokens=cache_tokens, extra=extra, env=env)
             stack.callback(ups[name].stop)
         for c in levels:  # warm-ups at every level (first-use costs of both sides are not measured)
             run_in_process(engine, c, 8)

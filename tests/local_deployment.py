@@ -37,8 +37,10 @@ class UpProcess:
         extra: list[str] | None = None,
         cache_tokens: int = 8192,
         autoscale: bool = False,
+        env: dict[str, str] | None = None,
     ):
-        env = dict(os.environ, EXPERTMESH_HOME=str(home), PYTHONUNBUFFERED="1")
+        """`env`: variables set for `up` and the services it starts, over this process's environment."""
+        env = dict(os.environ, **(env or {}), EXPERTMESH_HOME=str(home), PYTHONUNBUFFERED="1")
         self.home = home
         self.proc = subprocess.Popen(
             [

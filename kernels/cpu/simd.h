@@ -59,8 +59,8 @@ static inline vf load_bf16(const uint16_t *p) { /* bf16 is the top half of an fp
  * is one instruction: each byte in the high half of a 16-bit lane, shifted right by one (the sign stays on top
  * and is copied below it) and that copy cleared, is the fp16 with e4m3's exponent and mantissa bits, i.e. the
  * e4m3 value / 2^8, subnormals included; times 2^8 is exact. Without F16C: the exponent and mantissa bits
- * placed in an fp32's (bias 127), scaled by 2^112 (2^120 / 2^8), then the sign (its fp32 intermediates of e4m3's subnormals are
- * denormals, which some CPUs multiply slowly). */
+ * placed in an fp32's (bias 127), scaled by 2^112 (2^120 / 2^8), then the sign (its fp32 intermediates of e4m3's
+ * subnormals are denormals, which some CPUs multiply slowly). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline vf load_e4m3_div256(const uint8_t *p) {

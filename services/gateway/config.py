@@ -49,8 +49,7 @@ class GatewayConfig:
         DEFAULT_MAX_DECODE_STALL,
         "While requests decode, a step carries only the prefill tokens that keep its time within this many "
         "decode-only steps (measured; times the ratio of short prompts, which fit whole in that, to decoding "
-        "requests where more of them wait; "
-        "0: off, prefill takes what the decodes leave of --max-step-tokens).",
+        "requests where more of them wait; 0: off, prefill takes what the decodes leave of --max-step-tokens).",
     )
     max_running: int = setting(DEFAULT_MAX_RUNNING, "Most requests decoding at once; the rest wait.")
     max_waiting: int = setting(DEFAULT_MAX_WAITING, "Most requests waiting for admission; more are refused.")
