@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -386,6 +387,35 @@ def test_client_going_away_cancels_its_request(fp32_up):
         call.cancel()  # ...and the client goes away
     wait_until(lambda: metric(metrics, "num_requests_running") == 0, 30, "the cancelled request to stop")
     assert metric(metrics, "kv_cache_usage_perc") == 0.0  # its cache blocks were freed
+
+
+def test_generate_cli_prints_the_text_as_it_streams_and_ctrl_c_cancels(fp32_up, engine_tiny):
+    """`expertmesh generate --target` (a real CLI process): the text is what the in-process engine makes, printed
+    piece by piece as the gateway streams it (the first piece arrives while the request still runs), and Ctrl-C
+    mid-stream closes the line, exits 130 and cancels the request on the gateway."""
+    prompt = [5, 6, 7]
+    local = engine_tiny.generate([prompt], SamplingParams(max_tokens=300))[0]
+    assert local.finish_reason == "length"  # this prompt runs 300 tokens without an end-of-sequence token
+    cli = [sys.executable, "-m", "services.cli.app", "generate", "--target", fp32_up.gateway, "--tokens", "5,6,7"]
+    done = subprocess.run([*cli, "--max-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == engine_tiny.decode(local.token_ids[:12]) + "\n"
+
+    running = subprocess.Popen([*cli, "--max-tokens", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = os.read(running.stdout.fileno(), 64)  # blocks until the first piece is printed
+        assert first and running.poll() is None  # printed while the request still runs
+        wait_until(lambda: fp32_up.metric("gateway", "num_requests_running") >= 1, 30, "the request to run")
+        running.send_signal(signal.SIGINT)
+        rest, err = running.communicate(timeout=60)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 130 and "interrupted" in err.decode()
+    streamed = first + rest
+    assert streamed.endswith(b"\n") and len(streamed) > 1
+    assert engine_tiny.decode(local.token_ids).encode().startswith(streamed[:-1][: len(streamed) // 2])
+    wait_until(lambda: fp32_up.metric("gateway", "num_requests_running") == 0, 30, "the cancelled request to stop")
 
 
 def _exported(url, name):

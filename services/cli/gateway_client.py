@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import grpc
 
@@ -72,8 +73,9 @@ class GatewayClient:
         top_k: int = 0,
         seed: int | None = None,
         ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
     ) -> dict:
-        """-> the JSON object of `expertmesh generate --json`."""
+        """-> the JSON object of `expertmesh generate --json`; `on_text` is given each piece of text as it arrives."""
         sampling = gateway_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=ignore_eos
         )
@@ -85,6 +87,8 @@ class GatewayClient:
             prompt = prompt or list(msg.prompt_token_ids)
             tokens.extend(msg.token_ids)
             text_out += msg.text
+            if on_text is not None and msg.text:
+                on_text(msg.text)
             reason = msg.finish_reason or reason
         return {"prompt_token_ids": prompt, "token_ids": tokens, "text": text_out, "finish_reason": reason}
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from services.cli.output import fail, progress_reporter
+from services.cli.output import StreamedText, fail, progress_reporter
 from services.errors import ExpertmeshError, InvalidRequestError
 
 UINT32_LIMIT = 2**32  # token ids, max_tokens and top_k travel as uint32 to a gateway
@@ -330,13 +330,21 @@ def generate(
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
         if target:
+            streamed = StreamedText() if not as_json else None  # the text printed as the gateway streams it
 
             def call(client):
                 info = client.model_info()
                 check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
-                return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed)
+                on_text = streamed.write if streamed is not None else None
+                try:
+                    return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed, on_text=on_text)
+                finally:
+                    if streamed is not None:
+                        streamed.end()  # the line closed before an error message (or Ctrl-C's) goes out
 
             out = _remote(target, call, api_key, tls_dir)
+            if streamed is not None and streamed.wrote:
+                return
         else:
             check_against_model(ids, _model_vocab(model), 0)
             engine = _load_engine(model, as_json, device, mtp, num_speculative_tokens)

@@ -27,6 +27,27 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+class StreamedText:
+    """Text printed on stdout as it arrives (flushed piece by piece); `end()` closes the line once, if anything
+    was printed (also when the stream stops early: an error, Ctrl-C)."""
+
+    def __init__(self):
+        self.wrote = False
+        self._open = False
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.wrote = self._open = True
+
+    def end(self) -> None:
+        if self._open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self._open = False
+
+
 @contextmanager
 def progress_reporter(enabled: bool) -> Iterator:
     """Yields progress(label, done, total) that draws on stderr when it is a terminal and `enabled`, else no-op."""
