@@ -118,3 +118,13 @@ def test_console_script_error_has_no_traceback(model_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "expertmesh: error: token id 99999 is outside the vocabulary [0, 1024)"
     assert proc.stdout == ""
+
+
+def test_generate_prints_the_text_as_it_is_made(model_dir):
+    """Without --json the text goes to stdout piece by piece (the engine's on_text); it is the --json text."""
+    args = ["generate", "--model", str(model_dir), "Hello world", "--max-tokens", "12"]
+    as_json = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    expected = as_json["text"] or " ".join(map(str, as_json["token_ids"]))
+    assert plain.stdout == expected + "\n"

@@ -146,3 +146,18 @@ def test_preempted_requests_recompute_and_generate_the_same_tokens(tiny_fp8, eng
     assert small.scheduler.preemptions >= 1
     assert got == [g.token_ids for g in engine_tiny.generate(prompts, params)]
     assert small.cache.free_blocks == small.cache.num_blocks
+
+
+def test_generate_gives_each_prompts_text_piece_by_piece(engine_tiny):
+    """`on_text(i, piece)`: each prompt's pieces add up to the decode of its output, and they arrive as the
+    batch runs (the two prompts' pieces interleave), not at the end."""
+    prompts = [_ids(5, 1), _ids(9, 2)]
+    pieces: list[tuple[int, str]] = []
+    out = engine_tiny.generate(
+        prompts, SamplingParams(max_tokens=24, ignore_eos=True), on_text=lambda i, piece: pieces.append((i, piece))
+    )
+    for i, generation in enumerate(out):
+        assert "".join(p for j, p in pieces if j == i) == engine_tiny.decode(generation.token_ids)
+    order = [i for i, _ in pieces]
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches >= 4  # interleaved step by step (printed at the end, they would switch once)

@@ -330,21 +330,16 @@ def generate(
         check_not_empty(prompt)
         check_sampling(max_tokens, temperature, top_p, top_k, seed)
         if target:
-            streamed = StreamedText() if not as_json else None  # the text printed as the gateway streams it
+            streamed = StreamedText(enabled=not as_json)  # the text printed as the gateway streams it
 
             def call(client):
                 info = client.model_info()
                 check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
-                on_text = streamed.write if streamed is not None else None
-                try:
+                on_text = streamed.write if streamed.enabled else None
+                with streamed:
                     return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed, on_text=on_text)
-                finally:
-                    if streamed is not None:
-                        streamed.end()  # the line closed before an error message (or Ctrl-C's) goes out
 
             out = _remote(target, call, api_key, tls_dir)
-            if streamed is not None and streamed.wrote:
-                return
         else:
             check_against_model(ids, _model_vocab(model), 0)
             engine = _load_engine(model, as_json, device, mtp, num_speculative_tokens)
@@ -353,7 +348,10 @@ def generate(
             ids = engine.encode(prompt) if ids is None else ids
             check_against_model(ids, *_engine_limits(engine), max_tokens)
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-            result = engine.generate([ids], params)[0]
+            streamed = StreamedText(enabled=not as_json)  # the text printed as the engine makes it
+            with streamed:
+                on_text = (lambda _, piece: streamed.write(piece)) if streamed.enabled else None
+                result = engine.generate([ids], params, on_text=on_text)[0]
             out = {
                 "prompt_token_ids": result.prompt_token_ids,
                 "token_ids": result.token_ids,
@@ -366,5 +364,5 @@ def generate(
         fail(str(exc), _exit_code(exc))
     if as_json:
         typer.echo(json.dumps(out))
-    else:
-        typer.echo(out["text"] or " ".join(map(str, out["token_ids"])))
+    elif not streamed.wrote:  # no text (a model without a tokenizer): the token ids
+        typer.echo(" ".join(map(str, out["token_ids"])))

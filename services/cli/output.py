@@ -28,10 +28,11 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 class StreamedText:
-    """Text printed on stdout as it arrives (flushed piece by piece); `end()` closes the line once, if anything
-    was printed (also when the stream stops early: an error, Ctrl-C)."""
+    """Text printed on stdout as it arrives (flushed piece by piece), when `enabled`. Used as a context: leaving it
+    closes the line, if anything was printed, before an error message or Ctrl-C's goes out."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.wrote = False
         self._open = False
 
@@ -41,7 +42,10 @@ class StreamedText:
             sys.stdout.flush()
             self.wrote = self._open = True
 
-    def end(self) -> None:
+    def __enter__(self) -> StreamedText:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self._open:
             sys.stdout.write("\n")
             sys.stdout.flush()

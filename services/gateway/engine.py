@@ -6,6 +6,7 @@ continuous-batching scheduler and runner the gateway server runs, in the caller'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from services.expert.store import ExpertStore
 from services.format.checkpoint import CheckpointReader
 from services.gateway.config import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS
 from services.gateway.mtp import check_weights as check_mtp_weights
-from services.gateway.requests import PositionScore, Request
+from services.gateway.requests import PositionScore, Request, RequestEvent
 from services.gateway.sampling import SamplingParams
 from services.gateway.serving import ServingCore
+from services.gateway.stop_strings import OutputText
 from services.math.device import resolve_device, serving_dtype
 
 __all__ = ["Engine", "Generation", "PositionScore"]
@@ -104,14 +106,33 @@ class Engine:
         self._run([req])
         return req.scores
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
-        """Continuous batching over all prompts at once."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[Generation]:
+        """Continuous batching over all prompts at once. `on_text(i, piece)` is given prompt i's text piece by piece
+        as its tokens are made (the pieces add up to the decoded output)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params_list):
             self.core.check_request(prompt, p)
         requests = [Request(list(prompt), p) for prompt, p in zip(prompts, params_list)]
+        if on_text is not None:
+            for i, req in enumerate(requests):
+                req.on_event = self._text_events(i, on_text)
         self._run(requests)
         return [Generation(r.prompt, r.output, r.finish_reason, r.draft_tokens, r.accepted_tokens) for r in requests]
+
+    def _text_events(self, index: int, on_text: Callable[[int, str], None]) -> Callable[[RequestEvent], None]:
+        text = OutputText(self.core.tokenizer)
+
+        def on_event(event: RequestEvent) -> None:
+            piece = text.step(event.token_id, last=event.finish_reason is not None)
+            if piece:
+                on_text(index, piece)
+
+        return on_event
 
     def _run(self, requests: list[Request]) -> None:
         for req in requests:
