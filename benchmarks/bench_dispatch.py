@@ -12,9 +12,11 @@ hold its experts); with `--replicas-per-expert 2` every expert is on both pools.
 
 Per layer (medians over the calls of the best round): the whole dispatch as the gateway's compute thread waits
 for it; gateway encode (quantize to e4m3, build every pool's request) and send; per pool request: the round
-trip from send to answer, the pool's own decode+check and expert compute (reported by the pool in its answer),
-the rest of the round trip (transport both ways, the pool's encode and serialization, thread hand-offs), and the
-gateway's combine (decode the partial sums and add them).
+trip from send to the compute thread taking the answer, split by the pool's monotonic stamps (same host) into
+the way there (serialization, grpc's send thread, the wire, the pool waking), the pool's decode+check and expert
+compute and encode, the way back (grpc both sides, the gateway's reader thread) and the hand-off to the compute
+thread (which may be busy with the shared expert then); and the gateway's combine (decode the partial sums and
+add them). Each column is a median of its own, so the parts add up to the round trip only roughly.
 """
 
 from __future__ import annotations
@@ -55,16 +57,17 @@ def one_round(remote: RemoteExperts, layer: int, cfg: ModelConfig, tokens: int, 
             totals.append(time.perf_counter() - started)
     timings, remote.timings = remote.timings, None
     med = lambda key: statistics.median(t[key] for t in timings if key in t) * 1e3  # noqa: E731
-    pool = [t for t in timings if "pool" in t]
-    rest = statistics.median(t["round_trip_s"] - t["decode_s"] - t["compute_s"] for t in pool) * 1e3
     return {
         "total": statistics.median(totals) * 1e3,
         "encode": med("encode_s"),
         "send": med("send_s"),
         "round_trip": med("round_trip_s"),
+        "there": med("there_s"),
         "pool_decode": med("decode_s"),
         "compute": med("compute_s"),
-        "transport": rest,
+        "pool_encode": med("pool_encode_s"),
+        "back": med("back_s"),
+        "handoff": med("handoff_s"),
         "combine": med("combine_s"),
     }
 
@@ -114,16 +117,16 @@ def main() -> None:
         f"{args.rounds} interleaved rounds (ms, medians)"
     )
     print(
-        "| tokens | client | layer total | gateway encode + send | pool round trip | pool decode | compute "
-        "| transport, pool encode, hand-offs | gateway combine |"
+        "| tokens | client | layer total | gateway encode + send | pool round trip = there + pool decode + compute "
+        "+ pool encode + back + hand-off | gateway combine |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for (tokens, client), rs in rounds.items():
         r = min(rs, key=lambda r: r["total"])
         print(
             f"| {tokens} | {client} | {r['total']:.2f} | {r['encode']:.2f} + {r['send']:.2f} | "
-            f"{r['round_trip']:.2f} | {r['pool_decode']:.2f} | {r['compute']:.2f} | {r['transport']:.2f} | "
-            f"{r['combine']:.2f} |"
+            f"{r['round_trip']:.2f} = {r['there']:.2f} + {r['pool_decode']:.2f} + {r['compute']:.2f} + "
+            f"{r['pool_encode']:.2f} + {r['back']:.2f} + {r['handoff']:.2f} | {r['combine']:.2f} |"
         )
     print("every round's layer total:")
     for (tokens, client), rs in rounds.items():

@@ -156,3 +156,30 @@ def test_a_pool_that_never_answers_costs_one_deadline(tiny_fp8):
     finally:
         remote.close()
         server.stop(0)
+
+
+def test_the_pools_stamps_place_each_hop_of_a_round_trip(pool, tiny_fp8):
+    """On one host the pool's CLOCK_MONOTONIC stamps (handler start, answer encoded) fall between the gateway's
+    send and its reader thread's receipt, so `RemoteExperts.timings` splits a round trip into the way there, the
+    pool's decode, compute and encode, the way back and the hand-off, every part non-negative."""
+    stream = PoolStream(pool.channel)
+    before = time.monotonic()
+    future, _ = stream.send(_streamed(_request(pool.held[:2])))
+    answer = future.result(timeout=30)
+    after = time.monotonic()
+    stream.close()
+    assert before <= answer.received_ns * 1e-9 <= answer.answered_ns * 1e-9 <= future.arrived_at <= after
+    assert answer.answered_ns - answer.received_ns >= (answer.decode_us + answer.compute_us) * 1000
+
+    placement = Placement.spread(ModelConfig.from_file(tiny_fp8), [Pool("pool-0", pool.address)])
+    remote = RemoteExperts(placement, "fp32")
+    remote.timings = []
+    try:
+        idx = torch.tensor([pool.held[:4], pool.held[1:5]])  # [T, K], experts pool-0 holds
+        remote.start(LAYER, torch.randn(2, 320), idx, torch.full((2, 4), 0.25))()
+    finally:
+        remote.close()
+    (hops,) = [t for t in remote.timings if "pool" in t]
+    parts = ("there_s", "decode_s", "compute_s", "pool_encode_s", "back_s", "handoff_s")
+    assert all(hops[p] >= 0 for p in parts), hops
+    assert sum(hops[p] for p in parts) == pytest.approx(hops["round_trip_s"], abs=1e-6)

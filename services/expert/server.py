@@ -93,7 +93,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
     async def _answer(
         self, request: expert_pool_pb2.ForwardRequest, into: expert_pool_pb2.ForwardResponse | None = None
     ) -> expert_pool_pb2.ForwardResponse:
-        started = time.perf_counter()
+        received_ns, started = time.monotonic_ns(), time.perf_counter()
         batch = self._decode(request)
         decoded = time.perf_counter()
         n_pairs = len(batch.pairs)
@@ -122,6 +122,7 @@ class ExpertPoolServicer(expert_pool_pb2_grpc.ExpertPoolServiceServicer):
         response = codec.encode_response(out, batch.reply_dtype, into)
         response.decode_us = int((decoded - started) * 1e6)
         response.compute_us = int((computed - decoded) * 1e6)
+        response.received_ns, response.answered_ns = received_ns, time.monotonic_ns()
         return response
 
     def _decode(self, request) -> codec.PoolBatch:

@@ -5,7 +5,8 @@ interceptors and call set-up, metadata); on one stream a request is one message 
 pool answers in order, so the answers match the requests first in, first out (and each carries its request's
 id, checked). `send` returns a Future per request: its result is the ForwardResponse, or it raises
 `PoolCallError` with the status the pool gave that request in band, or the status that ended the stream (then
-every request waiting on it fails alike, and the next `send` opens a new stream).
+every request waiting on it fails alike, and the next `send` opens a new stream). An answered Future's
+`arrived_at` is when its answer came off the stream (time.monotonic(), on the reader thread).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 import grpc
@@ -115,6 +117,7 @@ class _Link:
                     code = STATUS_CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
                     future.set_exception(PoolCallError(code, answer.error_message))
                 else:
+                    future.arrived_at = time.monotonic()
                     future.set_result(answer.response)
         except grpc.RpcError as exc:
             error = PoolCallError(exc.code(), exc.details() or "the pool stream failed")

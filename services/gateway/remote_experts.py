@@ -216,6 +216,7 @@ class RemoteExperts:
                 call.future = self._callers.submit(
                     contextvars.copy_context().run, self._forward[pool_id], data, timeout=self.deadline_s
                 )  # the caller's trace context goes along
+                call.future.add_done_callback(_stamp_arrival)
             self.bytes_sent += sent  # the whole message: activations, scales, pairs
             calls.append(call)
             if self.metrics:
@@ -289,15 +290,7 @@ class RemoteExperts:
                     raise PoolUnavailableError(pool_id, f"malformed answer: {exc}") from None
                 out.index_add_(0, call.tokens, partial)  # [N, H] onto the pool's rows
                 if self.timings is not None:
-                    self.timings.append(
-                        {
-                            "pool": pool_id,
-                            "round_trip_s": answered - call.sent_at,
-                            "decode_s": response.decode_us * 1e-6,
-                            "compute_s": response.compute_us * 1e-6,
-                            "combine_s": time.monotonic() - answered,
-                        }
-                    )
+                    self.timings.append(_hops(pool_id, call, response, answered, time.monotonic()))
             if not failed:
                 return
             self.failovers += len(failed)
@@ -335,3 +328,31 @@ class RemoteExperts:
             stream.close()
         for channel in self._channels.values():
             channel.close()
+
+
+def _stamp_arrival(future: Future) -> None:
+    """A unary call's answer arrived (its caller thread returned): when, as the stream's reader thread stamps it."""
+    future.arrived_at = time.monotonic()
+
+
+def _hops(pool_id: str, call: _Call, response: expert_pool_pb2.ForwardResponse, taken: float, combined: float) -> dict:
+    """Where one pool request's time went (seconds), for `RemoteExperts.timings`: the round trip from the send to
+    the compute thread taking the answer, and within it the pool's decode and compute (its own figures); with the
+    pool's monotonic stamps (one host: the local deployment) also the way there (send to the pool's handler), the
+    pool's encode, the way back (its answer encoded to the gateway's reader) and the hand-off to the compute
+    thread."""
+    hops = {
+        "pool": pool_id,
+        "round_trip_s": taken - call.sent_at,
+        "decode_s": response.decode_us * 1e-6,
+        "compute_s": response.compute_us * 1e-6,
+        "combine_s": combined - taken,
+    }
+    arrived = getattr(call.future, "arrived_at", None)
+    if response.received_ns and response.answered_ns and arrived is not None:
+        received, answered = response.received_ns * 1e-9, response.answered_ns * 1e-9
+        hops["there_s"] = received - call.sent_at
+        hops["pool_encode_s"] = answered - received - hops["decode_s"] - hops["compute_s"]
+        hops["back_s"] = arrived - answered
+        hops["handoff_s"] = taken - arrived
+    return hops

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from expertmesh.v1 import tensor_pb2 as expertmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65xpertmesh/v1/expert_pool.proto\x12\rexpertmesh.v1\x1a\x1a\x65xpertmesh/v1/tensor.proto\"\xcd\x02\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12+\n\x0chidden_scale\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x32\n\x0eresponse_dtype\x18\x07 \x01(\x0e\x32\x1a.expertmesh.v1.ElementType\x12\x19\n\x11placement_version\x18\x08 \x01(\x04\x12$\n\x05pairs\x18\t \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12+\n\x0cpair_weights\x18\n \x01(\x0b\x32\x15.expertmesh.v1.TensorJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\npair_tokenR\x0bpair_expertR\x0bpair_weight\"`\n\x0f\x46orwardResponse\x12&\n\x07partial\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x11\n\tdecode_us\x18\x02 \x01(\r\x12\x12\n\ncompute_us\x18\x03 \x01(\r\"\xd5\x01\n\x14\x46orwardStreamRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.expertmesh.v1.ForwardRequest\x12\n\n\x02id\x18\x02 \x01(\x04\x12L\n\rtrace_context\x18\x03 \x03(\x0b\x32\x35.expertmesh.v1.ForwardStreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x15\x46orwardStreamResponse\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1e.expertmesh.v1.ForwardResponse\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x12\n\x10GetStatusRequest\"\xad\x01\n\x11GetStatusResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12)\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x15\n\rforward_calls\x18\x04 \x01(\x04\x12\x14\n\x0crouted_pairs\x18\x05 \x01(\x04\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\"?\n\x12LoadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\"%\n\x13LoadExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\"A\n\x14UnloadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\")\n\x15UnloadExpertsResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\r2\xbf\x03\n\x11\x45xpertPoolService\x12H\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse\x12^\n\rForwardStream\x12#.expertmesh.v1.ForwardStreamRequest\x1a$.expertmesh.v1.ForwardStreamResponse(\x01\x30\x01\x12N\n\tGetStatus\x12\x1f.expertmesh.v1.GetStatusRequest\x1a .expertmesh.v1.GetStatusResponse\x12T\n\x0bLoadExperts\x12!.expertmesh.v1.LoadExpertsRequest\x1a\".expertmesh.v1.LoadExpertsResponse\x12Z\n\rUnloadExperts\x12#.expertmesh.v1.UnloadExpertsRequest\x1a$.expertmesh.v1.UnloadExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65xpertmesh/v1/expert_pool.proto\x12\rexpertmesh.v1\x1a\x1a\x65xpertmesh/v1/tensor.proto\"\xcd\x02\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12+\n\x0chidden_scale\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x32\n\x0eresponse_dtype\x18\x07 \x01(\x0e\x32\x1a.expertmesh.v1.ElementType\x12\x19\n\x11placement_version\x18\x08 \x01(\x04\x12$\n\x05pairs\x18\t \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12+\n\x0cpair_weights\x18\n \x01(\x0b\x32\x15.expertmesh.v1.TensorJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\npair_tokenR\x0bpair_expertR\x0bpair_weight\"\x8a\x01\n\x0f\x46orwardResponse\x12&\n\x07partial\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x11\n\tdecode_us\x18\x02 \x01(\r\x12\x12\n\ncompute_us\x18\x03 \x01(\r\x12\x13\n\x0breceived_ns\x18\x04 \x01(\x04\x12\x13\n\x0b\x61nswered_ns\x18\x05 \x01(\x04\"\xd5\x01\n\x14\x46orwardStreamRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.expertmesh.v1.ForwardRequest\x12\n\n\x02id\x18\x02 \x01(\x04\x12L\n\rtrace_context\x18\x03 \x03(\x0b\x32\x35.expertmesh.v1.ForwardStreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x15\x46orwardStreamResponse\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1e.expertmesh.v1.ForwardResponse\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x12\n\x10GetStatusRequest\"\xad\x01\n\x11GetStatusResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12)\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x15\n\rforward_calls\x18\x04 \x01(\x04\x12\x14\n\x0crouted_pairs\x18\x05 \x01(\x04\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\"?\n\x12LoadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\"%\n\x13LoadExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\"A\n\x14UnloadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.expertmesh.v1.ExpertRef\")\n\x15UnloadExpertsResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\r2\xbf\x03\n\x11\x45xpertPoolService\x12H\n\x07\x46orward\x12\x1d.expertmesh.v1.ForwardRequest\x1a\x1e.expertmesh.v1.ForwardResponse\x12^\n\rForwardStream\x12#.expertmesh.v1.ForwardStreamRequest\x1a$.expertmesh.v1.ForwardStreamResponse(\x01\x30\x01\x12N\n\tGetStatus\x12\x1f.expertmesh.v1.GetStatusRequest\x1a .expertmesh.v1.GetStatusResponse\x12T\n\x0bLoadExperts\x12!.expertmesh.v1.LoadExpertsRequest\x1a\".expertmesh.v1.LoadExpertsResponse\x12Z\n\rUnloadExperts\x12#.expertmesh.v1.UnloadExpertsRequest\x1a$.expertmesh.v1.UnloadExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_FORWARDREQUEST']._serialized_start=79
   _globals['_FORWARDREQUEST']._serialized_end=412
-  _globals['_FORWARDRESPONSE']._serialized_start=414
-  _globals['_FORWARDRESPONSE']._serialized_end=510
-  _globals['_FORWARDSTREAMREQUEST']._serialized_start=513
-  _globals['_FORWARDSTREAMREQUEST']._serialized_end=726
-  _globals['_FORWARDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=675
-  _globals['_FORWARDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=726
-  _globals['_FORWARDSTREAMRESPONSE']._serialized_start=729
-  _globals['_FORWARDSTREAMRESPONSE']._serialized_end=857
-  _globals['_EXPERTREF']._serialized_start=859
-  _globals['_EXPERTREF']._serialized_end=901
-  _globals['_GETSTATUSREQUEST']._serialized_start=903
-  _globals['_GETSTATUSREQUEST']._serialized_end=921
-  _globals['_GETSTATUSRESPONSE']._serialized_start=924
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1097
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=1099
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=1162
-  _globals['_LOADEXPERTSRESPONSE']._serialized_start=1164
-  _globals['_LOADEXPERTSRESPONSE']._serialized_end=1201
-  _globals['_UNLOADEXPERTSREQUEST']._serialized_start=1203
-  _globals['_UNLOADEXPERTSREQUEST']._serialized_end=1268
-  _globals['_UNLOADEXPERTSRESPONSE']._serialized_start=1270
-  _globals['_UNLOADEXPERTSRESPONSE']._serialized_end=1311
-  _globals['_EXPERTPOOLSERVICE']._serialized_start=1314
-  _globals['_EXPERTPOOLSERVICE']._serialized_end=1761
+  _globals['_FORWARDRESPONSE']._serialized_start=415
+  _globals['_FORWARDRESPONSE']._serialized_end=553
+  _globals['_FORWARDSTREAMREQUEST']._serialized_start=556
+  _globals['_FORWARDSTREAMREQUEST']._serialized_end=769
+  _globals['_FORWARDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=718
+  _globals['_FORWARDSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=769
+  _globals['_FORWARDSTREAMRESPONSE']._serialized_start=772
+  _globals['_FORWARDSTREAMRESPONSE']._serialized_end=900
+  _globals['_EXPERTREF']._serialized_start=902
+  _globals['_EXPERTREF']._serialized_end=944
+  _globals['_GETSTATUSREQUEST']._serialized_start=946
+  _globals['_GETSTATUSREQUEST']._serialized_end=964
+  _globals['_GETSTATUSRESPONSE']._serialized_start=967
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1140
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=1142
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=1205
+  _globals['_LOADEXPERTSRESPONSE']._serialized_start=1207
+  _globals['_LOADEXPERTSRESPONSE']._serialized_end=1244
+  _globals['_UNLOADEXPERTSREQUEST']._serialized_start=1246
+  _globals['_UNLOADEXPERTSREQUEST']._serialized_end=1311
+  _globals['_UNLOADEXPERTSRESPONSE']._serialized_start=1313
+  _globals['_UNLOADEXPERTSRESPONSE']._serialized_end=1354
+  _globals['_EXPERTPOOLSERVICE']._serialized_start=1357
+  _globals['_EXPERTPOOLSERVICE']._serialized_end=1804
 # @@protoc_insertion_point(module_scope)

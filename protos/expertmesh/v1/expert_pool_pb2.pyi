@@ -26,14 +26,18 @@ class ForwardRequest(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_dtype: _Optional[_Union[_tensor_pb2.ElementType, str]] = ..., placement_version: _Optional[int] = ..., pairs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pair_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("partial", "decode_us", "compute_us")
+    __slots__ = ("partial", "decode_us", "compute_us", "received_ns", "answered_ns")
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     DECODE_US_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_NS_FIELD_NUMBER: _ClassVar[int]
     partial: _tensor_pb2.Tensor
     decode_us: int
     compute_us: int
-    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    received_ns: int
+    answered_ns: int
+    def __init__(self, partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., received_ns: _Optional[int] = ..., answered_ns: _Optional[int] = ...) -> None: ...
 
 class ForwardStreamRequest(_message.Message):
     __slots__ = ("request", "id", "trace_context")
