@@ -418,6 +418,37 @@ def test_generate_cli_prints_the_text_as_it_streams_and_ctrl_c_cancels(fp32_up, 
     wait_until(lambda: fp32_up.metric("gateway", "num_requests_running") == 0, 30, "the cancelled request to stop")
 
 
+def test_a_streamed_generate_is_bounded_by_silence_not_by_its_length(fp32_up):
+    """GatewayClient's `timeout_s` bounds the wait for the next message, not the whole stream: a generation that
+    takes several times `timeout_s` completes; a gateway that stops answering mid-stream (SIGSTOP: a real hang)
+    ends the call with DEADLINE_EXCEEDED naming the silence, and once it runs again the request is gone."""
+    client = GatewayClient(fp32_up.gateway, timeout_s=2.0)
+    try:
+        started = time.monotonic()
+        long = client.generate(None, [5, 6, 7], 1500, ignore_eos=True)
+        assert len(long["token_ids"]) == 1500 and time.monotonic() - started > 2.0  # longer than timeout_s
+
+        gateway = fp32_up.child_pid("services.gateway")
+        stopped = []
+
+        def stop_gateway(_piece):
+            if not stopped:
+                os.kill(gateway, signal.SIGSTOP)
+                stopped.append(time.monotonic())
+
+        try:
+            with pytest.raises(grpc.RpcError) as exc:
+                client.generate(None, [5, 6, 7], 5000, ignore_eos=True, on_text=stop_gateway)
+        finally:
+            os.kill(gateway, signal.SIGCONT)
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no message from the gateway in 2 s" in exc.value.details()
+        assert 1.5 < time.monotonic() - stopped[0] < 30
+    finally:
+        client.close()
+    wait_until(lambda: fp32_up.metric("gateway", "num_requests_running") == 0, 30, "the cancelled request to stop")
+
+
 def _exported(url, name):
     """A metric that a process exports only once it has a value (a labelled gauge): 0 until then."""
     try:

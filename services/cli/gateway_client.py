@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -83,13 +84,17 @@ class GatewayClient:
             sampling.seed = seed
         request = gateway_pb2.GenerateRequest(text=text or "", token_ids=token_ids or [], sampling=sampling)
         prompt, tokens, text_out, reason = [], [], "", None
-        for msg in self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata):
-            prompt = prompt or list(msg.prompt_token_ids)
-            tokens.extend(msg.token_ids)
-            text_out += msg.text
-            if on_text is not None and msg.text:
-                on_text(msg.text)
-            reason = msg.finish_reason or reason
+        # no deadline on the whole stream (a long output takes as long as it takes): `timeout_s` bounds the silence
+        # between two messages instead
+        call = self.stub.Generate(request, metadata=self.metadata)
+        with _SilenceWatchdog(call, self.timeout_s) as watchdog:
+            for msg in watchdog.messages():
+                prompt = prompt or list(msg.prompt_token_ids)
+                tokens.extend(msg.token_ids)
+                text_out += msg.text
+                if on_text is not None and msg.text:
+                    on_text(msg.text)
+                reason = msg.finish_reason or reason
         return {"prompt_token_ids": prompt, "token_ids": tokens, "text": text_out, "finish_reason": reason}
 
     def score(self, text: str | None, token_ids: list[int] | None, top_k: int) -> dict:
@@ -113,3 +118,57 @@ class GatewayClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class GatewaySilentError(grpc.RpcError):
+    """A streamed call that got no message for `seconds`: cancelled, reported as DEADLINE_EXCEEDED."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"no message from the gateway in {seconds:g} s")
+        self.seconds = seconds
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return f"no message from the gateway in {self.seconds:g} s: the call was cancelled"
+
+
+class _SilenceWatchdog:
+    """Cancels a streaming call once `seconds` pass without a message (a thread that waits for each one)."""
+
+    def __init__(self, call, seconds: float):
+        self.call, self.seconds = call, seconds
+        self.fired = False
+        self._arrived = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gateway-silence-watchdog", daemon=True)
+
+    def __enter__(self) -> _SilenceWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._arrived.set()
+        self._thread.join()
+        if exc[0] is not None and not self.call.done():
+            self.call.cancel()  # an error or Ctrl-C here: the gateway frees the request
+
+    def messages(self):
+        try:
+            for msg in self.call:
+                self._arrived.set()
+                yield msg
+        except grpc.RpcError:
+            if self.fired:
+                raise GatewaySilentError(self.seconds) from None
+            raise
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            if not self._arrived.wait(self.seconds):
+                self.fired = True
+                self.call.cancel()
+                return
+            self._arrived.clear()
