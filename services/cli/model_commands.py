@@ -335,9 +335,10 @@ def generate(
             def call(client):
                 info = client.model_info()
                 check_against_model(ids, info["vocab_size"], info["max_context"], max_tokens)
-                on_text = streamed.write if streamed.enabled else None
                 with streamed:
-                    return client.generate(prompt, ids, max_tokens, temperature, top_p, top_k, seed, on_text=on_text)
+                    return client.generate(
+                        prompt, ids, max_tokens, temperature, top_p, top_k, seed, on_text=streamed.write
+                    )
 
             out = _remote(target, call, api_key, tls_dir)
         else:
@@ -350,8 +351,7 @@ def generate(
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
             streamed = StreamedText(enabled=not as_json)  # the text printed as the engine makes it
             with streamed:
-                on_text = (lambda _, piece: streamed.write(piece)) if streamed.enabled else None
-                result = engine.generate([ids], params, on_text=on_text)[0]
+                result = engine.generate([ids], params, on_text=lambda _, piece: streamed.write(piece))[0]
             out = {
                 "prompt_token_ids": result.prompt_token_ids,
                 "token_ids": result.token_ids,

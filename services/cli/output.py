@@ -28,8 +28,9 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 class StreamedText:
-    """Text printed on stdout as it arrives (flushed piece by piece), when `enabled`. Used as a context: leaving it
-    closes the line, if anything was printed, before an error message or Ctrl-C's goes out."""
+    """Text printed on stdout as it arrives (flushed piece by piece), when `enabled` (else `write` does nothing).
+    Used as a context: leaving it closes the line, if anything was printed, before an error message or Ctrl-C's
+    goes out."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -37,7 +38,7 @@ class StreamedText:
         self._open = False
 
     def write(self, text: str) -> None:
-        if text:
+        if text and self.enabled:
             sys.stdout.write(text)
             sys.stdout.flush()
             self.wrote = self._open = True
