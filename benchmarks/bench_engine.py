@@ -152,7 +152,11 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         engine = Engine.from_dir(
-            src, dtype=dtype, device=device, cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens))
+            src,
+            dtype=dtype,
+            device=device,
+            cache_tokens=max(8192, 40 * (args.prompt_len + args.new_tokens)),
+            prefix_caching=False,  # every repeat computes its prompts, as transformers does
         )
         hf = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=dtype).to(device).eval()
         n_params = sum(p.numel() for p in hf.parameters())

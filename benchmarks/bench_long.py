@@ -123,7 +123,10 @@ def main() -> None:
     for length in args.lengths:
         work = args.concurrency * (length + args.new_tokens)
         engine = Engine.from_dir(  # room for the prompts, and for the running decode that outlasts them
-            model, cache_tokens=2 * work + 4096, max_decode_stall=args.max_decode_stall
+            model,
+            cache_tokens=2 * work + 4096,
+            max_decode_stall=args.max_decode_stall,
+            prefix_caching=False,  # the same prompts run alone, then together: each run computes them
         )
         prompts = [prompt(length, i) for i in range(args.concurrency)]
         run(engine, [prompt(64, 1000)], 4, False)  # warm-up

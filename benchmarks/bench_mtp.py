@@ -164,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = model_dir(Path(args.cache_dir), args.preset, args.random, args.train_steps, args.mtp_steps)
-    options = dict(cache_tokens=8192, block_size=16)
+    options = dict(cache_tokens=8192, block_size=16, prefix_caching=False)  # repeats compute their prompts
     ks = [int(k) for k in args.spec_tokens.split(",")]
     engines = {"plain": Engine.from_dir(model, **options)}
     for k in ks:

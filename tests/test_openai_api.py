@@ -133,6 +133,32 @@ def test_chat_usage_counts_the_rendered_prompt(client, model, tiny_fp8):
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
 
 
+def test_a_shared_system_prompt_is_read_from_the_prefix_cache(up, client, model, engine_tiny):
+    """A second chat with the same long system message reads its blocks (64 tokens each) from the gateway's cache:
+    `usage.prompt_tokens_details.cached_tokens` says how many, the output is still the in-process engine's, and
+    the gateway's prefix-cache counters grow by the same count."""
+    system = "You are the test assistant of a gateway that caches the prompts it has seen. " * 12
+    asked = {}
+    for question in ("What is cached?", "What is computed?"):
+        asked[question] = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+    first, second = asked.values()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < second.usage.prompt_tokens and cached % 64 == 0
+    prompt = second.choices[0].prompt_token_ids
+    expected = engine_tiny.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert second.choices[0].token_ids == expected
+    metrics = urllib.request.urlopen(f"{up.http.removesuffix('/v1')}/metrics", timeout=10).read().decode()
+    hits = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("prefix_cache_hits_total{")]
+    assert hits and hits[0] >= cached
+
+
 def test_include_usage_in_the_stream(client, model):
     chunks = list(
         client.chat.completions.create(

@@ -73,6 +73,9 @@ def up(
     cache_tokens: int = typer.Option(
         _G.cache_tokens, "--cache-tokens", min=1, help=_help(GatewayConfig, "cache_tokens")
     ),
+    prefix_caching: bool = typer.Option(
+        _G.prefix_caching, "--prefix-caching/--no-prefix-caching", help=_help(GatewayConfig, "prefix_caching")
+    ),
     max_step_tokens: int = typer.Option(
         _G.max_step_tokens, "--max-step-tokens", min=1, help=_help(GatewayConfig, "max_step_tokens")
     ),
@@ -160,6 +163,7 @@ def up(
             num_speculative_tokens=num_speculative_tokens,
             mtp_max_batch=mtp_max_batch,
             cache_tokens=cache_tokens,
+            prefix_caching=prefix_caching,
             max_step_tokens=max_step_tokens,
             max_decode_stall=max_decode_stall,
             max_running=max_running,

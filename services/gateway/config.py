@@ -14,6 +14,7 @@ from services.settings import setting
 
 DEFAULT_CACHE_TOKENS = 32768
 DEFAULT_BLOCK_SIZE = 64
+DEFAULT_PREFIX_CACHING = True
 DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_DECODE_STALL = 4.0
 DEFAULT_MAX_RUNNING = 64
@@ -42,6 +43,11 @@ class GatewayConfig:
     )
     cache_tokens: int = setting(DEFAULT_CACHE_TOKENS, "Latent KV cache capacity, in tokens.")
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "Tokens per latent cache block.")
+    prefix_caching: bool = setting(
+        DEFAULT_PREFIX_CACHING,
+        "Keep full cache blocks after their request and reuse them for prompts that start with the same tokens "
+        "(whole blocks: a shared system prompt or an earlier turn is not computed again).",
+    )
     max_step_tokens: int = setting(
         DEFAULT_MAX_STEP_TOKENS, "Most tokens in one step (decodes first, then prefill chunks)."
     )

@@ -128,6 +128,16 @@ class ChoiceRun:
     def completion_tokens(self) -> int:
         return sum(c.tokens for c in self.choices)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache: per prompt, the most that any of its n choices found (the
+        usage counts each prompt once)."""
+        found: dict[int, int] = {}
+        for c in self.choices:
+            if c.request is not None:
+                found[id(c.prompt)] = max(found.get(id(c.prompt), 0), c.request.cached_tokens)
+        return sum(found.values())
+
 
 async def finished(core: ServingCore, req: Request) -> Request:
     """Submit one request (a score) and wait until it has finished; its error is raised."""

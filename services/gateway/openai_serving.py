@@ -163,7 +163,7 @@ class OpenAIServing:
                 )
                 for o in outputs
             ],
-            usage=usage(prompt_tokens, run.completion_tokens),
+            usage=usage(prompt_tokens, run.completion_tokens, run.cached_tokens),
             system_fingerprint=None,
         )
 
@@ -223,7 +223,7 @@ class OpenAIServing:
                 u.choice.logprob_offset += sum(len(self.texts.text(t)) for t, _, _ in u.logprobs)
                 yield sse(env.body([chunk], **extra))
             if body.include_usage:
-                yield sse(env.body([], usage=usage(prompt_tokens, run.completion_tokens)))
+                yield sse(env.body([], usage=usage(prompt_tokens, run.completion_tokens, run.cached_tokens)))
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is its last event
             yield sse(error_body(exc)[1])
         yield sse("[DONE]")
@@ -252,7 +252,7 @@ class OpenAIServing:
         outputs = await _collect(run)
         return env.body(
             [self._chat_choice(body, o, {"role": "assistant", "content": o.text}, "message") for o in outputs],
-            usage=usage(len(prompt), run.completion_tokens),
+            usage=usage(len(prompt), run.completion_tokens, run.cached_tokens),
             system_fingerprint=None,
         )
 
@@ -296,7 +296,7 @@ class OpenAIServing:
                     env.body([self._chat_choice(body, u, {"content": u.text} if u.text else {}, "delta")], **extra)
                 )
             if body.include_usage:
-                yield sse(env.body([], usage=usage(prompt_tokens, run.completion_tokens)))
+                yield sse(env.body([], usage=usage(prompt_tokens, run.completion_tokens, run.cached_tokens)))
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is its last event
             yield sse(error_body(exc)[1])
         yield sse("[DONE]")

@@ -32,7 +32,7 @@ class RequestEvent:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: the scheduler's lists find it by identity, not by comparing prompts
 class Request:
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -50,6 +50,7 @@ class Request:
     # way back in (recomputed: the cache holds nothing of it meanwhile)
     recompute: list[int] = field(default_factory=list)
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (not computed)
     # MTP speculative decoding: the tokens the MTP layer proposes to follow output[-1], verified next step, and
     # (temperature > 0) the distributions [k, V] the drafts were drawn from; drafts verified so far and accepted
     draft: list[int] = field(default_factory=list)
@@ -85,6 +86,14 @@ class Request:
         if start + n <= len(self.prompt):
             return self.prompt[start : start + n]
         return (self.prompt + self.recompute)[start : start + n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """The tokens at cache positions start..stop-1: the prompt's, then the output's (a recomputed request's
+        feed after the prompt is its output so far)."""
+        n = len(self.prompt)
+        if stop <= n:
+            return self.prompt[start:stop]
+        return self.prompt[start:] + self.output[max(0, start - n) : stop - n]
 
     @property
     def admission_tokens(self) -> int:

@@ -299,6 +299,7 @@ def _load_core(config: GatewayConfig, experts, device, follower, recorder, metri
         dtype=serving_dtype(device),
         cache_tokens=config.cache_tokens,
         block_size=config.block_size,
+        prefix_caching=config.prefix_caching,
         routing_observer=on_host(recorder.observe) if recorder else None,
         max_step_tokens=config.max_step_tokens,
         max_decode_stall=config.max_decode_stall,

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.attention.kv_cache import PagedLatentCache
+from services.attention.kv_cache import NO_HIT, PagedLatentCache, PrefixHit, SequenceBlocks
 from services.errors import PoolUnavailableError, QueueFullError
 from services.gateway.config import (
     DEFAULT_MAX_DECODE_STALL,
@@ -162,13 +162,21 @@ class Scheduler:
                 budget -= take
         chunks = self._reserve_decodes(chunks)
         prompting = [r for r in self.running if r.prefilling]
+        for req in prompting:  # what prompts beside them wrote since they were admitted
+            self._extend_prefix(req)
         room = self.max_step_tokens - sum(len(c.token_ids) for c in chunks)
         budget = self.prefill_budget.allow(len(chunks), [r.feed_left for r in prompting], room)
         if chunks:  # beside decodes, the prompts that fit whole first (first come first served within each kind)
             prompting.sort(key=lambda r: not self.prefill_budget.short(r.feed_left))
+        writing: set[bytes] = set()  # prefix caching: the blocks this step's prefill chunks start by writing
         for req in prompting:
             if budget > 0:
+                name = self._next_block(req)
+                if name in writing:
+                    continue  # an earlier prompt writes the same block now: read from the cache next step
                 take = req.feed(req.fed, budget)
+                if name is not None and len(take) >= self.cache.block_size:
+                    writing.add(name)
                 chunks.append(PlannedChunk(req, take, prefill=True))
                 budget -= len(take)
         return StepPlan(chunks)
@@ -182,6 +190,7 @@ class Scheduler:
         """Advance each request of an executed plan by its result; finish those that are done."""
         for chunk, result in zip(plan.chunks, results, strict=True):
             req = chunk.request
+            self.cache.register(req.seq, req.tokens)  # blocks this step filled, cached for later prompts
             if req.prefilling:
                 req.fed += len(chunk.token_ids)
             if result.scores is not None:
@@ -274,12 +283,45 @@ class Scheduler:
                 if not self.waiting:
                     return
                 req = self.waiting[0]
-                need = self.cache.blocks_needed(req.seq, req.admission_tokens)
+                hit = self._cached_prefix(req)
+                need = hit.unheld + self.cache.blocks_needed(
+                    SequenceBlocks(hit.blocks, hit.tokens), req.admission_tokens - hit.tokens
+                )
                 if need + (spare if self.running else 0) > self.cache.free_blocks:
                     return  # the cache is full: wait for running requests to finish
                 self.waiting.popleft()
-            self.cache.reserve(req.seq, req.admission_tokens)
+            if hit.tokens:
+                self.cache.adopt(req.seq, hit)
+                req.fed = hit.tokens
+                if not req.preemptions:
+                    req.cached_tokens = hit.tokens
+            self.cache.reserve(req.seq, req.admission_tokens - hit.tokens)
             self.running.append(req)
+
+    def _extend_prefix(self, req: Request) -> None:
+        """Cached blocks that now hold a prompting request's next tokens (written by a request with the same
+        start since this one was admitted) replace the ones it reserved: a burst of prompts with one system
+        prompt computes it once, not once per prompt admitted in the same step."""
+        if self.cache.prefix is None or req.is_score:
+            return
+        gained = self.cache.extend(req.seq, req.tokens, req.feed_length - 1)
+        req.fed += gained
+        if not req.preemptions:
+            req.cached_tokens += gained
+
+    def _next_block(self, req: Request) -> bytes | None:
+        """The name of the cache block a prompting request writes next (None: no prefix caching, a score, or not
+        a whole cacheable block next)."""
+        if self.cache.prefix is None or req.is_score:
+            return None
+        return self.cache.next_name(req.seq, req.tokens, req.feed_length - 1)
+
+    def _cached_prefix(self, req: Request) -> PrefixHit:
+        """The cached blocks that hold the start of the request's feed, leaving at least its last token to compute
+        (its logits are the first sample's); none for a score request (it needs every position's logits)."""
+        if self.cache.prefix is None or req.is_score:
+            return NO_HIT
+        return self.cache.match(req.feed(0, req.feed_length - 1))
 
     def _reserve_decodes(self, chunks: list[PlannedChunk]) -> list[PlannedChunk]:
         """Positions in the cache for every decode chunk, oldest request first. A full cache costs the chunk its

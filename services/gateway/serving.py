@@ -27,6 +27,7 @@ from services.gateway.config import (
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_MAX_WAITING,
     DEFAULT_MTP_MAX_BATCH,
+    DEFAULT_PREFIX_CACHING,
 )
 from services.gateway.model import GatewayModel
 from services.gateway.mtp import MTPModule
@@ -85,6 +86,7 @@ class ServingCore:
         device: str = "cpu",
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_caching: bool = DEFAULT_PREFIX_CACHING,
         absorb: bool = True,
         routing_observer=None,
         progress=None,
@@ -106,7 +108,13 @@ class ServingCore:
             progress=progress,
         )
         cache = PagedLatentCache(
-            reader.config, -(-cache_tokens // block_size), block_size, dtype=dtype, device=device, mtp=mtp
+            reader.config,
+            -(-cache_tokens // block_size),
+            block_size,
+            dtype=dtype,
+            device=device,
+            mtp=mtp,
+            prefix_caching=prefix_caching,
         )
         drafter = None
         if mtp:

@@ -79,6 +79,18 @@ class GatewayMetrics:
         self._generation_tokens = Counter(
             "generation_tokens_total", "Tokens generated, counted when a request ends.", m, registry=r
         )
+        self._prefix_queries = Counter(
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache (generate requests), counted when a request ends.",
+            m,
+            registry=r,
+        )
+        self._prefix_hits = Counter(
+            "prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (not computed), counted when a request ends.",
+            m,
+            registry=r,
+        )
         self._preemptions = Counter(
             "num_preemptions_total",
             "Requests preempted (their cache blocks taken for older requests when the cache filled; recomputed).",
@@ -137,6 +149,8 @@ class GatewayMetrics:
                 self._kv_cache_usage,
                 self._prompt_tokens,
                 self._generation_tokens,
+                self._prefix_queries,
+                self._prefix_hits,
                 self._preemptions,
             ):
                 family.remove(previous)
@@ -149,6 +163,8 @@ class GatewayMetrics:
         self.kv_cache_usage = self._kv_cache_usage.labels(model_name)
         self.prompt_tokens = self._prompt_tokens.labels(model_name)
         self.generation_tokens = self._generation_tokens.labels(model_name)
+        self.prefix_cache_queries = self._prefix_queries.labels(model_name)
+        self.prefix_cache_hits = self._prefix_hits.labels(model_name)
         self.preemptions = self._preemptions.labels(model_name)
 
     def request_success(self, finished_reason: str) -> Counter:
@@ -156,13 +172,16 @@ class GatewayMetrics:
 
     def request_finished(self, request) -> None:
         """A request leaves the serving core (the scheduler's `on_finish`): its end, its tokens, its latency.
-        `request` is a gateway Request: finish_reason, error, cancelled, fed, output, arrival_time."""
+        `request` is a gateway Request: finish_reason, error, cancelled, fed, output, cached_tokens, arrival_time."""
         if request.error is not None:
             reason = "error"
         else:
             reason = request.finish_reason or ("abort" if request.cancelled else "error")
         self.request_success(reason).inc()
         self.prompt_tokens.inc(min(request.fed, len(request.prompt)))  # a recomputed output is not prompt
+        if request.fed and not request.is_score:  # admitted: its prompt was looked up in the prefix cache
+            self.prefix_cache_queries.inc(len(request.prompt))
+            self.prefix_cache_hits.inc(request.cached_tokens)
         self.generation_tokens.inc(len(request.output))
         self.e2e_latency.observe(time.monotonic() - request.arrival_time)
 
