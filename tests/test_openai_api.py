@@ -157,6 +157,19 @@ def test_a_shared_system_prompt_is_read_from_the_prefix_cache(up, client, model,
     metrics = urllib.request.urlopen(f"{up.http.removesuffix('/v1')}/metrics", timeout=10).read().decode()
     hits = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("prefix_cache_hits_total{")]
     assert hits and hits[0] >= cached
+    with grpc.insecure_channel(up.gateway) as channel:  # gRPC tells it on the last message
+        replies = list(
+            gateway_pb2_grpc.GatewayServiceStub(channel).Generate(
+                gateway_pb2.GenerateRequest(
+                    token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=3, ignore_eos=True)
+                ),
+                metadata=[("authorization", f"Bearer {KEY}")],
+                timeout=60,
+            )
+        )
+    whole = (len(prompt) - 1) // 64 * 64  # the same prompt again: all its blocks but the one with its last token
+    assert replies[-1].finish_reason == "length" and replies[-1].cached_prompt_tokens == whole >= cached
+    assert [t for r in replies for t in r.token_ids] == expected[:3]
 
 
 def test_include_usage_in_the_stream(client, model):

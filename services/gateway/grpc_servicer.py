@@ -110,7 +110,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 finish = "stop" if text.stopped else ev.finish_reason or ""
                 tokens = [] if ev.token_id is None else [ev.token_id]
                 yield gateway_pb2.GenerateResponse(
-                    token_ids=tokens, text=delta, finish_reason=finish, logprobs=_logprobs(req, count) if tokens else []
+                    token_ids=tokens,
+                    text=delta,
+                    finish_reason=finish,
+                    logprobs=_logprobs(req, count) if tokens else [],
+                    cached_prompt_tokens=req.cached_tokens if finish else 0,
                 )
                 count += len(tokens)
                 if text.stopped:  # a stop string: the request ends here and its cache is freed
