@@ -168,6 +168,8 @@ OFFLINE = {
     "target-closed-port": (["generate", "--target", CLOSED, *TOKENS], f"gateway at {CLOSED} is unreachable"),
     "score-target-closed-port": (["score", "--target", CLOSED, *TOKENS], f"gateway at {CLOSED} is unreachable"),
     "target-not-host-port": (["generate", "--target", "nonsense", *TOKENS], "--target must be HOST:PORT"),
+    "target-nan-timeout": (["generate", "--target", CLOSED, "--timeout-s", "nan", *TOKENS], "--timeout-s must be"),
+    "target-negative-timeout": (["score", "--target", CLOSED, "--timeout-s", "-3", *TOKENS], "--timeout-s must be"),
     "target-port-out-of-range": (["score", "--target", "localhost:70000", *TOKENS], "--target must be HOST:PORT"),
     # init-model
     "init-model-unknown-preset": (["init-model", "{dir}/new", "--preset", "huge"], "unknown preset 'huge'"),
@@ -268,6 +270,22 @@ def test_ctrl_c_is_one_line_exit_130(files):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
     assert err == "expertmesh: interrupted\n" and "Traceback" not in out + err
+
+
+def test_a_silent_gateway_is_given_up_after_timeout_s(files):
+    """A server that accepts connections and never answers: `score --target --timeout-s 1` ends in about a
+    second with DEADLINE_EXCEEDED (exit 1: a failure of the service, not of the arguments)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        started = time.monotonic()
+        proc = run_cli(
+            ["score", "--target", f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "1", *TOKENS],
+            Path(files["home"]),
+        )
+        took = time.monotonic() - started
+    assert proc.returncode == 1 and "DEADLINE_EXCEEDED" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc
+    assert took < 8, took  # the 300 s default would not have ended it
 
 
 def test_init_model_files_are_readable_by_all(tiny_fp8):

@@ -198,6 +198,12 @@ ApiKeyOption = typer.Option(
     help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
 )
 TlsDirOption = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key).")
+TimeoutOption = typer.Option(
+    None,
+    "--timeout-s",
+    help="With --target: seconds a score may take, and the longest a generation may go without a message from the "
+    "gateway (a long queue or prefill before the first token) before it is given up (default 300).",
+)
 
 
 def score(
@@ -209,6 +215,7 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     api_key: Optional[str] = ApiKeyOption,
     tls_dir: Optional[Path] = TlsDirOption,
+    timeout_s: Optional[float] = TimeoutOption,
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Log-probability of every token given the ones before it, with the top-K alternatives."""
@@ -226,7 +233,7 @@ def score(
                 check_against_model(ids, info["vocab_size"], info["max_context"], score_top_k=top_k)
                 return client.score(text, ids, top_k)
 
-            result = _remote(target, call, api_key, tls_dir)
+            result = _remote(target, call, api_key, tls_dir, timeout_s)
         else:
             check_against_model(ids, _model_vocab(model), 0, score_top_k=top_k)
             engine = _load_engine(model, as_json, device)
@@ -266,18 +273,20 @@ def _exit_code(exc: ExpertmeshError) -> int:
     return 1 if isinstance(exc, (PoolUnavailableError, CacheFullError)) else 2
 
 
-def _remote(target: str, call, api_key: str | None = None, tls_dir: Path | None = None):
+def _remote(target: str, call, api_key: str | None, tls_dir: Path | None, timeout_s: float | None):
     """Run `call(client)` against a gateway; gRPC errors become one-line CLI errors naming the address."""
     import grpc
 
     from services.cli.gateway_client import GatewayClient, check_target, rpc_error
 
     check_target(target)
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise InvalidRequestError(f"--timeout-s must be a positive number of seconds, got {timeout_s}")
     if tls_dir is not None:
         from services.rpc import tls
 
         tls.configure(tls_dir)
-    client = GatewayClient(target, api_key=api_key)
+    client = GatewayClient(target, api_key=api_key, **({} if timeout_s is None else {"timeout_s": timeout_s}))
     try:
         return call(client)
     except grpc.RpcError as exc:
@@ -299,6 +308,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     api_key: Optional[str] = ApiKeyOption,
     tls_dir: Optional[Path] = TlsDirOption,
+    timeout_s: Optional[float] = TimeoutOption,
     device: str = typer.Option("auto", "--device", help=DEVICE_OPTION_HELP),
     mtp: bool = typer.Option(
         False,
@@ -340,7 +350,7 @@ def generate(
                         prompt, ids, max_tokens, temperature, top_p, top_k, seed, on_text=streamed.write
                     )
 
-            out = _remote(target, call, api_key, tls_dir)
+            out = _remote(target, call, api_key, tls_dir, timeout_s)
         else:
             check_against_model(ids, _model_vocab(model), 0)
             engine = _load_engine(model, as_json, device, mtp, num_speculative_tokens)
