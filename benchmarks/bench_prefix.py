@@ -1,11 +1,13 @@
 """Prefix caching, in process: requests that share a system prompt, with the cache on and off in the same run.
 
 Each round and arrival makes a new system prompt of --system tokens (nothing of it cached by an earlier run) and
---requests user parts of --user tokens after it, and runs them through two engines on the same checkpoint, one
-with prefix caching and one without, alternated: once one request after another (each submitted when the one
-before has finished, as turns of different users arrive), once all at once (a burst). It prints, per arrival and
-engine, the wall time, the time to first token (p50 and the worst, from each request's submission) and the prompt
-tokens the model computed; and the ratio of the wall times. Outputs are checked equal (greedy).
+--requests parts of --user tokens, and runs them through two engines on the same checkpoint, one with prefix
+caching and one without, alternated, three ways: one request after another (the system prompt and each part, each
+submitted when the one before has finished, as turns of different users arrive); all at once (a burst); and a
+conversation (each turn's prompt is the turn before's prompt and output, then its part: the context grows by
+--user + --new-tokens a turn, and without the cache every turn computes all of it again). It prints, per arrival
+and engine, the wall time, the time to first token (p50 and the worst, from each request's submission) and the
+prompt tokens the model computed; and the ratio of the wall times. Outputs are checked equal (greedy).
 
 Usage: .venv/bin/python benchmarks/bench_prefix.py [--preset small] [--system 1024] [--user 64] [--requests 16]
                                                    [--new-tokens 16] [--rounds 3] [--threads 2]
@@ -30,12 +32,13 @@ from services.gateway.engine import Engine  # noqa: E402
 from services.gateway.requests import Request  # noqa: E402
 from services.gateway.sampling import SamplingParams  # noqa: E402
 
-ARRIVALS = ("one after another", "all at once")
+ARRIVALS = ("one after another", "all at once", "a conversation")
 
 
-def run(engine: Engine, prompts: list[list[int]], new_tokens: int, burst: bool) -> dict:
-    """The prompts through the engine's serving core: wall time, each request's time to first token, the prompt
-    tokens its prefill chunks carried, the outputs."""
+def run(engine: Engine, system: list[int], parts: list[list[int]], new_tokens: int, arrival: str) -> dict:
+    """Requests of `system` + each part through the engine's serving core, as `arrival` says (a conversation: each
+    turn's prompt is the turn before's prompt and output, then its part): wall time, each request's time to
+    first token, the prompt tokens the prefill chunks carried, the outputs."""
     core, computed = engine.core, [0]
     execute = core.runner.execute
 
@@ -45,17 +48,20 @@ def run(engine: Engine, prompts: list[list[int]], new_tokens: int, burst: bool) 
 
     core.runner.execute = counting
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    reqs = []
+    reqs, context = [], system
     start = time.perf_counter()
     try:
-        for p in prompts:
-            submitted = time.perf_counter()
-            first: list[float] = []
-            req = Request(p, params, on_event=lambda ev, f=first, s=submitted: f or f.append(time.perf_counter() - s))
+        for part in parts:
+            submitted, first = time.perf_counter(), []
+            req = Request(
+                context + part, params, on_event=lambda ev, f=first, s=submitted: f or f.append(time.perf_counter() - s)
+            )
             reqs.append((req, first))
             core.submit(req)
-            if not burst:
+            if arrival != "all at once":
                 core.run_until_idle()
+            if arrival == "a conversation":
+                context = req.prompt + req.output
         core.run_until_idle()
     finally:
         core.runner.execute = execute
@@ -86,18 +92,18 @@ def main() -> None:
     model = Path(args.cache_dir) / f"{args.preset}-fp8"
     if not (model / "config.json").exists():
         write_random_model(model, preset_config(args.preset), seed=0)
-    cache_tokens = 2 * args.requests * (args.system + args.user + args.new_tokens)
+    cache_tokens = 2 * args.requests * (args.system + args.requests * (args.user + args.new_tokens))
     engines = {on: Engine.from_dir(model, cache_tokens=cache_tokens, prefix_caching=on) for on in (False, True)}
     for engine in engines.values():
-        run(engine, [prompt(80, 999)], 2, burst=False)  # warm-up
+        run(engine, prompt(80, 999), [[5]], 2, "one after another")  # warm-up
     results: dict[tuple[str, bool], list[dict]] = {}
     for r in range(args.rounds):
         for a, arrival in enumerate(ARRIVALS):
             system = prompt(args.system, 1000 + 10 * r + a)  # nothing of it cached by an earlier run
-            prompts = [system + prompt(args.user, 2000 + 1000 * r + 100 * a + i) for i in range(args.requests)]
+            parts = [prompt(args.user, 2000 + 1000 * r + 100 * a + i) for i in range(args.requests)]
             got = {}
             for on in (False, True) if r % 2 == 0 else (True, False):
-                got[on] = run(engines[on], prompts, args.new_tokens, burst=arrival == "all at once")
+                got[on] = run(engines[on], system, parts, args.new_tokens, arrival)
                 results.setdefault((arrival, on), []).append(got[on])
             if got[True]["outputs"] != got[False]["outputs"]:
                 raise SystemExit(f"round {r}, {arrival}: outputs differ with prefix caching")
