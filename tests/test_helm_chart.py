@@ -41,6 +41,8 @@ VALUE_SETS = {
         "gateway.mtp=true",
         "--set",
         "gateway.numSpeculativeTokens=2",
+        "--set",
+        "gateway.prefixCaching=false",
     ],
     "mutual-tls": ["--set", "tls.secretName=expertmesh-tls"],
     "queue-keda-monitors": [
@@ -48,6 +50,8 @@ VALUE_SETS = {
         "gateway.autoscaling.waitingRequests.enabled=true",
         "--set",
         "gateway.service.headless=true",
+        "--set",
+        "gateway.service.sessionAffinity=ClientIP",
         "--set",
         "metrics.serviceMonitor.enabled=true",
         "--set",
@@ -223,10 +227,12 @@ def test_value_specific_fields(rendered):
         assert scaler["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
         assert gateway["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"] is True
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    if name == "tracing":  # with MTP on, 2 drafts a step
+    if name == "tracing":  # with MTP on, 2 drafts a step; prefix caching off
         assert "--mtp" in args and "--num-speculative-tokens=2" in args and "--no-mtp" not in args
+        assert "--no-prefix-caching" in args and "--prefix-caching" not in args
     else:
         assert "--no-mtp" in args and "--num-speculative-tokens=1" in args
+        assert "--prefix-caching" in args and "--no-prefix-caching" not in args
     if name == "tracing":
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
         assert one(docs, "StatefulSet", "-pools")["spec"]["replicas"] == 8
@@ -382,11 +388,15 @@ def test_gateway_scales_on_queue_depth_when_asked(rendered):
         assert set(metrics) == {"Resource"}
 
 
-def test_headless_gateway_service_and_prometheus_monitors(rendered):
+def test_gateway_services_affinity_and_prometheus_monitors(rendered):
     name, _, docs = rendered
     if name != "queue-keda-monitors":
         assert not [d for d in docs if d["metadata"]["name"].endswith("-headless")]
         assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PodMonitor")
+    assert one(docs, "Service", "-gateway")["spec"]["sessionAffinity"] == (
+        "ClientIP" if name == "queue-keda-monitors" else "None"
+    )
+    if name != "queue-keda-monitors":
         return
     headless = one(docs, "Service", "-gateway-headless")
     assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses")
