@@ -200,3 +200,45 @@ def test_score_requests_compute_every_position(engine_tiny):
     lone = engine_tiny.score(prompt, top_k=2)
     assert score.cached_tokens == 0 and len(score.scores) == len(prompt)
     assert [s.token_id for s in score.scores] == [s.token_id for s in lone]
+
+
+def test_random_traffic_keeps_the_blocks_accounted_and_the_outputs_unchanged(engine_tiny):
+    """Prompts drawn from a few shared starts, of random lengths and max_tokens, some cancelled mid-way, in a cache
+    small enough to preempt: after every step each block is held by exactly the sequences that list it, and free
+    or cached blocks are held by none; at the end every block is back and each finished request's tokens equal
+    a core without prefix caching."""
+    rng = torch.Generator().manual_seed(14)
+    starts = [_ids(40, 20 + i) for i in range(3)]
+
+    def draw(n):
+        return int(torch.randint(0, n, (1,), generator=rng))
+
+    prompts = [starts[draw(3)][: 16 + draw(25)] + _ids(1 + draw(20), 30 + i) for i in range(16)]
+    limits = [10 + draw(50) for _ in prompts]
+    core, cache = _core(engine_tiny, blocks=8, max_step_tokens=48)
+    reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, limits)]
+    submitted, steps = 0, 0
+    while submitted < len(reqs) or not core.scheduler.idle:
+        for _ in range(draw(4)):
+            if submitted < len(reqs):
+                core.submit(reqs[submitted])
+                submitted += 1
+        if steps % 13 == 5 and core.scheduler.running:
+            core.cancel(core.scheduler.running[draw(len(core.scheduler.running))])
+        core.step()
+        steps += 1
+        held = [0] * cache.num_blocks
+        for r in core.scheduler.running:
+            for b in r.seq.blocks:
+                held[b] += 1
+        assert held == cache._holders
+        idle = set(cache._free) | {b for b in range(cache.num_blocks) if cache.prefix.is_unheld(b)}
+        assert all(held[b] == 0 for b in idle) and len(idle) == cache.free_blocks
+    assert cache.free_blocks == 8 and core.scheduler.preemptions > 0
+    done = [r for r in reqs if r.finish_reason == "length"]
+    cancelled = [r for r in reqs if r.cancelled]
+    assert cancelled and len(done) + len(cancelled) == len(reqs) and sum(r.cached_tokens for r in done) > 0
+    plain_core, _ = _core(engine_tiny, blocks=64, prefix_caching=False)
+    plain = _run(plain_core, [r.prompt for r in done], SamplingParams(max_tokens=60, ignore_eos=True))
+    for r, p in zip(done, plain):
+        assert r.output == p.output[: len(r.output)]
