@@ -200,6 +200,7 @@ def test_score_requests_compute_every_position(engine_tiny):
     lone = engine_tiny.score(prompt, top_k=2)
     assert score.cached_tokens == 0 and len(score.scores) == len(prompt)
     assert [s.token_id for s in score.scores] == [s.token_id for s in lone]
+    assert [s.logprob for s in score.scores[1:]] == pytest.approx([s.logprob for s in lone[1:]], abs=1e-5)
 
 
 def test_random_traffic_keeps_the_blocks_accounted_and_the_outputs_unchanged(engine_tiny):
