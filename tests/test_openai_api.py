@@ -170,6 +170,24 @@ def test_a_shared_system_prompt_is_read_from_the_prefix_cache(up, client, model,
     whole = (len(prompt) - 1) // 64 * 64  # the same prompt again: all its blocks but the one with its last token
     assert replies[-1].finish_reason == "length" and replies[-1].cached_prompt_tokens == whole >= cached
     assert [t for r in replies for t in r.token_ids] == expected[:3]
+    salted = [
+        client.completions.create(
+            model=model, prompt=prompt, max_tokens=2, temperature=0, extra_body={"ignore_eos": True, "cache_salt": salt}
+        ).usage.prompt_tokens_details.cached_tokens
+        for salt in ("tenant-a", "tenant-a", "tenant-b")
+    ]
+    assert salted == [0, whole, 0]  # another salt's requests share nothing, not even the unsalted blocks
+    with grpc.insecure_channel(up.gateway) as channel:  # the same salt over gRPC
+        *_, last = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(
+            gateway_pb2.GenerateRequest(
+                token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_tokens=2), cache_salt="tenant-b"
+            ),
+            metadata=[("authorization", f"Bearer {KEY}")],
+            timeout=60,
+        )
+    assert last.cached_prompt_tokens == whole
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(model=model, prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})
 
 
 def test_include_usage_in_the_stream(client, model):

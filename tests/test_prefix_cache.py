@@ -189,6 +189,23 @@ def test_a_preempted_request_comes_back_through_its_cached_blocks_with_the_same_
     assert outputs[0] == outputs[1]
 
 
+def test_requests_with_different_cache_salts_share_nothing(engine_tiny):
+    """vLLM's cache_salt: the salt starts the chain of block names, so a prompt finds only the blocks that requests
+    with its own salt wrote (the same salt: as without one)."""
+    prompt = _ids(50, 15)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    core, _ = _core(engine_tiny, blocks=32)
+    for r in [Request(prompt + [3], params, cache_salt="tenant-a")]:
+        core.submit(r)
+        core.run_until_idle()
+    later = [Request(prompt + [4], params, cache_salt=s) for s in ("tenant-b", None, "tenant-a")]
+    for r in later:
+        core.submit(r)
+        core.run_until_idle()
+    assert [r.cached_tokens for r in later] == [0, 0, 48]
+    assert later[0].output == later[1].output == later[2].output
+
+
 def test_score_requests_compute_every_position(engine_tiny):
     """A score needs every position's logits: it never reads cached blocks (and scores as a lone score does)."""
     core, _ = _core(engine_tiny, blocks=32)

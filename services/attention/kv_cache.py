@@ -25,6 +25,7 @@ class SequenceBlocks:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
     hashes: list[bytes] = field(default_factory=list)  # prefix caching: the names of its first full blocks
+    root: bytes = ROOT  # prefix caching: the chain's start (a request's cache salt)
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,12 @@ class PagedLatentCache:
         seq.length = 0
 
     # ---- prefix caching ---------------------------------------------------------------------------------
-    def match(self, tokens: list[int]) -> PrefixHit:
-        """The cached blocks that hold the longest run of full blocks at the start of `tokens`."""
+    def match(self, tokens: list[int], root: bytes = ROOT) -> PrefixHit:
+        """The cached blocks that hold the longest run of full blocks at the start of `tokens` (a chain from
+        `root`: a cache salt's)."""
         if self.prefix is None:
             return NO_HIT
-        found = self.prefix.lookup(chain_hashes(tokens, self.block_size))
+        found = self.prefix.lookup(chain_hashes(tokens, self.block_size, root))
         blocks = [b for b, _ in found]
         unheld = sum(self.prefix.is_unheld(b) for b in blocks)
         return PrefixHit(blocks, [h for _, h in found], len(blocks) * self.block_size, unheld)
@@ -136,7 +138,7 @@ class PagedLatentCache:
             or limit - seq.length < self.block_size
         ):
             return 0
-        parent = seq.hashes[-1] if seq.hashes else ROOT
+        parent = seq.hashes[-1] if seq.hashes else seq.root
         found = self.prefix.lookup(chain_hashes(tokens(seq.length, limit), self.block_size, parent))
         for block, h in found:
             i = len(seq.hashes)
@@ -160,7 +162,7 @@ class PagedLatentCache:
             or limit - seq.length < self.block_size
         ):
             return None
-        return block_hash(seq.hashes[-1] if seq.hashes else ROOT, tokens(seq.length, seq.length + self.block_size))
+        return block_hash(seq.hashes[-1] if seq.hashes else seq.root, tokens(seq.length, seq.length + self.block_size))
 
     def register(self, seq: SequenceBlocks, tokens: Callable[[int, int], list[int]]) -> None:
         """Name the sequence's full blocks that are written and not named yet; `tokens(start, stop)` gives the
@@ -170,7 +172,7 @@ class PagedLatentCache:
         done, full = len(seq.hashes), seq.length // self.block_size
         if full <= done:
             return
-        parent = seq.hashes[-1] if seq.hashes else ROOT
+        parent = seq.hashes[-1] if seq.hashes else seq.root
         written = tokens(done * self.block_size, full * self.block_size)
         for i, h in enumerate(chain_hashes(written, self.block_size, parent)):
             seq.hashes.append(h)

@@ -23,6 +23,12 @@ from collections.abc import Iterator, Sequence
 ROOT = b""  # the hash before a sequence's first block
 
 
+def salted_root(salt: str | None) -> bytes:
+    """The start of the chain for requests that carry `salt` (vLLM's `cache_salt`): prompts with different salts
+    name their blocks differently, so they share nothing (one tenant cannot tell, by timing, what another sent)."""
+    return ROOT if salt is None else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+
+
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     """The name of a block holding `tokens` after the prefix named `parent` (128 bits of BLAKE2b: a collision,
     which would serve another prefix's entries, is out of reach)."""

@@ -96,7 +96,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.core.check_request(prompt, params)
         with tracer().start_as_current_span("gateway.request") as span:
             span.set_attribute("expertmesh.prompt_tokens", len(prompt))
-            req = Request(prompt, params, span_context=span.get_span_context())
+            req = Request(prompt, params, span_context=span.get_span_context(), cache_salt=request.cache_salt or None)
             yield gateway_pb2.GenerateResponse(prompt_token_ids=prompt)
             text = OutputText(self.core.tokenizer, params.stop)
             last = arrived = time.monotonic()

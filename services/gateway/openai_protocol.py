@@ -1,5 +1,5 @@
 """The OpenAI API's request bodies as pydantic models: /v1/completions and /v1/chat/completions, with vLLM's
-extensions (`top_k`, `stop_token_ids`, `ignore_eos`, `return_token_ids`).
+extensions (`top_k`, `stop_token_ids`, `ignore_eos`, `return_token_ids`, `cache_salt`).
 
 Only the shape is checked here (types, required fields); values are checked where every front end checks
 them (SamplingParams.validate, the serving core). Fields clients commonly send but the server cannot honour
@@ -73,6 +73,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
+    cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache blocks
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -90,6 +91,8 @@ class SamplingFields(BaseModel):
             raise ParamError("logit_bias is not supported", "logit_bias")
         if any(t < 0 for t in self.stop_token_ids or ()):
             raise ParamError("stop_token_ids must be token ids (>= 0)", "stop_token_ids")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ParamError("cache_salt must be a non-empty string", "cache_salt")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -133,7 +133,7 @@ class OpenAIServing:
                 if max_tokens != 0:
                     params = self._params(body, max_tokens, len(ids), logprobs, j)
                     self.core.check_request(ids, params)
-                    req = Request(ids, params)
+                    req = Request(ids, params, cache_salt=body.cache_salt)
                 choices.append(Choice(len(choices), ids, req, OutputText(self.core.tokenizer, body.stop_strings)))
         return choices
 

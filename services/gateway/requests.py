@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanContext
 
 from services.attention.kv_cache import SequenceBlocks
+from services.attention.prefix_index import salted_root
 from services.gateway.sampling import Sampler, SamplingParams
 
 
@@ -51,6 +52,7 @@ class Request:
     recompute: list[int] = field(default_factory=list)
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (not computed)
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share cached blocks
     # MTP speculative decoding: the tokens the MTP layer proposes to follow output[-1], verified next step, and
     # (temperature > 0) the distributions [k, V] the drafts were drawn from; drafts verified so far and accepted
     draft: list[int] = field(default_factory=list)
@@ -66,6 +68,7 @@ class Request:
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
+        self.seq.root = salted_root(self.cache_salt)
 
     @property
     def is_score(self) -> bool:

@@ -321,7 +321,7 @@ class Scheduler:
         (its logits are the first sample's); none for a score request (it needs every position's logits)."""
         if self.cache.prefix is None or req.is_score:
             return NO_HIT
-        return self.cache.match(req.feed(0, req.feed_length - 1))
+        return self.cache.match(req.feed(0, req.feed_length - 1), req.seq.root)
 
     def _reserve_decodes(self, chunks: list[PlannedChunk]) -> list[PlannedChunk]:
         """Positions in the cache for every decode chunk, oldest request first. A full cache costs the chunk its

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xpertmesh/v1/gateway.proto\x12\rexpertmesh.v1\"\xd1\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"c\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\"\xb3\x01\n\x10GenerateResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12/\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1d.expertmesh.v1.SampledLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"K\n\x0eSampledLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\">\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\rPositionScore\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprobB\n\n\x08_logprob\"S\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\tpositions\x18\x02 \x03(\x0b\x32\x1c.expertmesh.v1.PositionScore\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x14GetModelInfoResponse\x12\x11\n\tmodel_dir\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x03 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\r\n\x05pools\x18\x06 \x03(\t\x12\x16\n\x0e\x64ispatch_dtype\x18\x07 \x01(\t2\xfc\x01\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12\x42\n\x05Score\x12\x1b.expertmesh.v1.ScoreRequest\x1a\x1c.expertmesh.v1.ScoreResponse\x12W\n\x0cGetModelInfo\x12\".expertmesh.v1.GetModelInfoRequest\x1a#.expertmesh.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xpertmesh/v1/gateway.proto\x12\rexpertmesh.v1\"\xd1\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"w\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xb3\x01\n\x10GenerateResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12/\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1d.expertmesh.v1.SampledLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"K\n\x0eSampledLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\">\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\rPositionScore\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprobB\n\n\x08_logprob\"S\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\tpositions\x18\x02 \x03(\x0b\x32\x1c.expertmesh.v1.PositionScore\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x14GetModelInfoResponse\x12\x11\n\tmodel_dir\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x19\n\x11num_hidden_layers\x18\x03 \x01(\r\x12\x18\n\x10n_routed_experts\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\r\n\x05pools\x18\x06 \x03(\t\x12\x16\n\x0e\x64ispatch_dtype\x18\x07 \x01(\t2\xfc\x01\n\x0eGatewayService\x12M\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x12\x42\n\x05Score\x12\x1b.expertmesh.v1.ScoreRequest\x1a\x1c.expertmesh.v1.ScoreResponse\x12W\n\x0cGetModelInfo\x12\".expertmesh.v1.GetModelInfoRequest\x1a#.expertmesh.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=47
   _globals['_SAMPLINGPARAMS']._serialized_end=256
   _globals['_GENERATEREQUEST']._serialized_start=258
-  _globals['_GENERATEREQUEST']._serialized_end=357
-  _globals['_GENERATERESPONSE']._serialized_start=360
-  _globals['_GENERATERESPONSE']._serialized_end=539
-  _globals['_SAMPLEDLOGPROB']._serialized_start=541
-  _globals['_SAMPLEDLOGPROB']._serialized_end=616
-  _globals['_SCOREREQUEST']._serialized_start=618
-  _globals['_SCOREREQUEST']._serialized_end=680
-  _globals['_TOKENLOGPROB']._serialized_start=682
-  _globals['_TOKENLOGPROB']._serialized_end=731
-  _globals['_POSITIONSCORE']._serialized_start=733
-  _globals['_POSITIONSCORE']._serialized_end=842
-  _globals['_SCORERESPONSE']._serialized_start=844
-  _globals['_SCORERESPONSE']._serialized_end=927
-  _globals['_GETMODELINFOREQUEST']._serialized_start=929
-  _globals['_GETMODELINFOREQUEST']._serialized_end=950
-  _globals['_GETMODELINFORESPONSE']._serialized_start=953
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1127
-  _globals['_GATEWAYSERVICE']._serialized_start=1130
-  _globals['_GATEWAYSERVICE']._serialized_end=1382
+  _globals['_GENERATEREQUEST']._serialized_end=377
+  _globals['_GENERATERESPONSE']._serialized_start=380
+  _globals['_GENERATERESPONSE']._serialized_end=559
+  _globals['_SAMPLEDLOGPROB']._serialized_start=561
+  _globals['_SAMPLEDLOGPROB']._serialized_end=636
+  _globals['_SCOREREQUEST']._serialized_start=638
+  _globals['_SCOREREQUEST']._serialized_end=700
+  _globals['_TOKENLOGPROB']._serialized_start=702
+  _globals['_TOKENLOGPROB']._serialized_end=751
+  _globals['_POSITIONSCORE']._serialized_start=753
+  _globals['_POSITIONSCORE']._serialized_end=862
+  _globals['_SCORERESPONSE']._serialized_start=864
+  _globals['_SCORERESPONSE']._serialized_end=947
+  _globals['_GETMODELINFOREQUEST']._serialized_start=949
+  _globals['_GETMODELINFOREQUEST']._serialized_end=970
+  _globals['_GETMODELINFORESPONSE']._serialized_start=973
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1147
+  _globals['_GATEWAYSERVICE']._serialized_start=1150
+  _globals['_GATEWAYSERVICE']._serialized_end=1402
 # @@protoc_insertion_point(module_scope)
