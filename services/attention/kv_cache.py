@@ -132,11 +132,7 @@ class PagedLatentCache:
         tokens (those of positions up to `limit`; `tokens(start, stop)` gives them) in place of the ones it
         reserved and has not written (given back). Returns the positions gained: a prompt admitted beside another
         with the same start finds that one's blocks once they are written."""
-        if (
-            self.prefix is None
-            or seq.length != len(seq.hashes) * self.block_size
-            or limit - seq.length < self.block_size
-        ):
+        if not self._continues_chain(seq, limit):
             return 0
         parent = seq.hashes[-1] if seq.hashes else seq.root
         found = self.prefix.lookup(chain_hashes(tokens(seq.length, limit), self.block_size, parent))
@@ -156,13 +152,18 @@ class PagedLatentCache:
     def next_name(self, seq: SequenceBlocks, tokens: Callable[[int, int], list[int]], limit: int) -> bytes | None:
         """The name of the block a sequence writes next, when its written positions end on its named blocks and a
         whole block of its tokens up to `limit` is left (else None)."""
-        if (
-            self.prefix is None
-            or seq.length != len(seq.hashes) * self.block_size
-            or limit - seq.length < self.block_size
-        ):
+        if not self._continues_chain(seq, limit):
             return None
         return block_hash(seq.hashes[-1] if seq.hashes else seq.root, tokens(seq.length, seq.length + self.block_size))
+
+    def _continues_chain(self, seq: SequenceBlocks, limit: int) -> bool:
+        """Prefix caching is on, the sequence's written positions end on its named blocks, and a whole block of its
+        positions up to `limit` is left to find or write."""
+        return (
+            self.prefix is not None
+            and seq.length == len(seq.hashes) * self.block_size
+            and limit - seq.length >= self.block_size
+        )
 
     def register(self, seq: SequenceBlocks, tokens: Callable[[int, int], list[int]]) -> None:
         """Name the sequence's full blocks that are written and not named yet; `tokens(start, stop)` gives the
