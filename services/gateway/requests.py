@@ -85,10 +85,8 @@ class Request:
         return self.feed_length - self.fed
 
     def feed(self, start: int, n: int) -> list[int]:
-        """Tokens start..start+n-1 of the prompt followed by `recompute`."""
-        if start + n <= len(self.prompt):
-            return self.prompt[start : start + n]
-        return (self.prompt + self.recompute)[start : start + n]
+        """Tokens start..start+n-1 of the prompt followed by `recompute` (the output so far: `tokens`)."""
+        return self.tokens(start, min(start + n, self.feed_length))
 
     def tokens(self, start: int, stop: int) -> list[int]:
         """The tokens at cache positions start..stop-1: the prompt's, then the output's (a recomputed request's

@@ -302,7 +302,7 @@ class Scheduler:
         """Cached blocks that now hold a prompting request's next tokens (written by a request with the same
         start since this one was admitted) replace the ones it reserved: a burst of prompts with one system
         prompt computes it once, not once per prompt admitted in the same step."""
-        if self.cache.prefix is None or req.is_score:
+        if req.is_score:
             return
         gained = self.cache.extend(req.seq, req.tokens, req.feed_length - 1)
         req.fed += gained
@@ -312,16 +312,14 @@ class Scheduler:
     def _next_block(self, req: Request) -> bytes | None:
         """The name of the cache block a prompting request writes next (None: no prefix caching, a score, or not
         a whole cacheable block next)."""
-        if self.cache.prefix is None or req.is_score:
-            return None
-        return self.cache.next_name(req.seq, req.tokens, req.feed_length - 1)
+        return None if req.is_score else self.cache.next_name(req.seq, req.tokens, req.feed_length - 1)
 
     def _cached_prefix(self, req: Request) -> PrefixHit:
         """The cached blocks that hold the start of the request's feed, leaving at least its last token to compute
         (its logits are the first sample's); none for a score request (it needs every position's logits)."""
         if self.cache.prefix is None or req.is_score:
             return NO_HIT
-        return self.cache.match(req.feed(0, req.feed_length - 1), req.seq.root)
+        return self.cache.match(req.tokens(0, req.feed_length - 1), req.seq.root)
 
     def _reserve_decodes(self, chunks: list[PlannedChunk]) -> list[PlannedChunk]:
         """Positions in the cache for every decode chunk, oldest request first. A full cache costs the chunk its
