@@ -170,6 +170,7 @@ OFFLINE = {
     "target-not-host-port": (["generate", "--target", "nonsense", *TOKENS], "--target must be HOST:PORT"),
     "target-nan-timeout": (["generate", "--target", CLOSED, "--timeout-s", "nan", *TOKENS], "--timeout-s must be"),
     "target-negative-timeout": (["score", "--target", CLOSED, "--timeout-s", "-3", *TOKENS], "--timeout-s must be"),
+    "target-huge-timeout": (["generate", "--target", CLOSED, "--timeout-s", "1e12", *TOKENS], "--timeout-s must be"),
     "target-port-out-of-range": (["score", "--target", "localhost:70000", *TOKENS], "--target must be HOST:PORT"),
     # init-model
     "init-model-unknown-preset": (["init-model", "{dir}/new", "--preset", "huge"], "unknown preset 'huge'"),

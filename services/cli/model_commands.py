@@ -198,6 +198,7 @@ ApiKeyOption = typer.Option(
     help="With --target: the gateway's API key (default $EXPERTMESH_API_KEY).",
 )
 TlsDirOption = typer.Option(None, "--tls-dir", help="With --target: mutual TLS (ca.crt, tls.crt, tls.key).")
+MAX_TIMEOUT_S = 86400.0  # a day: longer bounds overflow the clock's wait (and mean none)
 TimeoutOption = typer.Option(
     None,
     "--timeout-s",
@@ -280,8 +281,10 @@ def _remote(target: str, call, api_key: str | None, tls_dir: Path | None, timeou
     from services.cli.gateway_client import GatewayClient, check_target, rpc_error
 
     check_target(target)
-    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise InvalidRequestError(f"--timeout-s must be a positive number of seconds, got {timeout_s}")
+    if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:  # NaN fails too
+        raise InvalidRequestError(
+            f"--timeout-s must be a number of seconds in (0, {MAX_TIMEOUT_S:.0f}], got {timeout_s}"
+        )
     if tls_dir is not None:
         from services.rpc import tls
 
