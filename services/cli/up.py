@@ -133,6 +133,12 @@ def up(
     threads: int = typer.Option(
         _G.threads, "--threads", min=0, help="The gateway's torch threads (0 here: half the machine's cores)."
     ),
+    burst_threads: int = typer.Option(
+        _G.burst_threads,
+        "--burst-threads",
+        min=0,
+        help=_help(GatewayConfig, "burst_threads").replace("(0: --threads)", "(0 here: all the machine's cores)"),
+    ),
     pool_threads: int = typer.Option(
         0, "--pool-threads", min=0, help="Each pool's torch threads (0: the pools share the other half of the cores)."
     ),
@@ -173,6 +179,7 @@ def up(
             fewest_pools_max_tokens=fewest_pools_max_tokens,
             drain_timeout_s=drain_timeout_s,
             threads=threads,
+            burst_threads=burst_threads,
         )
         autoscaler = AutoscalerConfig(
             autoscale_interval_s=autoscale_interval_s,
@@ -273,13 +280,17 @@ def start_services(dep: Deployment, layout: LocalLayout, gateway: GatewayConfig,
     except ExpertmeshError as exc:
         raise RuntimeError(str(exc)) from None
     # on one machine the gateway and the pools share the cores: by default half for the gateway, half split over
-    # the pools (--threads, --pool-threads override)
+    # the pools (--threads, --pool-threads override); while no expert call is out, all of them for the gateway
+    # (--burst-threads)
     cores = os.cpu_count() or 1
     gateway_threads = gateway.threads or max(1, cores // 2)
+    burst_threads = gateway.burst_threads or cores
     pool_threads = layout.pool_threads or max(1, cores // (2 * layout.pools))
     metrics = {name: free_port() for name in ["gateway", *(p.pool_id for p in pool_list), "autoscaler"]}
     _spawn_pools(dep, pool_list, gateway, redis_url, pool_threads, metrics)
-    gateway = dataclasses.replace(gateway, redis=redis_url, threads=gateway_threads, metrics_port=metrics["gateway"])
+    gateway = dataclasses.replace(
+        gateway, redis=redis_url, threads=gateway_threads, burst_threads=burst_threads, metrics_port=metrics["gateway"]
+    )
     dep.spawn("gateway", [sys.executable, "-m", "services.gateway.main", *to_argv(gateway)])
 
     def gone() -> str | None:

@@ -102,6 +102,12 @@ class GatewayConfig:
         60.0, "Seconds running requests get to finish after SIGTERM (new ones are refused)."
     )
     threads: int = setting(0, "Torch threads (0: torch's default, all cores).")
+    burst_threads: int = setting(
+        0,
+        "Torch threads while no routed-expert call is out (a step's dense layers before its first expert call, "
+        "the final norm and lm_head after its last answer): with pools on the same host, the cores they leave idle "
+        "then (0: --threads).",
+    )
     device: str = setting(
         "auto",
         DEVICE_HELP + " On cuda the gateway computes in bfloat16 (FP8 projections dequantized at load).",
@@ -119,6 +125,12 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.max_decode_stall) or (self.max_decode_stall != 0 and self.max_decode_stall <= 1):
             raise ValueError(f"max_decode_stall must be 0 (off) or a finite number > 1, got {self.max_decode_stall}")
+        for name in ("threads", "burst_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name} must be >= 0 (0: {'all cores' if name == 'threads' else '--threads'}), "
+                    f"got {getattr(self, name)}"
+                )
         if self.fewest_pools_max_tokens < 0:
             raise ValueError(f"fewest_pools_max_tokens must be >= 0 (0: off), got {self.fewest_pools_max_tokens}")
         if self.mtp_max_batch < 0:

@@ -20,6 +20,7 @@ from services.format.config import ModelConfig
 from services.format.tensor_names import Kind, TensorSpec, layer_specs
 from services.format.weights import read_linear, read_plain
 from services.gateway.router import Router
+from services.gateway.thread_burst import ThreadBurst
 from services.math.experts import ExpertsBackend
 from services.math.layers import linear, rms_norm, swiglu
 from services.math.packed_linear import Linear
@@ -56,6 +57,7 @@ class GatewayModel:
         experts: ExpertsBackend,
         device: torch.device | str = "cpu",
         routing_observer: Callable[[int, torch.Tensor], None] | None = None,
+        burst_threads: int = 0,
     ):
         self.cfg = cfg
         self.embed = embed  # [V, H]
@@ -67,6 +69,7 @@ class GatewayModel:
         self.dtype = embed.dtype
         self.device = torch.device(device)
         self.routing_observer = routing_observer  # called with (layer, topk_idx [T, K]) every MoE layer (load)
+        self.threads = ThreadBurst(burst_threads)  # more threads while no routed-expert call is out
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -79,6 +82,7 @@ class GatewayModel:
         absorb: bool = True,
         progress=None,
         routing_observer: Callable[[int, torch.Tensor], None] | None = None,
+        burst_threads: int = 0,
     ) -> GatewayModel:
         """Read every non-routed-expert tensor (FP8 projections dequantized into `dtype`)."""
         cfg = reader.config
@@ -98,7 +102,7 @@ class GatewayModel:
                 progress(i + 1, cfg.num_hidden_layers)
         norm = tensor(TensorSpec("model.norm", (cfg.hidden_size,), Kind.NORM))
         lm_head = tensor(TensorSpec("lm_head", (cfg.vocab_size, cfg.hidden_size), Kind.EMBED))
-        return cls(cfg, embed, layers, norm, Linear(lm_head), experts, device, routing_observer)
+        return cls(cfg, embed, layers, norm, Linear(lm_head), experts, device, routing_observer, burst_threads)
 
     def set_absorb(self, absorb: bool) -> None:
         for layer in self.layers:
@@ -136,19 +140,25 @@ class GatewayModel:
         With `hidden_index` [M] it returns (logits, hidden [M, H]): the final hidden states (after the final norm,
         what the MTP layer reads) at those flat token indices."""
         cfg = self.cfg
+        self.threads.begin()  # until the first expert call
         x = self.embed[batch.token_ids]  # [T, H]
         rotation = self.rotary.rotation(batch.positions)  # [T, R/2] complex
         for layer in self.layers:
             x = yield from self.layer_stages(layer, x, batch, cache, rotation, routing_trace)
-        if hidden_index is not None:
-            index = logit_index if logit_index is not None else batch.last_index
-            hidden = rms_norm(x[hidden_index], self.norm, cfg.rms_norm_eps)  # [M, H]
-            return linear(rms_norm(x[index], self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32), hidden
-        if logit_index is not None:
-            x = x[logit_index]  # [N, H]
-        elif not all_logits:
-            x = x[batch.last_index]  # [B, H]
-        return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+        self.threads.begin()  # after the last answer
+        try:
+            if hidden_index is not None:
+                index = logit_index if logit_index is not None else batch.last_index
+                hidden = rms_norm(x[hidden_index], self.norm, cfg.rms_norm_eps)  # [M, H]
+                logits = linear(rms_norm(x[index], self.norm, cfg.rms_norm_eps), self.lm_head)
+                return logits.to(torch.float32), hidden
+            if logit_index is not None:
+                x = x[logit_index]  # [N, H]
+            elif not all_logits:
+                x = x[batch.last_index]  # [B, H]
+            return linear(rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).to(torch.float32)
+        finally:
+            self.threads.end()
 
     def layer_stages(
         self,
@@ -170,10 +180,16 @@ class GatewayModel:
             routing_trace.append((layer.index, topk_idx))
         if self.routing_observer is not None:
             self.routing_observer(layer.index, topk_idx)
-        pending = self.experts.start(layer.index, h, topk_idx, topk_w)
-        shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
-        yield
-        return x + pending() + shared  # [T, H]
+        self.threads.end()  # the pools compute from here
+        self.threads.calls_out += 1
+        try:
+            pending = self.experts.start(layer.index, h, topk_idx, topk_w)
+            shared = layer.shared(h) if layer.shared is not None else 0  # overlaps the remote call
+            yield
+            routed = pending()
+        finally:
+            self.threads.calls_out -= 1
+        return x + routed + shared  # [T, H]
 
 
 def load_tensor(

@@ -306,6 +306,7 @@ def _load_core(config: GatewayConfig, experts, device, follower, recorder, metri
         max_running=config.max_running,
         max_waiting=config.max_waiting,
         micro_batches=config.micro_batches,
+        burst_threads=config.burst_threads,
         mtp=config.mtp,
         num_speculative_tokens=config.num_speculative_tokens,
         mtp_max_batch=config.mtp_max_batch,

@@ -92,11 +92,13 @@ class ServingCore:
         progress=None,
         mtp: bool = False,
         num_speculative_tokens: int = 1,
+        burst_threads: int = 0,
         **core_options,
     ) -> ServingCore:
         """Load the gateway's part of the checkpoint (everything but the routed experts, reached via `experts`);
         with `mtp`, its MTP layer too, which drafts for speculative decoding (its experts through `experts` as well,
-        layer num_hidden_layers)."""
+        layer num_hidden_layers). `burst_threads`: torch threads while no routed-expert call is out (thread_burst.py;
+        0: off)."""
         reader = CheckpointReader(model_dir)
         model = GatewayModel.load(
             reader,
@@ -106,6 +108,7 @@ class ServingCore:
             absorb=absorb,
             routing_observer=routing_observer,
             progress=progress,
+            burst_threads=burst_threads,
         )
         cache = PagedLatentCache(
             reader.config,
