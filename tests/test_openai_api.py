@@ -368,6 +368,13 @@ def test_other_errors_raise_the_clients_matching_exception(up, client, model):
         client.chat.completions.create(model=model, messages=_chat("x"), top_logprobs=2)  # without logprobs
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x"}])
+    for field, call, extra in (
+        ("top_logprobs", client.chat.completions.create, dict(messages=_chat("x"), logprobs=True, top_logprobs=25)),
+        ("logprobs", client.completions.create, dict(prompt="x", logprobs=-1)),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:  # named by the field the client set
+            call(model=model, max_tokens=2, **extra)
+        assert err.value.body["param"] == field and err.value.body["message"].startswith(f"{field} must lie in")
     with pytest.raises(openai.NotFoundError):
         client.get("/no-such-route", cast_to=object)
     with openai.OpenAI(base_url=up.http, api_key="wrong", max_retries=0) as stranger:
