@@ -22,7 +22,12 @@ class CheckpointError(ExpertmeshError):
 
 
 class InvalidRequestError(ExpertmeshError):
-    """A request that cannot be served as asked (bad token ids, empty prompt, too long)."""
+    """A request that cannot be served as asked (bad token ids, empty prompt, too long); `param`: the request field
+    at fault, where one is (the HTTP API's OpenAI error body names it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ExpertNotHeldError(ExpertmeshError):

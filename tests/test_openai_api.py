@@ -375,6 +375,10 @@ def test_other_errors_raise_the_clients_matching_exception(up, client, model):
         with pytest.raises(openai.BadRequestError) as err:  # named by the field the client set
             call(model=model, max_tokens=2, **extra)
         assert err.value.body["param"] == field and err.value.body["message"].startswith(f"{field} must lie in")
+    for field, value in (("temperature", -1), ("top_p", 0), ("max_tokens", 10**8), ("seed", -1), ("stop", ["a"] * 5)):
+        with pytest.raises(openai.BadRequestError) as err:  # the sampling parameters' errors name theirs too
+            client.completions.create(model=model, prompt="x", **{"max_tokens": 2, field: value})
+        assert err.value.body["param"] == field and err.value.body["message"].startswith(field)
     with pytest.raises(openai.NotFoundError):
         client.get("/no-such-route", cast_to=object)
     with openai.OpenAI(base_url=up.http, api_key="wrong", max_retries=0) as stranger:

@@ -29,8 +29,8 @@ class ParamError(InvalidRequestError):
     """A bad request parameter, named (OpenAI's `param`), with an optional machine-readable `code`."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param, self.code = param, code
+        super().__init__(message, param)
+        self.code = code
 
 
 class AuthenticationError(ExpertmeshError):

@@ -28,21 +28,25 @@ class SamplingParams:
 
     def validate(self, max_tokens_limit: int) -> None:
         if not 1 <= self.max_tokens <= max_tokens_limit:
-            raise InvalidRequestError(f"max_tokens must lie in [1, {max_tokens_limit}], got {self.max_tokens}")
+            raise InvalidRequestError(
+                f"max_tokens must lie in [1, {max_tokens_limit}], got {self.max_tokens}", "max_tokens"
+            )
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise InvalidRequestError(
+                f"temperature must be a finite number >= 0, got {self.temperature}", "temperature"
+            )
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", "top_k")
         if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidRequestError(f"seed must lie in [0, 2**64), got {self.seed}")
+            raise InvalidRequestError(f"seed must lie in [0, 2**64), got {self.seed}", "seed")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+            raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty strings")
+            raise InvalidRequestError("stop strings must be non-empty strings", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequestError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            raise InvalidRequestError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
 
 
 class Sampler:
