@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_router
 from services.format.config import ModelConfig
 from services.math.layers import linear
 
@@ -30,8 +31,18 @@ class Router:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_idx [T, K] int64, topk_w [T, K] fp32."""
         cfg = self.cfg
-        t = x.shape[0]
         scores = linear(x.to(torch.float32), self.weight).sigmoid()  # [T, E]
+        chosen = cpu_router.route(
+            scores, self.bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+            cfg.routed_scaling_factor,
+        )  # fmt: skip
+        return chosen if chosen is not None else self.choose(scores)
+
+    def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [T, E] fp32 (sigmoid) -> (topk_idx [T, K], topk_w [T, K]) in torch (steps 2-4; kernels/cpu_router.py
+        is the same in one C call)."""
+        cfg = self.cfg
+        t = scores.shape[0]
         choice = scores + self.bias  # [T, E]
         if cfg.n_group > 1:
             grouped = choice.view(t, cfg.n_group, cfg.experts_per_group)  # [T, G, E/G]

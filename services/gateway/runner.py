@@ -12,6 +12,7 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan
 
+from kernels.cpu_argmax import argmax_rows
 from services.attention.batch import SequenceChunk, StepBatch
 from services.attention.kv_cache import PagedLatentCache
 from services.gateway.model import GatewayModel, run_interleaved
@@ -51,7 +52,7 @@ class ModelRunner:
         greedy_rows = [i for i, c in enumerate(chunks) if c.samples and c.request.params.temperature == 0]
         greedy = {}
         if greedy_rows:  # one argmax for every greedy request of the step (every position it verifies)
-            picked = torch.cat([rows[i][-1 - len(chunks[i].draft) :] for i in greedy_rows]).argmax(-1).tolist()
+            picked = argmax_rows(torch.cat([rows[i][-1 - len(chunks[i].draft) :] for i in greedy_rows])).tolist()
             for i in greedy_rows:
                 n = 1 + len(chunks[i].draft)
                 greedy[i], picked = picked[:n], picked[n:]
