@@ -46,6 +46,8 @@ SIGNATURES = {
     "em_route": [_P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _F32, _P, _P],
     # x, rows, n, row stride, out
     "em_argmax_rows": [_P, _I64, _I64, _I64, _P],
+    # x, rows, n, row stride, weight, eps, out
+    "em_rms_norm": [_P, _I64, _I64, _I64, _P, _F32, _P],
     "em_latent_attention": [
         *(_P, _I64, _I64) * 2,
         *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_norm
 from services.math.packed_linear import Linear, plain_linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in fp32, round to the input dtype, then scale by the weight (transformers' order)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # no rounding between: torch's one op
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # no rounding between: one pass (C or torch)
+        out = cpu_norm.rms_norm(x, weight, eps)
+        return out if out is not None else F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

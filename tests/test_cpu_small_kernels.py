@@ -1,4 +1,5 @@
-"""The CPU routing and argmax kernels (kernels/cpu_router.py, kernels/cpu_argmax.py) against their torch forms."""
+"""The CPU routing, argmax and RMSNorm kernels (kernels/cpu_router.py, cpu_argmax.py, cpu_norm.py) against their
+torch forms."""
 
 from __future__ import annotations
 
@@ -79,3 +80,19 @@ def test_argmax_rows_is_torchs_argmax():
     view = x[:, 100:200]  # rows of a wider tensor
     assert torch.equal(cpu_argmax.argmax_rows(view), view.argmax(-1))
     assert cpu_argmax.argmax_rows(torch.empty(0, 16)).shape == (0,)
+
+
+def test_rms_norm_kernel_is_torchs_to_a_few_ulps():
+    from kernels import cpu_norm
+
+    g = torch.Generator().manual_seed(4)
+    for rows, n in ((1, 512), (32, 192), (7, 100), (300, 7168)):  # tails past the vectors; DeepSeek-V3's width
+        x, w = torch.randn(rows, n, generator=g) * 3, torch.randn(n, generator=g)
+        out = cpu_norm.rms_norm(x, w, 1e-6)
+        torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (n,), w, 1e-6), rtol=1e-6, atol=1e-6)
+    wide = torch.randn(4, 600, generator=g)
+    view = wide[:, :512]  # rows of a wider tensor, as the attention's input projection gives them
+    ref = torch.nn.functional.rms_norm(view, (512,), torch.ones(512), 1e-6)
+    torch.testing.assert_close(cpu_norm.rms_norm(view, torch.ones(512), 1e-6), ref, rtol=1e-6, atol=1e-6)
+    assert cpu_norm.rms_norm(x.double(), w.double(), 1e-6) is None  # not a case it takes: torch's
+    assert cpu_norm.rms_norm(x.t(), torch.ones(rows), 1e-6) is None  # columns not contiguous
