@@ -40,14 +40,14 @@ SIGNATURES = {
     "em_split_pairs": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P],
     # packed, weight, P, rows, experts, held, token, expert, weight_out
     "em_check_pairs": [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
-    # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
-    # k_len, B, scale, out with token and head strides, threads
     # scores, bias, T, E, groups, topk_group, K, norm, factor, idx, weight
     "em_route": [_P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _F32, _P, _P],
     # x, rows, n, row stride, out
     "em_argmax_rows": [_P, _I64, _I64, _I64, _P],
     # x, rows, n, row stride, weight, eps, out
     "em_rms_norm": [_P, _I64, _I64, _I64, _P, _F32, _P],
+    # q_lat and q_pe each with token and head strides, T, nh, C, D, cache, slots, key_slots, width, q_start, q_len,
+    # k_len, B, scale, out with token and head strides, threads
     "em_latent_attention": [
         *(_P, _I64, _I64) * 2,
         *(_I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _F32),

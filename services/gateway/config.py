@@ -125,12 +125,10 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.max_decode_stall) or (self.max_decode_stall != 0 and self.max_decode_stall <= 1):
             raise ValueError(f"max_decode_stall must be 0 (off) or a finite number > 1, got {self.max_decode_stall}")
-        for name in ("threads", "burst_threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"{name} must be >= 0 (0: {'all cores' if name == 'threads' else '--threads'}), "
-                    f"got {getattr(self, name)}"
-                )
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: all cores), got {self.threads}")
+        if self.burst_threads < 0:
+            raise ValueError(f"burst_threads must be >= 0 (0: --threads), got {self.burst_threads}")
         if self.fewest_pools_max_tokens < 0:
             raise ValueError(f"fewest_pools_max_tokens must be >= 0 (0: off), got {self.fewest_pools_max_tokens}")
         if self.mtp_max_batch < 0:

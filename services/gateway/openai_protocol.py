@@ -119,7 +119,6 @@ class CompletionRequest(SamplingFields):
             raise ParamError("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ParamError("best_of is not supported (only equal to n)", "best_of")
-        _check_logprobs(self.logprobs, "logprobs")
         if self.max_tokens == 0 and not self.echo:
             raise ParamError("max_tokens 0 is only allowed with echo: true (scoring the prompt)", "max_tokens")
 
@@ -149,7 +148,8 @@ class ChatCompletionRequest(SamplingFields):
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs needs logprobs: true", "top_logprobs")
-        _check_logprobs(self.top_logprobs, "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:  # sampling's `logprobs`
+            raise ParamError(f"top_logprobs must lie in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", "top_logprobs")
         if self.tools:
             raise ParamError("tools are not supported", "tools")
         if self.tool_choice not in (None, "none"):
@@ -164,9 +164,3 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-def _check_logprobs(value: int | None, name: str) -> None:
-    """Top alternatives per token: 0..MAX_LOGPROBS, named by the field the client set."""
-    if value is not None and not 0 <= value <= MAX_LOGPROBS:
-        raise ParamError(f"{name} must lie in [0, {MAX_LOGPROBS}], got {value}", name)
