@@ -1,8 +1,9 @@
 """Long prompts under concurrency, in process (tiny preset: YaRN to 160K positions): for each prompt length,
 1 and C concurrent prompts: time to first token, the total against the same prompts run one after another,
 the decode inter-token latency of a request that is already running while the prompts prefill (p50/p99
-against its idle inter-token latency), and the process's peak memory (VmHWM, over the RSS the run started
-from, per cached token: prompts plus generated tokens).
+against its idle inter-token latency), and memory: the latent cache, allocated whole when the engine starts (its
+size is `--cache-tokens`, here room for twice the C prompts), and the process's peak RSS (VmHWM) during the C
+prompts over the RSS of the loaded engine (model and cache): what a step needs beyond the cache.
 
 Usage: .venv/bin/python benchmarks/bench_long.py [--lengths 1024 4096 16384] [--concurrency 8] [--new-tokens 32]
                                                  [--max-decode-stall 4.0]
@@ -122,6 +123,7 @@ def main() -> None:
     write_random_model(model, preset_config("tiny"), seed=0)
     for length in args.lengths:
         work = args.concurrency * (length + args.new_tokens)
+        before = rss_mib("VmRSS")
         engine = Engine.from_dir(  # room for the prompts, and for the running decode that outlasts them
             model,
             cache_tokens=2 * work + 4096,
@@ -130,7 +132,7 @@ def main() -> None:
         )
         prompts = [prompt(length, i) for i in range(args.concurrency)]
         run(engine, [prompt(64, 1000)], 4, False)  # warm-up
-        base = rss_mib("VmRSS")  # the model, the cache's pages untouched so far
+        base = rss_mib("VmRSS")  # the model and the whole cache (torch.zeros touches every page)
         alone = [run(engine, [p], args.new_tokens, False) for p in prompts]
         one = run(engine, prompts[:1], args.new_tokens, True)
         peak_rss_reset()
@@ -138,7 +140,11 @@ def main() -> None:
         together["peak_mib"] = rss_mib() - base
         cache = engine.cache
         together["cache_kib"] = cache.data.element_size() * cache.num_layers * cache.width / 1024
+        together["cache_mib"] = cache.data.numel() * cache.data.element_size() / 2**20
+        together["cache_slots"] = cache.data.shape[1]
+        together["engine_mib"] = base - before
         report(length, args.concurrency, alone, one, together, work)
+        del engine
 
 
 def report(length: int, concurrency: int, alone: list[dict], one: dict, together: dict, work: int) -> None:
@@ -164,9 +170,14 @@ def report(length: int, concurrency: int, alone: list[dict], one: dict, together
         f"({together['total'] / serial:.2f}x, {together['steps']} steps); TTFT p50 "
         f"{statistics.median(together['ttft']):.2f} s, max {max(together['ttft']):.2f} s; ITL of the decoding "
         f"ones while others prefill p50 {pct(together['busy_itl'], 0.5) * 1e3:.1f} / p99 {all_p99 * 1e3:.1f} ms "
-        f"({all_p99 / one['idle_itl']:.1f}x idle, {len(together['busy_itl'])} tokens); peak RSS over the model "
-        f"+{together['peak_mib']:.0f} MiB at {work} cached tokens ({together['peak_mib'] * 1024 / work:.1f} KiB "
-        f"a token; the cache itself {together['cache_kib']:.2f})",
+        f"({all_p99 / one['idle_itl']:.1f}x idle, {len(together['busy_itl'])} tokens)",
+        flush=True,
+    )
+    print(
+        f"{length:6d} tokens memory: the engine took {together['engine_mib']:.0f} MiB, of which the cache "
+        f"{together['cache_mib']:.0f} MiB ({together['cache_slots']} token slots, {together['cache_kib']:.2f} KiB a "
+        f"token, allocated whole); peak RSS during x{concurrency} +{together['peak_mib']:.0f} MiB over the loaded "
+        f"engine at {work} cached tokens (step temporaries)",
         flush=True,
     )
 
