@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import statistics
 import sys
 import tempfile
 import threading
@@ -279,10 +281,22 @@ def report(args, engine, levels, local_runs, remote_runs, variants) -> None:
             "every run's distributed / in-process ratio: "
             + "; ".join(
                 f"{c}: "
-                + ", ".join(f"{r['decode_tok_s'] / l['decode_tok_s']:.2f}x" for l, r in zip(local_runs[c], runs[c]))
+                + ", ".join(f"{x:.2f}x" for x in ratios(local_runs[c], runs[c]))
+                + (f" (median {statistics.median(ratios(local_runs[c], runs[c])):.2f}x)" if args.repeats > 1 else "")
                 for c in levels
             )
         )
+    every = [*local_runs.values(), *(rs for variant in remote_runs.values() for rs in variant.values())]
+    if any(math.isnan(r["decode_tok_s"]) for rs in every for r in rs):
+        print(
+            "nan: a run had no moment when all its requests were decoding (its last first token came after its "
+            "first request's last token); raise --new-tokens"
+        )
+
+
+def ratios(local: list[dict], remote: list[dict]) -> list[float]:
+    """Each run's distributed / in-process decode tok/s, run by run."""
+    return [r["decode_tok_s"] / l["decode_tok_s"] for l, r in zip(local, remote)]
 
 
 if __name__ == "__main__":
