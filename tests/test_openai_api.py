@@ -379,6 +379,14 @@ def test_other_errors_raise_the_clients_matching_exception(up, client, model):
         with pytest.raises(openai.BadRequestError) as err:  # the sampling parameters' errors name theirs too
             client.completions.create(model=model, prompt="x", **{"max_tokens": 2, field: value})
         assert err.value.body["param"] == field and err.value.body["message"].startswith(field)
+    for field, call, extra in (  # the prompt's own errors name the field that carried it
+        ("prompt", client.completions.create, dict(prompt=[[1, 2, 10**8]])),
+        ("prompt", client.completions.create, dict(prompt=[[1] * 100_000])),
+        ("messages", client.chat.completions.create, dict(messages=_chat("x " * 100_000))),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            call(model=model, max_tokens=2, **extra)
+        assert err.value.body["param"] == field, err.value.body
     with pytest.raises(openai.NotFoundError):
         client.get("/no-such-route", cast_to=object)
     with openai.OpenAI(base_url=up.http, api_key="wrong", max_retries=0) as stranger:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from services.errors import PoolUnavailableError
+from services.errors import InvalidRequestError, PoolUnavailableError
 from services.format.generation_config import GenerationDefaults
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.http_errors import ParamError, error_body
@@ -123,16 +123,27 @@ class OpenAIServing:
         )
 
     def _choices(
-        self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
+        self,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_field: str,
     ) -> list[Choice]:
-        """n choices per prompt, every one checked before any is submitted."""
+        """n choices per prompt, every one checked before any is submitted; an error of the prompt itself (empty, a
+        token outside the vocabulary, too long for the context) names `prompt_field`."""
         choices = []
         for ids in prompts:
             for j in range(body.n):
                 req = None
                 if max_tokens != 0:
                     params = self._params(body, max_tokens, len(ids), logprobs, j)
-                    self.core.check_request(ids, params)
+                    try:
+                        self.core.check_request(ids, params)
+                    except InvalidRequestError as exc:
+                        if exc.param is not None:  # a sampling parameter, named already
+                            raise
+                        raise InvalidRequestError(str(exc), prompt_field) from None
                     req = Request(ids, params, cache_salt=body.cache_salt)
                 choices.append(Choice(len(choices), ids, req, OutputText(self.core.tokenizer, body.stop_strings)))
         return choices
@@ -147,7 +158,7 @@ class OpenAIServing:
         core = self._check_model(body)
         given = body.prompts()
         prompts = [core.encode(p) if isinstance(p, str) else list(p) for p in given]
-        choices = self._choices(body, prompts, body.max_tokens, body.logprobs)
+        choices = self._choices(body, prompts, body.max_tokens, body.logprobs, "prompt")
         if body.echo:
             await self._echo(body, given, prompts, choices)
         env = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), self.model_name)
@@ -243,7 +254,7 @@ class OpenAIServing:
         ).ids  # the template wrote the special tokens
         if body.new_tokens == 0:
             raise ParamError("max_tokens must be >= 1", "max_tokens")
-        choices = self._choices(body, [prompt], body.new_tokens, body.sampled_logprobs)
+        choices = self._choices(body, [prompt], body.new_tokens, body.sampled_logprobs, "messages")
         env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), self.model_name)
         run = self._run(choices)
         if body.stream:
