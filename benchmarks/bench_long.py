@@ -123,7 +123,6 @@ def main() -> None:
     write_random_model(model, preset_config("tiny"), seed=0)
     for length in args.lengths:
         work = args.concurrency * (length + args.new_tokens)
-        before = rss_mib("VmRSS")
         engine = Engine.from_dir(  # room for the prompts, and for the running decode that outlasts them
             model,
             cache_tokens=2 * work + 4096,
@@ -142,7 +141,6 @@ def main() -> None:
         together["cache_kib"] = cache.data.element_size() * cache.num_layers * cache.width / 1024
         together["cache_mib"] = cache.data.numel() * cache.data.element_size() / 2**20
         together["cache_slots"] = cache.data.shape[1]
-        together["engine_mib"] = base - before
         report(length, args.concurrency, alone, one, together, work)
         del engine
 
@@ -174,10 +172,10 @@ def report(length: int, concurrency: int, alone: list[dict], one: dict, together
         flush=True,
     )
     print(
-        f"{length:6d} tokens memory: the engine took {together['engine_mib']:.0f} MiB, of which the cache "
-        f"{together['cache_mib']:.0f} MiB ({together['cache_slots']} token slots, {together['cache_kib']:.2f} KiB a "
-        f"token, allocated whole); peak RSS during x{concurrency} +{together['peak_mib']:.0f} MiB over the loaded "
-        f"engine at {work} cached tokens (step temporaries)",
+        f"{length:6d} tokens memory: the latent cache {together['cache_mib']:.0f} MiB ({together['cache_slots']} "
+        f"token slots, {together['cache_kib']:.2f} KiB a token, allocated whole); peak RSS during "
+        f"x{concurrency} +{together['peak_mib']:.0f} MiB over the loaded engine at {work} cached tokens "
+        "(step temporaries)",
         flush=True,
     )
 
